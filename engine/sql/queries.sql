@@ -1,0 +1,350 @@
+-- Every statement skiplock sends, one block per name, called by name from engine/sql/__init__.py.
+-- Parameters are psycopg named placeholders. Optional filters are written in SQL
+-- (`%(flow)s::text IS NULL OR flow = %(flow)s`), never assembled from strings.
+-- Every state change is guarded in its WHERE clause by the status it expects.
+
+-- name: migrations_bootstrap
+CREATE SCHEMA IF NOT EXISTS skiplock;
+CREATE TABLE IF NOT EXISTS skiplock.schema_migrations (
+    version     integer PRIMARY KEY,
+    name        text NOT NULL,
+    applied_at  timestamptz NOT NULL DEFAULT now()
+);
+
+-- name: migrations_lock
+-- Session-level: held across the per-file transactions, so two engines cannot race.
+SELECT pg_advisory_lock(hashtext('skiplock.migrate'));
+
+-- name: migrations_unlock
+SELECT pg_advisory_unlock(hashtext('skiplock.migrate'));
+
+-- name: migrations_applied
+SELECT version FROM skiplock.schema_migrations ORDER BY version;
+
+-- name: migrations_record
+INSERT INTO skiplock.schema_migrations (version, name) VALUES (%(version)s, %(name)s);
+
+-- name: schema_version
+SELECT CASE WHEN to_regclass('skiplock.schema_migrations') IS NULL THEN 0
+            ELSE (SELECT coalesce(max(version), 0) FROM skiplock.schema_migrations) END;
+
+-- name: enqueue_one
+WITH inserted AS (
+    INSERT INTO skiplock.jobs (flow, payload, priority, run_at, max_attempts, run_id, dedupe_key)
+    VALUES (%(flow)s, %(payload)s::jsonb, %(priority)s, now() + make_interval(secs => %(delay)s),
+            %(max_attempts)s, %(run_id)s, %(dedupe_key)s)
+    ON CONFLICT (flow, dedupe_key) WHERE dedupe_key IS NOT NULL AND status IN ('pending', 'running')
+    DO NOTHING
+    RETURNING id
+)
+SELECT id FROM inserted;
+
+-- name: run_at_after
+-- COPY cannot call now(): the batch's run_at comes from the server clock, not the client's.
+SELECT (now() + make_interval(secs => %(delay)s))::text;
+
+-- name: notify_enqueued
+-- Wakes idle workers after a change that is not an INSERT (operator retry, resume).
+SELECT pg_notify('skiplock_enqueued', '');
+
+-- name: enqueue_copy
+COPY skiplock.jobs (flow, payload, priority, run_at, max_attempts, run_id) FROM STDIN;
+
+-- name: enqueue_many_dedupe
+-- With dedupe keys COPY cannot skip duplicates, so the batch goes through unnest and ON CONFLICT.
+INSERT INTO skiplock.jobs (flow, payload, priority, run_at, max_attempts, run_id, dedupe_key)
+SELECT %(flow)s, p.payload, %(priority)s, now() + make_interval(secs => %(delay)s), %(max_attempts)s,
+       %(run_id)s, p.dedupe_key
+FROM unnest(%(payloads)s::jsonb[], %(dedupe_keys)s::text[]) AS p(payload, dedupe_key)
+ON CONFLICT (flow, dedupe_key) WHERE dedupe_key IS NOT NULL AND status IN ('pending', 'running')
+DO NOTHING;
+
+-- name: run_add_jobs
+INSERT INTO skiplock.runs (id, flow, total) VALUES (%(run_id)s, %(flow)s, %(count)s)
+ON CONFLICT (id) DO UPDATE SET total = skiplock.runs.total + EXCLUDED.total;
+
+-- name: claim_batch
+-- One flow at a time, priority (higher first) then FIFO by run_at. The paused/circuit check is not
+-- correlated, so PostgreSQL evaluates it once and claims nothing when the flow is held.
+WITH picked AS (
+    SELECT id FROM skiplock.jobs
+    WHERE flow = %(flow)s AND status = 'pending' AND run_at <= now()
+      AND NOT EXISTS (
+          SELECT 1 FROM skiplock.flows f
+          WHERE f.name = %(flow)s
+            AND (f.paused OR (f.circuit_state = 'open' AND f.circuit_until > now())))
+    ORDER BY priority DESC, run_at, id
+    LIMIT %(limit)s
+    FOR UPDATE SKIP LOCKED
+)
+UPDATE skiplock.jobs j
+SET status = 'running', claimed_by = %(worker)s, claim_token = %(token)s, claimed_at = now(),
+    attempts = j.attempts + 1, updated_at = now()
+FROM picked
+WHERE j.id = picked.id
+RETURNING j.id, j.payload, j.attempts, j.max_attempts, j.run_id,
+          extract(epoch FROM now() - j.run_at)::float8 * 1000.0 AS wait_ms;
+
+-- name: ack_batch
+-- The whole batch in one round trip. Fenced: only rows still running under this worker's claim
+-- token change, so a worker whose jobs were rescued and re-claimed changes nothing.
+-- Completed jobs leave the hot table for jobs_done. Failures go back to pending after their
+-- backoff, or to dead when permanent or out of attempts. Runs advance; the ack that ends a run
+-- sees finished_at = now() (its own transaction's time), which makes it the last man standing.
+WITH done AS (
+    DELETE FROM skiplock.jobs j
+    USING unnest(%(done_ids)s::bigint[], %(results)s::jsonb[]) AS d(id, result)
+    WHERE j.id = d.id AND j.status = 'running'
+      AND j.claim_token = %(token)s AND j.claimed_by = %(worker)s
+    RETURNING j.id, j.flow, j.payload, j.priority, j.attempts, j.max_attempts, j.claimed_by,
+              j.errors, d.result, j.run_id, j.created_at, j.claimed_at
+), archived AS (
+    INSERT INTO skiplock.jobs_done (id, flow, payload, priority, attempts, max_attempts, claimed_by,
+                                    errors, result, run_id, created_at, claimed_at)
+    SELECT id, flow, payload, priority, attempts, max_attempts, claimed_by, errors, result, run_id,
+           created_at, claimed_at
+    FROM done
+    RETURNING run_id
+), failed AS (
+    UPDATE skiplock.jobs j
+    SET status = CASE WHEN f.permanent OR j.attempts >= j.max_attempts
+                      THEN 'dead' ELSE 'pending' END::skiplock.job_status,
+        run_at = CASE WHEN f.permanent OR j.attempts >= j.max_attempts
+                      THEN j.run_at ELSE now() + make_interval(secs => f.delay) END,
+        finished_at = CASE WHEN f.permanent OR j.attempts >= j.max_attempts THEN now() END,
+        claimed_by = NULL, claim_token = NULL,
+        error_type = f.error_type, error_message = f.message,
+        errors = j.errors || jsonb_build_array(jsonb_build_object(
+            'attempt', j.attempts, 'at', now(), 'worker', j.claimed_by, 'type', f.error_type,
+            'message', f.message, 'traceback', f.traceback, 'permanent', f.permanent)),
+        updated_at = now()
+    FROM unnest(%(fail_ids)s::bigint[], %(permanent)s::boolean[], %(error_types)s::text[],
+                %(messages)s::text[], %(tracebacks)s::text[], %(delays)s::float8[])
+         AS f(id, permanent, error_type, message, traceback, delay)
+    WHERE j.id = f.id AND j.status = 'running'
+      AND j.claim_token = %(token)s AND j.claimed_by = %(worker)s
+    RETURNING j.id, j.status, j.run_id
+), run_delta AS (
+    SELECT run_id, count(*) FILTER (WHERE NOT dead) AS completed, count(*) FILTER (WHERE dead) AS dead
+    FROM (SELECT run_id, false AS dead FROM archived WHERE run_id IS NOT NULL
+          UNION ALL
+          SELECT run_id, true FROM failed WHERE run_id IS NOT NULL AND status = 'dead') AS ended
+    GROUP BY run_id
+), run_progress AS (
+    UPDATE skiplock.runs r
+    SET completed = r.completed + d.completed, dead = r.dead + d.dead,
+        finished_at = CASE WHEN r.finished_at IS NULL AND r.completed + d.completed + r.dead + d.dead >= r.total
+                           THEN now() ELSE r.finished_at END
+    FROM run_delta d
+    WHERE r.id = d.run_id
+    RETURNING r.id, r.finished_at = now() AS finished_now
+)
+SELECT (SELECT count(*) FROM archived) AS completed,
+       (SELECT count(*) FROM failed WHERE status = 'pending') AS retried,
+       (SELECT coalesce(array_agg(id), '{}') FROM failed WHERE status = 'dead') AS dead_ids,
+       (SELECT coalesce(array_agg(id), '{}') FROM run_progress WHERE finished_now) AS finished_runs;
+
+-- name: release_batch
+-- Graceful shutdown: give back claimed jobs that were never started, without burning an attempt.
+WITH released AS (
+    UPDATE skiplock.jobs
+    SET status = 'pending', attempts = greatest(attempts - 1, 0), claimed_by = NULL,
+        claim_token = NULL, claimed_at = NULL, updated_at = now()
+    WHERE id = ANY(%(ids)s::bigint[]) AND status = 'running'
+      AND claim_token = %(token)s AND claimed_by = %(worker)s
+    RETURNING id
+)
+SELECT count(*), (SELECT pg_notify('skiplock_enqueued', '') WHERE EXISTS (SELECT 1 FROM released))
+FROM released;
+
+-- name: rescue_stale_workers
+-- Workers whose heartbeat is older than stale_after are lost; their running jobs are rescued below.
+UPDATE skiplock.workers
+SET state = 'lost', stopped_at = now()
+WHERE state NOT IN ('stopped', 'lost') AND heartbeat_at < now() - make_interval(secs => %(stale_after)s)
+RETURNING id, engine_id, host, pid;
+
+-- name: rescue_jobs
+-- Running jobs whose holder is lost or stopped, or unknown and silent for stale_after, go back to
+-- pending; the attempt they used stays counted, so a job that kills its worker every time ends dead.
+WITH orphaned AS (
+    SELECT j.id FROM skiplock.jobs j
+    LEFT JOIN skiplock.workers w ON w.id = j.claimed_by
+    WHERE j.status = 'running'
+      AND (w.state IN ('lost', 'stopped')
+           OR (w.id IS NULL AND j.claimed_at < now() - make_interval(secs => %(stale_after)s)))
+    LIMIT %(limit)s
+    FOR UPDATE OF j SKIP LOCKED
+), rescued AS (
+    UPDATE skiplock.jobs j
+    SET status = CASE WHEN j.attempts >= j.max_attempts THEN 'dead' ELSE 'pending' END::skiplock.job_status,
+        finished_at = CASE WHEN j.attempts >= j.max_attempts THEN now() END,
+        error_type = 'WorkerLost',
+        error_message = 'worker ' || coalesce(j.claimed_by, '?') || ' stopped heartbeating while running this job',
+        errors = j.errors || jsonb_build_array(jsonb_build_object(
+            'attempt', j.attempts, 'at', now(), 'worker', j.claimed_by, 'type', 'WorkerLost',
+            'message', 'rescued: worker stopped heartbeating', 'traceback', NULL, 'permanent', false)),
+        claimed_by = NULL, claim_token = NULL, updated_at = now()
+    FROM orphaned
+    WHERE j.id = orphaned.id
+    RETURNING j.id, j.flow, j.status
+)
+SELECT flow, count(*) FILTER (WHERE status = 'pending') AS rescued,
+       count(*) FILTER (WHERE status = 'dead') AS dead,
+       (SELECT pg_notify('skiplock_enqueued', ''))
+FROM rescued GROUP BY flow;
+
+-- name: cleanup_orphaned
+-- The seeds' time-based cleanup: running jobs claimed more than timeout ago go back to pending.
+WITH reset AS (
+    UPDATE skiplock.jobs
+    SET status = 'pending', claimed_by = NULL, claim_token = NULL, claimed_at = NULL, updated_at = now()
+    WHERE status = 'running' AND claimed_at < now() - make_interval(secs => %(timeout)s)
+    RETURNING id
+)
+SELECT count(*) FROM reset;
+
+-- name: reset_failed
+-- The seeds' reset_failed_records: dead jobs of a flow that used fewer than max_retries attempts.
+WITH reset AS (
+    UPDATE skiplock.jobs
+    SET status = 'pending', run_at = now(), finished_at = NULL, updated_at = now()
+    WHERE status = 'dead' AND flow = %(flow)s AND attempts < %(max_retries)s
+      AND attempts < max_attempts
+    RETURNING id
+)
+SELECT count(*), (SELECT pg_notify('skiplock_enqueued', '') WHERE EXISTS (SELECT 1 FROM reset))
+FROM reset;
+
+-- name: dlq_list
+SELECT id, flow, attempts, max_attempts, error_type, error_message, finished_at, run_id
+FROM skiplock.jobs
+WHERE status = 'dead'
+  AND (%(flow)s::text IS NULL OR flow = %(flow)s)
+  AND (%(error_type)s::text IS NULL OR error_type = %(error_type)s)
+  AND (%(older_than)s::float8 IS NULL OR finished_at < now() - make_interval(secs => %(older_than)s))
+ORDER BY finished_at DESC, id DESC
+LIMIT %(limit)s;
+
+-- name: job_get
+SELECT id, flow, payload, status::text, priority, run_at, attempts, max_attempts, claimed_by,
+       claimed_at, error_type, error_message, errors, NULL::jsonb AS result, run_id, dedupe_key,
+       created_at, updated_at, finished_at
+FROM skiplock.jobs WHERE id = %(id)s
+UNION ALL
+SELECT id, flow, payload, 'completed', priority, NULL, attempts, max_attempts, claimed_by,
+       claimed_at, NULL, NULL, errors, result, run_id, NULL, created_at, finished_at, finished_at
+FROM skiplock.jobs_done WHERE id = %(id)s
+LIMIT 1;
+
+-- name: dlq_retry
+-- Guarded by status: a job that is no longer dead is left alone. Skips a job whose dedupe key is
+-- taken again by an unfinished job. Attempts restart; the error history is kept.
+WITH retried AS (
+    UPDATE skiplock.jobs j
+    SET status = 'pending', attempts = 0, run_at = now(), finished_at = NULL, updated_at = now()
+    WHERE j.status = 'dead'
+      AND (%(ids)s::bigint[] IS NULL OR j.id = ANY(%(ids)s::bigint[]))
+      AND (%(flow)s::text IS NULL OR j.flow = %(flow)s)
+      AND (%(error_type)s::text IS NULL OR j.error_type = %(error_type)s)
+      AND (%(older_than)s::float8 IS NULL OR j.finished_at < now() - make_interval(secs => %(older_than)s))
+      AND (j.dedupe_key IS NULL OR NOT EXISTS (
+          SELECT 1 FROM skiplock.jobs o
+          WHERE o.flow = j.flow AND o.dedupe_key = j.dedupe_key AND o.status IN ('pending', 'running')))
+    RETURNING j.id, j.run_id
+), runs_reopened AS (
+    UPDATE skiplock.runs r SET dead = r.dead - c.n
+    FROM (SELECT run_id, count(*) AS n FROM retried WHERE run_id IS NOT NULL GROUP BY run_id) c
+    WHERE r.id = c.run_id
+    RETURNING r.id
+)
+SELECT coalesce(array_agg(id), '{}'),
+       (SELECT count(*) FROM runs_reopened),
+       (SELECT pg_notify('skiplock_enqueued', '') WHERE EXISTS (SELECT 1 FROM retried))
+FROM retried;
+
+-- name: dlq_purge
+WITH purged AS (
+    DELETE FROM skiplock.jobs
+    WHERE status = 'dead'
+      AND (%(ids)s::bigint[] IS NULL OR id = ANY(%(ids)s::bigint[]))
+      AND (%(flow)s::text IS NULL OR flow = %(flow)s)
+      AND (%(error_type)s::text IS NULL OR error_type = %(error_type)s)
+      AND (%(older_than)s::float8 IS NULL OR finished_at < now() - make_interval(secs => %(older_than)s))
+    RETURNING id
+)
+SELECT coalesce(array_agg(id), '{}') FROM purged;
+
+-- name: dlq_analyze
+SELECT flow, coalesce(error_type, '?') AS error_type, count(*) AS count,
+       min(finished_at) AS first_at, max(finished_at) AS last_at,
+       (array_agg(error_message ORDER BY finished_at DESC))[1] AS sample_message
+FROM skiplock.jobs
+WHERE status = 'dead' AND (%(flow)s::text IS NULL OR flow = %(flow)s)
+GROUP BY flow, error_type
+ORDER BY count(*) DESC, flow, error_type;
+
+-- name: purge_done
+-- Retention of completed jobs, in bounded slices so a large purge never holds a long lock.
+WITH old AS (
+    SELECT ctid FROM skiplock.jobs_done
+    WHERE finished_at < now() - make_interval(secs => %(retention)s)
+    LIMIT %(limit)s
+)
+DELETE FROM skiplock.jobs_done d USING old WHERE d.ctid = old.ctid;
+
+-- name: status_live
+-- The hot table holds only unfinished jobs and dead letters, so this scan stays small.
+SELECT flow,
+       count(*) FILTER (WHERE status = 'pending' AND run_at <= now()) AS pending,
+       count(*) FILTER (WHERE status = 'pending' AND run_at > now()) AS scheduled,
+       count(*) FILTER (WHERE status = 'running') AS running,
+       count(*) FILTER (WHERE status = 'dead') AS dead
+FROM skiplock.jobs
+WHERE %(flow)s::text IS NULL OR flow = %(flow)s
+GROUP BY flow;
+
+-- name: status_completed
+SELECT flow, count(*) AS completed FROM skiplock.jobs_done
+WHERE %(flow)s::text IS NULL OR flow = %(flow)s
+GROUP BY flow;
+
+-- name: flows_list
+SELECT name, paused, circuit_state, circuit_until, policy FROM skiplock.flows ORDER BY name;
+
+-- name: flow_set_paused
+INSERT INTO skiplock.flows (name, paused) VALUES (%(flow)s, %(paused)s)
+ON CONFLICT (name) DO UPDATE SET paused = EXCLUDED.paused, updated_at = now();
+
+-- name: flow_paused_changed_notify
+SELECT pg_notify('skiplock_flows', %(payload)s);
+
+-- name: worker_register
+INSERT INTO skiplock.workers (id, engine_id, host, pid, flows, state)
+VALUES (%(id)s, %(engine_id)s, %(host)s, %(pid)s, %(flows)s, 'starting')
+ON CONFLICT (id) DO UPDATE SET state = 'starting', heartbeat_at = now(), stopped_at = NULL;
+
+-- name: worker_heartbeat
+-- A worker marked lost stays lost: its jobs may already be someone else's.
+UPDATE skiplock.workers
+SET heartbeat_at = now(), state = %(state)s, counters = %(counters)s, pool = %(pool)s
+WHERE id = %(id)s AND state NOT IN ('lost', 'stopped')
+RETURNING id;
+
+-- name: worker_stopped
+UPDATE skiplock.workers SET state = 'stopped', stopped_at = now(), heartbeat_at = now()
+WHERE id = %(id)s AND state <> 'lost';
+
+-- name: workers_list
+SELECT id, engine_id, host, pid, flows, state, started_at, heartbeat_at, stopped_at, counters, pool,
+       extract(epoch FROM now() - heartbeat_at)::float8 AS heartbeat_age
+FROM skiplock.workers
+WHERE state NOT IN ('stopped', 'lost') OR stopped_at > now() - interval '1 hour'
+ORDER BY started_at;
+
+-- name: workers_stale_count
+SELECT count(*) FROM skiplock.workers
+WHERE state NOT IN ('stopped', 'lost') AND heartbeat_at < now() - make_interval(secs => %(stale_after)s);
+
+-- name: health_ping
+SELECT 1;
