@@ -168,7 +168,7 @@ def ack_batch(
         "error_types": [f.error_type for f in failures],
         "messages": [f.message for f in failures],
         "tracebacks": [f.traceback for f in failures],
-        "delays": [f.delay for f in failures],
+        "delays": [float(f.delay) for f in failures],  # psycopg refuses lists mixing int and float
     }
     row = conn.execute(Q.ack_batch, params).fetchone()
     assert row is not None

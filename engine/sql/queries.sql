@@ -25,8 +25,13 @@ SELECT version FROM skiplock.schema_migrations ORDER BY version;
 INSERT INTO skiplock.schema_migrations (version, name) VALUES (%(version)s, %(name)s);
 
 -- name: schema_version
+-- On an empty database a subquery naming schema_migrations fails when the statement is parsed,
+-- whatever the CASE says. ts_stat() runs its query text only when called (the one dynamic-SQL
+-- function in core that needs no libxml), so the table is looked up only once it exists.
 SELECT CASE WHEN to_regclass('skiplock.schema_migrations') IS NULL THEN 0
-            ELSE (SELECT coalesce(max(version), 0) FROM skiplock.schema_migrations) END;
+            ELSE (SELECT coalesce(max(word::int), 0) FROM ts_stat(
+                      'SELECT array_to_tsvector(array_agg(version::text)) FROM skiplock.schema_migrations'))
+       END;
 
 -- name: enqueue_one
 WITH inserted AS (
@@ -187,7 +192,17 @@ WITH orphaned AS (
         claimed_by = NULL, claim_token = NULL, updated_at = now()
     FROM orphaned
     WHERE j.id = orphaned.id
-    RETURNING j.id, j.flow, j.status
+    RETURNING j.id, j.flow, j.status, j.run_id
+), run_progress AS (
+    -- A job that dies here ends, like one that dies at ack: its run may be finished now (the
+    -- supervisor fires the hook of finished runs through runs_unfired).
+    UPDATE skiplock.runs r
+    SET dead = r.dead + d.dead,
+        finished_at = CASE WHEN r.finished_at IS NULL AND r.completed + r.dead + d.dead >= r.total
+                           THEN now() ELSE r.finished_at END
+    FROM (SELECT run_id, count(*) AS dead FROM rescued WHERE status = 'dead' AND run_id IS NOT NULL
+          GROUP BY run_id) AS d
+    WHERE r.id = d.run_id
 )
 SELECT flow, count(*) FILTER (WHERE status = 'pending') AS rescued,
        count(*) FILTER (WHERE status = 'dead') AS dead,
@@ -206,12 +221,21 @@ SELECT count(*) FROM reset;
 
 -- name: reset_failed
 -- The seeds' reset_failed_records: dead jobs of a flow that used fewer than max_retries attempts.
+-- Like dlq_retry: leaves a job whose dedupe key is taken, and takes it out of its run's dead count.
 WITH reset AS (
-    UPDATE skiplock.jobs
+    UPDATE skiplock.jobs j
     SET status = 'pending', run_at = now(), finished_at = NULL, updated_at = now()
-    WHERE status = 'dead' AND flow = %(flow)s AND attempts < %(max_retries)s
-      AND attempts < max_attempts
-    RETURNING id
+    WHERE j.status = 'dead' AND j.flow = %(flow)s AND j.attempts < %(max_retries)s
+      AND j.attempts < j.max_attempts
+      AND (j.dedupe_key IS NULL OR NOT EXISTS (
+          SELECT 1 FROM skiplock.jobs o
+          WHERE o.flow = j.flow AND o.dedupe_key = j.dedupe_key
+            AND (o.status IN ('pending', 'running') OR (o.status = 'dead' AND o.id > j.id))))
+    RETURNING j.id, j.run_id
+), runs_reopened AS (
+    UPDATE skiplock.runs r SET dead = r.dead - c.n
+    FROM (SELECT run_id, count(*) AS n FROM reset WHERE run_id IS NOT NULL GROUP BY run_id) c
+    WHERE r.id = c.run_id
 )
 SELECT count(*), (SELECT pg_notify('skiplock_enqueued', '') WHERE EXISTS (SELECT 1 FROM reset))
 FROM reset;
@@ -348,3 +372,98 @@ WHERE state NOT IN ('stopped', 'lost') AND heartbeat_at < now() - make_interval(
 
 -- name: health_ping
 SELECT 1;
+
+-- ---------------------------------------------------------------------------------------------
+-- The engine: worker loop, telemetry, supervisor
+
+-- name: claim_release_token
+-- After a lost connection during a claim we cannot know whether it committed: hand back whatever
+-- that claim took, without burning attempts.
+WITH released AS (
+    UPDATE skiplock.jobs
+    SET status = 'pending', attempts = greatest(attempts - 1, 0), claimed_by = NULL,
+        claim_token = NULL, claimed_at = NULL, updated_at = now()
+    WHERE claimed_by = %(worker)s AND status = 'running' AND claim_token = %(token)s
+    RETURNING id
+)
+SELECT count(*) FROM released;
+
+-- name: claim_running_count
+-- Fleet-wide concurrency limit: the advisory lock serialises the claimers of one flow for the
+-- length of their claim transaction, so the count and the claim agree.
+SELECT pg_advisory_xact_lock(hashtext('skiplock.flow.' || %(flow)s)),
+       (SELECT count(*) FROM skiplock.jobs WHERE flow = %(flow)s AND status = 'running');
+
+-- name: next_run_at
+-- How long an idle worker may sleep: the earliest scheduled job of its highest priority.
+SELECT extract(epoch FROM run_at - now())::float8 FROM skiplock.jobs
+WHERE flow = ANY(%(flows)s::text[]) AND status = 'pending'
+ORDER BY priority DESC, run_at
+LIMIT 1;
+
+-- name: events_notify
+SELECT pg_notify('skiplock_events', e) FROM unnest(%(events)s::text[]) AS e;
+
+-- name: stats_upsert
+INSERT INTO skiplock.stats_minute AS s (minute, flow, completed, failed, dead, rescued, wait_ms_sum, run_ms_sum)
+SELECT date_trunc('minute', now()), t.flow, t.completed, t.failed, t.dead, t.rescued, t.wait_ms, t.run_ms
+FROM unnest(%(flows)s::text[], %(completed)s::bigint[], %(failed)s::bigint[], %(dead)s::bigint[],
+            %(rescued)s::bigint[], %(wait_ms)s::float8[], %(run_ms)s::float8[])
+     AS t(flow, completed, failed, dead, rescued, wait_ms, run_ms)
+ORDER BY t.flow
+ON CONFLICT (minute, flow) DO UPDATE
+SET completed = s.completed + EXCLUDED.completed, failed = s.failed + EXCLUDED.failed,
+    dead = s.dead + EXCLUDED.dead, rescued = s.rescued + EXCLUDED.rescued,
+    wait_ms_sum = s.wait_ms_sum + EXCLUDED.wait_ms_sum, run_ms_sum = s.run_ms_sum + EXCLUDED.run_ms_sum;
+
+-- name: flows_sync
+-- The engine records the policy it runs each flow with, for the console and other engines.
+INSERT INTO skiplock.flows (name, policy) SELECT * FROM unnest(%(names)s::text[], %(policies)s::jsonb[])
+ON CONFLICT (name) DO UPDATE SET policy = EXCLUDED.policy, updated_at = now();
+
+-- name: flows_state
+SELECT name, paused, circuit_state, extract(epoch FROM circuit_until - now())::float8 AS open_for
+FROM skiplock.flows WHERE name = ANY(%(flows)s::text[]);
+
+-- name: circuit_open
+UPDATE skiplock.flows SET circuit_state = 'open', circuit_until = now() + make_interval(secs => %(cooldown)s),
+       updated_at = now()
+WHERE name = %(flow)s AND (circuit_state <> 'open' OR circuit_until <= now())
+RETURNING extract(epoch FROM circuit_until)::float8;
+
+-- name: circuit_close
+UPDATE skiplock.flows SET circuit_state = 'closed', circuit_until = NULL, updated_at = now()
+WHERE name = %(flow)s AND circuit_state <> 'closed'
+RETURNING name;
+
+-- name: circuit_ensure_flow
+INSERT INTO skiplock.flows (name) VALUES (%(flow)s) ON CONFLICT (name) DO NOTHING;
+
+-- name: run_claim_hook
+-- Exactly one caller gets the row back: it fires the run's on-complete hook.
+UPDATE skiplock.runs SET hook_fired_at = now()
+WHERE id = %(run_id)s AND finished_at IS NOT NULL AND hook_fired_at IS NULL
+RETURNING id, flow, total, completed, dead;
+
+-- name: runs_unfired
+-- Runs that finished but whose hook was never claimed (the acking worker died in between).
+SELECT id FROM skiplock.runs
+WHERE finished_at IS NOT NULL AND hook_fired_at IS NULL AND finished_at < now() - interval '10 seconds'
+LIMIT 100;
+
+-- name: rescue_leader
+-- One engine at a time runs the rescue pass: the lock lasts for the pass's transaction.
+SELECT pg_try_advisory_xact_lock(hashtext('skiplock.rescue'));
+
+-- name: worker_mark_lost
+-- The supervisor saw this worker's process die: its jobs can be rescued now, not after stale_after.
+UPDATE skiplock.workers SET state = 'lost', stopped_at = now()
+WHERE id = ANY(%(ids)s::text[]) AND state <> 'stopped'
+RETURNING id;
+
+-- name: drain_remaining
+SELECT count(*) FROM (
+    SELECT 1 FROM skiplock.jobs
+    WHERE flow = ANY(%(flows)s::text[]) AND status IN ('pending', 'running')
+    LIMIT 1
+) AS any_left;

@@ -1,0 +1,960 @@
+"""Loads `config.toml` into frozen, typed settings.
+
+The file has a global level, per-flow levels and per-environment copies of both; a key is looked up
+most specific first (see docs/configuration.md). `SKIPLOCK__SECTION__...__KEY` environment variables
+override any key of the file, and secrets come only from the environment.
+
+Every value of every level is checked, not only the ones the selected environment uses, so a typo in
+the production section fails on a developer's machine too. Errors are `ConfigError`s whose message
+starts with where the value came from (the file, or the environment variable) and names the dotted key.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import keyword
+import math
+import os
+import re
+import tomllib
+from collections.abc import Callable, Collection, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final, TypeVar
+
+from engine.errors import ConfigError
+
+__all__ = [
+    "BackoffPolicy",
+    "CircuitPolicy",
+    "ConsoleConfig",
+    "EngineConfig",
+    "FlowConfig",
+    "Settings",
+    "load_settings",
+    "parse_duration",
+    "redact_dsn",
+]
+
+
+# --- the settings --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BackoffPolicy:
+    """Delay before retry number `attempt` (1-based): exponential, capped, with symmetric jitter."""
+
+    base: float = 1.0  # seconds
+    cap: float = 300.0  # seconds
+    jitter: float = 0.2  # fraction, 0..1
+
+    def delay(self, attempt: int, rand: float) -> float:
+        """`rand` in [0, 1). Jitter is applied after the cap, so a delay can reach cap * (1 + jitter)."""
+        # Float exponent: huge attempt counts saturate to inf (then the cap) instead of raising.
+        raw = self.base * 2.0 ** min(max(attempt - 1, 0), 1000)
+        return min(self.cap, raw) * (1.0 + self.jitter * (2.0 * rand - 1.0))
+
+
+@dataclass(frozen=True)
+class CircuitPolicy:
+    failures: int  # consecutive failures that open the circuit
+    cooldown: float  # seconds the circuit stays open before half-open
+
+
+@dataclass(frozen=True)
+class FlowConfig:
+    name: str
+    handler: str  # "module:function"
+    batch_size: int = 100
+    max_attempts: int = 5
+    backoff: BackoffPolicy = BackoffPolicy()
+    timeout: float | None = None  # seconds; None = no limit
+    concurrency: int | None = None  # fleet-wide limit of running jobs; None = unlimited
+    permanent_errors: tuple[str, ...] = ()  # exception class names or "module:Class"
+    circuit: CircuitPolicy | None = None
+    on_complete: str | None = None  # "module:function" run hook
+    sources: tuple[str, ...] = ()  # names of [sources.X] the flow uses
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    workers: int = 2
+    heartbeat_interval: float = 5.0
+    stale_after: float = 30.0
+    rescue_interval: float = 10.0
+    poll_interval: float = 5.0  # fallback poll when no NOTIFY arrives
+    grace_period: float = 30.0  # SIGTERM: time to finish the batch in hand
+    tick_interval: float = 1.0  # telemetry tick
+    retention: float = 7 * 86400.0  # keep completed jobs this long
+    pool_min: int = 1
+    pool_max: int = 4
+    log_format: str = "auto"  # auto | json | text
+
+
+@dataclass(frozen=True)
+class ConsoleConfig:
+    read_only: bool = False
+    refresh_interval: float = 2.0
+
+
+@dataclass(frozen=True)
+class Settings:
+    path: Path | None  # file it came from (None: defaults only)
+    env: str | None  # selected environment
+    dsn: str | None  # None means: use the embedded PostgreSQL
+    application_name: str
+    engine: EngineConfig
+    console: ConsoleConfig
+    flows: dict[str, FlowConfig]  # includes the built-in flows unless overridden
+    # [sources.NAME] tables merged for the selected environment: connection_string (str, ${VAR}s
+    # expanded), timeout (float seconds) and retries (int), each only when set.
+    sources: dict[str, dict[str, object]]
+
+
+# --- public helpers -----------------------------------------------------------------------------
+
+_DURATION_RE: Final = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*(ms|s|m|h|d)?\s*")
+_UNIT_SECONDS: Final[dict[str, float]] = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def parse_duration(value: object, where: str) -> float:
+    """Seconds from "250ms", "5s", "2m", "1h", "1d", or a plain number of seconds."""
+    seconds: float | None = None
+    if isinstance(value, bool):
+        seconds = None  # bool is an int subclass; `true` is never a duration
+    elif isinstance(value, (int, float)):
+        if value < 0:
+            raise ConfigError(f"{where}: duration must not be negative, got {_show(value)}")
+        seconds = float(value)
+    elif isinstance(value, str):
+        match = _DURATION_RE.fullmatch(value)
+        if match is not None:
+            seconds = float(match.group(1)) * _UNIT_SECONDS[match.group(2) or "s"]
+    if seconds is None or not math.isfinite(seconds):
+        raise ConfigError(f"{where}: bad duration {_show(value)} (use 250ms, 5s, 2m, 1h, 1d or seconds)")
+    return seconds
+
+
+def redact_dsn(dsn: str) -> str:
+    """The DSN with every password replaced by ***, for logs and error messages."""
+    parts: list[str] = []
+    last = 0
+    for start, end in _secret_spans(dsn):
+        if end > start:
+            parts.append(dsn[last:start])
+            parts.append("***")
+            last = end
+    parts.append(dsn[last:])
+    return "".join(parts)
+
+
+# --- secrets in connection strings ------------------------------------------------------------------
+
+_URL_SCHEME_RE: Final = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
+_URL_QUERY_SECRET_RE: Final = re.compile(r"(?i)[?&](?:password|sslpassword|pwd)=([^&#]*)")
+_SECRET_KEY_RE: Final = re.compile(r"(?i)\b(?:password|sslpassword|pwd)\s*=\s*")
+# Keys only ODBC / SQL Server connection strings use: their values end at ';' instead of whitespace.
+_ODBC_HINT_RE: Final = re.compile(
+    r"(?i)(?:^|;)\s*(?:driver|server|dsn|uid|user id|data source|initial catalog|trusted_connection)\s*="
+)
+_ENV_REF_RE: Final = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def _secret_spans(dsn: str) -> list[tuple[int, int]]:
+    """(start, end) of each password value in a URL, libpq key=value or ODBC connection string."""
+    scheme = _URL_SCHEME_RE.match(dsn)
+    if scheme is not None:
+        spans: list[tuple[int, int]] = []
+        start = scheme.end()
+        slash = dsn.find("/", start)
+        authority_end = len(dsn) if slash < 0 else slash
+        # The last '@' before the path ends the user info, as in libpq; an unencoded '@' or '?' in
+        # the password is then still hidden rather than leaked.
+        at = dsn.rfind("@", start, authority_end)
+        query_from = start
+        if at >= 0:
+            colon = dsn.find(":", start, at)
+            if colon >= 0:
+                spans.append((colon + 1, at))
+            query_from = at
+        for param in _URL_QUERY_SECRET_RE.finditer(dsn, query_from):
+            spans.append((param.start(1), param.end(1)))
+        return spans
+    odbc = _ODBC_HINT_RE.search(dsn) is not None
+    spans = []
+    position = 0
+    while (match := _SECRET_KEY_RE.search(dsn, position)) is not None:
+        end = _odbc_value_end(dsn, match.end()) if odbc else _libpq_value_end(dsn, match.end())
+        spans.append((match.end(), end))
+        position = max(end, match.end())
+    return spans
+
+
+def _odbc_value_end(text: str, start: int) -> int:
+    if text.startswith("{", start):
+        index = start + 1
+        while index < len(text):
+            if text[index] == "}":
+                if text.startswith("}}", index):  # '}}' is an escaped brace inside {...}
+                    index += 2
+                    continue
+                return index + 1
+            index += 1
+        return len(text)
+    end = text.find(";", start)
+    return len(text) if end < 0 else end
+
+
+def _libpq_value_end(text: str, start: int) -> int:
+    if text.startswith("'", start):
+        index = start + 1
+        while index < len(text):
+            if text[index] == "\\":
+                index += 2
+                continue
+            if text[index] == "'":
+                return index + 1
+            index += 1
+        return len(text)
+    index = start
+    while index < len(text) and not text[index].isspace():
+        index += 1
+    return index
+
+
+def _is_env_reference(secret: str) -> bool:
+    """True for ${NAME}, optionally in ODBC braces or libpq quotes: expanded later, not a literal."""
+    inner = secret
+    if len(inner) >= 2 and (inner[0], inner[-1]) in (("{", "}"), ("'", "'")):
+        inner = inner[1:-1]
+    return _ENV_REF_RE.fullmatch(inner) is not None
+
+
+# --- schema --------------------------------------------------------------------------------------
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class _Where:
+    """Where a value came from, for messages: `origin: key`."""
+
+    origin: str  # the file as given, or the SKIPLOCK__... variable
+    key: str  # dotted TOML key
+    from_file: bool
+
+    def __str__(self) -> str:
+        return f"{self.origin}: {self.key}"
+
+
+_Conv = Callable[[object, _Where], T]
+
+_NAME_RE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
+_BARE_KEY_RE: Final = re.compile(r"[A-Za-z0-9_-]+")
+_LOG_FORMATS: Final = ("auto", "json", "text")
+
+
+def _show(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False)
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, dict):
+        return "a table"
+    if isinstance(value, list):
+        return "an array"
+    return f"a {type(value).__name__}"  # TOML dates and times
+
+
+def _dotted(parts: Sequence[str]) -> str:
+    return ".".join(p if _BARE_KEY_RE.fullmatch(p) else json.dumps(p, ensure_ascii=False) for p in parts)
+
+
+def _int(minimum: int) -> _Conv[int]:
+    def convert(value: object, where: _Where) -> int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where} must be an integer, got {_show(value)}")
+        if value < minimum:
+            raise ConfigError(f"{where} must be at least {minimum}, got {value}")
+        return value
+
+    return convert
+
+
+def _duration(*, positive: bool) -> _Conv[float]:
+    def convert(value: object, where: _Where) -> float:
+        seconds = parse_duration(value, str(where))
+        if positive and seconds <= 0:
+            raise ConfigError(f"{where} must be greater than 0, got {_show(value)}")
+        return seconds
+
+    return convert
+
+
+def _optional(convert: _Conv[T]) -> _Conv[T | None]:
+    # TOML has no null: `false` says "none" and hides the less specific levels.
+    def optional(value: object, where: _Where) -> T | None:
+        return None if value is False else convert(value, where)
+
+    return optional
+
+
+def _fraction(value: object, where: _Where) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"{where} must be a number, got {_show(value)}")
+    if not 0.0 <= value <= 1.0:  # also rejects nan
+        raise ConfigError(f"{where} must be between 0 and 1, got {_show(value)}")
+    return float(value)
+
+
+def _bool(value: object, where: _Where) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{where} must be true or false, got {_show(value)}")
+    return value
+
+
+def _text(value: object, where: _Where) -> str:
+    if not isinstance(value, str):
+        raise ConfigError(f"{where} must be a string, got {_show(value)}")
+    if not value.strip():
+        raise ConfigError(f"{where} must not be empty")
+    return value
+
+
+def _log_format(value: object, where: _Where) -> str:
+    text = _text(value, where)
+    if text not in _LOG_FORMATS:
+        raise ConfigError(f"{where} must be one of {', '.join(_LOG_FORMATS)}, got {_show(value)}")
+    return text
+
+
+def _is_dotted_name(text: str) -> bool:
+    return all(part.isidentifier() and not keyword.iskeyword(part) for part in text.split("."))
+
+
+def _is_ref(text: str) -> bool:
+    module, colon, attribute = text.partition(":")
+    return bool(colon) and _is_dotted_name(module) and _is_dotted_name(attribute)
+
+
+def _ref(value: object, where: _Where) -> str:
+    # Only the shape is checked: importing user code while reading config would run it too early.
+    text = _text(value, where)
+    if not _is_ref(text):
+        raise ConfigError(f'{where} must look like "module:function", got {_show(value)}')
+    return text
+
+
+def _string_list(value: object, where: _Where) -> list[str]:
+    if not isinstance(value, list):
+        raise ConfigError(f"{where} must be an array of strings, got {_show(value)}")
+    items: list[str] = []
+    for index, item in enumerate(value):
+        if not isinstance(item, str):
+            raise ConfigError(f"{where}[{index}] must be a string, got {_show(item)}")
+        items.append(item)
+    return items
+
+
+def _error_names(value: object, where: _Where) -> tuple[str, ...]:
+    names = _string_list(value, where)
+    for index, name in enumerate(names):
+        if not ((name.isidentifier() and not keyword.iskeyword(name)) or _is_ref(name)):
+            raise ConfigError(
+                f'{where}[{index}] must be an exception class name or "module:Class", got {_show(name)}'
+            )
+    return tuple(names)
+
+
+def _source_names(value: object, where: _Where) -> tuple[str, ...]:
+    return tuple(_string_list(value, where))  # that they are declared is checked once all are known
+
+
+_WORKERS: Final = _int(1)
+_POOL_MIN: Final = _int(0)
+_POOL_MAX: Final = _int(1)
+_BATCH_SIZE: Final = _int(1)
+_MAX_ATTEMPTS: Final = _int(1)
+_CONCURRENCY: Final = _optional(_int(1))
+_RETRIES: Final = _int(0)
+_POSITIVE_DURATION: Final = _duration(positive=True)
+_DURATION: Final = _duration(positive=False)
+_TIMEOUT: Final = _optional(_POSITIVE_DURATION)
+_ON_COMPLETE: Final = _optional(_ref)
+
+# Keys of [global] (and [environments.ENV.global]) that configure the engine process, not a flow.
+_ENGINE_KEYS: Final[dict[str, _Conv[object]]] = {
+    "dsn": _text,
+    "application_name": _text,
+    "workers": _WORKERS,
+    "heartbeat_interval": _POSITIVE_DURATION,
+    "stale_after": _POSITIVE_DURATION,
+    "rescue_interval": _POSITIVE_DURATION,
+    "poll_interval": _POSITIVE_DURATION,
+    "grace_period": _DURATION,
+    "tick_interval": _POSITIVE_DURATION,
+    "retention": _DURATION,
+    "pool_min": _POOL_MIN,
+    "pool_max": _POOL_MAX,
+    "log_format": _log_format,
+}
+# Flow-policy keys: allowed at every level; `backoff` and `circuit` are tables handled apart.
+_POLICY_KEYS: Final[dict[str, _Conv[object]]] = {
+    "batch_size": _BATCH_SIZE,
+    "max_attempts": _MAX_ATTEMPTS,
+    "timeout": _TIMEOUT,
+    "concurrency": _CONCURRENCY,
+    "permanent_errors": _error_names,
+    "on_complete": _ON_COMPLETE,
+    "sources": _source_names,
+}
+_BACKOFF_KEYS: Final[dict[str, _Conv[object]]] = {
+    "base": _DURATION,
+    "cap": _POSITIVE_DURATION,
+    "jitter": _fraction,
+}
+_CIRCUIT_KEYS: Final[dict[str, _Conv[object]]] = {
+    "failures": _int(1),
+    "cooldown": _POSITIVE_DURATION,
+}
+_SUBTABLES: Final[dict[str, dict[str, _Conv[object]]]] = {"backoff": _BACKOFF_KEYS, "circuit": _CIRCUIT_KEYS}
+_CONSOLE_KEYS: Final[dict[str, _Conv[object]]] = {"read_only": _bool, "refresh_interval": _POSITIVE_DURATION}
+_SOURCE_KEYS: Final[dict[str, _Conv[object]]] = {
+    "connection_string": _text,
+    "timeout": _POSITIVE_DURATION,
+    "retries": _RETRIES,
+}
+
+_GLOBAL_ALLOWED: Final = frozenset(_ENGINE_KEYS) | frozenset(_POLICY_KEYS) | frozenset(_SUBTABLES)
+_FLOW_ALLOWED: Final = frozenset(_POLICY_KEYS) | frozenset(_SUBTABLES) | {"handler"}
+_CONSOLE_ALLOWED: Final = frozenset(_CONSOLE_KEYS)
+_SOURCE_ALLOWED: Final = frozenset(_SOURCE_KEYS)
+_TOP_SECTIONS: Final = ("global", "flows", "console", "sources", "environments")
+_ENV_SECTIONS: Final = ("global", "flows", "console", "sources")
+# For "unknown key" messages: where a key that is misplaced would be allowed.
+_KEY_HOMES: Final = (
+    ("global", _GLOBAL_ALLOWED),
+    ("flows.NAME", _FLOW_ALLOWED),
+    ("console", _CONSOLE_ALLOWED),
+    ("sources.NAME", _SOURCE_ALLOWED),
+)
+
+# Built-in flows behave as if these tables were in every file; a [flows.NAME] of the same name in the
+# file is merged over them key by key (so it may leave out `handler`).
+_BUILTIN_FLOWS: Final[dict[str, dict[str, object]]] = {
+    "noop": {"handler": "engine.flows.builtin:noop", "batch_size": 500},
+    "sleep": {"handler": "engine.flows.builtin:sleep"},
+    "flaky": {"handler": "engine.flows.builtin:flaky"},
+}
+
+_OVERRIDE_PREFIX: Final = "SKIPLOCK__"
+
+_TablePath = tuple[str, ...]
+
+
+def _allowed_keys(table: _TablePath) -> frozenset[str]:
+    shape = table[2:] if table[0] == "environments" else table
+    section = shape[0]
+    if section == "global":
+        return _GLOBAL_ALLOWED
+    if section == "console":
+        return _CONSOLE_ALLOWED
+    if section == "flows":
+        return _FLOW_ALLOWED
+    return _SOURCE_ALLOWED
+
+
+def _converter(table: _TablePath, key: str) -> _Conv[object]:
+    shape = table[2:] if table[0] == "environments" else table
+    if shape[0] == "sources":
+        return _SOURCE_KEYS[key]  # its `timeout` is required-positive, unlike a flow's
+    for keys in (_ENGINE_KEYS, _POLICY_KEYS, _CONSOLE_KEYS):
+        if key in keys:
+            return keys[key]
+    if key == "handler":
+        return _ref
+    raise AssertionError(key)  # callers only pass keys that _allowed_keys accepted
+
+
+def _unknown_key(
+    origin: str, table: _TablePath, key: str, allowed: Collection[str], *, homes: bool = True
+) -> ConfigError:
+    message = f"{origin}: unknown key '{_dotted(table + (key,))}'"
+    # A known key in the wrong table is a likelier mistake than a typo: say where it goes.
+    prefix = _dotted(table[:2]) + "." if table[:1] == ("environments",) and len(table) >= 2 else ""
+    places = [f"[{prefix}{home}]" for home, keys in _KEY_HOMES if key in keys] if homes else []
+    if places:
+        message += f" ('{key}' belongs in {' or '.join(places)})"
+    else:
+        close = difflib.get_close_matches(key, sorted(allowed), n=1)
+        if close:
+            message += f" (did you mean '{_dotted(table + (close[0],))}'?)"
+    return ConfigError(message)
+
+
+def _unknown_name(origin: str, table: _TablePath, name: str, names: Sequence[str], kind: str) -> ConfigError:
+    message = f"{origin}: unknown key '{_dotted(table + (name,))}' (no {kind} '{name}' is declared"
+    by_lower = {n.lower(): n for n in names}
+    close = difflib.get_close_matches(name.lower(), sorted(by_lower), n=1)
+    if close:
+        message += f"; did you mean '{by_lower[close[0]]}'?"
+    return ConfigError(message + ")")
+
+
+def _parse_env_value(raw: str) -> object:
+    """A TOML value when the text is one (8, true, "5s", [..]), else the text itself (5s)."""
+    try:
+        document = tomllib.loads(f"v = {raw}")
+    except tomllib.TOMLDecodeError:
+        return raw
+    if list(document) != ["v"]:  # a newline in the value must not smuggle in other keys
+        return raw
+    return document["v"]
+
+
+# --- the loader ----------------------------------------------------------------------------------
+
+
+class _Loader:
+    """Holds the file as flat tables ({table path: {key: raw value}}) plus where each value came from."""
+
+    def __init__(self, label: str, environ: Mapping[str, str]) -> None:
+        self._label = label
+        self._environ = environ
+        self._tables: dict[_TablePath, dict[str, object]] = {}
+        self._origins: dict[tuple[str, ...], str] = {}  # key path -> variable that set it
+        self._flows: list[str] = []
+        self._sources: list[str] = []
+        self._envs: list[str] = []
+
+    # reading the file
+
+    def add_document(self, document: Mapping[str, object]) -> None:
+        for key in document:
+            if key not in _TOP_SECTIONS:
+                raise _unknown_key(self._label, (), key, _TOP_SECTIONS)
+        if "global" in document:
+            self._add_table(("global",), document["global"])
+        if "console" in document:
+            self._add_table(("console",), document["console"])
+        for name in self._add_named(("sources",), document.get("sources"), "source", None):
+            self._sources.append(name)
+        for name in self._add_named(("flows",), document.get("flows"), "flow", None):
+            self._flows.append(name)
+        for name, builtin in _BUILTIN_FLOWS.items():
+            table = self._tables.setdefault(("flows", name), {})
+            for key, value in builtin.items():
+                table.setdefault(key, value)
+            if name not in self._flows:
+                self._flows.append(name)
+        envs = document.get("environments")
+        if envs is None:
+            return
+        for env, body in self._require_table(("environments",), envs).items():
+            self._check_name(("environments",), env, "environment")
+            self._envs.append(env)
+            prefix = ("environments", env)
+            sections = self._require_table(prefix, body)
+            for section, value in sections.items():
+                if section in ("global", "console"):
+                    self._add_table(prefix + (section,), value)
+                elif section == "flows":
+                    list(self._add_named(prefix + ("flows",), value, "flow", self._flows))
+                elif section == "sources":
+                    list(self._add_named(prefix + ("sources",), value, "source", self._sources))
+                else:
+                    raise _unknown_key(self._label, prefix, section, _ENV_SECTIONS)
+
+    def _require_table(self, table: _TablePath, value: object) -> dict[str, object]:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{self._label}: {_dotted(table)} must be a table, got {_show(value)}")
+        return value
+
+    def _add_table(self, table: _TablePath, value: object) -> None:
+        body = self._require_table(table, value)
+        allowed = _allowed_keys(table)
+        for key in body:
+            if key not in allowed:
+                raise _unknown_key(self._label, table, key, allowed)
+        self._tables[table] = dict(body)
+
+    def _add_named(
+        self, prefix: _TablePath, value: object, kind: str, declared: Sequence[str] | None
+    ) -> list[str]:
+        """Adds [PREFIX.NAME] tables; `declared`: the names an environment may refine (None: any)."""
+        if value is None:
+            return []
+        names: list[str] = []
+        for name, body in self._require_table(prefix, value).items():
+            self._check_name(prefix, name, kind)
+            if declared is not None and name not in declared:
+                raise _unknown_name(self._label, prefix, name, declared, kind)
+            self._add_table(prefix + (name,), body)
+            names.append(name)
+        return names
+
+    def _check_name(self, prefix: _TablePath, name: str, kind: str) -> None:
+        if _NAME_RE.fullmatch(name) is None:
+            raise ConfigError(
+                f"{self._label}: {_dotted(prefix + (name,))}: a {kind} name must be 1-63 characters "
+                "of letters, digits, '_', '.' or '-', starting with a letter or digit"
+            )
+
+    # environment selection and overrides
+
+    def select_env(self, env: str | None, from_variable: bool) -> str | None:
+        if env is None or env in self._envs:
+            return env
+        chosen_by = " selected by SKIPLOCK_ENV" if from_variable else ""
+        if self._label == "":
+            raise ConfigError(
+                f"unknown environment '{env}'{chosen_by}: no config file is loaded "
+                "(pass a path or set SKIPLOCK_CONFIG)"
+            )
+        declared = f"declared: {', '.join(self._envs)}" if self._envs else "the file declares no environments"
+        raise ConfigError(f"{self._label}: unknown environment '{env}'{chosen_by} ({declared})")
+
+    def apply_overrides(self) -> None:
+        # Sorted so that SKIPLOCK__X__BACKOFF (a whole table) comes before SKIPLOCK__X__BACKOFF__BASE.
+        for variable in sorted(self._environ):
+            if not variable.startswith(_OVERRIDE_PREFIX):
+                continue
+            table, key, sub = self._override_target(variable)
+            value = _parse_env_value(self._environ[variable])
+            body = self._tables.setdefault(table, {})
+            if sub is None:
+                body[key] = value
+                self._origins[table + (key,)] = variable
+            else:
+                current = body.get(key)
+                merged: dict[str, object] = dict(current) if isinstance(current, dict) else {}
+                merged[sub] = value
+                body[key] = merged
+                self._origins[table + (key, sub)] = variable
+
+    def _override_target(self, variable: str) -> tuple[_TablePath, str, str | None]:
+        segments = [s.lower() for s in variable[len(_OVERRIDE_PREFIX) :].split("__")]
+        if "" in segments:
+            raise ConfigError(f"{variable}: empty part in the name (expected SKIPLOCK__SECTION__KEY)")
+        prefix: _TablePath = ()
+        sections: Sequence[str] = _TOP_SECTIONS
+        if segments[0] == "environments":
+            if len(segments) < 2:
+                raise ConfigError(f"{variable}: names no environment (SKIPLOCK__ENVIRONMENTS__ENV__...)")
+            env = self._match_name(variable, ("environments",), segments[1], self._envs, "environment")
+            prefix, segments, sections = ("environments", env), segments[2:], _ENV_SECTIONS
+        if not segments:
+            raise ConfigError(f"{variable}: names the table '{_dotted(prefix)}', not a key in it")
+        section, rest = segments[0], segments[1:]
+        if section in ("global", "console"):
+            table = prefix + (section,)
+        elif section in ("flows", "sources"):
+            if not rest:
+                raise ConfigError(f"{variable}: names the table '{_dotted(prefix + (section,))}', not a key in it")
+            names, kind = (self._flows, "flow") if section == "flows" else (self._sources, "source")
+            table = prefix + (section, self._match_name(variable, prefix + (section,), rest[0], names, kind))
+            rest = rest[1:]
+        else:
+            raise _unknown_key(variable, prefix, section, sections)
+        if not rest:
+            raise ConfigError(f"{variable}: names the table '{_dotted(table)}', not a key in it")
+        key, rest = rest[0], rest[1:]
+        allowed = _allowed_keys(table)
+        if key not in allowed:
+            raise _unknown_key(variable, table, key, allowed)
+        if not rest:
+            return table, key, None
+        subkeys = _SUBTABLES.get(key)
+        if subkeys is None or len(rest) > 1 or rest[0] not in subkeys:
+            raise _unknown_key(variable, table + (key,), rest[0], subkeys or (), homes=False)
+        return table, key, rest[0]
+
+    def _match_name(
+        self, variable: str, table: _TablePath, segment: str, names: Sequence[str], kind: str
+    ) -> str:
+        # Names are matched case-insensitively: environment variable names are upper case by habit.
+        hits = [name for name in names if name.lower() == segment]
+        if len(hits) == 1:
+            return hits[0]
+        if not hits:
+            raise _unknown_name(variable, table, segment, names, kind)
+        raise ConfigError(f"{variable}: '{segment}' matches more than one {kind}: {', '.join(hits)}")
+
+    # checking every value
+
+    def _where(self, table: _TablePath, key: str, sub: str | None = None) -> _Where:
+        path = table + (key,) if sub is None else table + (key, sub)
+        origin = self._origins.get(path)
+        if origin is None and sub is not None:
+            origin = self._origins.get(table + (key,))
+        if origin is None:
+            return _Where(self._label, _dotted(path), from_file=True)
+        return _Where(origin, _dotted(path), from_file=False)
+
+    def validate(self) -> None:
+        for table, body in self._tables.items():
+            for key, value in body.items():
+                subkeys = _SUBTABLES.get(key)
+                if subkeys is not None:
+                    self._validate_subtable(table, key, value, subkeys)
+                    continue
+                where = self._where(table, key)
+                converted = _converter(table, key)(value, where)
+                if key == "dsn" and where.from_file and isinstance(converted, str):
+                    if any(end > start for start, end in _secret_spans(converted)):
+                        raise ConfigError(
+                            f"{where} must not contain a password; put it in SKIPLOCK_DSN or PGPASSWORD"
+                        )
+                elif key == "connection_string" and where.from_file and isinstance(converted, str):
+                    for start, end in _secret_spans(converted):
+                        if end > start and not _is_env_reference(converted[start:end]):
+                            raise ConfigError(
+                                f"{where} must not contain a password; reference an environment "
+                                "variable instead, e.g. PWD=${SOURCE_PASSWORD}"
+                            )
+                elif key == "sources" and isinstance(converted, tuple):
+                    self._check_source_names(where, converted)
+            if len(table) == 2 and table[0] == "flows" and "handler" not in body:
+                raise ConfigError(
+                    f'{self._label}: {_dotted(table)} has no handler; add handler = "module:function"'
+                )
+
+    def _validate_subtable(
+        self, table: _TablePath, key: str, value: object, subkeys: dict[str, _Conv[object]]
+    ) -> None:
+        where = self._where(table, key)
+        if key == "circuit" and value is False:
+            return
+        if not isinstance(value, dict):
+            also = " or false" if key == "circuit" else ""
+            raise ConfigError(f"{where} must be a table{also}, got {_show(value)}")
+        for sub, sub_value in value.items():
+            if sub not in subkeys:
+                raise _unknown_key(where.origin, table + (key,), sub, subkeys, homes=False)
+            subkeys[sub](sub_value, self._where(table, key, sub))
+
+    def _check_source_names(self, where: _Where, names: tuple[str, ...]) -> None:
+        for name in names:
+            if name not in self._sources:
+                declared = ", ".join(self._sources) if self._sources else "none"
+                raise ConfigError(f"{where} names an unknown source '{name}' (declared: {declared})")
+
+    # resolving for one environment
+
+    def _find(self, levels: Sequence[_TablePath], key: str) -> tuple[object, _Where] | None:
+        for table in levels:
+            body = self._tables.get(table)
+            if body is not None and key in body:
+                return body[key], self._where(table, key)
+        return None
+
+    def _resolve(self, levels: Sequence[_TablePath], key: str, convert: _Conv[T], default: T) -> T:
+        found = self._find(levels, key)
+        return default if found is None else convert(found[0], found[1])
+
+    def _resolve_subtable(self, levels: Sequence[_TablePath], key: str) -> dict[str, tuple[object, _Where]]:
+        """Each sub-key looked up on its own, most specific level first; `false` hides lower levels."""
+        found: dict[str, tuple[object, _Where]] = {}
+        for table in levels:
+            body = self._tables.get(table)
+            if body is None or key not in body:
+                continue
+            value = body[key]
+            if not isinstance(value, dict):
+                break
+            for sub, sub_value in value.items():
+                if sub not in found:
+                    found[sub] = (sub_value, self._where(table, key, sub))
+        return found
+
+    @staticmethod
+    def _levels(env: str | None, *tables: _TablePath) -> list[_TablePath]:
+        # An environment's copy of each table comes right before the table itself.
+        levels: list[_TablePath] = []
+        for table in tables:
+            if env is not None:
+                levels.append(("environments", env) + table)
+            levels.append(table)
+        return levels
+
+    def _engine(self, env: str | None) -> EngineConfig:
+        levels = self._levels(env, ("global",))
+        d = EngineConfig()
+        engine = EngineConfig(
+            workers=self._resolve(levels, "workers", _WORKERS, d.workers),
+            heartbeat_interval=self._resolve(levels, "heartbeat_interval", _POSITIVE_DURATION, d.heartbeat_interval),
+            stale_after=self._resolve(levels, "stale_after", _POSITIVE_DURATION, d.stale_after),
+            rescue_interval=self._resolve(levels, "rescue_interval", _POSITIVE_DURATION, d.rescue_interval),
+            poll_interval=self._resolve(levels, "poll_interval", _POSITIVE_DURATION, d.poll_interval),
+            grace_period=self._resolve(levels, "grace_period", _DURATION, d.grace_period),
+            tick_interval=self._resolve(levels, "tick_interval", _POSITIVE_DURATION, d.tick_interval),
+            retention=self._resolve(levels, "retention", _DURATION, d.retention),
+            pool_min=self._resolve(levels, "pool_min", _POOL_MIN, d.pool_min),
+            pool_max=self._resolve(levels, "pool_max", _POOL_MAX, d.pool_max),
+            log_format=self._resolve(levels, "log_format", _log_format, d.log_format),
+        )
+        # A worker is declared dead after stale_after without a heartbeat: it must exceed the interval.
+        self._require_order(levels, "heartbeat_interval", engine.heartbeat_interval, "stale_after",
+                            engine.stale_after, strict=True)
+        self._require_order(levels, "pool_min", engine.pool_min, "pool_max", engine.pool_max, strict=False)
+        return engine
+
+    def _require_order(
+        self, levels: Sequence[_TablePath], low_key: str, low: float, high_key: str, high: float, *, strict: bool
+    ) -> None:
+        if high > low or (not strict and high == low):
+            return
+        low_found, high_found = self._find(levels, low_key), self._find(levels, high_key)
+        origin = (high_found or low_found or (None, _Where(self._label, "", True)))[1].origin
+        high_name = high_found[1].key if high_found else f"{high_key} (default)"
+        low_name = low_found[1].key if low_found else f"{low_key} (default)"
+        relation = "greater than" if strict else "at least"
+        raise ConfigError(f"{origin}: {high_name} must be {relation} {low_name} ({high:g} vs {low:g})")
+
+    def _console(self, env: str | None) -> ConsoleConfig:
+        levels = self._levels(env, ("console",))
+        d = ConsoleConfig()
+        return ConsoleConfig(
+            read_only=self._resolve(levels, "read_only", _bool, d.read_only),
+            refresh_interval=self._resolve(levels, "refresh_interval", _POSITIVE_DURATION, d.refresh_interval),
+        )
+
+    def _flow(self, env: str | None, name: str) -> FlowConfig:
+        own = self._levels(env, ("flows", name))
+        levels = own + self._levels(env, ("global",))
+        d = FlowConfig(name=name, handler="")
+        handler_found = self._find(own, "handler")
+        if handler_found is None:  # validate() guarantees [flows.NAME] has one
+            raise AssertionError(name)
+        return FlowConfig(
+            name=name,
+            handler=_ref(*handler_found),
+            batch_size=self._resolve(levels, "batch_size", _BATCH_SIZE, d.batch_size),
+            max_attempts=self._resolve(levels, "max_attempts", _MAX_ATTEMPTS, d.max_attempts),
+            backoff=self._backoff(levels),
+            timeout=self._resolve(levels, "timeout", _TIMEOUT, d.timeout),
+            concurrency=self._resolve(levels, "concurrency", _CONCURRENCY, d.concurrency),
+            permanent_errors=self._resolve(levels, "permanent_errors", _error_names, d.permanent_errors),
+            circuit=self._circuit(levels),
+            on_complete=self._resolve(levels, "on_complete", _ON_COMPLETE, d.on_complete),
+            sources=self._resolve(levels, "sources", _source_names, d.sources),
+        )
+
+    def _backoff(self, levels: Sequence[_TablePath]) -> BackoffPolicy:
+        found = self._resolve_subtable(levels, "backoff")
+        d = BackoffPolicy()
+        base = _DURATION(*found["base"]) if "base" in found else d.base
+        cap = _POSITIVE_DURATION(*found["cap"]) if "cap" in found else d.cap
+        jitter = _fraction(*found["jitter"]) if "jitter" in found else d.jitter
+        if cap < base:
+            cap_where = found["cap"][1] if "cap" in found else None
+            base_where = found["base"][1] if "base" in found else None
+            origin = (cap_where or base_where or _Where(self._label, "", True)).origin
+            cap_name = cap_where.key if cap_where else "backoff.cap (default)"
+            base_name = base_where.key if base_where else "backoff.base (default)"
+            raise ConfigError(f"{origin}: {cap_name} must be at least {base_name} ({cap:g}s vs {base:g}s)")
+        return BackoffPolicy(base=base, cap=cap, jitter=jitter)
+
+    def _circuit(self, levels: Sequence[_TablePath]) -> CircuitPolicy | None:
+        found = self._resolve_subtable(levels, "circuit")
+        if not found:
+            return None
+        for sub in _CIRCUIT_KEYS:
+            if sub not in found:
+                where = next(iter(found.values()))[1]
+                table = where.key.rsplit(".", 1)[0]
+                raise ConfigError(f"{where.origin}: {table}.{sub} is required when the circuit is set")
+        failures = _int(1)(*found["failures"])
+        cooldown = _POSITIVE_DURATION(*found["cooldown"])
+        return CircuitPolicy(failures=failures, cooldown=cooldown)
+
+    def _source(self, env: str | None, name: str) -> dict[str, object]:
+        levels = self._levels(env, ("sources", name))
+        source: dict[str, object] = {}
+        found = self._find(levels, "connection_string")
+        if found is None:
+            raise ConfigError(f"{self._label}: {_dotted(('sources', name, 'connection_string'))} is required")
+        text, where = _text(*found), found[1]
+        source["connection_string"] = self._expand(text, where) if where.from_file else text
+        timeout = self._find(levels, "timeout")
+        if timeout is not None:
+            source["timeout"] = _POSITIVE_DURATION(*timeout)
+        retries = self._find(levels, "retries")
+        if retries is not None:
+            source["retries"] = _RETRIES(*retries)
+        return source
+
+    def _expand(self, text: str, where: _Where) -> str:
+        def substitute(match: re.Match[str]) -> str:
+            name = match.group(1)
+            value = self._environ.get(name)
+            if value is None:
+                raise ConfigError(f"{where} uses ${{{name}}}, but {name} is not set in the environment")
+            return value
+
+        return _ENV_REF_RE.sub(substitute, text)
+
+    def settings(self, path: Path | None, env: str | None, dsn: str | None) -> Settings:
+        levels = self._levels(env, ("global",))
+        if not dsn:
+            dsn = self._environ.get("SKIPLOCK_DSN") or self._resolve(levels, "dsn", _text, "") or None
+        return Settings(
+            path=path,
+            env=env,
+            dsn=dsn,
+            application_name=self._resolve(levels, "application_name", _text, "skiplock"),
+            engine=self._engine(env),
+            console=self._console(env),
+            flows={name: self._flow(env, name) for name in self._flows},
+            sources={name: self._source(env, name) for name in self._sources},
+        )
+
+
+def _read_document(path: Path, label: str) -> dict[str, object]:
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(f"{label}: config file not found") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{label}: is a directory, not a config file") from None
+    except OSError as exc:
+        raise ConfigError(f"{label}: cannot read config file: {exc.strerror}") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{label}: not valid UTF-8 (byte {exc.start})") from None
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{label}: TOML syntax error: {exc}") from None
+
+
+def load_settings(
+    path: Path | str | None = None,
+    env: str | None = None,
+    environ: Mapping[str, str] | None = None,
+    dsn: str | None = None,
+) -> Settings:
+    """Settings from `path` (else $SKIPLOCK_CONFIG, else defaults only) for environment `env` (else
+    $SKIPLOCK_ENV, else none), with SKIPLOCK__... overrides from `environ` (default: os.environ).
+    The DSN is `dsn`, else $SKIPLOCK_DSN, else the file's, else None (embedded PostgreSQL)."""
+    variables: Mapping[str, str] = os.environ if environ is None else environ
+    # Empty values count as unset: compose files and CI often export VAR= to mean "nothing".
+    chosen = str(path) if path is not None and str(path) else variables.get("SKIPLOCK_CONFIG") or None
+    file_path = Path(chosen) if chosen else None
+    label = chosen or ""
+    loader = _Loader(label, variables)
+    if file_path is not None:
+        loader.add_document(_read_document(file_path, label))
+    else:
+        loader.add_document({})
+    if env:
+        selected = loader.select_env(env, from_variable=False)
+    else:
+        selected = loader.select_env(variables.get("SKIPLOCK_ENV") or None, from_variable=True)
+    loader.apply_overrides()
+    loader.validate()
+    return loader.settings(file_path, selected, dsn or None)

@@ -1,0 +1,99 @@
+"""`engine dev`: a first try with nothing installed but the package.
+
+Starts the embedded PostgreSQL (a child of this process), migrates, enqueues demo jobs for the
+built-in flows (including ones that retry and ones that end as dead letters), runs an engine on
+them while feeding a steady load, and prints the queue status. Ctrl-C (or --seconds) stops
+everything in order: the engine drains, then the database stops.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import os
+import signal
+import sys
+import time
+from typing import Any
+
+from engine import db
+from engine.cli import cmd_status
+from engine.config import load_settings
+from engine.embedded import EmbeddedPostgres, default_data_dir
+from engine.migrate import migrate
+from engine.queue import Queue
+
+DEMO_FEED_PER_SECOND = 200
+
+
+def enqueue_demo(queue: Queue, jobs: int) -> None:
+    queue.enqueue_many("noop", [{"n": i} for i in range(jobs)], run_id=f"demo-{int(time.time())}")
+    queue.enqueue_many("sleep", [{"seconds": 0.02} for _ in range(max(jobs // 20, 1))])
+    queue.enqueue_many("flaky", [{"fail": 0.3, "permanent": 0.3} for _ in range(max(jobs // 10, 1))],
+                       max_attempts=3)
+
+
+def _engine_child(dsn: str, args: argparse.Namespace) -> None:
+    from engine.supervisor import run_engine
+
+    os.setpgrp()  # our Ctrl-C handling forwards SIGTERM; the engine must not get the terminal's SIGINT too
+    engine_args = argparse.Namespace(config=args.config, env=args.env, dsn=dsn, workers=args.workers,
+                                     flows="noop,sleep,flaky", drain=False)
+    sys.exit(run_engine(engine_args))
+
+
+def run_dev(args: argparse.Namespace) -> int:
+    settings = load_settings(args.config, env=args.env, dsn=args.dsn)
+    server: EmbeddedPostgres | None = None
+    dsn = settings.dsn
+    if dsn is None:
+        data_dir = args.data_dir or default_data_dir()
+        print(f"starting embedded PostgreSQL in {data_dir} ...", flush=True)
+        server = EmbeddedPostgres(data_dir).start()
+        dsn = server.dsn()
+    try:
+        with db.connect(dsn) as conn:
+            applied = migrate(conn)
+        print(f"schema migrated ({len(applied)} migration(s) applied)", flush=True)
+        with Queue(dsn) as queue:
+            enqueue_demo(queue, args.jobs)
+        print(f"enqueued demo jobs to noop, sleep and flaky", flush=True)
+        status_args = argparse.Namespace(config=args.config, env=args.env, dsn=dsn, flow=None, json=False)
+        if args.no_engine:
+            cmd_status(status_args)
+            return 0
+        return _run_with_engine(dsn, args, status_args)
+    finally:
+        if server is not None:
+            server.stop()
+
+
+def _run_with_engine(dsn: str, args: argparse.Namespace, status_args: argparse.Namespace) -> int:
+    engine = multiprocessing.get_context("fork").Process(target=_engine_child, args=(dsn, args), name="skiplock-engine")
+    engine.start()
+    stop = {"requested": False}
+
+    def on_signal(signum: int, frame: Any) -> None:
+        stop["requested"] = True
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    deadline = time.monotonic() + args.seconds if args.seconds else None
+    print("engine running; Ctrl-C stops (status every 5 s)", flush=True)
+    with Queue(dsn) as queue:
+        next_status = time.monotonic() + 5.0
+        while not stop["requested"] and engine.is_alive():
+            if deadline is not None and time.monotonic() >= deadline:
+                break
+            queue.enqueue_many("noop", [{"feed": True}] * (DEMO_FEED_PER_SECOND // 2))
+            queue.enqueue_many("flaky", [{"fail": 0.3, "permanent": 0.3}] * 5, max_attempts=3)
+            time.sleep(0.5)
+            if time.monotonic() >= next_status:
+                next_status = time.monotonic() + 5.0
+                cmd_status(status_args)
+                print(flush=True)
+    if engine.is_alive():
+        os.kill(engine.pid, signal.SIGTERM)  # type: ignore[arg-type]
+    engine.join()
+    cmd_status(status_args)
+    return 0 if engine.exitcode in (0, None) else int(engine.exitcode)

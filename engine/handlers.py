@@ -1,0 +1,114 @@
+"""Resolving a flow's handler and hooks, the context a handler may ask for, and error classification."""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import logging
+import traceback
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Final
+
+from engine.config import FlowConfig
+from engine.errors import ConfigError, PermanentError
+
+TRACEBACK_CHARS: Final = 8000
+
+
+class JobTimeout(TimeoutError):
+    """The handler ran past its flow's timeout; the attempt counts as failed."""
+
+
+def resolve(ref: str, what: str) -> Any:
+    """Import "module:attribute"; errors name the reference and what it was for."""
+    module_name, _, attr = ref.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as exc:  # any import-time failure of user code is a configuration error here
+        raise ConfigError(f"{what} {ref!r}: cannot import {module_name!r}: {type(exc).__name__}: {exc}") from None
+    try:
+        target = module
+        for part in attr.split("."):
+            target = getattr(target, part)
+    except AttributeError:
+        raise ConfigError(f"{what} {ref!r}: module {module_name!r} has no attribute {attr!r}") from None
+    return target
+
+
+def wants_context(func: Callable[..., Any]) -> bool:
+    """A handler takes (payload) or (payload, ctx)."""
+    try:
+        params = [p for p in inspect.signature(func).parameters.values()
+                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    except (TypeError, ValueError):
+        return False
+    return len(params) >= 2
+
+
+@dataclass
+class FlowRuntime:
+    """A flow as one worker runs it: config plus resolved callables and breaker state."""
+
+    config: FlowConfig
+    handler: Callable[..., Any]
+    with_context: bool
+    permanent: tuple[type[BaseException], ...]
+    permanent_names: frozenset[str]
+    on_complete: Callable[[str, Mapping[str, Any]], Any] | None
+    consecutive_failures: int = 0
+    half_open: bool = False
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    def is_permanent(self, exc: BaseException) -> bool:
+        if isinstance(exc, PermanentError) or (self.permanent and isinstance(exc, self.permanent)):
+            return True
+        return type(exc).__name__ in self.permanent_names
+
+
+def load_flow(config: FlowConfig) -> FlowRuntime:
+    handler = resolve(config.handler, f"flow {config.name}: handler")
+    if not callable(handler):
+        raise ConfigError(f"flow {config.name}: handler {config.handler!r} is not callable")
+    classes: list[type[BaseException]] = []
+    names: set[str] = set()
+    for ref in config.permanent_errors:
+        if ":" in ref:
+            cls = resolve(ref, f"flow {config.name}: permanent_errors entry")
+            if not (isinstance(cls, type) and issubclass(cls, BaseException)):
+                raise ConfigError(f"flow {config.name}: permanent_errors entry {ref!r} is not an exception class")
+            classes.append(cls)
+        else:
+            names.add(ref)
+    hook = resolve(config.on_complete, f"flow {config.name}: on_complete") if config.on_complete else None
+    return FlowRuntime(config, handler, wants_context(handler), tuple(classes), frozenset(names), hook)
+
+
+def format_traceback(exc: BaseException) -> str:
+    text = "".join(traceback.format_exception(exc))
+    return text if len(text) <= TRACEBACK_CHARS else "…" + text[-TRACEBACK_CHARS:]
+
+
+class JobContext:
+    """What a handler taking two arguments receives next to the payload. Built only for such handlers."""
+
+    __slots__ = ("job_id", "flow", "attempt", "max_attempts", "run_id", "worker_id", "log", "_enqueue")
+
+    def __init__(self, job_id: int, flow: str, attempt: int, max_attempts: int, run_id: str | None,
+                 worker_id: str, log: logging.LoggerAdapter[logging.Logger],
+                 enqueue: Callable[..., Any]) -> None:
+        self.job_id = job_id
+        self.flow = flow
+        self.attempt = attempt
+        self.max_attempts = max_attempts
+        self.run_id = run_id
+        self.worker_id = worker_id
+        self.log = log
+        self._enqueue = enqueue
+
+    def enqueue(self, flow: str, payload: Mapping[str, Any], **options: Any) -> int | None:
+        """Enqueue a follow-up job (e.g. links discovered while processing this one)."""
+        return self._enqueue(flow, payload, **options)

@@ -1,0 +1,150 @@
+"""Telemetry events: the one place that documents every event skiplock sends.
+
+Events travel as NOTIFY payloads on channel `skiplock_events`, encoded with orjson, each an object
+with `v` (format version, now 1), `kind`, `at` (unix seconds) and the fields below. They are
+aggregated per worker per tick (about 1 s), never one notification per job, and each stays under
+MAX_EVENT_BYTES (PostgreSQL's limit is 8000). A console attaching late reads history from
+`skiplock.stats_minute` and the tables, not from missed notifications.
+
+| kind            | sent by     | fields |
+|-----------------|-------------|--------|
+| tick            | worker      | engine, worker, flows: {flow: {completed, failed, dead, rescued, wait_ms_sum, run_ms_sum}} (counts since the previous tick; flows with no activity are left out) |
+| failure         | worker      | engine, worker, flow, failures: [{job, attempt, max_attempts, type, message}] (at most FAILURE_SAMPLE per tick), dropped (failures not listed) |
+| dead_letter     | worker      | engine, worker, flow, jobs: [ids] (at most DEAD_SAMPLE), count |
+| worker_started  | worker      | engine, worker, host, pid, flows |
+| worker_stopped  | worker      | engine, worker, reason |
+| worker_lost     | supervisor  | engine, worker, reason (died with exit code N, or heartbeat stale) |
+| rescued         | supervisor  | engine, flows: {flow: {rescued, dead}}, workers: [ids] |
+| flow_paused     | operator    | flow (from `engine pause`, the console or the API) |
+| flow_resumed    | operator    | flow |
+| circuit_opened  | worker      | engine, worker, flow, failures, until (unix seconds) |
+| circuit_closed  | worker      | engine, worker, flow |
+| run_finished    | worker      | engine, worker, run, flow, total, completed, dead |
+
+Channel `skiplock_enqueued` carries an empty payload once per enqueue statement (a trigger) and
+after operator retries and resumes; workers LISTEN on it to wake up.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+import orjson
+
+EVENTS_CHANNEL: Final = "skiplock_events"
+ENQUEUED_CHANNEL: Final = "skiplock_enqueued"
+EVENT_VERSION: Final = 1
+MAX_EVENT_BYTES: Final = 7900
+FAILURE_SAMPLE: Final = 5
+DEAD_SAMPLE: Final = 50
+MESSAGE_CHARS: Final = 200
+
+
+def encode_event(kind: str, **fields: Any) -> str:
+    """Encode one event; fields that would push it past MAX_EVENT_BYTES are trimmed, never split."""
+    event: dict[str, Any] = {"v": EVENT_VERSION, "kind": kind, "at": round(time.time(), 3), **fields}
+    text = orjson.dumps(event).decode()
+    if len(text.encode()) <= MAX_EVENT_BYTES:
+        return text
+    for key in ("failures", "jobs", "flows", "workers"):
+        value = event.get(key)
+        while value and len(orjson.dumps(event)) > MAX_EVENT_BYTES:
+            if isinstance(value, list):
+                value.pop()
+            elif isinstance(value, dict):
+                value.pop(next(reversed(value)))
+            event["truncated"] = True
+    text = orjson.dumps(event).decode()
+    if len(text.encode()) > MAX_EVENT_BYTES:
+        raise ValueError(f"event {kind} does not fit in {MAX_EVENT_BYTES} bytes")
+    return text
+
+
+@dataclass
+class FlowCounts:
+    completed: int = 0
+    failed: int = 0
+    dead: int = 0
+    rescued: int = 0
+    wait_ms_sum: float = 0.0
+    run_ms_sum: float = 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"completed": self.completed, "failed": self.failed, "dead": self.dead, "rescued": self.rescued,
+                "wait_ms_sum": round(self.wait_ms_sum, 3), "run_ms_sum": round(self.run_ms_sum, 3)}
+
+
+@dataclass
+class FailureSample:
+    job: int
+    attempt: int
+    max_attempts: int
+    type: str
+    message: str
+
+
+@dataclass
+class TickBuffer:
+    """What the worker loop records per batch and the telemetry thread takes once per tick."""
+
+    flows: dict[str, FlowCounts] = field(default_factory=dict)
+    failures: dict[str, list[FailureSample]] = field(default_factory=dict)
+    failures_dropped: dict[str, int] = field(default_factory=dict)
+    dead: dict[str, list[int]] = field(default_factory=dict)
+
+
+class Telemetry:
+    """Thread-safe accumulator: the worker adds once per batch; the tick thread swaps the buffer."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._buffer = TickBuffer()
+        self.totals = FlowCounts()
+
+    def record_batch(self, flow: str, completed: int, failed: int, dead_ids: list[int], wait_ms: float,
+                     run_ms: float, failures: list[FailureSample]) -> None:
+        with self._lock:
+            counts = self._buffer.flows.get(flow)
+            if counts is None:
+                counts = self._buffer.flows[flow] = FlowCounts()
+            counts.completed += completed
+            counts.failed += failed
+            counts.dead += len(dead_ids)
+            counts.wait_ms_sum += wait_ms
+            counts.run_ms_sum += run_ms
+            self.totals.completed += completed
+            self.totals.failed += failed
+            self.totals.dead += len(dead_ids)
+            if failures:
+                sample = self._buffer.failures.setdefault(flow, [])
+                room = FAILURE_SAMPLE - len(sample)
+                sample.extend(failures[:max(room, 0)])
+                dropped = len(failures) - max(room, 0)
+                if dropped > 0:
+                    self._buffer.failures_dropped[flow] = self._buffer.failures_dropped.get(flow, 0) + dropped
+            if dead_ids:
+                self._buffer.dead.setdefault(flow, []).extend(dead_ids)
+
+    def take(self) -> TickBuffer:
+        with self._lock:
+            buffer, self._buffer = self._buffer, TickBuffer()
+        return buffer
+
+
+def tick_events(buffer: TickBuffer, engine_id: str, worker_id: str) -> list[str]:
+    """The NOTIFY payloads for one tick: one tick event, plus failure and dead_letter samples."""
+    events = [encode_event("tick", engine=engine_id, worker=worker_id,
+                           flows={flow: counts.as_dict() for flow, counts in buffer.flows.items()})]
+    for flow, sample in buffer.failures.items():
+        events.append(encode_event(
+            "failure", engine=engine_id, worker=worker_id, flow=flow,
+            failures=[{"job": f.job, "attempt": f.attempt, "max_attempts": f.max_attempts, "type": f.type,
+                       "message": f.message[:MESSAGE_CHARS]} for f in sample],
+            dropped=buffer.failures_dropped.get(flow, 0)))
+    for flow, ids in buffer.dead.items():
+        events.append(encode_event("dead_letter", engine=engine_id, worker=worker_id, flow=flow,
+                                   jobs=ids[:DEAD_SAMPLE], count=len(ids)))
+    return events

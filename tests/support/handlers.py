@@ -1,0 +1,62 @@
+"""Handlers for tests that run real engines. Each records what it ran so tests can count executions.
+
+Executions are appended, one `job_number pid` line each, to the file named by SKIPLOCK_TEST_RECORD
+(O_APPEND writes of one short line are atomic across processes).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+from engine.errors import PermanentError
+
+
+def _record(payload: dict[str, Any]) -> None:
+    path = os.environ["SKIPLOCK_TEST_RECORD"]
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, f"{payload['n']} {os.getpid()}\n".encode())
+    finally:
+        os.close(fd)
+
+
+def record(payload: dict[str, Any]) -> None:
+    _record(payload)
+
+
+def record_slow(payload: dict[str, Any]) -> None:
+    _record(payload)
+    time.sleep(float(payload.get("sleep", 0.05)))
+
+
+def always_fail(payload: dict[str, Any]) -> None:
+    _record(payload)
+    raise RuntimeError("always fails")
+
+
+def fail_permanently(payload: dict[str, Any]) -> None:
+    _record(payload)
+    raise PermanentError("bad payload")
+
+
+def hang(payload: dict[str, Any]) -> None:
+    _record(payload)
+    time.sleep(float(payload.get("sleep", 60)))
+
+
+def on_run_complete(run_id: str, summary: dict[str, Any]) -> None:
+    path = os.environ["SKIPLOCK_TEST_HOOKS"]
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, f"{run_id} {summary['total']} {summary['completed']} {summary['dead']} {os.getpid()}\n".encode())
+    finally:
+        os.close(fd)
+
+
+def read_records(path: str) -> list[tuple[int, int]]:
+    if not os.path.exists(path):
+        return []
+    with open(path) as handle:
+        return [(int(a), int(b)) for a, b in (line.split() for line in handle if line.strip())]
