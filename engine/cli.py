@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -112,6 +113,8 @@ def _read_payload_lines(stream: Any) -> tuple[list[Any], list[str]]:
 
 
 def cmd_enqueue(args: argparse.Namespace) -> int:
+    if args.count < 1:
+        raise ValidationError(f"--count {args.count} must be at least 1")
     if args.payload is not None:
         try:
             payload = orjson.loads(args.payload)
@@ -123,7 +126,8 @@ def cmd_enqueue(args: argparse.Namespace) -> int:
             raise ValidationError("--count goes with --payload")
         if sys.stdin.isatty():
             raise ValidationError("give --payload JSON, or JSON lines on stdin")
-        payloads, names = _read_payload_lines(sys.stdin)
+        # Bytes: invalid UTF-8 is then a JSON error naming the line, whatever the locale's stdin errors mode.
+        payloads, names = _read_payload_lines(sys.stdin.buffer)
     if args.dedupe_key is not None and len(payloads) != 1:
         raise ValidationError("--dedupe-key applies to exactly one job")
     with _queue(args) as queue:
@@ -367,19 +371,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args))
     except SkiplockError as exc:
-        return _fail(str(exc))
+        return _fail(str(exc), getattr(args, "dsn", None))
     except psycopg.Error as exc:
         text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        return _fail(f"database: {text}")
+        return _fail(f"database: {text}", getattr(args, "dsn", None))
     except KeyboardInterrupt:
         return 130
 
 
-def _fail(message: str) -> int:
-    dsn = os.environ.get("SKIPLOCK_DSN")
-    text = redact_dsn(message)
-    if dsn:
-        text = text.replace(dsn, redact_dsn(dsn))
+_URL_IN_TEXT = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s\"']+")
+
+
+def _fail(message: str, dsn_arg: str | None = None) -> int:
+    # libpq quotes a malformed URI whole in its error ("... in URI: \"postgresql://u:pw@[::1/x\""),
+    # so redact URLs anywhere in the text, and every DSN we were given (--dsn or SKIPLOCK_DSN).
+    text = _URL_IN_TEXT.sub(lambda m: redact_dsn(m.group(0)), redact_dsn(message))
+    for dsn in (os.environ.get("SKIPLOCK_DSN"), dsn_arg):
+        if dsn:
+            text = text.replace(dsn, redact_dsn(dsn))
     sys.stderr.write(f"engine: error: {text}\n")
     return EXIT_ERROR
 
