@@ -26,9 +26,11 @@ import psycopg
 from psycopg_pool import ConnectionPool
 
 from engine import db
+from engine.config import redact_dsn
 from engine.errors import DatabaseUnavailable, SchemaOutdated, ValidationError
 from engine.migrate import REQUIRED_SCHEMA_VERSION, require_schema, schema_version
 from engine.sql import Q
+from engine.telemetry import encode_event
 
 FLOW_NAME: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 MAX_PAYLOAD_BYTES: Final = 1 << 20
@@ -542,10 +544,10 @@ class Queue:
 
     def _set_paused(self, flow: str, paused: bool) -> None:
         validate_flow(flow)
-        event = orjson.dumps({"v": 1, "kind": "flow_resumed" if not paused else "flow_paused", "flow": flow})
+        event = encode_event("flow_paused" if paused else "flow_resumed", flow=flow)
         with self.connection() as conn, conn.transaction():
             conn.execute(Q.flow_set_paused, {"flow": flow, "paused": paused})
-            conn.execute(Q.flow_paused_changed_notify, {"payload": event.decode()})
+            conn.execute(Q.flow_paused_changed_notify, {"payload": event})
         if not paused:
             with self.connection() as conn:
                 conn.execute(Q.notify_enqueued)
@@ -679,9 +681,13 @@ def _copy_jobs(conn: psycopg.Connection[Any], flow: str, texts: list[str], optio
             copy.write("".join(chunk))
 
 
+_URL_IN_TEXT: Final = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s\"']+")
+
+
 def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0]
+    """The error's first line with DSN passwords redacted (libpq quotes a malformed URI whole)."""
+    text = (str(exc).strip() or type(exc).__name__).splitlines()[0]
+    return _URL_IN_TEXT.sub(lambda m: redact_dsn(m.group(0)), redact_dsn(text))
 
 
 def new_worker_id(engine_id: str, index: int) -> str:

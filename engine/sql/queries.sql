@@ -78,6 +78,8 @@ WITH picked AS (
           SELECT 1 FROM skiplock.flows f
           WHERE f.name = %(flow)s
             AND (f.paused OR (f.circuit_state = 'open' AND f.circuit_until > now())))
+      -- A worker marked lost has had its claims rescued: it may not claim again under that id.
+      AND NOT EXISTS (SELECT 1 FROM skiplock.workers w WHERE w.id = %(worker)s AND w.state = 'lost')
     ORDER BY priority DESC, run_at, id
     LIMIT %(limit)s
     FOR UPDATE SKIP LOCKED
@@ -85,8 +87,9 @@ WITH picked AS (
 UPDATE skiplock.jobs j
 SET status = 'running', claimed_by = %(worker)s, claim_token = %(token)s, claimed_at = now(),
     attempts = j.attempts + 1, updated_at = now()
-FROM picked
-WHERE j.id = picked.id
+-- `= ANY(ARRAY(...))`, not a join: a join on `picked` lets the planner hash-join a Seq Scan of
+-- jobs when the table is small (B=100 on a few thousand rows); this form always takes the pkey.
+WHERE j.id = ANY(ARRAY(SELECT id FROM picked))
 RETURNING j.id, j.payload, j.attempts, j.max_attempts, j.run_id,
           extract(epoch FROM now() - j.run_at)::float8 * 1000.0 AS wait_ms;
 
@@ -244,6 +247,7 @@ FROM reset;
 SELECT id, flow, attempts, max_attempts, error_type, error_message, finished_at, run_id
 FROM skiplock.jobs
 WHERE status = 'dead'
+  AND (%(ids)s::bigint[] IS NULL OR id = ANY(%(ids)s::bigint[]))
   AND (%(flow)s::text IS NULL OR flow = %(flow)s)
   AND (%(error_type)s::text IS NULL OR error_type = %(error_type)s)
   AND (%(older_than)s::float8 IS NULL OR finished_at < now() - make_interval(secs => %(older_than)s))
@@ -263,7 +267,8 @@ LIMIT 1;
 
 -- name: dlq_retry
 -- Guarded by status: a job that is no longer dead is left alone. Skips a job whose dedupe key is
--- taken again by an unfinished job. Attempts restart; the error history is kept.
+-- taken again by an unfinished job; of several dead jobs sharing a key only the newest comes back
+-- (retrying them all would break the key's uniqueness). Attempts restart; the error history is kept.
 WITH retried AS (
     UPDATE skiplock.jobs j
     SET status = 'pending', attempts = 0, run_at = now(), finished_at = NULL, updated_at = now()
@@ -274,7 +279,8 @@ WITH retried AS (
       AND (%(older_than)s::float8 IS NULL OR j.finished_at < now() - make_interval(secs => %(older_than)s))
       AND (j.dedupe_key IS NULL OR NOT EXISTS (
           SELECT 1 FROM skiplock.jobs o
-          WHERE o.flow = j.flow AND o.dedupe_key = j.dedupe_key AND o.status IN ('pending', 'running')))
+          WHERE o.flow = j.flow AND o.dedupe_key = j.dedupe_key
+            AND (o.status IN ('pending', 'running') OR (o.status = 'dead' AND o.id > j.id))))
     RETURNING j.id, j.run_id
 ), runs_reopened AS (
     UPDATE skiplock.runs r SET dead = r.dead - c.n
@@ -341,7 +347,7 @@ INSERT INTO skiplock.flows (name, paused) VALUES (%(flow)s, %(paused)s)
 ON CONFLICT (name) DO UPDATE SET paused = EXCLUDED.paused, updated_at = now();
 
 -- name: flow_paused_changed_notify
-SELECT pg_notify('skiplock_flows', %(payload)s);
+SELECT pg_notify('skiplock_events', %(payload)s);
 
 -- name: worker_register
 INSERT INTO skiplock.workers (id, engine_id, host, pid, flows, state)
@@ -388,16 +394,31 @@ WITH released AS (
 )
 SELECT count(*) FROM released;
 
--- name: claim_running_count
+-- name: claim_flow_lock
 -- Fleet-wide concurrency limit: the advisory lock serialises the claimers of one flow for the
--- length of their claim transaction, so the count and the claim agree.
-SELECT pg_advisory_xact_lock(hashtext('skiplock.flow.' || %(flow)s)),
-       (SELECT count(*) FROM skiplock.jobs WHERE flow = %(flow)s AND status = 'running');
+-- length of their claim transaction, so the count and the claim agree. The count is a statement of
+-- its own: a statement's snapshot is taken before it waits for the lock, so a count in the same
+-- statement would miss the claim the previous holder committed while we waited.
+SELECT pg_advisory_xact_lock(hashtext('skiplock.flow.' || %(flow)s));
+
+-- name: claim_running_count
+SELECT count(*) FROM skiplock.jobs WHERE flow = %(flow)s AND status = 'running';
 
 -- name: next_run_at
--- How long an idle worker may sleep: the earliest scheduled job of its highest priority.
+-- How long an idle worker may sleep: the earliest scheduled job of its highest priority. Flows that
+-- are paused, whose circuit is open or that run at their concurrency limit are left out: their due
+-- jobs cannot be claimed now, and counting them would make an idle worker spin (a resume sends a
+-- wakeup; a cool-down's end or a free slot is seen within a poll).
 SELECT extract(epoch FROM run_at - now())::float8 FROM skiplock.jobs
-WHERE flow = ANY(%(flows)s::text[]) AND status = 'pending'
+WHERE flow = ANY(ARRAY(
+          SELECT u.name FROM unnest(%(flows)s::text[]) AS u(name)
+          WHERE NOT EXISTS (SELECT 1 FROM skiplock.flows f
+                            WHERE f.name = u.name
+                              AND (f.paused OR (f.circuit_state = 'open' AND f.circuit_until > now())
+                                   OR (f.policy->>'concurrency')::int <= (
+                                       SELECT count(*) FROM skiplock.jobs r
+                                       WHERE r.flow = u.name AND r.status = 'running')))))
+  AND status = 'pending'
 ORDER BY priority DESC, run_at
 LIMIT 1;
 
@@ -467,3 +488,128 @@ SELECT count(*) FROM (
     WHERE flow = ANY(%(flows)s::text[]) AND status IN ('pending', 'running')
     LIMIT 1
 ) AS any_left;
+
+-- ---------------------------------------------------------------------------------------------
+-- console
+-- The ops console's snapshot reads (console/data.py). Each takes `now` (NULL: the server's clock;
+-- a fixed time in tests) so ages and windows are computed against one reference. Every read is
+-- bounded: counts stop at `cap` rows per flow and state through the partial indexes, history comes
+-- from stats_minute by its primary key, latency from a LIMITed sample of recent jobs_done.
+
+-- name: console_now
+SELECT coalesce(%(now)s::timestamptz, now()), current_setting('server_version');
+
+-- name: console_flows
+-- Flows: declared ones, those with recent history, and those with pending or dead jobs (found by a
+-- skip scan over the partial indexes: one index descent per distinct flow, not a scan of the table).
+WITH RECURSIVE ref AS (
+    SELECT coalesce(%(now)s::timestamptz, now()) AS now
+), pending_flows(flow) AS (
+    (SELECT flow FROM skiplock.jobs WHERE status = 'pending' ORDER BY flow LIMIT 1)
+    UNION ALL
+    SELECT (SELECT j.flow FROM skiplock.jobs j WHERE j.status = 'pending' AND j.flow > p.flow
+            ORDER BY j.flow LIMIT 1)
+    FROM pending_flows p WHERE p.flow IS NOT NULL
+), dead_flows(flow) AS (
+    (SELECT flow FROM skiplock.jobs WHERE status = 'dead' ORDER BY flow LIMIT 1)
+    UNION ALL
+    SELECT (SELECT j.flow FROM skiplock.jobs j WHERE j.status = 'dead' AND j.flow > d.flow
+            ORDER BY j.flow LIMIT 1)
+    FROM dead_flows d WHERE d.flow IS NOT NULL
+), names AS (
+    SELECT name FROM skiplock.flows
+    UNION SELECT flow FROM pending_flows WHERE flow IS NOT NULL
+    UNION SELECT flow FROM dead_flows WHERE flow IS NOT NULL
+    UNION SELECT DISTINCT flow FROM skiplock.stats_minute, ref
+          WHERE minute >= date_trunc('minute', ref.now) - interval '1 hour'
+)
+SELECT n.name, coalesce(f.paused, false), coalesce(f.circuit_state, 'closed'),
+       extract(epoch FROM f.circuit_until - ref.now)::float8 AS circuit_open_for,
+       (f.policy ->> 'max_attempts')::int AS max_attempts,
+       p.ready, p.scheduled, p.retrying, p.total AS pending_total, r.running, d.dead
+FROM names n
+CROSS JOIN ref
+LEFT JOIN skiplock.flows f ON f.name = n.name
+CROSS JOIN LATERAL (
+    SELECT count(*) FILTER (WHERE s.run_at <= ref.now) AS ready,
+           count(*) FILTER (WHERE s.run_at > ref.now) AS scheduled,
+           count(*) FILTER (WHERE s.attempts > 0) AS retrying,
+           count(*) AS total
+    FROM (SELECT j.run_at, j.attempts FROM skiplock.jobs j
+          WHERE j.flow = n.name AND j.status = 'pending'
+          ORDER BY j.priority DESC, j.run_at, j.id LIMIT %(cap)s) s
+) p
+CROSS JOIN LATERAL (
+    SELECT count(*) AS running FROM (SELECT 1 FROM skiplock.jobs j
+                                     WHERE j.status = 'running' AND j.flow = n.name LIMIT %(cap)s) s
+) r
+CROSS JOIN LATERAL (
+    SELECT count(*) AS dead FROM (SELECT 1 FROM skiplock.jobs j
+                                  WHERE j.flow = n.name AND j.status = 'dead'
+                                  ORDER BY j.finished_at LIMIT %(cap)s) s
+) d
+ORDER BY n.name
+LIMIT 200;
+
+-- name: console_history
+-- Per-minute counts for the charts and rates, by the primary key (minute, flow).
+SELECT extract(epoch FROM minute)::float8, flow, completed, failed, dead, rescued, wait_ms_sum, run_ms_sum
+FROM skiplock.stats_minute
+WHERE minute >= date_trunc('minute', coalesce(%(now)s::timestamptz, now())) - make_interval(mins => %(minutes)s)
+  AND minute <= coalesce(%(now)s::timestamptz, now())
+ORDER BY minute, flow;
+
+-- name: console_latency
+-- Wait (enqueue to last claim) and run (last claim to ack) percentiles per flow over a bounded sample
+-- of the jobs acknowledged in the last `seconds`; the BRIN index on finished_at finds the recent pages.
+SELECT flow, count(*) AS samples,
+       percentile_cont(0.5) WITHIN GROUP (ORDER BY wait_ms) AS wait_p50,
+       percentile_cont(0.95) WITHIN GROUP (ORDER BY wait_ms) AS wait_p95,
+       percentile_cont(0.5) WITHIN GROUP (ORDER BY run_ms) AS run_p50,
+       percentile_cont(0.95) WITHIN GROUP (ORDER BY run_ms) AS run_p95
+FROM (
+    SELECT d.flow,
+           extract(epoch FROM d.claimed_at - d.created_at)::float8 * 1000.0 AS wait_ms,
+           extract(epoch FROM d.finished_at - d.claimed_at)::float8 * 1000.0 AS run_ms
+    FROM skiplock.jobs_done d
+    WHERE d.finished_at >= coalesce(%(now)s::timestamptz, now()) - make_interval(secs => %(seconds)s)
+      AND d.finished_at <= coalesce(%(now)s::timestamptz, now())
+      AND d.claimed_at IS NOT NULL
+    LIMIT %(sample)s
+) s
+GROUP BY flow;
+
+-- name: console_workers
+-- Live workers, and those that stopped or were lost in the last 10 minutes.
+SELECT w.id, w.engine_id, w.host, w.pid, w.state, w.flows,
+       extract(epoch FROM ref.now - w.started_at)::float8 AS uptime,
+       extract(epoch FROM ref.now - w.heartbeat_at)::float8 AS heartbeat_age,
+       w.counters, w.pool
+FROM skiplock.workers w, (SELECT coalesce(%(now)s::timestamptz, now()) AS now) ref
+WHERE w.state NOT IN ('stopped', 'lost') OR w.stopped_at > ref.now - interval '10 minutes'
+ORDER BY w.state IN ('stopped', 'lost'), w.host, w.pid, w.id
+LIMIT %(limit)s;
+
+-- name: console_runs
+-- Unfinished runs first, then those that finished in the last hour.
+SELECT r.id, r.flow, r.total, r.completed, r.dead,
+       extract(epoch FROM ref.now - r.created_at)::float8 AS age,
+       extract(epoch FROM r.finished_at - r.created_at)::float8 AS took
+FROM skiplock.runs r, (SELECT coalesce(%(now)s::timestamptz, now()) AS now) ref
+WHERE r.finished_at IS NULL OR r.finished_at > ref.now - interval '1 hour'
+ORDER BY r.finished_at IS NOT NULL, r.created_at DESC, r.id
+LIMIT %(limit)s;
+
+-- name: console_snapshot_begin
+-- One consistent view per snapshot; the console never writes while reading.
+SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY;
+
+-- name: console_estimate
+-- Past the exact-count cap: the planner's row estimate (from the statistics, no rows read).
+-- EXPLAIN takes no bind parameters, so this runs on a client-side-binding cursor.
+EXPLAIN (FORMAT JSON) SELECT 1 FROM skiplock.jobs WHERE flow = %(flow)s AND status = %(status)s::skiplock.job_status;
+
+-- name: console_listen
+-- The console's live feed: telemetry events, and pause/resume from any operator.
+LISTEN skiplock_events;
+LISTEN skiplock_flows;
