@@ -72,6 +72,9 @@ def migrate(conn: psycopg.Connection) -> list[Migration]:
 
 
 def schema_version(conn: psycopg.Connection) -> int:
+    exists = conn.execute(Q.schema_migrations_exists).fetchone()
+    if not exists or not exists[0]:
+        return 0
     row = conn.execute(Q.schema_version).fetchone()
     return int(row[0]) if row else 0
 

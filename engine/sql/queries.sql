@@ -24,14 +24,12 @@ SELECT version FROM skiplock.schema_migrations ORDER BY version;
 -- name: migrations_record
 INSERT INTO skiplock.schema_migrations (version, name) VALUES (%(version)s, %(name)s);
 
+-- name: schema_migrations_exists
+SELECT to_regclass('skiplock.schema_migrations') IS NOT NULL;
+
 -- name: schema_version
--- On an empty database a subquery naming schema_migrations fails when the statement is parsed,
--- whatever the CASE says. ts_stat() runs its query text only when called (the one dynamic-SQL
--- function in core that needs no libxml), so the table is looked up only once it exists.
-SELECT CASE WHEN to_regclass('skiplock.schema_migrations') IS NULL THEN 0
-            ELSE (SELECT coalesce(max(word::int), 0) FROM ts_stat(
-                      'SELECT array_to_tsvector(array_agg(version::text)) FROM skiplock.schema_migrations'))
-       END;
+-- Only sent once schema_migrations_exists said yes: PostgreSQL resolves table names at parse time.
+SELECT coalesce(max(version), 0) FROM skiplock.schema_migrations;
 
 -- name: enqueue_one
 WITH inserted AS (
