@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -19,7 +18,7 @@ import orjson
 import psycopg
 
 from engine import db
-from engine.config import Settings, load_settings, parse_duration, redact_dsn
+from engine.config import Settings, load_settings, parse_duration, redact_dsn, redact_text
 from engine.embedded import DEFAULT_DATABASE, SOCKET_PORT, SUPERUSER, default_data_dir
 from engine.errors import SkiplockError, ValidationError
 from engine.migrate import migrate
@@ -269,6 +268,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     return run_engine(args)
 
 
+def cmd_console(args: argparse.Namespace) -> int:
+    from console.app import run_console  # lazily: a headless container never loads the TUI
+
+    return run_console(args)
+
+
 def _clip(text: str | None, width: int) -> str:
     if not text:
         return ""
@@ -351,6 +356,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-engine", action="store_true", help="only start the database, migrate and enqueue")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--seconds", type=float, default=None, help="stop after this long (default: until Ctrl-C)")
+    p.add_argument("--example", choices=["survey"],
+                   help="run an example flow end to end instead of the demo load (survey: a SQLite "
+                        "source read over ODBC, scores written to Postgres; see examples/survey)")
     p.set_defaults(func=cmd_dev)
 
     p = sub.add_parser("run", parents=[common], help="run the worker pool (see exit codes below)",
@@ -362,6 +370,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--flows", help="comma-separated flows to serve (default: all configured)")
     p.add_argument("--drain", action="store_true", help="exit 0 once the flows have nothing pending or running")
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("console", parents=[common], help="the ops console: a terminal UI on the queue (same as `console`)")
+    p.add_argument("--read-only", action="store_true", help="offer no action that writes (also [console] read_only)")
+    p.add_argument("--refresh", type=float, help="seconds between snapshots (default: [console] refresh_interval)")
+    p.add_argument("--keymap", type=Path, help="TOML file with a [keymap] table: binding id = \"keys\"")
+    p.add_argument("--list-bindings", action="store_true", help="print every binding id and its keys, and exit")
+    p.set_defaults(func=cmd_console)
     return parser
 
 
@@ -379,13 +394,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
-_URL_IN_TEXT = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s\"']+")
-
-
 def _fail(message: str, dsn_arg: str | None = None) -> int:
     # libpq quotes a malformed URI whole in its error ("... in URI: \"postgresql://u:pw@[::1/x\""),
     # so redact URLs anywhere in the text, and every DSN we were given (--dsn or SKIPLOCK_DSN).
-    text = _URL_IN_TEXT.sub(lambda m: redact_dsn(m.group(0)), redact_dsn(message))
+    text = redact_text(message)
     for dsn in (os.environ.get("SKIPLOCK_DSN"), dsn_arg):
         if dsn:
             text = text.replace(dsn, redact_dsn(dsn))

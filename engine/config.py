@@ -35,6 +35,7 @@ __all__ = [
     "load_settings",
     "parse_duration",
     "redact_dsn",
+    "redact_text",
 ]
 
 
@@ -75,6 +76,7 @@ class FlowConfig:
     circuit: CircuitPolicy | None = None
     on_complete: str | None = None  # "module:function" run hook
     sources: tuple[str, ...] = ()  # names of [sources.X] the flow uses
+    transactional: bool = False  # handler writes through ctx.pg commit in the transaction of the batch's ack
 
 
 @dataclass(frozen=True)
@@ -147,6 +149,15 @@ def redact_dsn(dsn: str) -> str:
             last = end
     parts.append(dsn[last:])
     return "".join(parts)
+
+
+_URL_IN_TEXT: Final = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s\"']+")
+
+
+def redact_text(text: str) -> str:
+    """Free text (a log line, an error) with passwords redacted: `redact_dsn` reads its whole argument
+    as one DSN, while a message can quote a URL anywhere (libpq quotes a malformed URI whole)."""
+    return _URL_IN_TEXT.sub(lambda m: redact_dsn(m.group(0)), redact_dsn(text))
 
 
 # --- secrets in connection strings ------------------------------------------------------------------
@@ -410,6 +421,7 @@ _POLICY_KEYS: Final[dict[str, _Conv[object]]] = {
     "permanent_errors": _error_names,
     "on_complete": _ON_COMPLETE,
     "sources": _source_names,
+    "transactional": _bool,
 }
 _BACKOFF_KEYS: Final[dict[str, _Conv[object]]] = {
     "base": _DURATION,
@@ -841,6 +853,7 @@ class _Loader:
             circuit=self._circuit(levels),
             on_complete=self._resolve(levels, "on_complete", _ON_COMPLETE, d.on_complete),
             sources=self._resolve(levels, "sources", _source_names, d.sources),
+            transactional=self._resolve(levels, "transactional", _bool, d.transactional),
         )
 
     def _backoff(self, levels: Sequence[_TablePath]) -> BackoffPolicy:

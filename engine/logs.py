@@ -13,7 +13,7 @@ from typing import Any, Final
 
 import orjson
 
-from engine.config import redact_dsn
+from engine.config import redact_text
 
 _STANDARD_ATTRS: Final = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None)).keys()) | {"message", "asctime"}
 
@@ -28,11 +28,11 @@ class JsonFormatter(logging.Formatter):
             "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
             "level": record.levelname.lower(),
             "logger": record.name,
-            "msg": redact_dsn(record.getMessage()),
+            "msg": redact_text(record.getMessage()),
         }
         line.update(_extras(record))
         if record.exc_info:
-            line["exc"] = redact_dsn(self.formatException(record.exc_info))
+            line["exc"] = redact_text(self.formatException(record.exc_info))
         return orjson.dumps(line, default=str).decode()
 
 
@@ -40,11 +40,11 @@ class TextFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         stamp = time.strftime("%H:%M:%S", time.localtime(record.created))
         extras = " ".join(f"{k}={v}" for k, v in _extras(record).items())
-        text = f"{stamp} {record.levelname:<7} {redact_dsn(record.getMessage())}"
+        text = f"{stamp} {record.levelname:<7} {redact_text(record.getMessage())}"
         if extras:
             text += f"  [{extras}]"
         if record.exc_info:
-            text += "\n" + redact_dsn(self.formatException(record.exc_info))
+            text += "\n" + redact_text(self.formatException(record.exc_info))
         return text
 
 

@@ -26,7 +26,7 @@ import psycopg
 from psycopg_pool import ConnectionPool
 
 from engine import db
-from engine.config import redact_dsn
+from engine.config import redact_text
 from engine.errors import DatabaseUnavailable, SchemaOutdated, ValidationError
 from engine.migrate import REQUIRED_SCHEMA_VERSION, require_schema, schema_version
 from engine.sql import Q
@@ -681,13 +681,10 @@ def _copy_jobs(conn: psycopg.Connection[Any], flow: str, texts: list[str], optio
             copy.write("".join(chunk))
 
 
-_URL_IN_TEXT: Final = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s\"']+")
-
-
 def _first_line(exc: BaseException) -> str:
     """The error's first line with DSN passwords redacted (libpq quotes a malformed URI whole)."""
     text = (str(exc).strip() or type(exc).__name__).splitlines()[0]
-    return _URL_IN_TEXT.sub(lambda m: redact_dsn(m.group(0)), redact_dsn(text))
+    return redact_text(text)
 
 
 def new_worker_id(engine_id: str, index: int) -> str:
