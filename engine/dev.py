@@ -43,6 +43,10 @@ def _engine_child(dsn: str, args: argparse.Namespace) -> None:
 
 
 def run_dev(args: argparse.Namespace) -> int:
+    if getattr(args, "example", None):  # `engine dev --example survey`: an example flow instead of the demo
+        import importlib
+
+        return int(importlib.import_module(f"examples.{args.example}.dev").run_example(args))
     settings = load_settings(args.config, env=args.env, dsn=args.dsn)
     server: EmbeddedPostgres | None = None
     dsn = settings.dsn

@@ -95,11 +95,13 @@ def format_traceback(exc: BaseException) -> str:
 class JobContext:
     """What a handler taking two arguments receives next to the payload. Built only for such handlers."""
 
-    __slots__ = ("job_id", "flow", "attempt", "max_attempts", "run_id", "worker_id", "log", "_enqueue")
+    __slots__ = ("job_id", "flow", "attempt", "max_attempts", "run_id", "worker_id", "log", "_enqueue",
+                 "sources", "_pg", "_pg_provider")
 
     def __init__(self, job_id: int, flow: str, attempt: int, max_attempts: int, run_id: str | None,
                  worker_id: str, log: logging.LoggerAdapter[logging.Logger],
-                 enqueue: Callable[..., Any]) -> None:
+                 enqueue: Callable[..., Any], sources: Mapping[str, Any] | None = None,
+                 pg: Callable[[], Any] | None = None) -> None:
         self.job_id = job_id
         self.flow = flow
         self.attempt = attempt
@@ -108,6 +110,28 @@ class JobContext:
         self.worker_id = worker_id
         self.log = log
         self._enqueue = enqueue
+        # The flow's source databases by name (engine.sources.Source: opened once per worker process).
+        self.sources: Mapping[str, Any] = sources if sources is not None else {}
+        self._pg: Any = None  # set on first use of .pg; the worker commits or rolls it back
+        self._pg_provider = pg
+
+    def source(self, name: str) -> Any:
+        """`ctx.sources[name]`: one of the flow's declared source databases."""
+        return self.sources[name]
+
+    @property
+    def pg(self) -> Any:
+        """A psycopg connection to the queue's database, for the job's writes, taken on first use.
+
+        Its transaction is the worker's to end: committed when the handler returns, rolled back when it
+        raises. In a flow with `transactional = true` it is the batch's connection, the job's writes sit
+        in a savepoint, and they commit in the same transaction as the batch's ack.
+        """
+        if self._pg is None:
+            if self._pg_provider is None:
+                raise RuntimeError("this job context has no Postgres connection")
+            self._pg = self._pg_provider()
+        return self._pg
 
     def enqueue(self, flow: str, payload: Mapping[str, Any], **options: Any) -> int | None:
         """Enqueue a follow-up job (e.g. links discovered while processing this one)."""

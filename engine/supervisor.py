@@ -109,7 +109,8 @@ class Supervisor:
         slot.generation += 1
         slot.worker_id = f"{os.uname().nodename}:{os.getpid()}:{self.engine_id[:8]}:{slot.index}.{slot.generation}"
         spec = WorkerSpec(slot.index, slot.worker_id, self.engine_id, self.dsn,
-                          f"{self.settings.application_name}-worker", self.flows, self.settings.engine)
+                          f"{self.settings.application_name}-worker", self.flows, self.settings.engine,
+                          sources=self.settings.sources)
         process = self._context.Process(target=worker_main, args=(spec, self.settings.engine.log_format),
                                         name=f"skiplock-worker-{slot.index}", daemon=False)
         process.start()
@@ -132,6 +133,8 @@ class Supervisor:
         while not self.signals:
             sentinels = [s.process.sentinel for s in self.slots if s.process is not None]
             multiprocessing.connection.wait(sentinels, timeout=0.2)
+            if self.signals:
+                break  # workers exiting on our SIGTERM did not die: _stop reaps them, none is restarted
             now = time.monotonic()
             crashed = self._reap(now)
             if crashed is not None:

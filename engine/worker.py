@@ -17,8 +17,8 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any, Final
 
 import orjson
@@ -29,7 +29,8 @@ from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_e
 from engine import db
 from engine.config import EngineConfig, FlowConfig
 from engine.handlers import FlowRuntime, JobContext, JobTimeout, format_traceback, load_flow
-from engine.queue import Failure, Queue, ack_batch, claim_batch, new_claim_token, release_batch
+from engine.queue import AckResult, Failure, Queue, ack_batch, claim_batch, new_claim_token, release_batch
+from engine.sources import SourceRegistry
 from engine.logs import ContextLogger
 from engine.sql import Q
 from engine.telemetry import ENQUEUED_CHANNEL, FailureSample, Telemetry, encode_event, tick_events
@@ -43,6 +44,7 @@ IDLE_WAIT_CAP: Final = 1.0  # an idle worker re-checks its stop flag at least th
 EXIT_OK: Final = 0
 EXIT_DB_LOST: Final = 3
 EXIT_STUCK_HANDLER: Final = 5
+EXIT_LOST: Final = 6  # marked lost (heartbeat went stale): the supervisor replaces us under a new id
 
 
 @dataclass(frozen=True)
@@ -54,6 +56,7 @@ class WorkerSpec:
     application_name: str
     flows: tuple[FlowConfig, ...]
     engine: EngineConfig
+    sources: Mapping[str, Mapping[str, object]] = field(default_factory=dict)  # Settings.sources
 
 
 def _db_retry(what: str) -> Retrying:
@@ -76,6 +79,7 @@ class Worker:
         self.flows: list[FlowRuntime] = [load_flow(f) for f in spec.flows]
         self.flow_names = [f.name for f in self.flows]
         self.stopping = False
+        self._closing = False
         self.state = "starting"
         self.telemetry = Telemetry()
         self.pool: ConnectionPool | None = None
@@ -85,7 +89,15 @@ class Worker:
         self._current_deadline = 0.0
         self._hard_stop_at = 0.0
         self.jobs_done = 0
+        self.lost = False
         self.log = ContextLogger(log, {"engine": spec.engine_id, "worker": self.id})
+        # Source databases: opened by the first handler that uses one, then kept for this process.
+        self.sources = SourceRegistry(spec.sources)
+        self._flow_sources = {f.name: self.sources.for_flow(f.name, f.config.sources) for f in self.flows}
+        self._batch_conn: psycopg.Connection[Any] | None = None  # transactional flows: the batch's
+        self._batch: tuple[FlowRuntime, Sequence[tuple[Any, ...]]] | None = None
+        self._batch_tx: Any = None  # transactional flows: conn.transaction() of the batch, entered
+        self._job_tx: Any = None  # transactional flows: the job's savepoint (conn.transaction(), entered)
 
     # -- lifecycle -----------------------------------------------------------------------------------
 
@@ -107,6 +119,8 @@ class Worker:
         code = EXIT_OK
         try:
             self._loop()
+            if self.lost:
+                code = EXIT_LOST
         except TRANSIENT_DB_ERRORS as exc:
             self.log.error("database unreachable for %.0fs, worker exits: %s", DB_RETRY_SECONDS, exc)
             code = EXIT_DB_LOST
@@ -119,6 +133,7 @@ class Worker:
 
     def _shutdown(self, code: int) -> None:
         self.stopping = True
+        self._closing = True  # the telemetry thread stops before the pool closes
         reason = "signal" if code == EXIT_OK else f"exit code {code}"
         try:
             self._send_tick()
@@ -128,6 +143,7 @@ class Worker:
         except TRANSIENT_DB_ERRORS:
             pass  # the supervisor marks us lost and rescues
         self.log.info("worker stopped", extra={"jobs_done": self.jobs_done, "reason": reason})
+        self.sources.close()
         if self.listen_conn is not None:
             self.listen_conn.close()
         if self.pool is not None:
@@ -178,7 +194,8 @@ class Worker:
 
     def _claim_and_run(self, flow: FlowRuntime) -> int:
         assert self.pool is not None
-        limit = 1 if flow.half_open else flow.config.batch_size
+        trial = flow.half_open  # the circuit is open: once its cool-down is over, one trial job at a time
+        limit = 1 if trial else flow.config.batch_size
         token = new_claim_token()
         try:
             rows = self._claim(flow, limit, token)
@@ -190,7 +207,7 @@ class Worker:
         if not rows:
             return 0
         self.state = "busy"
-        self._run_batch(flow, rows, token)
+        self._run_batch(flow, rows, token, trial)
         return len(rows)
 
     def _claim(self, flow: FlowRuntime, limit: int, token: int) -> list[tuple[Any, ...]]:
@@ -200,13 +217,17 @@ class Worker:
             if concurrency is None:
                 return claim_batch(conn, flow.name, self.id, limit, token)
             with conn.transaction():
+                conn.execute(Q.claim_flow_lock, {"flow": flow.name})
                 row = conn.execute(Q.claim_running_count, {"flow": flow.name}).fetchone()
-                room = concurrency - int(row[1]) if row else 0
+                room = concurrency - int(row[0]) if row else 0
                 if room <= 0:
                     return []
                 return claim_batch(conn, flow.name, self.id, min(limit, room), token)
 
-    def _run_batch(self, flow: FlowRuntime, rows: Sequence[tuple[Any, ...]], token: int) -> None:
+    def _run_batch(self, flow: FlowRuntime, rows: Sequence[tuple[Any, ...]], token: int,
+                   trial: bool = False) -> None:
+        if flow.config.transactional and self._batch_conn is None:
+            return self._run_batch_in_transaction(flow, rows, token, trial)
         handler = flow.handler
         with_context = flow.with_context
         timeout = flow.config.timeout
@@ -227,7 +248,7 @@ class Worker:
                     if timeout is not None:
                         self._arm_timeout(timeout)
                     if with_context:
-                        result = handler(row[1], self._context(flow, row))
+                        result = self._call_with_context(handler, flow, row)
                     else:
                         result = handler(row[1])
                 finally:
@@ -258,10 +279,12 @@ class Worker:
                 "flow": flow.name, "refused": ack.refused})
         if ack.finished_runs:
             self._fire_run_hooks(ack.finished_runs)
-        self._update_circuit(flow, had_failures=bool(failures), had_success=bool(done_ids))
+        self._update_circuit(flow, had_failures=bool(failures), had_success=bool(done_ids), trial=trial)
 
     def _ack(self, token: int, done_ids: list[int], results: list[str | None] | None,
              failures: list[Failure]) -> Any:
+        if self._batch_conn is not None:
+            return self._ack_in_transaction(self._batch_conn, token, done_ids, results, failures)
         return self._with_db("ack", lambda conn: ack_batch(conn, self.id, token, done_ids, results, failures))
 
     def _failure(self, flow: FlowRuntime, row: tuple[Any, ...], exc: BaseException) -> Failure:
@@ -274,7 +297,158 @@ class Worker:
         adapter = ContextLogger(log, {"engine": self.spec.engine_id, "worker": self.id,
                                               "flow": flow.name, "job": row[0], "run": row[4]})
         assert self._queue is not None
-        return JobContext(row[0], flow.name, row[2], row[3], row[4], self.id, adapter, self._queue.enqueue)
+        if self._batch_conn is None:
+            return JobContext(row[0], flow.name, row[2], row[3], row[4], self.id, adapter, self._queue.enqueue,
+                              self._flow_sources[flow.name], self._borrow_pg)
+        # Transactional flow: ctx.pg is the batch's connection (a savepoint taken on first use), and
+        # follow-up jobs are enqueued through it, so they commit with the ack too.
+        ctx = JobContext(row[0], flow.name, row[2], row[3], row[4], self.id, adapter, self._queue.enqueue,
+                         self._flow_sources[flow.name], self._job_savepoint)
+        ctx._enqueue = lambda flow_name, payload, **options: Queue(conn=ctx.pg, check_schema=False).enqueue(
+            flow_name, payload, **options)
+        return ctx
+
+    # -- ctx.pg and transactional flows --------------------------------------------------------------
+
+    def _call_with_context(self, handler: Any, flow: FlowRuntime, row: tuple[Any, ...]) -> Any:
+        """A (payload, ctx) handler. If it used ctx.pg, the job's writes commit when it returns and roll
+        back when it raises (in a transactional flow: its savepoint is released or rolled back)."""
+        ctx = self._context(flow, row)
+        try:
+            result = handler(row[1], ctx)
+        except BaseException:
+            if ctx._pg is not None:
+                self._end_pg(ctx._pg, ok=False)
+            raise
+        if ctx._pg is not None:
+            self._end_pg(ctx._pg, ok=True)
+        return result
+
+    def _borrow_pg(self) -> psycopg.Connection[Any]:
+        assert self.pool is not None
+        conn = self.pool.getconn()
+        try:
+            conn.autocommit = False
+        except BaseException:
+            self.pool.putconn(conn)
+            raise
+        return conn
+
+    def _job_savepoint(self) -> psycopg.Connection[Any]:
+        conn = self._batch_conn
+        assert conn is not None
+        tx = conn.transaction()  # inside the batch's BEGIN, so a savepoint; explicit commit() is refused
+        tx.__enter__()
+        self._job_tx = tx
+        return conn
+
+    def _end_pg(self, conn: psycopg.Connection[Any], ok: bool) -> None:
+        if self._batch_conn is not None:
+            self._end_savepoint(conn, ok)
+            return
+        assert self.pool is not None
+        try:
+            # COMMIT of an aborted transaction is a silent ROLLBACK: such a job fails instead.
+            swallowed = ok and conn.info.transaction_status == psycopg.pq.TransactionStatus.INERROR
+            if ok and not swallowed:
+                conn.commit()
+            else:
+                try:
+                    conn.rollback()
+                except Exception:
+                    pass  # the handler's own error is the one to report; the pool drops a broken connection
+            if swallowed:
+                raise _swallowed_error()
+        finally:
+            try:
+                conn.autocommit = True
+            except Exception:
+                conn.close()  # never return a connection that is not in autocommit to the pool
+            self.pool.putconn(conn)
+
+    def _end_savepoint(self, conn: psycopg.Connection[Any], ok: bool) -> None:
+        tx, self._job_tx = self._job_tx, None
+        if tx is None:
+            return
+        if ok and conn.info.transaction_status == psycopg.pq.TransactionStatus.INERROR:
+            error = _swallowed_error()
+            tx.__exit__(RuntimeError, error, None)
+            raise error
+        if ok:
+            tx.__exit__(None, None, None)
+        else:
+            tx.__exit__(Exception, Exception("handler failed"), None)  # rollback errors surface at the ack
+
+    def _run_batch_in_transaction(self, flow: FlowRuntime, rows: Sequence[tuple[Any, ...]], token: int,
+                                  trial: bool) -> None:
+        """`transactional = true`: the batch runs in one transaction on one pooled connection. Handlers
+        write through ctx.pg (each job in a savepoint, so a failed job's writes roll back alone), and the
+        ack is the last statement before COMMIT: results and acks commit together or not at all."""
+        pool = self.pool
+        assert pool is not None
+        conn = None
+        for attempt in _db_retry("begin"):
+            with attempt:
+                conn = pool.getconn()
+                batch_tx = conn.transaction()  # psycopg's: a handler's explicit commit() is refused
+                try:
+                    batch_tx.__enter__()
+                except BaseException:
+                    pool.putconn(conn)
+                    raise
+        assert conn is not None
+        self._batch_conn = conn
+        self._batch_tx = batch_tx
+        self._batch = (flow, rows)
+        try:
+            self._run_batch(flow, rows, token, trial)  # its _ack ends the transaction
+        finally:
+            if self._job_tx is not None:  # only after an unexpected error
+                self._end_savepoint(conn, ok=False)
+            self._end_batch_tx(commit=False)
+            self._batch_conn = None
+            self._batch = None
+            pool.putconn(conn)
+
+    def _end_batch_tx(self, commit: bool) -> None:
+        tx, self._batch_tx = self._batch_tx, None
+        if tx is None:
+            return
+        if commit:
+            tx.__exit__(None, None, None)
+            return
+        try:
+            tx.__exit__(psycopg.Rollback, psycopg.Rollback(), None)
+        except Exception:
+            pass  # a broken connection: the pool discards it
+
+    def _ack_in_transaction(self, conn: psycopg.Connection[Any], token: int, done_ids: list[int],
+                            results: list[str | None] | None, failures: list[Failure]) -> AckResult:
+        ids = done_ids + [f.job_id for f in failures]
+        try:
+            ack = ack_batch(conn, self.id, token, done_ids, results, failures)
+            if ack.refused:
+                # Some of the batch was rescued from us: its writes must not land. Roll everything
+                # back and give back what we still hold; it runs again (the attempt is not counted).
+                self._end_batch_tx(commit=False)
+                self._with_db("release", lambda c: release_batch(c, self.id, token, ids))
+                return AckResult(0, 0, [], [], ack.refused)
+            self._end_batch_tx(commit=True)
+            return ack
+        except TRANSIENT_DB_ERRORS as exc:
+            self._end_batch_tx(commit=False)
+            # The transaction is lost (or its COMMIT's outcome is unknown): every job of the batch fails
+            # as a transient error, on a fresh connection. Acks are fenced, so if the COMMIT did land,
+            # this changes nothing.
+            assert self._batch is not None
+            flow, rows = self._batch
+            by_id = {r[0]: r for r in rows}
+            text = str(exc).strip().splitlines()
+            message = f"batch transaction lost before commit: {text[0] if text else type(exc).__name__}"
+            lost = [Failure(job_id, type(exc).__name__, message[:2000], format_traceback(exc), False,
+                            flow.config.backoff.delay(by_id[job_id][2], random.random())) for job_id in ids]
+            self.log.warning(message, extra={"flow": flow.name, "jobs": len(ids)})
+            return self._with_db("ack", lambda c: ack_batch(c, self.id, token, [], None, lost))
 
     # -- timeouts ------------------------------------------------------------------------------------
 
@@ -333,11 +507,14 @@ class Worker:
             except Exception:
                 self.log.exception("on_complete hook of run %s failed", run_id, extra={"run": run_id})
 
-    def _update_circuit(self, flow: FlowRuntime, had_failures: bool, had_success: bool) -> None:
+    def _update_circuit(self, flow: FlowRuntime, had_failures: bool, had_success: bool,
+                        trial: bool = False) -> None:
         policy = flow.config.circuit
         if policy is None:
             return
-        if flow.half_open and had_success and not had_failures:
+        # Only a trial (a job claimed while the circuit was open) closes or re-opens it: a batch that
+        # was already running when another worker opened the circuit proves nothing.
+        if trial and had_success and not had_failures:
             flow.half_open = False
             closed = self._with_db("circuit", lambda conn: conn.execute(Q.circuit_close, {"flow": flow.name}).fetchone())
             if closed:
@@ -345,10 +522,10 @@ class Worker:
                 self._notify([encode_event("circuit_closed", engine=self.spec.engine_id, worker=self.id,
                                            flow=flow.name)])
             return
-        if flow.consecutive_failures >= policy.failures or (flow.half_open and had_failures):
+        if flow.consecutive_failures >= policy.failures or (trial and had_failures):
             failures = flow.consecutive_failures
             flow.consecutive_failures = 0
-            flow.half_open = False
+            flow.half_open = True  # open now (by us or by another worker): claims are trials until it closes
 
             def open_circuit(conn: psycopg.Connection[Any]) -> Any:
                 conn.execute(Q.circuit_ensure_flow, {"flow": flow.name})
@@ -361,18 +538,23 @@ class Worker:
                                            flow=flow.name, failures=failures, until=opened[0])])
 
     def _refresh_flow_states(self, conn: psycopg.Connection[Any]) -> None:
-        """A circuit whose cool-down has passed is half-open: the next claim takes one trial job."""
-        for name, _paused, circuit_state, open_for in conn.execute(Q.flows_state, {"flows": self.flow_names}):
+        """While a flow's circuit is open, claims are trials of one job: none succeeds during the
+        cool-down (the claim SQL holds the flow), the first one after it is the half-open trial. Set as
+        soon as the circuit is seen open, so a worker waking just after the cool-down cannot claim a
+        full batch before the next tick."""
+        for name, _paused, circuit_state, _open_for in conn.execute(Q.flows_state, {"flows": self.flow_names}):
             runtime = next(f for f in self.flows if f.name == name)
-            runtime.half_open = circuit_state == "open" and open_for is not None and open_for <= 0
+            runtime.half_open = circuit_state == "open"
 
     # -- telemetry thread ----------------------------------------------------------------------------
 
     def _tick_loop(self) -> None:
         engine = self.spec.engine
         next_heartbeat = 0.0
-        while True:
+        while not self._closing:
             time.sleep(engine.tick_interval)
+            if self._closing:
+                return
             now = time.monotonic()
             if self._hard_stop_at and now > self._hard_stop_at:
                 self.log.error("handler ignored its timeout; replacing this worker")
@@ -414,7 +596,16 @@ class Worker:
                 "id": self.id, "state": "draining" if self.stopping else self.state,
                 "counters": orjson.dumps(counters).decode(), "pool": orjson.dumps(pool).decode()}).fetchone()
         if row is None and not self.stopping:
-            self.log.warning("this worker was marked lost; its claims were rescued and its acks will be refused")
+            # Our claims were rescued and our acks are refused; claims under this id are refused too.
+            # Stop before the next job and exit, so the supervisor starts a replacement.
+            self.log.warning("this worker was marked lost; its claims were rescued and its acks will be "
+                             "refused; exiting so that a new worker replaces it")
+            self.lost = True
+            self.stopping = True
+
+
+def _swallowed_error() -> RuntimeError:
+    return RuntimeError("a statement on ctx.pg failed and the handler went on; the job's writes were rolled back")
 
 
 def worker_main(spec: WorkerSpec, log_format: str) -> None:

@@ -60,3 +60,26 @@ def read_records(path: str) -> list[tuple[int, int]]:
         return []
     with open(path) as handle:
         return [(int(a), int(b)) for a, b in (line.split() for line in handle if line.strip())]
+
+
+# --- tests/test_engine.py -------------------------------------------------------------------------
+
+
+def record_timed(payload: dict[str, Any]) -> None:
+    """Appends `n pid start end` (unix seconds) to SKIPLOCK_TEST_TIMED once the job has run."""
+    start = time.time()
+    time.sleep(float(payload.get("sleep", 0.0)))
+    end = time.time()
+    fd = os.open(os.environ["SKIPLOCK_TEST_TIMED"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, f"{payload['n']} {os.getpid()} {start:.6f} {end:.6f}\n".encode())
+    finally:
+        os.close(fd)
+
+
+def fail_until_marker(payload: dict[str, Any]) -> None:
+    """Records every attempt; fails until the file named by SKIPLOCK_TEST_MARKER exists."""
+    _record(payload)
+    if not os.path.exists(os.environ["SKIPLOCK_TEST_MARKER"]):
+        raise RuntimeError("dependency unavailable")
+    time.sleep(float(payload.get("sleep", 0.0)))

@@ -1,0 +1,128 @@
+"""`engine dev --example survey`: the survey flow end to end on one machine.
+
+Starts the embedded PostgreSQL (unless a DSN is configured), migrates, writes sample SurveyHub data to a
+SQLite file next to the cluster and reads it over ODBC (driver SQLite3, Debian package libsqliteodbc),
+creates the results table, enqueues the submitted surveys plus one id that does not exist (it ends as
+a dead letter, permanently), runs an engine on the `survey` flow until the queue is drained (or
+--seconds pass, or Ctrl-C), and prints the status, the results and the dead letters.
+
+With SURVEYHUB_ODBC already set, that source is used as it is and no sample data is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any, Final
+
+from engine import db
+from engine.cli import cmd_status
+from engine.config import load_settings
+from engine.embedded import EmbeddedPostgres, default_data_dir
+from engine.migrate import migrate
+from engine.queue import DeadLetterFilter, Queue
+from engine.sources import Source, SourceConfig
+
+from examples.survey.flow import SOURCE, create_results_table
+from examples.survey.producer import EXAMPLE_CONFIG, FLOW, enqueue_surveys, submitted_survey_ids
+from examples.survey.sample_data import create_source_data, sqlite_connection_string
+
+ENV_VAR: Final = "SURVEYHUB_ODBC"
+MISSING_SURVEY_ID: Final = 999_999
+SAMPLE_SURVEYS: Final = 200
+
+
+def _engine_child(dsn: str, args: argparse.Namespace, config: str) -> None:
+    from engine.supervisor import run_engine
+
+    os.setpgrp()  # Ctrl-C reaches us; we forward SIGTERM so the engine drains
+    engine_args = argparse.Namespace(config=config, env=args.env, dsn=dsn, workers=args.workers, flows=FLOW,
+                                     drain=True)
+    sys.exit(run_engine(engine_args))
+
+
+def run_example(args: argparse.Namespace) -> int:
+    config = str(args.config) if args.config else str(EXAMPLE_CONFIG)
+    data_dir = Path(args.data_dir or default_data_dir())
+    if not os.environ.get(ENV_VAR):
+        sqlite_file = data_dir.parent / "surveyhub.sqlite"
+        sqlite_file.parent.mkdir(parents=True, exist_ok=True)
+        os.environ[ENV_VAR] = sqlite_connection_string(sqlite_file)
+        submitted = create_source_data(os.environ[ENV_VAR], SAMPLE_SURVEYS)
+        print(f"sample SurveyHub written to {sqlite_file} ({SAMPLE_SURVEYS} surveys, {len(submitted)} submitted)",
+              flush=True)
+    settings = load_settings(config, env=args.env, dsn=args.dsn)
+    server: EmbeddedPostgres | None = None
+    dsn = settings.dsn
+    if dsn is None:
+        print(f"starting embedded PostgreSQL in {data_dir} ...", flush=True)
+        server = EmbeddedPostgres(data_dir).start()
+        dsn = server.dsn()
+    try:
+        with db.connect(dsn) as conn:
+            applied = migrate(conn)
+            create_results_table(conn)
+        print(f"schema migrated ({len(applied)} migration(s) applied), survey_results ready", flush=True)
+        source = Source(SourceConfig.from_settings(SOURCE, settings.sources[SOURCE]))
+        try:
+            ids = submitted_survey_ids(source)
+        finally:
+            source.close()
+        flow = settings.flows[FLOW]
+        with Queue(dsn) as queue:
+            result = enqueue_surveys(queue, [*ids, MISSING_SURVEY_ID], run_id=f"surveys-{int(time.time())}",
+                                     max_attempts=flow.max_attempts)
+        print(f"enqueued {result.inserted} survey job(s) (survey {MISSING_SURVEY_ID} does not exist)", flush=True)
+        status_args = argparse.Namespace(config=config, env=args.env, dsn=dsn, flow=FLOW, json=False)
+        if args.no_engine:
+            cmd_status(status_args)
+            return 0
+        code = _run_engine(dsn, args, config)
+        cmd_status(status_args)
+        _print_outcome(dsn)
+        return code
+    finally:
+        if server is not None:
+            server.stop()
+
+
+def _run_engine(dsn: str, args: argparse.Namespace, config: str) -> int:
+    engine = multiprocessing.get_context("fork").Process(target=_engine_child, args=(dsn, args, config),
+                                                         name="skiplock-engine")
+    engine.start()
+    stop = {"requested": False}
+
+    def on_signal(signum: int, frame: Any) -> None:
+        stop["requested"] = True
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    deadline = time.monotonic() + args.seconds if args.seconds else None
+    print("engine running until the survey queue is drained; Ctrl-C stops", flush=True)
+    while engine.is_alive() and not stop["requested"]:
+        if deadline is not None and time.monotonic() >= deadline:
+            break
+        engine.join(0.2)
+    if engine.is_alive():
+        os.kill(engine.pid, signal.SIGTERM)  # type: ignore[arg-type]
+    engine.join()
+    return 0 if engine.exitcode in (0, None) else int(engine.exitcode)
+
+
+def _print_outcome(dsn: str) -> None:
+    with db.connect(dsn) as conn:
+        rows = conn.execute("SELECT band, count(*), round(avg(score), 2) FROM survey_results "
+                            "GROUP BY band ORDER BY band").fetchall()
+    print("\nsurvey_results by band:")
+    for band, count, average in rows:
+        print(f"  {band:<10} {count:>5} surveys, average score {average}")
+    with Queue(dsn) as queue:
+        dead = queue.dead_letters(DeadLetterFilter(flow=FLOW))
+    print(f"dead letters: {len(dead)}")
+    for letter in dead[:5]:
+        print(f"  job {letter.id}: {letter.error_type}: {letter.error_message}")
