@@ -356,6 +356,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-engine", action="store_true", help="only start the database, migrate and enqueue")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--seconds", type=float, default=None, help="stop after this long (default: until Ctrl-C)")
+    p.add_argument("--no-console", action="store_true",
+                   help="print the status every 5 s instead of opening the console (also when stdout is not a terminal)")
     p.add_argument("--example", choices=["survey"],
                    help="run an example flow end to end instead of the demo load (survey: a SQLite "
                         "source read over ODBC, scores written to Postgres; see examples/survey)")

@@ -2,8 +2,9 @@
 
 Starts the embedded PostgreSQL (a child of this process), migrates, enqueues demo jobs for the
 built-in flows (including ones that retry and ones that end as dead letters), runs an engine on
-them while feeding a steady load, and prints the queue status. Ctrl-C (or --seconds) stops
-everything in order: the engine drains, then the database stops.
+them while feeding a steady load, and opens the ops console on it (on a terminal; with --no-console,
+or when stdout is not a terminal, it prints the queue status every 5 s instead). Quitting the console,
+Ctrl-C or --seconds stops everything in order: the engine drains, then the database stops.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import multiprocessing
 import os
 import signal
 import sys
+import threading
 import time
 from typing import Any
 
@@ -33,10 +35,15 @@ def enqueue_demo(queue: Queue, jobs: int) -> None:
                        max_attempts=3)
 
 
-def _engine_child(dsn: str, args: argparse.Namespace) -> None:
+def _engine_child(dsn: str, args: argparse.Namespace, log_path: str | None = None) -> None:
     from engine.supervisor import run_engine
 
     os.setpgrp()  # our Ctrl-C handling forwards SIGTERM; the engine must not get the terminal's SIGINT too
+    if log_path is not None:  # the console owns the terminal: the engine logs to a file
+        log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        os.dup2(log_fd, 1)
+        os.dup2(log_fd, 2)
+        os.close(log_fd)
     engine_args = argparse.Namespace(config=args.config, env=args.env, dsn=dsn, workers=args.workers,
                                      flows="noop,sleep,flaky", drain=False)
     sys.exit(run_engine(engine_args))
@@ -73,6 +80,8 @@ def run_dev(args: argparse.Namespace) -> int:
 
 
 def _run_with_engine(dsn: str, args: argparse.Namespace, status_args: argparse.Namespace) -> int:
+    if _console_wanted(args):
+        return _run_with_console(dsn, args, status_args)
     engine = multiprocessing.get_context("fork").Process(target=_engine_child, args=(dsn, args), name="skiplock-engine")
     engine.start()
     stop = {"requested": False}
@@ -99,5 +108,55 @@ def _run_with_engine(dsn: str, args: argparse.Namespace, status_args: argparse.N
     if engine.is_alive():
         os.kill(engine.pid, signal.SIGTERM)  # type: ignore[arg-type]
     engine.join()
+    cmd_status(status_args)
+    return 0 if engine.exitcode in (0, None) else int(engine.exitcode)
+
+
+# ---------------------------------------------------------------------------------------------
+# With the console
+
+
+def _console_wanted(args: argparse.Namespace) -> bool:
+    return not getattr(args, "no_console", False) and sys.stdin.isatty() and sys.stdout.isatty()
+
+
+def _feed_demo_load(dsn: str, stop: threading.Event) -> None:
+    """The steady demo load (as the loop above), from a thread while the console owns the terminal."""
+    while not stop.is_set():
+        try:
+            with Queue(dsn) as queue:
+                while not stop.is_set():
+                    queue.enqueue_many("noop", [{"feed": True}] * (DEMO_FEED_PER_SECOND // 2))
+                    queue.enqueue_many("flaky", [{"fail": 0.3, "permanent": 0.3}] * 5, max_attempts=3)
+                    stop.wait(0.5)
+        except Exception:  # the database may be restarting: the console shows it; try again
+            stop.wait(1.0)
+
+
+def _run_with_console(dsn: str, args: argparse.Namespace, status_args: argparse.Namespace) -> int:
+    from console.app import ConsoleApp  # lazily: engine/ never imports the TUI at module level
+
+    settings = load_settings(args.config, env=args.env, dsn=args.dsn)
+    log_path = str((args.data_dir or default_data_dir()).parent / "engine-dev.log")
+    engine = multiprocessing.get_context("fork").Process(target=_engine_child, args=(dsn, args, log_path),
+                                                         name="skiplock-engine")
+    engine.start()
+    stop = threading.Event()
+    feeder = threading.Thread(target=_feed_demo_load, args=(dsn, stop), name="skiplock-demo-feed", daemon=True)
+    feeder.start()
+    app = ConsoleApp(dsn, environment=settings.env or "dev (embedded)",
+                     refresh_interval=settings.console.refresh_interval, stale_after=settings.engine.stale_after,
+                     quit_after=args.seconds)
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: app.exit())
+    try:
+        app.run()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        stop.set()
+        print(f"stopping: the engine drains (its log: {log_path}), then the database stops", flush=True)
+        if engine.is_alive():
+            os.kill(engine.pid, signal.SIGTERM)  # type: ignore[arg-type]
+        engine.join()
+        feeder.join(timeout=5)
     cmd_status(status_args)
     return 0 if engine.exitcode in (0, None) else int(engine.exitcode)
