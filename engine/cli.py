@@ -305,7 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--priority", type=int, default=0, help="higher runs first (default 0)")
     p.add_argument("--delay", type=_duration("--delay"), default=0.0, help="e.g. 30s, 5m")
     p.add_argument("--dedupe-key", help="skip if an unfinished job of the flow has this key")
-    p.add_argument("--max-attempts", type=int, default=5)
+    p.add_argument("--max-attempts", type=int, default=None, help="default: the flow's policy")
     p.set_defaults(func=cmd_enqueue)
 
     p = sub.add_parser("status", parents=[common], help="queue counts by flow")

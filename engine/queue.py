@@ -84,7 +84,7 @@ def encode_payload(payload: object, where: str) -> str:
 class EnqueueOptions:
     priority: int = 0
     delay: float = 0.0
-    max_attempts: int = DEFAULT_MAX_ATTEMPTS
+    max_attempts: int | None = None  # None: the flow's policy decides when the job runs
     run_id: str | None = None
 
     def validated(self) -> "EnqueueOptions":
@@ -92,7 +92,7 @@ class EnqueueOptions:
             raise ValidationError(f"priority {self.priority!r} must be an integer from -32768 to 32767")
         if not isinstance(self.delay, (int, float)) or not math.isfinite(self.delay) or self.delay < 0:
             raise ValidationError(f"delay {self.delay!r} must be a number of seconds >= 0")
-        if not isinstance(self.max_attempts, int) or self.max_attempts < 1:
+        if self.max_attempts is not None and (not isinstance(self.max_attempts, int) or self.max_attempts < 1):
             raise ValidationError(f"max_attempts {self.max_attempts!r} must be an integer >= 1")
         _validate_key(self.run_id, "run id")
         return self
@@ -144,10 +144,13 @@ def new_claim_token() -> int:
 
 
 def claim_batch(
-    conn: psycopg.Connection[Any], flow: str, worker_id: str, limit: int, token: int
+    conn: psycopg.Connection[Any], flow: str, worker_id: str, limit: int, token: int,
+    max_attempts: int = DEFAULT_MAX_ATTEMPTS,
 ) -> list[tuple[Any, ...]]:
-    """Claim up to `limit` jobs of `flow` (rows shaped like ClaimedJob). Autocommit: one round trip."""
-    cur = conn.execute(Q.claim_batch, {"flow": flow, "worker": worker_id, "limit": limit, "token": token})
+    """Claim up to `limit` jobs of `flow` (rows shaped like ClaimedJob). Autocommit: one round trip.
+    `max_attempts` is the flow's policy, for jobs enqueued without their own."""
+    cur = conn.execute(Q.claim_batch, {"flow": flow, "worker": worker_id, "limit": limit, "token": token,
+                                       "max_attempts": max_attempts})
     return cur.fetchall()
 
 
@@ -158,9 +161,12 @@ def ack_batch(
     done_ids: Sequence[int],
     results: Sequence[str | None] | None = None,
     failures: Sequence[Failure] = (),
+    max_attempts: int = DEFAULT_MAX_ATTEMPTS,
 ) -> AckResult:
-    """Acknowledge a claimed batch in one statement. `results` are JSON texts parallel to done_ids."""
+    """Acknowledge a claimed batch in one statement. `results` are JSON texts parallel to done_ids;
+    `max_attempts` is the flow's policy, for jobs enqueued without their own."""
     params: dict[str, Any] = {
+        "max_attempts": max_attempts,
         "worker": worker_id,
         "token": token,
         "done_ids": list(done_ids),
@@ -375,7 +381,7 @@ class Queue:
         priority: int = 0,
         delay: float | None = None,
         run_at: datetime | None = None,
-        max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+        max_attempts: int | None = None,
         run_id: str | None = None,
         dedupe_key: str | None = None,
     ) -> int | None:
@@ -402,7 +408,7 @@ class Queue:
         priority: int = 0,
         delay: float | None = None,
         run_at: datetime | None = None,
-        max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+        max_attempts: int | None = None,
         run_id: str | None = None,
         dedupe_keys: Sequence[str | None] | None = None,
         item_names: Sequence[str] | None = None,
@@ -442,11 +448,12 @@ class Queue:
 
     # -- hot path, for callers that run their own worker loop -------------------------------------
 
-    def claim(self, flow: str, worker_id: str, limit: int) -> tuple[int, list[ClaimedJob]]:
+    def claim(self, flow: str, worker_id: str, limit: int,
+              max_attempts: int = DEFAULT_MAX_ATTEMPTS) -> tuple[int, list[ClaimedJob]]:
         validate_flow(flow)
         token = new_claim_token()
         with self.connection() as conn:
-            rows = claim_batch(conn, flow, worker_id, limit, token)
+            rows = claim_batch(conn, flow, worker_id, limit, token, max_attempts)
         return token, [ClaimedJob(*row) for row in rows]
 
     def ack(
@@ -456,10 +463,11 @@ class Queue:
         done_ids: Sequence[int],
         results: Sequence[Any] | None = None,
         failures: Sequence[Failure] = (),
+        max_attempts: int = DEFAULT_MAX_ATTEMPTS,
     ) -> AckResult:
         texts = None if results is None else [None if r is None else orjson.dumps(r).decode() for r in results]
         with self.connection() as conn:
-            return ack_batch(conn, worker_id, token, done_ids, texts, failures)
+            return ack_batch(conn, worker_id, token, done_ids, texts, failures, max_attempts)
 
     def release(self, worker_id: str, token: int, ids: Sequence[int]) -> int:
         with self.connection() as conn:
@@ -664,7 +672,7 @@ def _copy_jobs(conn: psycopg.Connection[Any], flow: str, texts: list[str], optio
     row = conn.execute(Q.run_at_after, {"delay": options.delay}).fetchone()
     assert row is not None
     suffix = "\t{}\t{}\t{}\t{}\n".format(
-        options.priority, row[0], options.max_attempts,
+        options.priority, row[0], "\\N" if options.max_attempts is None else options.max_attempts,
         "\\N" if options.run_id is None else _copy_escape(options.run_id),
     )
     prefix = flow + "\t"

@@ -215,14 +215,14 @@ class Worker:
         concurrency = flow.config.concurrency
         with self.pool.connection() as conn:
             if concurrency is None:
-                return claim_batch(conn, flow.name, self.id, limit, token)
+                return claim_batch(conn, flow.name, self.id, limit, token, flow.config.max_attempts)
             with conn.transaction():
                 conn.execute(Q.claim_flow_lock, {"flow": flow.name})
                 row = conn.execute(Q.claim_running_count, {"flow": flow.name}).fetchone()
                 room = concurrency - int(row[0]) if row else 0
                 if room <= 0:
                     return []
-                return claim_batch(conn, flow.name, self.id, min(limit, room), token)
+                return claim_batch(conn, flow.name, self.id, min(limit, room), token, flow.config.max_attempts)
 
     def _run_batch(self, flow: FlowRuntime, rows: Sequence[tuple[Any, ...]], token: int,
                    trial: bool = False) -> None:
@@ -268,7 +268,7 @@ class Worker:
                 samples.append(FailureSample(job_id, row[2], row[3], failures[-1].error_type, failures[-1].message))
                 flow.consecutive_failures += 1
         run_ms = (perf() - started) * 1000.0
-        ack = self._ack(token, done_ids, results, failures)
+        ack = self._ack(token, done_ids, results, failures, flow.config.max_attempts)
         if unstarted:
             self._with_db("release", lambda conn: release_batch(conn, self.id, token, unstarted))
         self.jobs_done += ack.completed
@@ -282,10 +282,11 @@ class Worker:
         self._update_circuit(flow, had_failures=bool(failures), had_success=bool(done_ids), trial=trial)
 
     def _ack(self, token: int, done_ids: list[int], results: list[str | None] | None,
-             failures: list[Failure]) -> Any:
+             failures: list[Failure], max_attempts: int) -> Any:
         if self._batch_conn is not None:
-            return self._ack_in_transaction(self._batch_conn, token, done_ids, results, failures)
-        return self._with_db("ack", lambda conn: ack_batch(conn, self.id, token, done_ids, results, failures))
+            return self._ack_in_transaction(self._batch_conn, token, done_ids, results, failures, max_attempts)
+        return self._with_db("ack", lambda conn: ack_batch(conn, self.id, token, done_ids, results, failures,
+                                                           max_attempts))
 
     def _failure(self, flow: FlowRuntime, row: tuple[Any, ...], exc: BaseException) -> Failure:
         permanent = flow.is_permanent(exc)
@@ -423,10 +424,11 @@ class Worker:
             pass  # a broken connection: the pool discards it
 
     def _ack_in_transaction(self, conn: psycopg.Connection[Any], token: int, done_ids: list[int],
-                            results: list[str | None] | None, failures: list[Failure]) -> AckResult:
+                            results: list[str | None] | None, failures: list[Failure],
+                            max_attempts: int) -> AckResult:
         ids = done_ids + [f.job_id for f in failures]
         try:
-            ack = ack_batch(conn, self.id, token, done_ids, results, failures)
+            ack = ack_batch(conn, self.id, token, done_ids, results, failures, max_attempts)
             if ack.refused:
                 # Some of the batch was rescued from us: its writes must not land. Roll everything
                 # back and give back what we still hold; it runs again (the attempt is not counted).
@@ -448,7 +450,7 @@ class Worker:
             lost = [Failure(job_id, type(exc).__name__, message[:2000], format_traceback(exc), False,
                             flow.config.backoff.delay(by_id[job_id][2], random.random())) for job_id in ids]
             self.log.warning(message, extra={"flow": flow.name, "jobs": len(ids)})
-            return self._with_db("ack", lambda c: ack_batch(c, self.id, token, [], None, lost))
+            return self._with_db("ack", lambda c: ack_batch(c, self.id, token, [], None, lost, max_attempts))
 
     # -- timeouts ------------------------------------------------------------------------------------
 

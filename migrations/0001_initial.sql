@@ -24,7 +24,8 @@ CREATE TABLE skiplock.jobs (
     priority        smallint NOT NULL DEFAULT 0,
     run_at          timestamptz NOT NULL DEFAULT now(),
     attempts        integer NOT NULL DEFAULT 0,
-    max_attempts    integer NOT NULL DEFAULT 5 CHECK (max_attempts >= 1),
+    -- NULL: the flow's policy decides (the engine's config when it runs the job).
+    max_attempts    integer CHECK (max_attempts >= 1),
     claimed_by      text,
     claim_token     bigint,
     claimed_at      timestamptz,
@@ -60,7 +61,7 @@ CREATE TABLE skiplock.jobs_done (
     payload         jsonb NOT NULL,
     priority        smallint NOT NULL,
     attempts        integer NOT NULL,
-    max_attempts    integer NOT NULL,
+    max_attempts    integer,
     claimed_by      text,
     errors          jsonb NOT NULL,
     result          jsonb,

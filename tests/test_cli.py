@@ -165,7 +165,7 @@ def test_enqueue_json_lines_from_stdin(dsn: str) -> None:
     assert [p[0] for p in payloads] == [{"to": "a@example.com"}, {"to": "b@example.com", "n": 2},
                                         {"to": "ünïcødé 🎉"}]
     assert scalar(dsn, "SELECT bool_and(flow = 'emails' AND status = 'pending' AND priority = 0 AND run_id IS NULL "
-                       "AND max_attempts = 5 AND run_at <= now()) FROM skiplock.jobs")
+                       "AND max_attempts IS NULL AND run_at <= now()) FROM skiplock.jobs")
 
 
 def test_enqueue_empty_stdin_enqueues_nothing(dsn: str) -> None:

@@ -529,8 +529,6 @@ backoff = { base = "0.1s", cap = "0.1s", jitter = 0 }
     assert not log_has(engine, "worker died")
 
 
-@pytest.mark.xfail(strict=True, reason="bug: a flow's max_attempts is stored as policy but never applied; jobs "
-                                      "enqueued without max_attempts get the API default of 5")
 def test_flow_max_attempts_applies_to_jobs_enqueued_without_one(dsn, start_engine, tmp_path):
     config = BASE + """
 [flows.capped]

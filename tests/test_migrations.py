@@ -140,8 +140,8 @@ def test_prepare_check_catches_a_missing_column(empty_dsn: str) -> None:
     with db.connect(empty_dsn) as conn:
         migrate(conn)
         sql, names = _numbered(Q.claim_batch.replace("j.attempts + 1", "j.attempt_count + 1"))
-        assert sorted(names) == ["flow", "limit", "token", "worker"]
-        assert "%(" not in sql and "$4" in sql and "$5" not in sql  # same name, same number
+        assert sorted(names) == ["flow", "limit", "max_attempts", "token", "worker"]
+        assert "%(" not in sql and "$5" in sql and "$6" not in sql  # same name, same number
         result = conn.pgconn.prepare(b"broken", sql.encode())
         assert result.status == psycopg.pq.ExecStatus.FATAL_ERROR
         assert b"attempt_count" in result.error_message
@@ -169,7 +169,8 @@ def test_claim_plan_uses_the_claim_index(dsn: str, conn: psycopg.Connection) -> 
     conn.execute("ANALYZE skiplock.flows")
     for limit in (1, 100):
         with psycopg.ClientCursor(conn) as cur:
-            literal = cur.mogrify(Q.claim_batch, {"flow": flows[2], "worker": "w-1", "limit": limit, "token": 12345})
+            literal = cur.mogrify(Q.claim_batch, {"flow": flows[2], "worker": "w-1", "limit": limit, "token": 12345,
+                                                  "max_attempts": 5})
         assert "%(" not in literal and "'flow-2'" in literal
         row = conn.execute("EXPLAIN (FORMAT JSON) " + literal).fetchone()
         assert row is not None

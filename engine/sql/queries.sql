@@ -88,7 +88,7 @@ SET status = 'running', claimed_by = %(worker)s, claim_token = %(token)s, claime
 -- `= ANY(ARRAY(...))`, not a join: a join on `picked` lets the planner hash-join a Seq Scan of
 -- jobs when the table is small (B=100 on a few thousand rows); this form always takes the pkey.
 WHERE j.id = ANY(ARRAY(SELECT id FROM picked))
-RETURNING j.id, j.payload, j.attempts, j.max_attempts, j.run_id,
+RETURNING j.id, j.payload, j.attempts, coalesce(j.max_attempts, %(max_attempts)s), j.run_id,
           extract(epoch FROM now() - j.run_at)::float8 * 1000.0 AS wait_ms;
 
 -- name: ack_batch
@@ -113,11 +113,12 @@ WITH done AS (
     RETURNING run_id
 ), failed AS (
     UPDATE skiplock.jobs j
-    SET status = CASE WHEN f.permanent OR j.attempts >= j.max_attempts
+    SET status = CASE WHEN f.permanent OR j.attempts >= coalesce(j.max_attempts, %(max_attempts)s)
                       THEN 'dead' ELSE 'pending' END::skiplock.job_status,
-        run_at = CASE WHEN f.permanent OR j.attempts >= j.max_attempts
+        run_at = CASE WHEN f.permanent OR j.attempts >= coalesce(j.max_attempts, %(max_attempts)s)
                       THEN j.run_at ELSE now() + make_interval(secs => f.delay) END,
-        finished_at = CASE WHEN f.permanent OR j.attempts >= j.max_attempts THEN now() END,
+        finished_at = CASE WHEN f.permanent OR j.attempts >= coalesce(j.max_attempts, %(max_attempts)s)
+                           THEN now() END,
         claimed_by = NULL, claim_token = NULL,
         error_type = f.error_type, error_message = f.message,
         errors = j.errors || jsonb_build_array(jsonb_build_object(
@@ -183,8 +184,9 @@ WITH orphaned AS (
     FOR UPDATE OF j SKIP LOCKED
 ), rescued AS (
     UPDATE skiplock.jobs j
-    SET status = CASE WHEN j.attempts >= j.max_attempts THEN 'dead' ELSE 'pending' END::skiplock.job_status,
-        finished_at = CASE WHEN j.attempts >= j.max_attempts THEN now() END,
+    SET status = CASE WHEN j.attempts >= coalesce(j.max_attempts, (SELECT (fp.policy ->> 'max_attempts')::integer FROM skiplock.flows fp WHERE fp.name = j.flow), 5)
+                      THEN 'dead' ELSE 'pending' END::skiplock.job_status,
+        finished_at = CASE WHEN j.attempts >= coalesce(j.max_attempts, (SELECT (fp.policy ->> 'max_attempts')::integer FROM skiplock.flows fp WHERE fp.name = j.flow), 5) THEN now() END,
         error_type = 'WorkerLost',
         error_message = 'worker ' || coalesce(j.claimed_by, '?') || ' stopped heartbeating while running this job',
         errors = j.errors || jsonb_build_array(jsonb_build_object(
@@ -227,7 +229,7 @@ WITH reset AS (
     UPDATE skiplock.jobs j
     SET status = 'pending', run_at = now(), finished_at = NULL, updated_at = now()
     WHERE j.status = 'dead' AND j.flow = %(flow)s AND j.attempts < %(max_retries)s
-      AND j.attempts < j.max_attempts
+      AND j.attempts < coalesce(j.max_attempts, (SELECT (fp.policy ->> 'max_attempts')::integer FROM skiplock.flows fp WHERE fp.name = j.flow), 5)
       AND (j.dedupe_key IS NULL OR NOT EXISTS (
           SELECT 1 FROM skiplock.jobs o
           WHERE o.flow = j.flow AND o.dedupe_key = j.dedupe_key
@@ -242,8 +244,9 @@ SELECT count(*), (SELECT pg_notify('skiplock_enqueued', '') WHERE EXISTS (SELECT
 FROM reset;
 
 -- name: dlq_list
-SELECT id, flow, attempts, max_attempts, error_type, error_message, finished_at, run_id
-FROM skiplock.jobs
+SELECT id, flow, attempts, coalesce(max_attempts, (SELECT (fp.policy ->> 'max_attempts')::integer FROM skiplock.flows fp WHERE fp.name = j.flow), 5), error_type, error_message,
+       finished_at, run_id
+FROM skiplock.jobs j
 WHERE status = 'dead'
   AND (%(ids)s::bigint[] IS NULL OR id = ANY(%(ids)s::bigint[]))
   AND (%(flow)s::text IS NULL OR flow = %(flow)s)
@@ -253,14 +256,16 @@ ORDER BY finished_at DESC, id DESC
 LIMIT %(limit)s;
 
 -- name: job_get
-SELECT id, flow, payload, status::text, priority, run_at, attempts, max_attempts, claimed_by,
+SELECT id, flow, payload, status::text, priority, run_at, attempts, coalesce(max_attempts, (SELECT (fp.policy ->> 'max_attempts')::integer FROM skiplock.flows fp WHERE fp.name = j.flow), 5),
+       claimed_by,
        claimed_at, error_type, error_message, errors, NULL::jsonb AS result, run_id, dedupe_key,
        created_at, updated_at, finished_at
-FROM skiplock.jobs WHERE id = %(id)s
+FROM skiplock.jobs j WHERE id = %(id)s
 UNION ALL
-SELECT id, flow, payload, 'completed', priority, NULL, attempts, max_attempts, claimed_by,
+SELECT id, flow, payload, 'completed', priority, NULL, attempts, coalesce(max_attempts, (SELECT (fp.policy ->> 'max_attempts')::integer FROM skiplock.flows fp WHERE fp.name = j.flow), 5),
+       claimed_by,
        claimed_at, NULL, NULL, errors, result, run_id, NULL, created_at, finished_at, finished_at
-FROM skiplock.jobs_done WHERE id = %(id)s
+FROM skiplock.jobs_done j WHERE id = %(id)s
 LIMIT 1;
 
 -- name: dlq_retry
