@@ -53,6 +53,15 @@ CREATE INDEX jobs_run_idx ON skiplock.jobs (run_id) WHERE run_id IS NOT NULL;
 CREATE UNIQUE INDEX jobs_dedupe_idx ON skiplock.jobs (flow, dedupe_key)
     WHERE dedupe_key IS NOT NULL AND status IN ('pending', 'running');
 
+-- A job enqueued without max_attempts follows its flow's policy as the engines recorded it, else 5.
+-- (A running engine passes its own policy to claim and ack instead; this serves rescue and display.)
+CREATE FUNCTION skiplock.max_attempts_for(job_flow text, job_max_attempts integer) RETURNS integer
+LANGUAGE sql STABLE AS $$
+    SELECT coalesce(job_max_attempts,
+                    (SELECT (f.policy ->> 'max_attempts')::integer FROM skiplock.flows f WHERE f.name = job_flow),
+                    5)
+$$;
+
 -- Completed jobs, kept for `retention` for inspection. Append-only; BRIN indexes cost almost nothing
 -- per insert and still find a job by id or age, because ids and finish times grow with insertion order.
 CREATE TABLE skiplock.jobs_done (

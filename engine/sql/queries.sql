@@ -184,9 +184,9 @@ WITH orphaned AS (
     FOR UPDATE OF j SKIP LOCKED
 ), rescued AS (
     UPDATE skiplock.jobs j
-    SET status = CASE WHEN j.attempts >= coalesce(j.max_attempts, (SELECT (fp.policy ->> 'max_attempts')::integer FROM skiplock.flows fp WHERE fp.name = j.flow), 5)
+    SET status = CASE WHEN j.attempts >= skiplock.max_attempts_for(j.flow, j.max_attempts)
                       THEN 'dead' ELSE 'pending' END::skiplock.job_status,
-        finished_at = CASE WHEN j.attempts >= coalesce(j.max_attempts, (SELECT (fp.policy ->> 'max_attempts')::integer FROM skiplock.flows fp WHERE fp.name = j.flow), 5) THEN now() END,
+        finished_at = CASE WHEN j.attempts >= skiplock.max_attempts_for(j.flow, j.max_attempts) THEN now() END,
         error_type = 'WorkerLost',
         error_message = 'worker ' || coalesce(j.claimed_by, '?') || ' stopped heartbeating while running this job',
         errors = j.errors || jsonb_build_array(jsonb_build_object(
@@ -229,7 +229,7 @@ WITH reset AS (
     UPDATE skiplock.jobs j
     SET status = 'pending', run_at = now(), finished_at = NULL, updated_at = now()
     WHERE j.status = 'dead' AND j.flow = %(flow)s AND j.attempts < %(max_retries)s
-      AND j.attempts < coalesce(j.max_attempts, (SELECT (fp.policy ->> 'max_attempts')::integer FROM skiplock.flows fp WHERE fp.name = j.flow), 5)
+      AND j.attempts < skiplock.max_attempts_for(j.flow, j.max_attempts)
       AND (j.dedupe_key IS NULL OR NOT EXISTS (
           SELECT 1 FROM skiplock.jobs o
           WHERE o.flow = j.flow AND o.dedupe_key = j.dedupe_key
@@ -244,7 +244,7 @@ SELECT count(*), (SELECT pg_notify('skiplock_enqueued', '') WHERE EXISTS (SELECT
 FROM reset;
 
 -- name: dlq_list
-SELECT id, flow, attempts, coalesce(max_attempts, (SELECT (fp.policy ->> 'max_attempts')::integer FROM skiplock.flows fp WHERE fp.name = j.flow), 5), error_type, error_message,
+SELECT id, flow, attempts, skiplock.max_attempts_for(j.flow, j.max_attempts), error_type, error_message,
        finished_at, run_id
 FROM skiplock.jobs j
 WHERE status = 'dead'
@@ -256,13 +256,13 @@ ORDER BY finished_at DESC, id DESC
 LIMIT %(limit)s;
 
 -- name: job_get
-SELECT id, flow, payload, status::text, priority, run_at, attempts, coalesce(max_attempts, (SELECT (fp.policy ->> 'max_attempts')::integer FROM skiplock.flows fp WHERE fp.name = j.flow), 5),
+SELECT id, flow, payload, status::text, priority, run_at, attempts, skiplock.max_attempts_for(j.flow, j.max_attempts),
        claimed_by,
        claimed_at, error_type, error_message, errors, NULL::jsonb AS result, run_id, dedupe_key,
        created_at, updated_at, finished_at
 FROM skiplock.jobs j WHERE id = %(id)s
 UNION ALL
-SELECT id, flow, payload, 'completed', priority, NULL, attempts, coalesce(max_attempts, (SELECT (fp.policy ->> 'max_attempts')::integer FROM skiplock.flows fp WHERE fp.name = j.flow), 5),
+SELECT id, flow, payload, 'completed', priority, NULL, attempts, skiplock.max_attempts_for(j.flow, j.max_attempts),
        claimed_by,
        claimed_at, NULL, NULL, errors, result, run_id, NULL, created_at, finished_at, finished_at
 FROM skiplock.jobs_done j WHERE id = %(id)s
