@@ -40,6 +40,7 @@ log = logging.getLogger("skiplock.worker")
 TRANSIENT_DB_ERRORS: Final = (psycopg.OperationalError, psycopg.InterfaceError)
 DB_RETRY_SECONDS: Final = 60.0
 IDLE_WAIT_CAP: Final = 1.0  # an idle worker re-checks its stop flag at least this often
+EMPTY_FLOW_RECHECK: Final = 0.1  # seconds an empty flow is skipped while the worker is busy with others
 
 EXIT_OK: Final = 0
 EXIT_DB_LOST: Final = 3
@@ -177,20 +178,26 @@ class Worker:
     # -- the loop ------------------------------------------------------------------------------------
 
     def _loop(self) -> None:
+        """One batch per flow per round, so a deep backlog of one flow cannot starve the others. A flow
+        that had nothing is skipped for EMPTY_FLOW_RECHECK while others keep the worker busy."""
         self.state = "idle"
+        recheck_at = {flow.name: 0.0 for flow in self.flows}
         while not self.stopping:
             worked = False
+            now = time.monotonic()
             for flow in self.flows:
                 if self.stopping:
                     break
-                full = True
-                while full and not self.stopping:
-                    claimed = self._claim_and_run(flow)
-                    worked = worked or claimed > 0
-                    full = claimed >= flow.config.batch_size
+                if recheck_at[flow.name] > now:
+                    continue
+                if self._claim_and_run(flow) > 0:
+                    worked = True
+                else:
+                    recheck_at[flow.name] = now + EMPTY_FLOW_RECHECK
             if not worked and not self.stopping:
                 self.state = "idle"
                 self._wait_for_work()
+                recheck_at = dict.fromkeys(recheck_at, 0.0)
 
     def _claim_and_run(self, flow: FlowRuntime) -> int:
         assert self.pool is not None

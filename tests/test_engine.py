@@ -691,3 +691,29 @@ def test_dsn_passwords_never_reach_logs_or_errors(dsn):
         assert result.stderr.startswith("engine: error:"), result.stderr
     result = _engine_cli("status", env={"SKIPLOCK_DSN": unreachable})
     assert result.returncode == 2 and "hunter2" not in result.stderr + result.stdout
+
+
+# ---------------------------------------------------------------------------------------------
+# fairness between flows
+
+
+def test_a_deep_backlog_of_one_flow_does_not_starve_another(dsn, start_engine, tmp_path):
+    """One batch per flow per round: jobs of a quiet flow run while another flow has a deep backlog."""
+    config = BASE + """
+[flows.deep]
+handler = "support.handlers:record_slow"
+batch_size = 10
+[flows.quick]
+handler = "support.handlers:record"
+batch_size = 10
+"""
+    enqueue(dsn, "deep", [{"n": i, "sleep": 0.01} for i in range(3000)])  # about 30 s of work for one worker
+    engine = start_engine(dsn, config, "--workers", "1", env={"SKIPLOCK_TEST_RECORD": str(tmp_path / "record.txt")})
+    wait_for(lambda: scalar(dsn, "SELECT count(*) FROM skiplock.jobs_done WHERE flow = 'deep'") >= 20, 20,
+             message="the deep flow to start")
+    enqueue(dsn, "quick", [{"n": 100_000 + i} for i in range(30)])
+    wait_for(lambda: scalar(dsn, "SELECT count(*) FROM skiplock.jobs_done WHERE flow = 'quick'") == 30, 10,
+             message="the quick flow's jobs to run beside the deep backlog")
+    assert scalar(dsn, "SELECT count(*) FROM skiplock.jobs WHERE flow = 'deep' AND status = 'pending'") > 1000
+    engine.signal(signal.SIGTERM)
+    assert engine.wait(30) == 0, tail(engine)

@@ -1,0 +1,629 @@
+"""The skiplock ops console: `console` (or `engine console`).
+
+Data flow: a thread worker reads a snapshot of the tables every refresh interval (console/data.py:
+bounded, index-backed reads; a one-shot timer re-armed after each read, as Dolphie does) and one async
+worker LISTENs (console/feed.py) and posts telemetry events as messages. Both land in `LiveState`
+(console/state.py); the active screen redraws from it at most twice a second, or at once after a
+snapshot, a key or a pause. Events that make counts stale (a dead letter, a worker starting or
+stopping, a pause) trigger an early snapshot, so exact numbers follow NOTIFY within a fraction of a
+second without polling faster.
+
+Screens are modes, each one key away: overview (1/o), failures (2/f), dead letters (3/d); the job
+detail is pushed on top (Enter, or j and an id). `/` filters, `?` lists every key, ctrl+p opens the
+command palette, z freezes the display, ctrl+r refreshes now. Every binding has an id, so a keymap
+file can rebind it. In read-only mode (`--read-only` or `[console] read_only = true`) the actions that
+write are not offered at all.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+import tomllib
+from collections.abc import Callable, Iterable
+from datetime import datetime, tzinfo
+from pathlib import Path
+from typing import Any, Final
+
+import psycopg
+from rich.text import Text
+from textual.app import App, SystemCommand
+from textual.binding import Binding
+from textual.screen import Screen
+from textual.timer import Timer
+
+from console.data import COUNT_CAP, DataSource
+from console.feed import Feed, describe_error
+from console.filters import Filter
+from console.messages import ActionDone, DeadLettersLoaded, FeedEvents, FeedStatus, SnapshotFailed, SnapshotLoaded
+from console.screens.base import ConsoleScreen
+from console.screens.dead_letters import DeadLettersScreen
+from console.screens.failures import FailuresScreen
+from console.screens.job import JobScreen
+from console.screens.modals import HelpScreen, PromptScreen
+from console.screens.overview import OverviewScreen
+from console.state import FailureRow, LiveState
+from engine.config import redact_dsn
+from engine.errors import SkiplockError
+from engine.queue import DeadLetterFilter
+
+# Actions that write to the database: hidden (check_action -> False) in read-only mode.
+WRITE_ACTIONS: Final = frozenset({"toggle_pause", "retry_one", "retry_selected", "retry_all", "purge_selected",
+                                  "purge_older", "retry", "purge"})
+FLUSH_INTERVAL_S: Final = 0.5
+SOON_S: Final = 0.25  # an event that makes counts stale brings the next snapshot this close
+KEY_NAMES: Final = {"slash": "/", "question_mark": "?", "space": "space", "escape": "esc", "enter": "enter",
+                    "backspace": "backspace", "ctrl+r": "ctrl+r", "ctrl+p": "ctrl+p", "ctrl+c": "ctrl+c"}
+
+
+class ConsoleApp(App[None]):
+    CSS_PATH = "console.tcss"
+    TITLE = "skiplock console"
+    MODES = {"overview": OverviewScreen, "failures": FailuresScreen, "dead": DeadLettersScreen}
+    DEFAULT_MODE = "overview"
+    BINDINGS = [
+        Binding("1,o", "show('overview')", "Overview", id="skiplock.overview"),
+        Binding("2,f", "show('failures')", "Failures", id="skiplock.failures"),
+        Binding("3,d", "show('dead')", "Dead letters", id="skiplock.dead_letters"),
+        Binding("j", "open_job", "Job…", show=False, id="skiplock.job"),
+        Binding("question_mark", "help", "Help", id="skiplock.help"),
+        Binding("z", "freeze", "Freeze", id="skiplock.freeze"),
+        Binding("ctrl+r", "refresh", "Refresh", show=False, id="skiplock.refresh"),
+        Binding("q,ctrl+c", "quit", "Quit", id="skiplock.quit"),
+    ]
+
+    def __init__(
+        self,
+        dsn: str,
+        *,
+        read_only: bool = False,
+        refresh_interval: float = 2.0,
+        environment: str | None = None,
+        dsn_label: str | None = None,
+        clock: Callable[[], float] | None = None,
+        tz: tzinfo | None = None,
+        live: bool = True,
+        stale_after: float = 30.0,
+        keymap: dict[str, str] | None = None,
+        count_cap: int = COUNT_CAP,
+        quit_after: float | None = None,
+    ) -> None:
+        super().__init__()
+        self.dsn = dsn
+        self.read_only = read_only
+        self.refresh_interval = refresh_interval
+        self.environment = environment
+        self.dsn_label = dsn_label if dsn_label is not None else redact_dsn(dsn)
+        self.fixed_clock = clock is not None
+        self._clock = clock or time.time
+        self.tz = tz or datetime.now().astimezone().tzinfo
+        self.live = live
+        self.stale_after = stale_after
+        self.keymap = dict(keymap or {})
+        self.quit_after = quit_after
+        self.data = DataSource(dsn, refresh_interval=refresh_interval, now=clock, count_cap=count_cap)
+        self.state = LiveState()
+        self.window = 300
+        self.frozen = False
+        self.database_down = False
+        self.db_error: str | None = None
+        self.down_since: float | None = None
+        self.feed: Feed | None = None
+        self.feed_connected = False
+        self.feed_error: str | None = None
+        self.last_action: str | None = None
+        self.dead_screen: DeadLettersScreen | None = None
+        self._pending: set[str] = set()
+        self._loading = False
+        self._load_again = False
+        self._refresh_timer: Timer | None = None
+        self._soon_timer: Timer | None = None
+        self._dlq_timer: Timer | None = None
+        self._dlq_loading: DeadLetterFilter | None = None
+        self._backfilled = False
+        self.snapshots = 0
+
+    # -- time -----------------------------------------------------------------------------------------
+
+    def now(self) -> float:
+        """The console's reference time (a fixed clock in tests, never read directly by widgets)."""
+        return self._clock()
+
+    # -- lifecycle --------------------------------------------------------------------------------------
+
+    def on_mount(self) -> None:
+        if self.keymap:
+            self.set_keymap(self.keymap)
+        if self.live:
+            self.feed = Feed(self.dsn, self.post_message, refresh_interval=self.refresh_interval, clock=self.now)
+            self.run_worker(self.feed.run(), group="feed", exclusive=True, exit_on_error=False)
+        self.set_interval(FLUSH_INTERVAL_S, self._flush)
+        if self.quit_after:
+            self.set_timer(self.quit_after, self.exit)
+        self.request_refresh()
+
+    def on_unmount(self) -> None:
+        self.data.close()
+
+    # -- snapshot ------------------------------------------------------------------------------------------
+
+    def request_refresh(self) -> None:
+        """Read a snapshot now (in a thread); if one is being read, read again when it is done."""
+        if self._loading:
+            self._load_again = True
+            return
+        self._loading = True
+        self.run_worker(self._read_snapshot, thread=True, group="snapshot", exit_on_error=False)
+
+    def _read_snapshot(self) -> None:
+        try:
+            snapshot = self.data.snapshot()
+        except psycopg.errors.UndefinedTable:
+            self.post_message(SnapshotFailed("no skiplock schema in this database: run `engine migrate`"))
+        except (psycopg.Error, OSError) as exc:
+            self.post_message(SnapshotFailed(describe_error(exc)))
+        except Exception as exc:  # never let a bad row take the console down: show it instead
+            self.post_message(SnapshotFailed(f"{type(exc).__name__}: {exc}"))
+        else:
+            self.post_message(SnapshotLoaded(snapshot))
+
+    def _arm_refresh(self, delay: float) -> None:
+        if self._refresh_timer is not None:
+            self._refresh_timer.stop()
+        self._refresh_timer = self.set_timer(delay, self.request_refresh)
+
+    def _refresh_soon(self) -> None:
+        if self._soon_timer is None and not self.frozen:
+            def fire() -> None:
+                self._soon_timer = None
+                self.request_refresh()
+
+            self._soon_timer = self.set_timer(SOON_S, fire)
+
+    def on_snapshot_loaded(self, message: SnapshotLoaded) -> None:
+        was_down = self.database_down
+        self._loading = False
+        self.snapshots += 1
+        self.database_down = False
+        self.db_error = None
+        self.down_since = None
+        self.state.set_snapshot(message.snapshot)
+        if not self.frozen:
+            self._flush(force={"snapshot", "dead"})
+        if was_down or not self._backfilled:
+            self._backfill()
+            if was_down:
+                self._reload_dead_letters()
+        if self._load_again:
+            self._load_again = False
+            self.request_refresh()
+        elif not self.frozen:
+            self._arm_refresh(self.refresh_interval)
+
+    def on_snapshot_failed(self, message: SnapshotFailed) -> None:
+        self._loading = False
+        self._load_again = False
+        if not self.database_down:
+            self.down_since = self.now()
+        self.database_down = True
+        self.db_error = message.error
+        self._flush(force={"status"})
+        self._arm_refresh(min(self.refresh_interval, 2.0))
+
+    def _backfill(self) -> None:
+        def work() -> None:
+            try:
+                letters = self.data.recent_dead(50)
+            except Exception:  # the backfill is a nicety; the next reconnect tries again
+                return
+            rows = [FailureRow(at=d.finished_at.timestamp() if d.finished_at else 0.0, flow=d.flow, job=d.id,
+                               attempt=d.attempts, max_attempts=d.max_attempts or 0, type=d.error_type or "?",
+                               message=d.error_message or "", dead=True, source="table")
+                    for d in reversed(letters)]
+            self.call_from_thread(self._add_backfill, rows)
+
+        self._backfilled = True
+        self.run_worker(work, thread=True, group="backfill", exit_on_error=False)
+
+    def _add_backfill(self, rows: list[FailureRow]) -> None:
+        self.state.add_backfill(rows)
+        self._pending.add("failures")
+
+    # -- live feed ----------------------------------------------------------------------------------------
+
+    def on_feed_events(self, message: FeedEvents) -> None:
+        changed: set[str] = set()
+        for event in message.events:
+            changed |= self.state.apply(event)
+        self._pending |= changed
+        if changed & {"dead", "workers", "runs", "flows"}:
+            self._refresh_soon()
+        if "dead" in changed:
+            self._reload_dead_letters(soon=True)
+        if "flows" in changed and not self.frozen:
+            self._flush()
+
+    def on_feed_status(self, message: FeedStatus) -> None:
+        self.feed_connected = message.connected
+        self.feed_error = message.error
+        if message.connected:
+            self.state.connected(message.at or self.now())
+            self.request_refresh()  # resynchronise: what happened while we were away is in the tables
+        else:
+            self.state.disconnected()
+        self._flush(force={"status"})
+
+    # -- drawing -------------------------------------------------------------------------------------------
+
+    def _flush(self, force: set[str] | None = None) -> None:
+        if self.frozen and force is None:
+            return
+        changes = self._pending | (force or set())
+        self._pending = set()
+        screen = self.screen
+        if isinstance(screen, (ConsoleScreen, JobScreen)) and screen.ready:
+            screen.update_header()
+            if changes or isinstance(screen, OverviewScreen):
+                screen.update_view(changes | {"tick"})
+
+    def header_text(self) -> Text:
+        """Line 1: where we are attached and how fresh the data is. Line 2: health, or the outage."""
+        theme = self.current_theme
+        text = Text(no_wrap=True, overflow="ellipsis")
+        text.append("skiplock", style="bold")
+        if self.read_only:
+            text.append("  ")
+            text.append(" READ-ONLY ", style=f"bold reverse {theme.accent}")
+        if self.frozen:
+            text.append("  ")
+            text.append(" FROZEN (z resumes) ", style=f"bold reverse {theme.warning}")
+        text.append("  db ", style="dim")
+        text.append(self.dsn_label)
+        text.append("  env ", style="dim")
+        text.append(self.environment or "-")
+        snapshot = self.state.snapshot
+        text.append("  ·  ", style="dim")
+        if not self.live:
+            text.append("○ live feed off", style="dim")
+        elif self.feed_connected:
+            text.append("● live", style=f"bold {theme.success}")
+            text.append(f" {self.state.events:,} events", style="dim")
+        else:
+            text.append("○ live feed down", style=f"bold {theme.warning}")
+        if snapshot is not None:
+            text.append("  ·  refreshed ", style="dim")
+            text.append(f"{datetime.fromtimestamp(snapshot.now, self.tz):%H:%M:%S}")
+        text.append("\n")
+        if self.database_down:
+            since = self.down_since or self.now()
+            text.append(" DATABASE UNREACHABLE ", style=f"bold reverse {theme.error}")
+            text.append(f" since {datetime.fromtimestamp(since, self.tz):%H:%M:%S}: {self.db_error}")
+            if snapshot is not None:
+                text.append("  ·  showing data from ", style="dim")
+                text.append(f"{datetime.fromtimestamp(snapshot.now, self.tz):%H:%M:%S}", style="bold")
+            text.append("  ·  reconnecting…", style="dim")
+            return text
+        label, reason = self.health()
+        colour = {"HEALTHY": theme.success, "DEGRADED": theme.warning, "UNHEALTHY": theme.error}.get(label, "")
+        text.append(f" {label} ", style=f"bold reverse {colour}" if colour else "bold reverse")
+        if snapshot is not None:
+            text.append(f"  {snapshot.engines} engine(s), {len(snapshot.live_workers)} live worker(s)")
+        if reason:
+            text.append(f"  ·  {reason}", style=colour or "")
+        if self.live and not self.feed_connected and self.feed_error:
+            text.append(f"  ·  feed: {self.feed_error}", style="dim")
+        return text
+
+    def health(self) -> tuple[str, str]:
+        if self.database_down:
+            return "UNHEALTHY", "database unreachable"
+        snapshot = self.state.snapshot
+        if snapshot is None:
+            return "CONNECTING", ""
+        reasons = []
+        live = snapshot.live_workers
+        stale = [w for w in live if w.heartbeat_age >= self.stale_after]
+        lost = [w for w in snapshot.workers if w.state == "lost"]
+        if not live:
+            reasons.append("no live workers")
+        if stale:
+            reasons.append(f"{len(stale)} stale worker(s)")
+        if lost:
+            reasons.append(f"{len(lost)} lost worker(s) in the last 10 min")
+        opened = [f.name for f in snapshot.flows
+                  if self.state.circuit_override.get(f.name, "open" if f.state == "circuit open" else "") == "open"]
+        if opened:
+            reasons.append("circuit open: " + ", ".join(opened))
+        if self.live and not self.feed_connected:
+            reasons.append("live feed down")
+        return ("DEGRADED", "; ".join(reasons)) if reasons else ("HEALTHY", "")
+
+    # -- keys and actions -----------------------------------------------------------------------------------
+
+    def check_write(self, action: str) -> bool | None:
+        return False if (self.read_only and action in WRITE_ACTIONS) else True
+
+    def action_show(self, mode: str) -> None:
+        if isinstance(self.screen, JobScreen) or len(self.screen_stack) > 1:
+            while len(self.screen_stack) > 1 and not isinstance(self.screen, ConsoleScreen):
+                self.pop_screen()
+        self.switch_mode(mode)
+
+    def show_dead_letters(self, wanted: Filter) -> None:
+        self.switch_mode("dead")
+        screen = self.screen
+        if isinstance(screen, DeadLettersScreen):
+            screen.set_filter(wanted)
+
+    def action_open_job(self) -> None:
+        def got(value: str | None) -> None:
+            if not value:
+                return
+            try:
+                self.open_job(int(value.strip().lstrip("#")))
+            except ValueError:
+                self.notify(f"not a job id: {value!r}", severity="error")
+
+        self.push_screen(PromptScreen("Open job", "job id"), got)
+
+    def open_job(self, job_id: int) -> None:
+        if isinstance(self.screen, JobScreen):
+            self.pop_screen()
+        self.push_screen(JobScreen(job_id))
+
+    def action_freeze(self) -> None:
+        self.frozen = not self.frozen
+        if self.frozen:
+            if self._refresh_timer is not None:
+                self._refresh_timer.stop()
+            self.notify("display frozen: z resumes", timeout=3)
+        else:
+            self.request_refresh()
+        self._flush(force={"status"})
+
+    def action_refresh(self) -> None:
+        self.request_refresh()
+        self._reload_dead_letters()
+
+    def action_help(self) -> None:
+        self.push_screen(HelpScreen(self.help_sections(),
+                                    footer="Rebind any key with --keymap FILE: a [keymap] table of binding id = "
+                                           "\"keys\" (ids shown with --list-bindings)."))
+
+    def binding_keys(self, binding: Binding) -> str:
+        keys = self.keymap.get(binding.id, binding.key) if binding.id else binding.key
+        return ", ".join(KEY_NAMES.get(k.strip(), k.strip()) for k in keys.split(","))
+
+    def help_sections(self) -> list[tuple[str, list[tuple[str, str]]]]:
+        def rows(bindings: Iterable[Any]) -> list[tuple[str, str]]:
+            out = []
+            for binding in bindings:
+                if not isinstance(binding, Binding):
+                    binding = Binding(*binding)
+                if self.read_only and binding.action.split("(")[0] in WRITE_ACTIONS:
+                    continue
+                out.append((self.binding_keys(binding), binding.description or binding.action))
+            return out
+
+        table_keys = [("↑ ↓ pgup pgdn home end", "move"), ("enter", "open the row (job, or a flow's dead letters)"),
+                      ("tab", "next table")]
+        return [
+            ("Everywhere", rows(self.BINDINGS) + [("ctrl+p", "command palette")]),
+            ("Every list", rows(ConsoleScreen.BINDINGS) + table_keys),
+            ("Overview", rows(OverviewScreen.BINDINGS)),
+            ("Failures", rows(FailuresScreen.BINDINGS)),
+            ("Dead letters", rows(DeadLettersScreen.BINDINGS)),
+            ("Job", rows(JobScreen.BINDINGS)),
+            ("Filter qualifiers", [("flow:NAME", "one flow"), ("error:TYPE", "one error type"),
+                                   ("status:S", "paused/active/open (flows), dead/retrying (failures)"),
+                                   ("age:>7d  age:<10m", "died or failed longer / shorter ago"),
+                                   ("words", "free text, all must appear")]),
+        ]
+
+    def get_system_commands(self, screen: Screen[Any]) -> Iterable[SystemCommand]:
+        yield from super().get_system_commands(screen)
+        yield SystemCommand("Overview", "Throughput, flows, workers, runs (1)", lambda: self.action_show("overview"))
+        yield SystemCommand("Failures", "Live feed of failed attempts (2)", lambda: self.action_show("failures"))
+        yield SystemCommand("Dead letters", "Inspect, retry, purge (3)", lambda: self.action_show("dead"))
+        yield SystemCommand("Open job", "Job detail by id (j)", self.action_open_job)
+        yield SystemCommand("Refresh now", "Read the tables again (ctrl+r)", self.action_refresh)
+        yield SystemCommand("Freeze display" if not self.frozen else "Unfreeze display", "z", self.action_freeze)
+        yield SystemCommand("Help: keys", "Every binding (?)", self.action_help)
+        snapshot = self.state.snapshot
+        if snapshot is not None and not self.read_only:
+            for flow in snapshot.flows:
+                paused = self.state.paused(flow.name, flow.paused)
+                verb = "Resume" if paused else "Pause"
+                yield SystemCommand(f"{verb} flow {flow.name}", f"{verb} claiming jobs of {flow.name}",
+                                    lambda name=flow.name, p=paused: self.set_paused(name, not p))
+
+    # -- dead letters and jobs ----------------------------------------------------------------------------------
+
+    def load_dead_letters(self, where: DeadLetterFilter) -> None:
+        if self._dlq_loading == where:
+            return
+        self._dlq_loading = where
+
+        def work() -> None:
+            try:
+                page = self.data.dead_letters(where)
+            except (psycopg.Error, OSError) as exc:
+                self.call_from_thread(self._dead_letters_failed, describe_error(exc))
+            else:
+                self.post_message(DeadLettersLoaded(page))
+            finally:
+                self._dlq_loading = None
+
+        self.run_worker(work, thread=True, group="dead_letters", exit_on_error=False)
+
+    def _dead_letters_failed(self, error: str) -> None:
+        if self.dead_screen is not None:
+            self.dead_screen.error = error
+
+    def on_dead_letters_loaded(self, message: DeadLettersLoaded) -> None:
+        if self.dead_screen is not None:
+            self.dead_screen.page_loaded(message.page)
+
+    def _reload_dead_letters(self, soon: bool = False) -> None:
+        screen = self.dead_screen
+        if screen is None:
+            return
+        if not screen.is_current:
+            screen.stale = True  # read again when it is shown
+            return
+        if not soon:
+            screen.reload()
+            return
+        if self._dlq_timer is None:
+            def fire() -> None:
+                self._dlq_timer = None
+                if screen.is_current:
+                    screen.reload()
+
+            self._dlq_timer = self.set_timer(SOON_S * 2, fire)
+
+    def load_job(self, job_id: int, screen: JobScreen) -> None:
+        def work() -> None:
+            try:
+                job = self.data.job(job_id)
+            except (psycopg.Error, OSError) as exc:
+                self.call_from_thread(self.notify, f"job {job_id}: {describe_error(exc)}", severity="error")
+                return
+            self.call_from_thread(screen.job_loaded, job)
+
+        self.run_worker(work, thread=True, group="job", exit_on_error=False)
+
+    # -- operator actions: each reports how many rows it changed ---------------------------------------------
+
+    def _perform(self, verb: str, call: Callable[[], list[Any]], requested: int | None,
+                 then: Callable[[], None] | None = None, unit: str = "dead letter(s)") -> None:
+        """Run an operator action in a thread; report what it changed (the Queue methods return ids)."""
+        def work() -> None:
+            try:
+                changed = call()
+            except (psycopg.Error, SkiplockError, OSError) as exc:
+                error = describe_error(exc) if isinstance(exc, psycopg.Error) else str(exc)
+                self.post_message(ActionDone(f"{verb} failed: {error}", error=True))
+                return
+            text = f"{verb} {len(changed)} {unit}"
+            if requested is not None and len(changed) < requested:
+                text += f" ({requested - len(changed)} of the {requested} asked for had already changed)"
+            self.post_message(ActionDone(text, changed, then=then))
+
+        self.run_worker(work, thread=True, group="action", exit_on_error=False)
+
+    def retry_ids(self, ids: list[int], then: Callable[[], None] | None = None) -> None:
+        self._perform("retried", lambda: self.data.retry(DeadLetterFilter(ids=ids)), len(ids), then)
+
+    def purge_ids(self, ids: list[int], then: Callable[[], None] | None = None) -> None:
+        self._perform("purged", lambda: self.data.purge(DeadLetterFilter(ids=ids)), len(ids), then)
+
+    def retry_where(self, where: DeadLetterFilter) -> None:
+        self._perform("retried", lambda: self.data.retry_all() if where.is_empty() else self.data.retry(where), None)
+
+    def purge_where(self, where: DeadLetterFilter) -> None:
+        self._perform("purged", lambda: self.data.purge(where), None)
+
+    def set_paused(self, flow: str, paused: bool) -> None:
+        if self.read_only:
+            return
+
+        def call() -> list[Any]:
+            self.data.set_paused(flow, paused)  # an upsert of the flow's row: always that one row
+            return [flow]
+
+        self._perform(f"{'paused' if paused else 'resumed'} flow {flow}:", call, None, unit="flow changed")
+
+    def on_action_done(self, message: ActionDone) -> None:
+        self.last_action = message.text
+        self.notify(message.text, title="error" if message.error else "done",
+                    severity="error" if message.error else "information")
+        if message.changed and self.dead_screen is not None:
+            self.dead_screen.selected -= set(message.changed)
+        self.request_refresh()
+        self._reload_dead_letters()
+        if message.then is not None:
+            message.then()
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+
+
+def load_keymap(path: Path | None) -> dict[str, str]:
+    """`[keymap]` table of binding id = "keys" (comma-separated). Default file:
+    $XDG_CONFIG_HOME/skiplock/keymap.toml when it exists."""
+    if path is None:
+        base = Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config")
+        path = base / "skiplock" / "keymap.toml"
+        if not path.exists():
+            return {}
+    try:
+        document = tomllib.loads(path.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise SkiplockError(f"{path}: cannot read keymap: {exc}") from None
+    table = document.get("keymap", {})
+    if not isinstance(table, dict) or not all(isinstance(v, str) for v in table.values()):
+        raise SkiplockError(f"{path}: [keymap] must map binding ids to key strings, e.g. \"skiplock.dead_letters\" = \"3,d\"")
+    return {str(k): str(v) for k, v in table.items()}
+
+
+def all_bindings() -> list[tuple[str, str, str]]:
+    """(id, keys, description) of every binding, for --list-bindings."""
+    found = []
+    for owner in (ConsoleApp, ConsoleScreen, OverviewScreen, FailuresScreen, DeadLettersScreen, JobScreen):
+        for binding in owner.BINDINGS:
+            if isinstance(binding, Binding) and binding.id:
+                found.append((binding.id, binding.key, binding.description))
+    return found
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="console", description="skiplock ops console (a terminal UI)")
+    add_arguments(parser)
+    return parser
+
+
+def add_arguments(parser: argparse.ArgumentParser, *, common: bool = True) -> None:
+    if common:
+        parser.add_argument("--dsn", help="PostgreSQL connection string (default: SKIPLOCK_DSN, then the config)")
+        parser.add_argument("--config", type=Path, help="config file (default: SKIPLOCK_CONFIG)")
+        parser.add_argument("--env", help="environment in the config file (default: SKIPLOCK_ENV)")
+    parser.add_argument("--read-only", action="store_true", help="offer no action that writes (also [console] read_only)")
+    parser.add_argument("--refresh", type=float, help="seconds between snapshots (default: [console] refresh_interval)")
+    parser.add_argument("--keymap", type=Path, help="TOML file with a [keymap] table: binding id = \"keys\"")
+    parser.add_argument("--list-bindings", action="store_true", help="print every binding id and its keys, and exit")
+
+
+def run_console(args: argparse.Namespace, *, quit_after: float | None = None) -> int:
+    """Shared by `console` and `engine console`."""
+    from engine.cli import resolve_dsn
+    from engine.config import load_settings
+
+    if getattr(args, "list_bindings", False):
+        for binding_id, keys, description in all_bindings():
+            print(f"{binding_id:<32} {keys:<14} {description}")
+        return 0
+    try:
+        settings = load_settings(args.config, env=args.env, dsn=args.dsn)
+        dsn = resolve_dsn(settings)
+        keymap = load_keymap(args.keymap)
+    except SkiplockError as exc:
+        sys.stderr.write(f"console: error: {redact_dsn(str(exc))}\n")
+        return 2
+    refresh = args.refresh if args.refresh else settings.console.refresh_interval
+    app = ConsoleApp(dsn, read_only=bool(args.read_only or settings.console.read_only), refresh_interval=refresh,
+                     environment=settings.env, stale_after=settings.engine.stale_after, keymap=keymap,
+                     quit_after=quit_after)
+    app.run()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_console(build_parser().parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

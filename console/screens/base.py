@@ -1,0 +1,140 @@
+"""What every main screen shares: the status header, the `/` filter line, the footer."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, cast
+
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.css.query import NoMatches
+from textual.screen import Screen
+from textual.widgets import DataTable, Input
+
+from console.filters import Filter, FilterError, parse_filter
+from console.widgets.header import StatusHeader
+from console.widgets.keybar import KeyBar
+
+if TYPE_CHECKING:
+    from console.app import ConsoleApp
+
+
+class FilterInput(Input):
+    """The `/` line: qualifiers (flow:, error:, status:, age:) and free text. Esc closes it."""
+
+    BINDINGS = [Binding("escape", "close", "Close filter", show=False)]
+
+    def action_close(self) -> None:
+        screen = cast("ConsoleScreen", self.screen)
+        screen.close_filter()
+
+
+class ConsoleScreen(Screen[None]):
+    """A main screen (one key away). Subclasses compose `body()` and implement `update_view()`."""
+
+    FILTER_HINT = "flow:NAME error:TYPE status:S age:>1h  free text"
+    BINDINGS = [
+        Binding("slash", "filter", "Filter", id="skiplock.filter"),
+        Binding("escape", "clear_filter", "Clear filter", show=False, id="skiplock.clear_filter"),
+    ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.filter = Filter()
+        self.ready = False  # composed and mounted: the app may redraw it
+
+    @property
+    def console(self) -> "ConsoleApp":
+        return cast("ConsoleApp", self.app)
+
+    def compose(self) -> ComposeResult:
+        yield StatusHeader(id="status")
+        yield from self.body()
+        yield FilterInput(placeholder=f"filter: {self.FILTER_HINT}", id="filter")
+        yield KeyBar()
+
+    def body(self) -> ComposeResult:
+        return iter(())
+
+    def on_mount(self) -> None:
+        line = self.query_one("#filter", FilterInput)
+        line.display = False
+        line.cursor_blink = not self.console.fixed_clock  # snapshots: nothing moves
+        self.ready = True
+        self.update_header()
+        self.update_view({"all"})
+
+    def on_screen_resume(self) -> None:
+        if not self.ready:
+            return
+        # Paint what the screen showed last time at once (the key's answer), then bring it up to date.
+        self.update_header()
+        self.call_after_refresh(self.update_view, {"all"})
+
+    def update_header(self) -> None:
+        try:
+            header = self.query_one(StatusHeader)
+        except NoMatches:  # torn down while a redraw was queued
+            return
+        header.update(self.console.header_text())
+        header.set_class(self.console.database_down, "-down")
+
+    def update_view(self, changed: set[str]) -> None:
+        """Redraw what `changed` touches ('all', 'snapshot', 'counts', 'failures', 'dead', ...)."""
+
+    # -- filter -------------------------------------------------------------------------------------
+
+    def action_filter(self) -> None:
+        line = self.query_one("#filter", FilterInput)
+        line.value = self.filter.text
+        line.display = True
+        line.focus()
+
+    def close_filter(self) -> None:
+        line = self.query_one("#filter", FilterInput)
+        line.display = False
+        self.focus_main()
+
+    def focus_main(self) -> None:
+        tables = self.query(DataTable)
+        if tables:
+            tables.first().focus()
+
+    def on_input_submitted(self, event: Input.Submitted) -> None:
+        if event.input.id != "filter":
+            return
+        event.stop()
+        try:
+            self.set_filter(parse_filter(event.value))
+        except FilterError as exc:
+            self.notify(str(exc), title="Filter", severity="error")
+            return
+        self.close_filter()
+
+    def set_filter(self, new: Filter) -> None:
+        self.filter = new
+        self.filter_changed()
+
+    def filter_changed(self) -> None:
+        self.update_view({"all"})
+
+    def action_clear_filter(self) -> None:
+        if not self.filter.empty:
+            self.set_filter(Filter())
+
+    def filter_label(self) -> str:
+        return f"  filter: {self.filter.describe()}" if not self.filter.empty else ""
+
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        return self.console.check_write(action)
+
+    # -- helpers ----------------------------------------------------------------------------------
+
+    @staticmethod
+    def cursor_key(table: DataTable[Any]) -> str | None:
+        if table.row_count == 0:
+            return None
+        try:
+            row_key, _ = table.coordinate_to_cell_key(table.cursor_coordinate)
+        except Exception:  # the cursor sits past the end after rows were removed
+            return None
+        return None if row_key.value is None else str(row_key.value)

@@ -1,0 +1,207 @@
+"""Job detail: state, timeline (enqueued, each attempt with its error and traceback, rescue, end),
+payload as pretty JSON, run and result. Pushed on top of the screen it was opened from."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import TYPE_CHECKING, Any, cast
+
+import orjson
+from rich.console import Group
+from rich.json import JSON
+from rich.text import Text
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.css.query import NoMatches
+from textual.containers import Horizontal, VerticalScroll
+from textual.screen import Screen
+from textual.widgets import Static
+
+from console import format as fmt
+from console.screens.modals import ConfirmScreen
+from console.widgets.header import StatusHeader
+from console.widgets.keybar import KeyBar
+from engine.queue import Job
+
+if TYPE_CHECKING:
+    from console.app import ConsoleApp
+
+
+def timeline(job: Job, now: float) -> list[tuple[float, str, str, str]]:
+    """(time, event, detail, traceback) in order."""
+    entries: list[tuple[float, str, str, str]] = [
+        (job.created_at.timestamp(), "enqueued",
+         f"priority {job.priority}" + (f", run {job.run_id}" if job.run_id else "")
+         + (f", dedupe key {job.dedupe_key}" if job.dedupe_key else ""), ""),
+    ]
+    for entry in job.errors:
+        at = entry.get("at")
+        when = _when(at)
+        worker = entry.get("worker") or "?"
+        if entry.get("type") == "WorkerLost":
+            entries.append((when, "rescued", f"attempt {entry.get('attempt')}: worker {worker} stopped heartbeating; "
+                            "the job went back to pending", ""))
+            continue
+        permanent = " (permanent)" if entry.get("permanent") else ""
+        entries.append((when, f"attempt {entry.get('attempt')} failed",
+                        f"on {worker}: {entry.get('type')}{permanent}: {entry.get('message')}",
+                        str(entry.get("traceback") or "")))
+    if job.status == "running" and job.claimed_at is not None:
+        entries.append((job.claimed_at.timestamp(), f"attempt {job.attempts} running", f"claimed by {job.claimed_by}",
+                        ""))
+    if job.status == "pending" and job.run_at is not None:
+        due = job.run_at.timestamp()
+        label = "retry scheduled" if job.attempts else "scheduled"
+        entries.append((due, label if due > now else "waiting", f"attempt {job.attempts + 1} of {job.max_attempts}"
+                        + (f", due in {fmt.duration(due - now)}" if due > now else ""), ""))
+    if job.status == "completed":
+        if job.claimed_at is not None:
+            entries.append((job.claimed_at.timestamp(), f"attempt {job.attempts} claimed", f"by {job.claimed_by}", ""))
+        if job.finished_at is not None:
+            entries.append((job.finished_at.timestamp(), "completed", "", ""))
+    if job.status == "dead" and job.finished_at is not None:
+        entries.append((job.finished_at.timestamp(), "dead letter",
+                        f"after {job.attempts} of {job.max_attempts} attempt(s): {job.error_type}", ""))
+    entries.sort(key=lambda e: e[0])
+    return entries
+
+
+def _when(value: Any) -> float:
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return datetime.fromisoformat(value).timestamp()
+        except ValueError:
+            return 0.0
+    if isinstance(value, datetime):
+        return value.timestamp()
+    return 0.0
+
+
+class JobScreen(Screen[None]):
+    BINDINGS = [
+        Binding("escape,backspace", "back", "Back", id="skiplock.job.back"),
+        Binding("r", "retry", "Retry", id="skiplock.job.retry"),
+        Binding("x", "purge", "Purge", id="skiplock.job.purge"),
+    ]
+
+    def __init__(self, job_id: int) -> None:
+        super().__init__()
+        self.job_id = job_id
+        self.job: Job | None = None
+        self.missing = False
+        self.ready = False
+
+    @property
+    def console(self) -> "ConsoleApp":
+        return cast("ConsoleApp", self.app)
+
+    def compose(self) -> ComposeResult:
+        yield StatusHeader(id="status")
+        yield Static(Text(f"Job {self.job_id}  (loading…)", style="bold"), id="job-title", classes="title")
+        with VerticalScroll(id="job-body"):
+            yield Static("", id="job-timeline", classes="box")
+            with Horizontal(id="job-data"):
+                yield Static("", id="job-payload", classes="box")
+                yield Static("", id="job-result", classes="box")
+        yield KeyBar()
+
+    def on_mount(self) -> None:
+        self.ready = True
+        self.update_header()
+        self.query_one("#job-body").focus()
+        self.console.load_job(self.job_id, self)
+
+    def update_header(self) -> None:
+        try:
+            header = self.query_one(StatusHeader)
+        except NoMatches:  # torn down while a redraw was queued
+            return
+        header.update(self.console.header_text())
+        header.set_class(self.console.database_down, "-down")
+
+    def update_view(self, changed: set[str]) -> None:
+        self.update_header()
+
+    def job_loaded(self, job: Job | None) -> None:
+        self.job = job
+        self.missing = job is None
+        self.refresh_bindings()
+        title = self.query_one("#job-title", Static)
+        if job is None:
+            title.update(Text(f"Job {self.job_id} not found: it was purged, or completed and removed by "
+                              "retention", style="bold"))
+            return
+        theme = self.console.current_theme
+        status_style = {"dead": f"bold {theme.error}", "completed": f"bold {theme.success}",
+                        "running": f"bold {theme.accent}", "pending": f"bold {theme.warning}"}[job.status]
+        head = Text()
+        head.append(f"Job {job.id}", style="bold")
+        head.append("  ·  flow ")
+        head.append(job.flow, style="bold")
+        head.append("  ·  ")
+        head.append(job.status.upper(), style=status_style)
+        head.append(f"  ·  attempt {job.attempts} of {job.max_attempts}")
+        if job.run_id:
+            head.append(f"  ·  run {job.run_id}")
+        if job.error_type:
+            head.append(f"  ·  last error {job.error_type}: {fmt.clip(job.error_message, 60)}")
+        title.update(head)
+        tz = self.console.tz
+        lines = Text()
+        lines.append("Timeline\n", style="bold underline")
+        for at, event, detail, trace in timeline(job, self.console.now()):
+            lines.append(f"{fmt.stamp(at, tz)}  ", style="dim")
+            style = f"bold {theme.error}" if ("failed" in event or event == "dead letter") else "bold"
+            lines.append(f"{event:<18}", style=style)
+            lines.append(f" {detail}\n")
+            if trace:
+                for trace_line in trace.rstrip().splitlines()[-12:]:
+                    lines.append(f"{'':22}{trace_line}\n", style="dim")
+        self.query_one("#job-timeline", Static).update(lines)
+        payload = Group(Text("Payload", style="bold underline"), JSON(orjson.dumps(job.payload).decode()))
+        self.query_one("#job-payload", Static).update(payload)
+        result = Text("Result\n", style="bold underline")
+        if job.status == "completed":
+            result_body: Any = JSON(orjson.dumps(job.result).decode()) if job.result is not None else Text("null")
+        else:
+            result_body = Text(f"none yet ({job.status})", style="dim")
+        self.query_one("#job-result", Static).update(Group(result, result_body))
+
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        allowed = self.console.check_write(action)
+        if allowed is False:
+            return False
+        if action in ("retry", "purge"):
+            return True if (self.job is not None and self.job.status == "dead") else None
+        return True
+
+    def action_back(self) -> None:
+        self.app.pop_screen()
+
+    def action_retry(self) -> None:
+        if self.job is None or self.job.status != "dead":
+            return
+        job_id = self.job_id
+
+        def answered(yes: bool | None) -> None:
+            if yes:
+                self.console.retry_ids([job_id], then=lambda: self.console.load_job(job_id, self))
+            else:
+                self.notify("cancelled: nothing changed", timeout=3)
+
+        self.app.push_screen(ConfirmScreen("Retry dead letter", f"Retry job {job_id}?", "Retry"), answered)
+
+    def action_purge(self) -> None:
+        if self.job is None or self.job.status != "dead":
+            return
+        job_id = self.job_id
+
+        def answered(yes: bool | None) -> None:
+            if yes:
+                self.console.purge_ids([job_id], then=lambda: self.console.load_job(job_id, self))
+            else:
+                self.notify("cancelled: nothing changed", timeout=3)
+
+        self.app.push_screen(ConfirmScreen("Purge dead letter", f"Delete job {job_id} for good?", "Purge"), answered)

@@ -1,0 +1,117 @@
+"""Regenerate the README's console screenshots under live demo load.
+
+    python -m console.screenshots            # writes docs/img/console-{overview,failures,dead-letters}.svg
+    python -m console.screenshots --seconds 90 --out docs/img
+
+Starts a throwaway embedded PostgreSQL (or uses --dsn), migrates, runs two real `engine run`s with the
+built-in `noop`, `flaky` and `sleep` flows, feeds it the `engine dev` demo load (retries and dead letters
+included) for `--seconds`, then drives the console headless with Textual's `run_test` and saves an SVG
+of each screen with `App.save_screenshot`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+from console.app import ConsoleApp
+from console.screens.dead_letters import DeadLettersScreen
+from engine import db
+from engine.embedded import EmbeddedPostgres, make_temp_dir
+from engine.migrate import migrate
+from engine.queue import Queue
+
+REPO = Path(__file__).resolve().parent.parent
+SIZE = (120, 40)
+
+
+def feed(dsn: str, stop: threading.Event) -> None:
+    """The `engine dev` demo load, steadier: a no-op rate that swells and ebbs, `flaky` jobs that retry
+    and die, and a run of slow jobs still in progress when the screenshots are taken."""
+    with Queue(dsn) as queue:
+        queue.enqueue_many("sleep", [{"seconds": 0.005} for _ in range(40_000)], run_id="nightly-import")
+        tick = 0
+        while not stop.is_set():
+            noop = int(500 + 350 * math.sin(tick / 9.0))
+            queue.enqueue_many("noop", [{"feed": True}] * noop)
+            queue.enqueue_many("flaky", [{"fail": 0.3, "permanent": 0.3}] * 8, max_attempts=3)
+            tick += 1
+            stop.wait(0.5)
+
+
+async def shoot(dsn: str, out: Path, seconds: float) -> list[Path]:
+    """Attach at once and watch for `seconds`, so the 1-minute chart is all live ticks."""
+    app = ConsoleApp(dsn, environment="dev", dsn_label="embedded PostgreSQL (engine dev)", refresh_interval=1.0)
+    saved: list[Path] = []
+    async with app.run_test(size=SIZE) as pilot:
+        while not (app.feed_connected and app.snapshots > 0):
+            await pilot.pause(0.1)
+        app.window = 60
+        await asyncio.sleep(seconds)
+        saved.append(Path(app.save_screenshot("console-overview.svg", str(out))))
+        await pilot.press("2")
+        await pilot.pause(1.0)
+        saved.append(Path(app.save_screenshot("console-failures.svg", str(out))))
+        await pilot.press("3")
+        while not (isinstance(app.screen, DeadLettersScreen) and app.screen.page is not None):
+            await pilot.pause(0.1)
+        await pilot.press("down", "space", "down", "down", "space")  # two selected, as before a retry
+        await pilot.pause(0.5)
+        saved.append(Path(app.save_screenshot("console-dead-letters.svg", str(out))))
+    return saved
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m console.screenshots", description=__doc__.splitlines()[0])
+    parser.add_argument("--dsn", help="use this database instead of a throwaway embedded one")
+    parser.add_argument("--out", type=Path, default=REPO / "docs" / "img")
+    parser.add_argument("--seconds", type=float, default=75.0, help="demo load before the screenshots")
+    args = parser.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    base = None
+    server = None
+    dsn = args.dsn
+    if dsn is None:
+        base = make_temp_dir("skiplock-shots-")
+        server = EmbeddedPostgres(base / "data").start()
+        dsn = server.dsn()
+    engines: list[subprocess.Popen[bytes]] = []
+    stop = threading.Event()
+    try:
+        with db.connect(dsn) as conn:
+            migrate(conn)
+        feeder = threading.Thread(target=feed, args=(dsn, stop), daemon=True)
+        feeder.start()
+        log = open((base or Path("/tmp")) / "screenshots-engine.log", "wb")
+        env = {**os.environ, "SKIPLOCK_DSN": dsn}
+        # Two engines, as a fleet would have: the slow run on its own, so it does not hold up the others.
+        engines = [subprocess.Popen([sys.executable, "-m", "engine.cli", "run", "--workers", str(workers),
+                                     "--flows", flows], stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
+                   for workers, flows in ((2, "noop,flaky"), (1, "sleep"))]
+        print(f"demo load for {args.seconds:.0f} s, the console attached ...", flush=True)
+        for path in asyncio.run(shoot(dsn, args.out, args.seconds)):
+            print(f"wrote {path}")
+    finally:
+        stop.set()
+        for engine in engines:
+            if engine.poll() is None:
+                engine.send_signal(signal.SIGTERM)
+        for engine in engines:
+            engine.wait(60)
+        if server is not None:
+            server.stop()
+        if base is not None:
+            shutil.rmtree(base, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
