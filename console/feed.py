@@ -1,7 +1,7 @@
 """The live feed: one dedicated async connection that LISTENs and turns notifications into messages.
 
-It listens on `skiplock_events` (every telemetry event, see engine/telemetry.py) and `skiplock_flows`
-(pause and resume from `engine pause`, the API or another console). Notifications that arrive
+It listens on `skiplock_events` (every telemetry event, see engine/telemetry.py, including pause and
+resume from `engine pause`, the API or another console). Notifications that arrive
 together are posted as one `FeedEvents` message, so 16 workers ticking every second cost the app
 a few messages a second, whatever the job rate. A notification is a hint that something changed:
 counts that must be exact are re-read from the tables.
@@ -31,8 +31,7 @@ from engine.db import CONNECT_TIMEOUT_S
 from engine.sql import Q
 from engine.telemetry import ENQUEUED_CHANNEL, EVENT_VERSION, EVENTS_CHANNEL
 
-FLOWS_CHANNEL: Final = "skiplock_flows"
-CHANNELS: Final = (EVENTS_CHANNEL, FLOWS_CHANNEL)
+CHANNELS: Final = (EVENTS_CHANNEL,)
 KEEPALIVE_S: Final = 5.0
 BATCH_WINDOW_S: Final = 0.02  # after the first notification, wait this long for the rest of a burst
 BATCH_MAX: Final = 500

@@ -613,6 +613,5 @@ SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY;
 EXPLAIN (FORMAT JSON) SELECT 1 FROM skiplock.jobs WHERE flow = %(flow)s AND status = %(status)s::skiplock.job_status;
 
 -- name: console_listen
--- The console's live feed: telemetry events, and pause/resume from any operator.
+-- The console's live feed: telemetry events, pause/resume from any operator included.
 LISTEN skiplock_events;
-LISTEN skiplock_flows;
