@@ -15,14 +15,12 @@ from __future__ import annotations
 import math
 import multiprocessing
 import os
-import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +30,7 @@ import psycopg
 from bench.handlers import read_stamps
 from engine import db
 from engine.queue import Queue
+from engine.telemetry import ENQUEUED_CHANNEL
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -197,12 +196,20 @@ def _toml_flow(name: str, policy: Mapping[str, Any]) -> str:
     return "\n".join(lines).replace("'", '"')
 
 
+def _die_with_parent() -> None:
+    """In the engine's process before exec: SIGTERM (a graceful stop) when the suite dies, so a killed
+    run leaves no engine behind reconnecting to a server that is gone."""
+    import ctypes
+
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
 class Engine:
     """`engine run --workers N --flows ...` as a subprocess, with every flow paused until a round.
 
-    `drain_round` enqueues while the flow is paused, resumes it (the clock starts), and stops the
-    clock at the last acknowledgement (its `finished_at` in jobs_done, server time; the machine
-    clock is shared).
+    `drain_round` enqueues while the flow is paused, resumes it (the clock starts) and stops the
+    clock when a poll sees nothing of the flow pending or running, then checks every job completed
+    exactly once.
     """
 
     def __init__(self, dsn: str, workdir: Path, workers: int, flows: Mapping[str, Mapping[str, Any]],
@@ -236,7 +243,7 @@ class Engine:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "engine.cli", "run", "--config", str(self.config),
                  "--workers", str(self.workers), "--flows", ",".join(self.flows)],
-                stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
+                stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO, preexec_fn=_die_with_parent)
         self._wait_ready()
         return self
 
@@ -246,8 +253,8 @@ class Engine:
         deadline = time.monotonic() + timeout
         while True:
             listening = self.conn.execute(
-                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
-                "AND query = 'LISTEN skiplock_enqueued'").fetchone()[0]
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND query = %s",
+                (f"LISTEN {ENQUEUED_CHANNEL}",)).fetchone()[0]
             if listening >= self.workers:
                 break
             if self.process.poll() is not None or time.monotonic() > deadline:
@@ -260,7 +267,7 @@ class Engine:
             self.process.send_signal(signal.SIGTERM)
             if self.conn is not None:  # wake idle workers now rather than at their next poll
                 time.sleep(0.05)
-                self.conn.execute("SELECT pg_notify('skiplock_enqueued', '')")
+                self.conn.execute("SELECT pg_notify(%s, '')", (ENQUEUED_CHANNEL,))
             try:
                 self.process.wait(60)
             except subprocess.TimeoutExpired:
@@ -635,12 +642,3 @@ def soak(engine: Engine, flow: str, rate: float, seconds: float, sample_every: f
     engine.wait_drained(flow, timeout=300)
     engine.check_completed(flow, since - 1.0, sent)
     return Soak(rate, seconds, sent, load.skipped, samples)
-
-
-@contextmanager
-def scratch_dir(prefix: str) -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix=prefix))
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
