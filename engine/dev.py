@@ -16,6 +16,7 @@ import signal
 import sys
 import threading
 import time
+from multiprocessing.process import BaseProcess
 from typing import Any
 
 from engine import db
@@ -26,6 +27,7 @@ from engine.migrate import migrate
 from engine.queue import Queue
 
 DEMO_FEED_PER_SECOND = 200
+DEMO_FLOWS = "noop,sleep,flaky"
 
 
 def enqueue_demo(queue: Queue, jobs: int) -> None:
@@ -35,7 +37,7 @@ def enqueue_demo(queue: Queue, jobs: int) -> None:
                        max_attempts=3)
 
 
-def _engine_child(dsn: str, args: argparse.Namespace, log_path: str | None = None) -> None:
+def _engine_child(engine_args: argparse.Namespace, log_path: str | None) -> None:
     from engine.supervisor import run_engine
 
     os.setpgrp()  # our Ctrl-C handling forwards SIGTERM; the engine must not get the terminal's SIGINT too
@@ -44,9 +46,38 @@ def _engine_child(dsn: str, args: argparse.Namespace, log_path: str | None = Non
         os.dup2(log_fd, 1)
         os.dup2(log_fd, 2)
         os.close(log_fd)
-    engine_args = argparse.Namespace(config=args.config, env=args.env, dsn=dsn, workers=args.workers,
-                                     flows="noop,sleep,flaky", drain=False)
     sys.exit(run_engine(engine_args))
+
+
+def start_engine_process(dsn: str, args: argparse.Namespace, *, flows: str, drain: bool = False,
+                         config: Any = None, log_path: str | None = None) -> BaseProcess:
+    """`engine run` in a forked child of this process (which owns the embedded database)."""
+    engine_args = argparse.Namespace(config=config if config is not None else args.config, env=args.env, dsn=dsn,
+                                     workers=args.workers, flows=flows, drain=drain)
+    engine = multiprocessing.get_context("fork").Process(target=_engine_child, args=(engine_args, log_path),
+                                                         name="skiplock-engine")
+    engine.start()
+    return engine
+
+
+def stop_requested_by_signals() -> dict[str, bool]:
+    """Ctrl-C and SIGTERM set the returned flag instead of interrupting; the caller stops in order."""
+    stop = {"requested": False}
+
+    def on_signal(signum: int, frame: Any) -> None:
+        stop["requested"] = True
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    return stop
+
+
+def stop_engine(engine: BaseProcess) -> int:
+    """SIGTERM (the engine drains), wait, and its exit code."""
+    if engine.is_alive():
+        os.kill(engine.pid, signal.SIGTERM)  # type: ignore[arg-type]
+    engine.join()
+    return 0 if engine.exitcode in (0, None) else int(engine.exitcode)
 
 
 def run_dev(args: argparse.Namespace) -> int:
@@ -68,7 +99,7 @@ def run_dev(args: argparse.Namespace) -> int:
         print(f"schema migrated ({len(applied)} migration(s) applied)", flush=True)
         with Queue(dsn) as queue:
             enqueue_demo(queue, args.jobs)
-        print(f"enqueued demo jobs to noop, sleep and flaky", flush=True)
+        print("enqueued demo jobs to noop, sleep and flaky", flush=True)
         status_args = argparse.Namespace(config=args.config, env=args.env, dsn=dsn, flow=None, json=False)
         if args.no_engine:
             cmd_status(status_args)
@@ -82,15 +113,8 @@ def run_dev(args: argparse.Namespace) -> int:
 def _run_with_engine(dsn: str, args: argparse.Namespace, status_args: argparse.Namespace) -> int:
     if _console_wanted(args):
         return _run_with_console(dsn, args, status_args)
-    engine = multiprocessing.get_context("fork").Process(target=_engine_child, args=(dsn, args), name="skiplock-engine")
-    engine.start()
-    stop = {"requested": False}
-
-    def on_signal(signum: int, frame: Any) -> None:
-        stop["requested"] = True
-
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
+    engine = start_engine_process(dsn, args, flows=DEMO_FLOWS)
+    stop = stop_requested_by_signals()
     deadline = time.monotonic() + args.seconds if args.seconds else None
     print("engine running; Ctrl-C stops (status every 5 s)", flush=True)
     with Queue(dsn) as queue:
@@ -105,11 +129,9 @@ def _run_with_engine(dsn: str, args: argparse.Namespace, status_args: argparse.N
                 next_status = time.monotonic() + 5.0
                 cmd_status(status_args)
                 print(flush=True)
-    if engine.is_alive():
-        os.kill(engine.pid, signal.SIGTERM)  # type: ignore[arg-type]
-    engine.join()
+    code = stop_engine(engine)
     cmd_status(status_args)
-    return 0 if engine.exitcode in (0, None) else int(engine.exitcode)
+    return code
 
 
 # ---------------------------------------------------------------------------------------------
@@ -138,9 +160,7 @@ def _run_with_console(dsn: str, args: argparse.Namespace, status_args: argparse.
 
     settings = load_settings(args.config, env=args.env, dsn=args.dsn)
     log_path = str((args.data_dir or default_data_dir()).parent / "engine-dev.log")
-    engine = multiprocessing.get_context("fork").Process(target=_engine_child, args=(dsn, args, log_path),
-                                                         name="skiplock-engine")
-    engine.start()
+    engine = start_engine_process(dsn, args, flows=DEMO_FLOWS, log_path=log_path)
     stop = threading.Event()
     feeder = threading.Thread(target=_feed_demo_load, args=(dsn, stop), name="skiplock-demo-feed", daemon=True)
     feeder.start()
@@ -154,9 +174,7 @@ def _run_with_console(dsn: str, args: argparse.Namespace, status_args: argparse.
         signal.signal(signal.SIGTERM, previous)
         stop.set()
         print(f"stopping: the engine drains (its log: {log_path}), then the database stops", flush=True)
-        if engine.is_alive():
-            os.kill(engine.pid, signal.SIGTERM)  # type: ignore[arg-type]
-        engine.join()
+        code = stop_engine(engine)
         feeder.join(timeout=5)
     cmd_status(status_args)
-    return 0 if engine.exitcode in (0, None) else int(engine.exitcode)
+    return code

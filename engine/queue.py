@@ -17,7 +17,7 @@ import time
 import uuid
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Final, Literal, NamedTuple
 
@@ -27,7 +27,7 @@ from psycopg_pool import ConnectionPool
 
 from engine import db
 from engine.config import redact_text
-from engine.errors import DatabaseUnavailable, SchemaOutdated, ValidationError
+from engine.errors import DatabaseUnavailable, ValidationError
 from engine.migrate import REQUIRED_SCHEMA_VERSION, require_schema, schema_version
 from engine.sql import Q
 from engine.telemetry import encode_event

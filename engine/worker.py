@@ -474,7 +474,7 @@ class Worker:
         self._hard_stop_at = 0.0
 
     def _on_timeout(self, signum: int, frame: Any) -> None:
-        raise JobTimeout(f"handler ran past its timeout")
+        raise JobTimeout("handler ran past its timeout")
 
     # -- idle ----------------------------------------------------------------------------------------
 

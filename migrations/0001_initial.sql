@@ -53,8 +53,10 @@ ALTER TABLE skiplock.jobs SET (
 
 -- The claim: one flow, pending, priority then FIFO by run_at. Bounded by LIMIT.
 CREATE INDEX jobs_claim_idx ON skiplock.jobs (flow, priority DESC, run_at, id) WHERE status = 'pending';
--- Rescue and orphan cleanup: running jobs by holder and by claim time.
-CREATE INDEX jobs_running_idx ON skiplock.jobs (claimed_by, claimed_at) WHERE status = 'running';
+-- Running jobs by flow (the fleet-wide concurrency count) and claim time (orphan cleanup). Not by
+-- claimed_by: with it the planner could answer an ack's "running under this worker" from this index,
+-- misestimate one row, and nested-loop 500 acked ids against it (measured 8-44 ms per ack under load).
+CREATE INDEX jobs_running_idx ON skiplock.jobs (flow, claimed_at) WHERE status = 'running';
 -- Dead letters by flow and age.
 CREATE INDEX jobs_dead_idx ON skiplock.jobs (flow, finished_at) WHERE status = 'dead';
 -- Run progress and the last-man-standing check.

@@ -1,6 +1,6 @@
 from collections import Counter
 
-from conftest import scalar, wait_for
+from conftest import scalar
 from engine.queue import Queue
 from support.handlers import read_records
 

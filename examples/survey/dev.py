@@ -12,17 +12,15 @@ With SURVEYHUB_ODBC already set, that source is used as it is and no sample data
 from __future__ import annotations
 
 import argparse
-import multiprocessing
 import os
-import signal
-import sys
 import time
 from pathlib import Path
-from typing import Any, Final
+from typing import Final
 
 from engine import db
 from engine.cli import cmd_status
 from engine.config import load_settings
+from engine.dev import start_engine_process, stop_engine, stop_requested_by_signals
 from engine.embedded import EmbeddedPostgres, default_data_dir
 from engine.migrate import migrate
 from engine.queue import DeadLetterFilter, Queue
@@ -35,15 +33,6 @@ from examples.survey.sample_data import create_source_data, sqlite_connection_st
 ENV_VAR: Final = "SURVEYHUB_ODBC"
 MISSING_SURVEY_ID: Final = 999_999
 SAMPLE_SURVEYS: Final = 200
-
-
-def _engine_child(dsn: str, args: argparse.Namespace, config: str) -> None:
-    from engine.supervisor import run_engine
-
-    os.setpgrp()  # Ctrl-C reaches us; we forward SIGTERM so the engine drains
-    engine_args = argparse.Namespace(config=config, env=args.env, dsn=dsn, workers=args.workers, flows=FLOW,
-                                     drain=True)
-    sys.exit(run_engine(engine_args))
 
 
 def run_example(args: argparse.Namespace) -> int:
@@ -92,26 +81,15 @@ def run_example(args: argparse.Namespace) -> int:
 
 
 def _run_engine(dsn: str, args: argparse.Namespace, config: str) -> int:
-    engine = multiprocessing.get_context("fork").Process(target=_engine_child, args=(dsn, args, config),
-                                                         name="skiplock-engine")
-    engine.start()
-    stop = {"requested": False}
-
-    def on_signal(signum: int, frame: Any) -> None:
-        stop["requested"] = True
-
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
+    engine = start_engine_process(dsn, args, flows=FLOW, drain=True, config=config)
+    stop = stop_requested_by_signals()
     deadline = time.monotonic() + args.seconds if args.seconds else None
     print("engine running until the survey queue is drained; Ctrl-C stops", flush=True)
     while engine.is_alive() and not stop["requested"]:
         if deadline is not None and time.monotonic() >= deadline:
             break
         engine.join(0.2)
-    if engine.is_alive():
-        os.kill(engine.pid, signal.SIGTERM)  # type: ignore[arg-type]
-    engine.join()
-    return 0 if engine.exitcode in (0, None) else int(engine.exitcode)
+    return stop_engine(engine)
 
 
 def _print_outcome(dsn: str) -> None:
