@@ -29,7 +29,7 @@ from typing import Any, Final
 
 import psycopg
 from rich.text import Text
-from textual.app import App, SystemCommand
+from textual.app import App, ScreenStackError, SystemCommand
 from textual.binding import Binding
 from textual.screen import Screen
 from textual.timer import Timer
@@ -262,7 +262,10 @@ class ConsoleApp(App[None]):
             return
         changes = self._pending | (force or set())
         self._pending = set()
-        screen = self.screen
+        try:
+            screen = self.screen
+        except ScreenStackError:  # a timer firing while the app shuts down: nothing left to draw
+            return
         if isinstance(screen, (ConsoleScreen, JobScreen)) and screen.ready:
             screen.update_header()
             if changes or isinstance(screen, OverviewScreen):
