@@ -6,12 +6,11 @@ from typing import TYPE_CHECKING, Any, cast
 
 from textual.app import ComposeResult
 from textual.binding import Binding
-from textual.css.query import NoMatches
 from textual.screen import Screen
 from textual.widgets import DataTable, Input
 
 from console.filters import Filter, FilterError, parse_filter
-from console.widgets.header import StatusHeader
+from console.widgets.header import StatusHeader, refresh_header
 from console.widgets.keybar import KeyBar
 
 if TYPE_CHECKING:
@@ -71,12 +70,7 @@ class ConsoleScreen(Screen[None]):
         self.call_after_refresh(self.update_view, {"all"})
 
     def update_header(self) -> None:
-        try:
-            header = self.query_one(StatusHeader)
-        except NoMatches:  # torn down while a redraw was queued
-            return
-        header.update(self.console.header_text())
-        header.set_class(self.console.database_down, "-down")
+        refresh_header(self, self.console.header_text(), self.console.database_down)
 
     def update_view(self, changed: set[str]) -> None:
         """Redraw what `changed` touches ('all', 'snapshot', 'counts', 'failures', 'dead', ...)."""

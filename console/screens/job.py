@@ -12,14 +12,13 @@ from rich.json import JSON
 from rich.text import Text
 from textual.app import ComposeResult
 from textual.binding import Binding
-from textual.css.query import NoMatches
 from textual.containers import Horizontal, VerticalScroll
 from textual.screen import Screen
 from textual.widgets import Static
 
 from console import format as fmt
 from console.screens.modals import ConfirmScreen
-from console.widgets.header import StatusHeader
+from console.widgets.header import StatusHeader, refresh_header
 from console.widgets.keybar import KeyBar
 from engine.queue import Job
 
@@ -114,12 +113,7 @@ class JobScreen(Screen[None]):
         self.console.load_job(self.job_id, self)
 
     def update_header(self) -> None:
-        try:
-            header = self.query_one(StatusHeader)
-        except NoMatches:  # torn down while a redraw was queued
-            return
-        header.update(self.console.header_text())
-        header.set_class(self.console.database_down, "-down")
+        refresh_header(self, self.console.header_text(), self.console.database_down)
 
     def update_view(self, changed: set[str]) -> None:
         self.update_header()

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+from textual.css.query import NoMatches
+from textual.screen import Screen
 from textual.widgets import Static
 
 
@@ -12,3 +16,13 @@ class StatusHeader(Static):
     StatusHeader { height: 2; padding: 0 1; background: $panel; text-wrap: nowrap; text-overflow: ellipsis; }
     StatusHeader.-down { background: $error 30%; }
     """
+
+
+def refresh_header(screen: "Screen[Any]", text: Any, database_down: bool) -> None:
+    """Redraw a screen's StatusHeader, if the screen still has one (it may be torn down)."""
+    try:
+        header = screen.query_one(StatusHeader)
+    except NoMatches:  # torn down while a redraw was queued
+        return
+    header.update(text)
+    header.set_class(database_down, "-down")
