@@ -17,6 +17,7 @@ import sys
 import threading
 import time
 from multiprocessing.process import BaseProcess
+from pathlib import Path
 from typing import Any
 
 from engine import db
@@ -80,19 +81,22 @@ def stop_engine(engine: BaseProcess) -> int:
     return 0 if engine.exitcode in (0, None) else int(engine.exitcode)
 
 
+def database_for(dsn: str | None, data_dir: Path) -> tuple[EmbeddedPostgres | None, str]:
+    """The configured database, or else an embedded server started in `data_dir` (the caller stops it)."""
+    if dsn is not None:
+        return None, dsn
+    print(f"starting embedded PostgreSQL in {data_dir} ...", flush=True)
+    server = EmbeddedPostgres(data_dir).start()
+    return server, server.dsn()
+
+
 def run_dev(args: argparse.Namespace) -> int:
     if getattr(args, "example", None):  # `engine dev --example survey`: an example flow instead of the demo
         import importlib
 
         return int(importlib.import_module(f"examples.{args.example}.dev").run_example(args))
     settings = load_settings(args.config, env=args.env, dsn=args.dsn)
-    server: EmbeddedPostgres | None = None
-    dsn = settings.dsn
-    if dsn is None:
-        data_dir = args.data_dir or default_data_dir()
-        print(f"starting embedded PostgreSQL in {data_dir} ...", flush=True)
-        server = EmbeddedPostgres(data_dir).start()
-        dsn = server.dsn()
+    server, dsn = database_for(settings.dsn, args.data_dir or default_data_dir())
     try:
         with db.connect(dsn) as conn:
             applied = migrate(conn)

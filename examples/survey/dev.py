@@ -20,8 +20,8 @@ from typing import Final
 from engine import db
 from engine.cli import cmd_status
 from engine.config import load_settings
-from engine.dev import start_engine_process, stop_engine, stop_requested_by_signals
-from engine.embedded import EmbeddedPostgres, default_data_dir
+from engine.dev import database_for, start_engine_process, stop_engine, stop_requested_by_signals
+from engine.embedded import default_data_dir
 from engine.migrate import migrate
 from engine.queue import DeadLetterFilter, Queue
 from engine.sources import Source, SourceConfig
@@ -46,12 +46,7 @@ def run_example(args: argparse.Namespace) -> int:
         print(f"sample SurveyHub written to {sqlite_file} ({SAMPLE_SURVEYS} surveys, {len(submitted)} submitted)",
               flush=True)
     settings = load_settings(config, env=args.env, dsn=args.dsn)
-    server: EmbeddedPostgres | None = None
-    dsn = settings.dsn
-    if dsn is None:
-        print(f"starting embedded PostgreSQL in {data_dir} ...", flush=True)
-        server = EmbeddedPostgres(data_dir).start()
-        dsn = server.dsn()
+    server, dsn = database_for(settings.dsn, data_dir)
     try:
         with db.connect(dsn) as conn:
             applied = migrate(conn)

@@ -13,13 +13,17 @@ from typing import Any
 from engine.errors import PermanentError
 
 
-def _record(payload: dict[str, Any]) -> None:
-    path = os.environ["SKIPLOCK_TEST_RECORD"]
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+def _append_line(env_var: str, line: str) -> None:
+    """One O_APPEND write per line: atomic across worker processes."""
+    fd = os.open(os.environ[env_var], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
-        os.write(fd, f"{payload['n']} {os.getpid()}\n".encode())
+        os.write(fd, f"{line}\n".encode())
     finally:
         os.close(fd)
+
+
+def _record(payload: dict[str, Any]) -> None:
+    _append_line("SKIPLOCK_TEST_RECORD", f"{payload['n']} {os.getpid()}")
 
 
 def record(payload: dict[str, Any]) -> None:
@@ -47,12 +51,8 @@ def hang(payload: dict[str, Any]) -> None:
 
 
 def on_run_complete(run_id: str, summary: dict[str, Any]) -> None:
-    path = os.environ["SKIPLOCK_TEST_HOOKS"]
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        os.write(fd, f"{run_id} {summary['total']} {summary['completed']} {summary['dead']} {os.getpid()}\n".encode())
-    finally:
-        os.close(fd)
+    _append_line("SKIPLOCK_TEST_HOOKS",
+                 f"{run_id} {summary['total']} {summary['completed']} {summary['dead']} {os.getpid()}")
 
 
 def read_records(path: str) -> list[tuple[int, int]]:
@@ -70,11 +70,7 @@ def record_timed(payload: dict[str, Any]) -> None:
     start = time.time()
     time.sleep(float(payload.get("sleep", 0.0)))
     end = time.time()
-    fd = os.open(os.environ["SKIPLOCK_TEST_TIMED"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        os.write(fd, f"{payload['n']} {os.getpid()} {start:.6f} {end:.6f}\n".encode())
-    finally:
-        os.close(fd)
+    _append_line("SKIPLOCK_TEST_TIMED", f"{payload['n']} {os.getpid()} {start:.6f} {end:.6f}")
 
 
 def fail_until_marker(payload: dict[str, Any]) -> None:
