@@ -155,9 +155,6 @@ class Snapshot:
     def engines(self) -> int:
         return len({w.engine_id for w in self.workers if w.live})
 
-    def dead_total(self) -> int:
-        return sum(f.dead for f in self.flows)
-
 
 @dataclass(frozen=True)
 class DeadLetterPage:
@@ -167,10 +164,6 @@ class DeadLetterPage:
     now: float
     limit: int
     timings_ms: dict[str, float] = field(default_factory=dict)
-
-
-def _ts(value: datetime | None) -> float | None:
-    return value.timestamp() if value is not None else None
 
 
 def _json(value: Any) -> dict[str, Any]:

@@ -29,9 +29,8 @@ from console.messages import FeedEvents, FeedStatus
 from engine.config import redact_dsn
 from engine.db import CONNECT_TIMEOUT_S
 from engine.sql import Q
-from engine.telemetry import ENQUEUED_CHANNEL, EVENT_VERSION, EVENTS_CHANNEL
+from engine.telemetry import ENQUEUED_CHANNEL, EVENT_VERSION
 
-CHANNELS: Final = (EVENTS_CHANNEL,)
 KEEPALIVE_S: Final = 5.0
 BATCH_WINDOW_S: Final = 0.02  # after the first notification, wait this long for the rest of a burst
 BATCH_MAX: Final = 500
@@ -68,14 +67,13 @@ class Feed:
         self.clock = clock
         self.keepalive = keepalive
         self.connected = False
-        self.received = 0
         self.ignored = 0
 
     async def connect(self) -> psycopg.AsyncConnection[Any]:
         conn = await psycopg.AsyncConnection.connect(
             self.dsn, autocommit=True, application_name=APPLICATION_NAME, connect_timeout=CONNECT_TIMEOUT_S,
             options=f"-c statement_timeout={statement_timeout_ms(self.refresh_interval)}")
-        await conn.execute(Q.console_listen)  # LISTEN on CHANNELS
+        await conn.execute(Q.console_listen)  # LISTEN on telemetry.EVENTS_CHANNEL
         return conn
 
     async def run(self) -> None:
@@ -125,6 +123,5 @@ class Feed:
                     self.ignored += 1
                 else:
                     events.append(event)
-            self.received += len(events)
             if events:
                 self.post(FeedEvents(events))

@@ -1,4 +1,4 @@
-"""The `engine` command. Contract in DESIGN.md; every subcommand has --help.
+"""The `engine` command. Contract: README.md, "The `engine` command"; every subcommand has --help.
 
 Exit codes: 0 ok; 1 `health` degraded (or an operation that found nothing to do where noted);
 2 bad input, unreachable database or `health` unhealthy; see `engine run --help` for the engine's own.
@@ -360,7 +360,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="print the status every 5 s instead of opening the console (also when stdout is not a terminal)")
     p.add_argument("--example", choices=["survey"],
                    help="run an example flow end to end instead of the demo load (survey: a SQLite "
-                        "source read over ODBC, scores written to Postgres; see examples/survey)")
+                        "source read over ODBC, scores written to Postgres; see engine/examples/survey)")
     p.set_defaults(func=cmd_dev)
 
     p = sub.add_parser("run", parents=[common], help="run the worker pool (see exit codes below)",

@@ -94,7 +94,7 @@ def run_dev(args: argparse.Namespace) -> int:
     if getattr(args, "example", None):  # `engine dev --example survey`: an example flow instead of the demo
         import importlib
 
-        return int(importlib.import_module(f"examples.{args.example}.dev").run_example(args))
+        return int(importlib.import_module(f"engine.examples.{args.example}.dev").run_example(args))
     settings = load_settings(args.config, env=args.env, dsn=args.dsn)
     server, dsn = database_for(settings.dsn, args.data_dir or default_data_dir())
     try:

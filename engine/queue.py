@@ -38,7 +38,6 @@ MAX_KEY_LENGTH: Final = 255
 PRIORITY_RANGE: Final = range(-32768, 32768)
 DEFAULT_MAX_ATTEMPTS: Final = 5
 RESCUE_SLICE: Final = 10_000
-NOTIFY_CHANNEL_ENQUEUED: Final = "skiplock_enqueued"
 
 JobStatus = Literal["pending", "running", "completed", "dead"]
 
@@ -693,10 +692,6 @@ def _first_line(exc: BaseException) -> str:
     """The error's first line with DSN passwords redacted (libpq quotes a malformed URI whole)."""
     text = (str(exc).strip() or type(exc).__name__).splitlines()[0]
     return redact_text(text)
-
-
-def new_worker_id(engine_id: str, index: int) -> str:
-    return f"{socket.gethostname()}:{os.getpid()}:{engine_id[:8]}:{index}"
 
 
 def new_engine_id() -> str:

@@ -43,7 +43,6 @@ from engine.worker import WorkerSpec, worker_main
 log = logging.getLogger("skiplock.engine")
 
 EXIT_OK: Final = 0
-EXIT_CONFIG: Final = 2
 EXIT_FORCED: Final = 3
 EXIT_CRASH_LOOP: Final = 4
 

@@ -1,6 +1,6 @@
 """Behaviour of the ops console, driven with App.run_test() and Pilot against the real PostgreSQL.
 
-Every write is checked in SQL. Data comes from the fixed seed of test_console_snapshots.py.
+Every write is checked in SQL. Data comes from the fixed seed in tests/support/console_seed.py.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ import pytest
 from textual.pilot import Pilot
 from textual.widgets import DataTable
 
-from conftest import scalar
 from console.app import ConsoleApp, load_keymap
 from console.data import DataSource, statement_timeout_ms
 from console.feed import Feed, decode
@@ -31,7 +30,8 @@ from console.screens.overview import OverviewScreen
 from console.state import LiveState
 from engine.sql import Q
 from engine.telemetry import encode_event
-from test_console_snapshots import failure_events, make_app, seed, wait_until
+from support.console_seed import failure_events, make_app, seed, wait_until
+from support.postgres import scalar
 
 SIZE = (120, 40)
 

@@ -1,10 +1,12 @@
-"""Repository contracts: the README's commands, CI running them, and the engine/console boundary."""
+"""Repository contracts: the README's commands, CI running them, the engine/console boundary, test imports."""
 
 from __future__ import annotations
 
+import ast
 import re
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -37,3 +39,20 @@ def test_engine_never_imports_the_console() -> None:
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def imported_modules(path: Path) -> Iterator[tuple[int, str]]:
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            yield from ((node.lineno, alias.name) for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            yield node.lineno, node.module
+
+
+def test_tests_import_helpers_from_support_not_from_other_tests() -> None:
+    """Shared helpers live in tests/support/; its fixtures are plugins registered in tests/conftest.py."""
+    bad = [f"{path.relative_to(ROOT)}:{line}: imports {module}"
+           for path in sorted((ROOT / "tests").rglob("*.py"))
+           for line, module in imported_modules(path)
+           if module.split(".")[0] == "conftest" or module.split(".")[0].startswith("test_")]
+    assert bad == [], "\n".join(bad)
