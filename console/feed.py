@@ -26,9 +26,9 @@ from textual.message import Message
 
 from console.data import APPLICATION_NAME, statement_timeout_ms
 from console.messages import FeedEvents, FeedStatus
+from engine import store
 from engine.config import redact_dsn
 from engine.db import CONNECT_TIMEOUT_S
-from engine.sql import Q
 from engine.telemetry import ENQUEUED_CHANNEL, EVENT_VERSION, EVENTS_CHANNEL
 
 CHANNELS: Final = (EVENTS_CHANNEL,)
@@ -75,7 +75,7 @@ class Feed:
         conn = await psycopg.AsyncConnection.connect(
             self.dsn, autocommit=True, application_name=APPLICATION_NAME, connect_timeout=CONNECT_TIMEOUT_S,
             options=f"-c statement_timeout={statement_timeout_ms(self.refresh_interval)}")
-        await conn.execute(Q.console_listen)  # LISTEN on CHANNELS
+        await store.console_listen(conn)  # LISTEN on CHANNELS
         return conn
 
     async def run(self) -> None:
@@ -112,7 +112,7 @@ class Feed:
                 batch.append(notify)
             if not batch:
                 # Nothing for `keepalive` seconds: make sure the server is still there.
-                await asyncio.wait_for(conn.execute(Q.health_ping), timeout=CONNECT_TIMEOUT_S)
+                await asyncio.wait_for(store.health_ping_async(conn), timeout=CONNECT_TIMEOUT_S)
                 continue
             async for notify in conn.notifies(timeout=BATCH_WINDOW_S, stop_after=BATCH_MAX):
                 batch.append(notify)
