@@ -29,7 +29,7 @@ from console.messages import FeedEvents, FeedStatus
 from engine import store
 from engine.config import redact_dsn
 from engine.db import CONNECT_TIMEOUT_S
-from engine.telemetry import ENQUEUED_CHANNEL, EVENT_VERSION, EVENTS_CHANNEL
+from engine.telemetry import ENQUEUED_CHANNEL, EVENT_VERSION, EVENTS_CHANNEL, AnyEvent
 
 CHANNELS: Final = (EVENTS_CHANNEL,)
 KEEPALIVE_S: Final = 5.0
@@ -46,15 +46,16 @@ def describe_error(exc: BaseException) -> str:
     return _URL_IN_TEXT.sub(lambda m: redact_dsn(m.group(0)), redact_dsn(text))
 
 
-def decode(payload: str) -> dict[str, Any] | None:
-    """One event, or None for a payload that is not a version-1 event (ignored, never fatal)."""
+def decode(payload: str) -> AnyEvent | None:
+    """One event, or None for a payload that is not a version-1 event (ignored, never fatal).
+    Only `v` and `kind` are checked here; LiveState.apply reads the other fields defensively."""
     try:
         event = orjson.loads(payload)
     except orjson.JSONDecodeError:
         return None
     if not isinstance(event, dict) or event.get("v") != EVENT_VERSION or not isinstance(event.get("kind"), str):
         return None
-    return event
+    return event  # type: ignore[return-value]
 
 
 class Feed:
