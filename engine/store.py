@@ -1,7 +1,8 @@
 """The store: every statement of engine/sql/queries.sql is sent by one named function here.
 
 A reader finds every database round trip the engine and the console make in this module, and every
-statement's text in queries.sql. Functions take an open connection; transactions are the caller's.
+statement's text in queries.sql. Functions take an open connection; transactions are the caller's,
+except where statements must commit together (`rescue`'s slices, `flow_set_paused` with its event).
 
 Hot path (claim_batch, ack_batch, release_batch): plain tuples, because Python CPU per job decides
 throughput. Everything else returns typed rows: psycopg `class_row` into frozen dataclasses whose

@@ -1,4 +1,4 @@
--- Every statement skiplock sends, one block per name, called by name from engine/sql/__init__.py.
+-- Every statement skiplock sends, one block per name, each sent by one named function of engine/store.py.
 -- Parameters are psycopg named placeholders. Optional filters are written in SQL
 -- (`%(flow)s::text IS NULL OR flow = %(flow)s`), never assembled from strings.
 -- Every state change is guarded in its WHERE clause by the status it expects.
