@@ -56,3 +56,48 @@ def test_tests_import_helpers_from_support_not_from_other_tests() -> None:
            for line, module in imported_modules(path)
            if module.split(".")[0] == "conftest" or module.split(".")[0].startswith("test_")]
     assert bad == [], "\n".join(bad)
+
+
+# Sends every statement of engine/sql/queries.sql; engine/sql/__init__.py is the loader it uses.
+STORE_MODULES = {"engine/store.py", "engine/sql/__init__.py"}
+STORE_EXCEPTIONS = {
+    "engine/worker.py",  # until the worker package adopts the store
+}
+
+
+def _sql_references(path: Path) -> list[str]:
+    import ast
+
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found += [f"import {a.name}" for a in node.names if a.name == "engine.sql" or a.name.startswith("engine.sql.")]
+        elif isinstance(node, ast.ImportFrom):
+            module = ("." * node.level) + (node.module or "")
+            if module in ("engine.sql", ".sql", "..sql") or module.startswith("engine.sql."):
+                found.append(f"from {module} import ...")
+            elif module in ("engine", ".") and any(a.name == "sql" for a in node.names):
+                found.append(f"from {module} import sql")
+        elif isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "Q":
+            found.append(f"Q.{node.attr} (line {node.lineno})")
+    return found
+
+
+def test_only_the_store_sends_the_named_statements() -> None:
+    # Product code and benchmarks; tests may read statement text (plans, prepared-statement checks).
+    offenders = {}
+    for package in ("engine", "console", "bench"):
+        for path in sorted((ROOT / package).rglob("*.py")):
+            name = path.relative_to(ROOT).as_posix()
+            if name in STORE_MODULES or name in STORE_EXCEPTIONS:
+                continue
+            found = _sql_references(path)
+            if found:
+                offenders[name] = found
+    assert not offenders, f"send these statements through engine/store.py: {offenders}"
+
+
+def test_the_store_check_sees_a_stray_statement(tmp_path: Path) -> None:
+    stray = tmp_path / "stray.py"
+    stray.write_text("from engine.sql import Q\nfrom engine import sql\nconn.execute(Q.claim_batch)\n")
+    assert _sql_references(stray) == ["from engine.sql import ...", "from engine import sql", "Q.claim_batch (line 3)"]
