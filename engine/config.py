@@ -11,6 +11,7 @@ starts with where the value came from (the file, or the environment variable) an
 
 from __future__ import annotations
 
+import argparse
 import difflib
 import json
 import keyword
@@ -24,6 +25,7 @@ from pathlib import Path
 from typing import Final, TypeVar
 
 from engine.errors import ConfigError
+from engine.redact import secret_spans
 
 __all__ = [
     "BackoffPolicy",
@@ -33,9 +35,9 @@ __all__ = [
     "FlowConfig",
     "Settings",
     "load_settings",
+    "add_settings_arguments",
     "parse_duration",
-    "redact_dsn",
-    "redact_text",
+    "resolve_dsn",
 ]
 
 
@@ -116,6 +118,7 @@ class Settings:
 
 # --- public helpers -----------------------------------------------------------------------------
 
+_ENV_REF_RE: Final = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _DURATION_RE: Final = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*(ms|s|m|h|d)?\s*")
 _UNIT_SECONDS: Final[dict[str, float]] = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 
@@ -138,108 +141,14 @@ def parse_duration(value: object, where: str) -> float:
     return seconds
 
 
-def redact_dsn(dsn: str) -> str:
-    """The DSN with every password replaced by ***, for logs and error messages."""
-    parts: list[str] = []
-    last = 0
-    for start, end in _secret_spans(dsn):
-        if end > start:
-            parts.append(dsn[last:start])
-            parts.append("***")
-            last = end
-    parts.append(dsn[last:])
-    return "".join(parts)
-
-
-_URL_IN_TEXT: Final = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s\"']+")
-
-
-def redact_text(text: str) -> str:
-    """Free text (a log line, an error) with passwords redacted: `redact_dsn` reads its whole argument
-    as one DSN, while a message can quote a URL anywhere (libpq quotes a malformed URI whole)."""
-    return _URL_IN_TEXT.sub(lambda m: redact_dsn(m.group(0)), redact_dsn(text))
-
-
-# --- secrets in connection strings ------------------------------------------------------------------
-
-_URL_SCHEME_RE: Final = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
-_URL_QUERY_SECRET_RE: Final = re.compile(r"(?i)[?&](?:password|sslpassword|pwd)=([^&#]*)")
-_SECRET_KEY_RE: Final = re.compile(r"(?i)\b(?:password|sslpassword|pwd)\s*=\s*")
-# Keys only ODBC / SQL Server connection strings use: their values end at ';' instead of whitespace.
-_ODBC_HINT_RE: Final = re.compile(
-    r"(?i)(?:^|;)\s*(?:driver|server|dsn|uid|user id|data source|initial catalog|trusted_connection)\s*="
-)
-_ENV_REF_RE: Final = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
-
-
-def _secret_spans(dsn: str) -> list[tuple[int, int]]:
-    """(start, end) of each password value in a URL, libpq key=value or ODBC connection string."""
-    scheme = _URL_SCHEME_RE.match(dsn)
-    if scheme is not None:
-        spans: list[tuple[int, int]] = []
-        start = scheme.end()
-        slash = dsn.find("/", start)
-        authority_end = len(dsn) if slash < 0 else slash
-        # The last '@' before the path ends the user info, as in libpq; an unencoded '@' or '?' in
-        # the password is then still hidden rather than leaked.
-        at = dsn.rfind("@", start, authority_end)
-        query_from = start
-        if at >= 0:
-            colon = dsn.find(":", start, at)
-            if colon >= 0:
-                spans.append((colon + 1, at))
-            query_from = at
-        for param in _URL_QUERY_SECRET_RE.finditer(dsn, query_from):
-            spans.append((param.start(1), param.end(1)))
-        return spans
-    odbc = _ODBC_HINT_RE.search(dsn) is not None
-    spans = []
-    position = 0
-    while (match := _SECRET_KEY_RE.search(dsn, position)) is not None:
-        end = _odbc_value_end(dsn, match.end()) if odbc else _libpq_value_end(dsn, match.end())
-        spans.append((match.end(), end))
-        position = max(end, match.end())
-    return spans
-
-
-def _odbc_value_end(text: str, start: int) -> int:
-    if text.startswith("{", start):
-        index = start + 1
-        while index < len(text):
-            if text[index] == "}":
-                if text.startswith("}}", index):  # '}}' is an escaped brace inside {...}
-                    index += 2
-                    continue
-                return index + 1
-            index += 1
-        return len(text)
-    end = text.find(";", start)
-    return len(text) if end < 0 else end
-
-
-def _libpq_value_end(text: str, start: int) -> int:
-    if text.startswith("'", start):
-        index = start + 1
-        while index < len(text):
-            if text[index] == "\\":
-                index += 2
-                continue
-            if text[index] == "'":
-                return index + 1
-            index += 1
-        return len(text)
-    index = start
-    while index < len(text) and not text[index].isspace():
-        index += 1
-    return index
-
-
 def _is_env_reference(secret: str) -> bool:
     """True for ${NAME}, optionally in ODBC braces or libpq quotes: expanded later, not a literal."""
     inner = secret
     if len(inner) >= 2 and (inner[0], inner[-1]) in (("{", "}"), ("'", "'")):
         inner = inner[1:-1]
     return _ENV_REF_RE.fullmatch(inner) is not None
+
+
 
 
 # --- schema --------------------------------------------------------------------------------------
@@ -716,12 +625,12 @@ class _Loader:
                 where = self._where(table, key)
                 converted = _converter(table, key)(value, where)
                 if key == "dsn" and where.from_file and isinstance(converted, str):
-                    if any(end > start for start, end in _secret_spans(converted)):
+                    if any(end > start for start, end in secret_spans(converted)):
                         raise ConfigError(
                             f"{where} must not contain a password; put it in SKIPLOCK_DSN or PGPASSWORD"
                         )
                 elif key == "connection_string" and where.from_file and isinstance(converted, str):
-                    for start, end in _secret_spans(converted):
+                    for start, end in secret_spans(converted):
                         if end > start and not _is_env_reference(converted[start:end]):
                             raise ConfigError(
                                 f"{where} must not contain a password; reference an environment "
@@ -971,3 +880,24 @@ def load_settings(
     loader.apply_overrides()
     loader.validate()
     return loader.settings(file_path, selected, dsn or None)
+
+
+def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
+    """--dsn, --config and --env: where every command reads its settings from."""
+    parser.add_argument("--dsn", help="PostgreSQL connection string (default: SKIPLOCK_DSN, then the config)")
+    parser.add_argument("--config", type=Path, help="config file (default: SKIPLOCK_CONFIG)")
+    parser.add_argument("--env", help="environment in the config file (default: SKIPLOCK_ENV)")
+
+
+def resolve_dsn(settings: Settings) -> str:
+    """--dsn, SKIPLOCK_DSN, the config file; else the `engine dev` cluster when it is running."""
+    if settings.dsn:
+        return settings.dsn
+    from engine.embedded import DEFAULT_DATABASE, SOCKET_PORT, SUPERUSER, default_data_dir  # lazily: starts nothing
+
+    socket_dir = default_data_dir()
+    if (socket_dir / f".s.PGSQL.{SOCKET_PORT}").exists():
+        return f"host={socket_dir} port={SOCKET_PORT} user={SUPERUSER} dbname={DEFAULT_DATABASE}"
+    raise ConfigError(
+        "no database configured: pass --dsn, set SKIPLOCK_DSN or `dsn` in the config, or start `engine dev`"
+    )

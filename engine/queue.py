@@ -26,7 +26,7 @@ import psycopg
 from psycopg_pool import ConnectionPool
 
 from engine import db
-from engine.config import redact_text
+from engine.redact import describe_error
 from engine.errors import DatabaseUnavailable, ValidationError
 from engine.migrate import REQUIRED_SCHEMA_VERSION, require_schema, schema_version
 from engine.sql import Q
@@ -362,7 +362,7 @@ class Queue:
             try:
                 self._conn = db.connect(self._dsn, application_name=self._application_name)
             except psycopg.OperationalError as exc:
-                raise DatabaseUnavailable(_first_line(exc)) from None
+                raise DatabaseUnavailable(describe_error(exc)) from None
         self._check_schema(self._conn)
         yield self._conn
 
@@ -631,7 +631,7 @@ class Queue:
                     report["workers"] = {"live": sum(1 for w in live if w[5] not in ("stopped", "lost")),
                                          "stale": int(stale[0]) if stale else 0}
         except (psycopg.Error, DatabaseUnavailable) as exc:
-            report["reasons"].append(f"database unreachable: {_first_line(exc)}")
+            report["reasons"].append(f"database unreachable: {describe_error(exc)}")
         if database["status"] == "healthy":
             status = self.get_queue_status()
             report["queue_status"] = {k: status[k] for k in (
@@ -689,10 +689,6 @@ def _copy_jobs(conn: psycopg.Connection[Any], flow: str, texts: list[str], optio
             copy.write("".join(chunk))
 
 
-def _first_line(exc: BaseException) -> str:
-    """The error's first line with DSN passwords redacted (libpq quotes a malformed URI whole)."""
-    text = (str(exc).strip() or type(exc).__name__).splitlines()[0]
-    return redact_text(text)
 
 
 def new_worker_id(engine_id: str, index: int) -> str:

@@ -14,9 +14,9 @@ from engine.config import (
     Settings,
     load_settings,
     parse_duration,
-    redact_dsn,
 )
 from engine.errors import ConfigError
+from engine.redact import redact_dsn
 
 REPO_CONFIG = Path(__file__).resolve().parent.parent / "config.toml"
 
