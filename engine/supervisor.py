@@ -29,7 +29,7 @@ import orjson
 import psycopg
 
 from engine import db
-from engine.config import FlowConfig, Settings, resolve_dsn
+from engine.config import FlowConfig, Settings, recorded_policy, resolve_dsn
 from engine.errors import ConfigError, SkiplockError
 from engine.handlers import load_flow
 from engine.logs import ContextLogger, setup_logging
@@ -100,7 +100,7 @@ class Supervisor:
 
         def sync(conn: psycopg.Connection[Any]) -> None:
             require_schema(conn)
-            policies = [orjson.dumps(_policy(flow)).decode() for flow in self.flows]
+            policies = [orjson.dumps(recorded_policy(flow)).decode() for flow in self.flows]
             conn.execute(Q.flows_sync, {"names": [f.name for f in self.flows], "policies": policies})
 
         self._db(sync)
@@ -299,14 +299,6 @@ class Supervisor:
             code = EXIT_FORCED
         self.log.info("engine stopped", extra={"exit_code": code})
         return code
-
-
-def _policy(flow: FlowConfig) -> dict[str, Any]:
-    return {"batch_size": flow.batch_size, "max_attempts": flow.max_attempts,
-            "backoff": {"base": flow.backoff.base, "cap": flow.backoff.cap, "jitter": flow.backoff.jitter},
-            "timeout": flow.timeout, "concurrency": flow.concurrency,
-            "circuit": None if flow.circuit is None else {"failures": flow.circuit.failures,
-                                                          "cooldown": flow.circuit.cooldown}}
 
 
 def select_flows(settings: Settings, names: str | None) -> tuple[FlowConfig, ...]:
