@@ -361,7 +361,7 @@ class Queue:
             assert self._dsn is not None
             try:
                 self._conn = db.connect(self._dsn, application_name=self._application_name)
-            except psycopg.OperationalError as exc:
+            except (psycopg.OperationalError, psycopg.ProgrammingError) as exc:  # Programming: a malformed DSN
                 raise DatabaseUnavailable(describe_error(exc)) from None
         self._check_schema(self._conn)
         yield self._conn
