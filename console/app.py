@@ -17,9 +17,7 @@ write are not offered at all.
 
 from __future__ import annotations
 
-import argparse
 import os
-import sys
 import time
 import tomllib
 from collections.abc import Callable, Iterable
@@ -35,7 +33,7 @@ from textual.screen import Screen
 from textual.timer import Timer
 
 from console.data import COUNT_CAP, DataSource
-from console.feed import Feed, describe_error
+from console.feed import Feed
 from console.filters import Filter
 from console.messages import ActionDone, DeadLettersLoaded, FeedEvents, FeedStatus, SnapshotFailed, SnapshotLoaded
 from console.screens.base import ConsoleScreen
@@ -45,9 +43,9 @@ from console.screens.job import JobScreen
 from console.screens.modals import HelpScreen, PromptScreen
 from console.screens.overview import OverviewScreen
 from console.state import FailureRow, LiveState
-from engine.config import redact_dsn
 from engine.errors import SkiplockError
 from engine.queue import DeadLetterFilter
+from engine.redact import describe_error, redact_dsn
 
 # Actions that write to the database: hidden (check_action -> False) in read-only mode.
 WRITE_ACTIONS: Final = frozenset({"toggle_pause", "retry_one", "retry_selected", "retry_all", "purge_selected",
@@ -583,50 +581,8 @@ def all_bindings() -> list[tuple[str, str, str]]:
     return found
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="console", description="skiplock ops console (a terminal UI)")
-    add_arguments(parser)
-    return parser
-
-
-def add_arguments(parser: argparse.ArgumentParser, *, common: bool = True) -> None:
-    if common:
-        parser.add_argument("--dsn", help="PostgreSQL connection string (default: SKIPLOCK_DSN, then the config)")
-        parser.add_argument("--config", type=Path, help="config file (default: SKIPLOCK_CONFIG)")
-        parser.add_argument("--env", help="environment in the config file (default: SKIPLOCK_ENV)")
-    parser.add_argument("--read-only", action="store_true", help="offer no action that writes (also [console] read_only)")
-    parser.add_argument("--refresh", type=float, help="seconds between snapshots (default: [console] refresh_interval)")
-    parser.add_argument("--keymap", type=Path, help="TOML file with a [keymap] table: binding id = \"keys\"")
-    parser.add_argument("--list-bindings", action="store_true", help="print every binding id and its keys, and exit")
-
-
-def run_console(args: argparse.Namespace, *, quit_after: float | None = None) -> int:
-    """Shared by `console` and `engine console`."""
-    from engine.cli import resolve_dsn
-    from engine.config import load_settings
-
-    if getattr(args, "list_bindings", False):
-        for binding_id, keys, description in all_bindings():
-            print(f"{binding_id:<32} {keys:<14} {description}")
-        return 0
-    try:
-        settings = load_settings(args.config, env=args.env, dsn=args.dsn)
-        dsn = resolve_dsn(settings)
-        keymap = load_keymap(args.keymap)
-    except SkiplockError as exc:
-        sys.stderr.write(f"console: error: {redact_dsn(str(exc))}\n")
-        return 2
-    refresh = args.refresh if args.refresh else settings.console.refresh_interval
-    app = ConsoleApp(dsn, read_only=bool(args.read_only or settings.console.read_only), refresh_interval=refresh,
-                     environment=settings.env, stale_after=settings.engine.stale_after, keymap=keymap,
-                     quit_after=quit_after)
-    app.run()
-    return 0
-
-
 def main(argv: list[str] | None = None) -> int:
-    return run_console(build_parser().parse_args(argv))
+    """Kept for installs whose `console` script still points here; the command lives in console/cli.py."""
+    from console.cli import main as cli_main
 
-
-if __name__ == "__main__":
-    sys.exit(main())
+    return cli_main(argv)

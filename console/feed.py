@@ -15,7 +15,6 @@ noticed within `keepalive` seconds.
 from __future__ import annotations
 
 import asyncio
-import re
 import time
 from collections.abc import Callable
 from typing import Any, Final
@@ -27,7 +26,7 @@ from textual.message import Message
 from console.data import APPLICATION_NAME, statement_timeout_ms
 from console.messages import FeedEvents, FeedStatus
 from engine import store
-from engine.config import redact_dsn
+from engine.redact import describe_error
 from engine.db import CONNECT_TIMEOUT_S
 from engine.telemetry import ENQUEUED_CHANNEL, EVENT_VERSION, AnyEvent
 
@@ -35,15 +34,6 @@ KEEPALIVE_S: Final = 5.0
 BATCH_WINDOW_S: Final = 0.02  # after the first notification, wait this long for the rest of a burst
 BATCH_MAX: Final = 500
 BACKOFF_S: Final = (0.5, 1.0, 2.0, 4.0, 5.0)
-
-_URL_IN_TEXT: Final = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s\"']+")
-
-
-def describe_error(exc: BaseException) -> str:
-    """First line of a database error, with any DSN password redacted."""
-    text = (str(exc).strip() or type(exc).__name__).splitlines()[0]
-    return _URL_IN_TEXT.sub(lambda m: redact_dsn(m.group(0)), redact_dsn(text))
-
 
 def decode(payload: str) -> AnyEvent | None:
     """One event, or None for a payload that is not a version-1 event (ignored, never fatal).

@@ -24,7 +24,7 @@ import psycopg
 from psycopg_pool import ConnectionPool
 
 from engine import db, store
-from engine.config import redact_text
+from engine.redact import describe_error
 from engine.errors import DatabaseUnavailable, ValidationError
 from engine.migrate import REQUIRED_SCHEMA_VERSION, require_schema, schema_version
 from engine.store import (  # noqa: F401  (re-exported: engine/worker.py imports them from here)
@@ -221,8 +221,8 @@ class Queue:
             assert self._dsn is not None
             try:
                 self._conn = db.connect(self._dsn, application_name=self._application_name)
-            except psycopg.OperationalError as exc:
-                raise DatabaseUnavailable(_first_line(exc)) from None
+            except (psycopg.OperationalError, psycopg.ProgrammingError) as exc:  # Programming: a malformed DSN
+                raise DatabaseUnavailable(describe_error(exc)) from None
         self._check_schema(self._conn)
         yield self._conn
 
@@ -475,7 +475,7 @@ class Queue:
                     report["workers"] = {"live": sum(1 for w in live if w["state"] not in ("stopped", "lost")),
                                          "stale": stale}
         except (psycopg.Error, DatabaseUnavailable) as exc:
-            report["reasons"].append(f"database unreachable: {_first_line(exc)}")
+            report["reasons"].append(f"database unreachable: {describe_error(exc)}")
         if database["status"] == "healthy":
             status = self.get_queue_status()
             report["queue_status"] = {k: status[k] for k in (
@@ -505,10 +505,6 @@ class Queue:
             return store.workers_list(conn)
 
 
-def _first_line(exc: BaseException) -> str:
-    """The error's first line with DSN passwords redacted (libpq quotes a malformed URI whole)."""
-    text = (str(exc).strip() or type(exc).__name__).splitlines()[0]
-    return redact_text(text)
 
 
 def new_engine_id() -> str:

@@ -16,7 +16,6 @@ unreachable or outdated at start; 3 a second signal forced the stop; 4 workers k
 
 from __future__ import annotations
 
-import argparse
 import logging
 import multiprocessing
 import multiprocessing.connection
@@ -30,12 +29,13 @@ import orjson
 import psycopg
 
 from engine import db, store
-from engine.config import FlowConfig, Settings, load_settings
+from engine.config import FlowConfig, Settings, recorded_policy, resolve_dsn
 from engine.errors import ConfigError, SkiplockError
 from engine.handlers import load_flow
 from engine.logs import ContextLogger, setup_logging
 from engine.migrate import require_schema
 from engine.queue import Queue, new_engine_id, validate_flow
+from engine.redact import describe_error
 from engine.runs import fire_run_hooks
 from engine.telemetry import FlowCounts, encode_event
 from engine.worker import WorkerSpec, worker_main
@@ -96,7 +96,7 @@ class Supervisor:
 
         def sync(conn: psycopg.Connection[Any]) -> None:
             require_schema(conn)
-            store.flows_sync(conn, {flow.name: orjson.dumps(_policy(flow)).decode() for flow in self.flows})
+            store.flows_sync(conn, {flow.name: orjson.dumps(recorded_policy(flow)).decode() for flow in self.flows})
 
         self._db(sync)
 
@@ -282,14 +282,6 @@ class Supervisor:
         return code
 
 
-def _policy(flow: FlowConfig) -> dict[str, Any]:
-    return {"batch_size": flow.batch_size, "max_attempts": flow.max_attempts,
-            "backoff": {"base": flow.backoff.base, "cap": flow.backoff.cap, "jitter": flow.backoff.jitter},
-            "timeout": flow.timeout, "concurrency": flow.concurrency,
-            "circuit": None if flow.circuit is None else {"failures": flow.circuit.failures,
-                                                          "cooldown": flow.circuit.cooldown}}
-
-
 def select_flows(settings: Settings, names: str | None) -> tuple[FlowConfig, ...]:
     if not names:
         return tuple(settings.flows.values())
@@ -304,18 +296,24 @@ def select_flows(settings: Settings, names: str | None) -> tuple[FlowConfig, ...
     return tuple(chosen)
 
 
-def run_engine(args: argparse.Namespace) -> int:
-    from engine.cli import resolve_dsn
+@dataclass(frozen=True)
+class EngineOptions:
+    """What `engine run` takes besides the settings (None: the config's value)."""
 
-    settings = load_settings(args.config, env=args.env, dsn=args.dsn)
+    workers: int | None = None
+    flows: str | None = None  # comma-separated names, as --flows; None: every configured flow
+    drain: bool = False
+
+
+def run_engine(settings: Settings, options: EngineOptions) -> int:
     setup_logging(settings.engine.log_format)
-    flows = select_flows(settings, args.flows)
-    workers = args.workers if args.workers is not None else settings.engine.workers
+    flows = select_flows(settings, options.flows)
+    workers = options.workers if options.workers is not None else settings.engine.workers
     if workers < 1:
         raise ConfigError("--workers must be at least 1")
-    supervisor = Supervisor(settings, resolve_dsn(settings), flows, workers, drain=args.drain)
+    supervisor = Supervisor(settings, resolve_dsn(settings), flows, workers, drain=options.drain)
     try:
         supervisor.prepare()
     except psycopg.OperationalError as exc:
-        raise SkiplockError(f"database unreachable: {str(exc).strip().splitlines()[0]}") from None
+        raise SkiplockError(f"database unreachable: {describe_error(exc)}") from None
     return supervisor.run()

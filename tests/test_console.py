@@ -504,7 +504,7 @@ def test_connections_are_named_and_bounded(seeded):
 
 
 def test_dsn_password_never_shown(seeded):
-    from console.feed import describe_error
+    from engine.redact import describe_error
 
     app = ConsoleApp("postgresql://ops:s3cret-pw@127.0.0.1:1/skiplock?connect_timeout=1", live=True,
                      refresh_interval=0.5)
@@ -624,6 +624,6 @@ def test_engine_console_subcommand(tmp_path):
     assert "--read-only" in help_text and "--keymap" in help_text
     bad = tmp_path / "bad.toml"
     bad.write_text("[keymap]\nx = 1\n")
-    result = subprocess.run([sys.executable, "-m", "console.app", "--dsn", "host=/nowhere", "--keymap", str(bad)],
+    result = subprocess.run([sys.executable, "-m", "console.cli", "--dsn", "host=/nowhere", "--keymap", str(bad)],
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 2 and "keymap" in result.stderr

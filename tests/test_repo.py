@@ -101,3 +101,42 @@ def test_the_store_check_sees_a_stray_statement(tmp_path: Path) -> None:
     stray = tmp_path / "stray.py"
     stray.write_text("from engine.sql import Q\nfrom engine import sql\nconn.execute(Q.claim_batch)\n")
     assert _sql_references(stray) == ["from engine.sql import ...", "from engine import sql", "Q.claim_batch (line 3)"]
+
+
+def _imports(path: Path, *, module_level_only: bool = False) -> list[tuple[str, int]]:
+    """(imported module, line) of every import in the file, function bodies included unless asked."""
+    import ast
+
+    tree = ast.parse(path.read_text(), str(path))
+    nodes = tree.body if module_level_only else list(ast.walk(tree))
+    found: list[tuple[str, int]] = []
+    for node in nodes:
+        if isinstance(node, ast.Import):
+            found += [(alias.name, node.lineno) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            found.append((node.module, node.lineno))
+            found += [(f"{node.module}.{alias.name}", node.lineno) for alias in node.names]
+    return found
+
+
+TUI_PACKAGES = ("console", "textual", "rich")
+
+
+def test_only_the_composition_point_imports_the_console() -> None:
+    """engine/cli.py wires `engine dev` and `engine console`: it alone may import the console, lazily."""
+    composition = ROOT / "engine" / "cli.py"
+    bad = [f"{path.relative_to(ROOT)}:{line} imports {name}"
+           for path in sorted((ROOT / "engine").rglob("*.py")) if path != composition
+           for name, line in _imports(path) if name.split(".")[0] in TUI_PACKAGES]
+    bad += [f"engine/cli.py:{line} imports {name} at module level"
+            for name, line in _imports(composition, module_level_only=True) if name.split(".")[0] in TUI_PACKAGES]
+    assert not bad, "\n".join(bad)
+
+
+def test_no_part_imports_the_cli() -> None:
+    """The CLIs compose the parts; engine/, console/ and the examples never import engine/cli.py."""
+    bad = [f"{path.relative_to(ROOT)}:{line} imports {name}"
+           for folder in ("engine", "console", "examples")
+           for path in sorted((ROOT / folder).rglob("*.py")) if path != ROOT / "engine" / "cli.py"
+           for name, line in _imports(path) if name == "engine.cli" or name.startswith("engine.cli.")]
+    assert not bad, "\n".join(bad)
