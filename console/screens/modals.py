@@ -100,7 +100,7 @@ class HelpScreen(ModalScreen[None]):
         if self.footer_text:
             text.append(self.footer_text, style="dim")
         with Vertical(id="dialog", classes="help"):
-            yield Label("Keys  (Esc closes)", id="dialog-title")
+            yield Label("Keys  (↑ ↓ scroll · Esc closes)", id="dialog-title")
             with VerticalScroll(id="help-body"):
                 yield Static(text)
 
