@@ -28,7 +28,6 @@ import sys
 import time
 import tomllib
 from collections.abc import Callable, Iterable
-from dataclasses import replace
 from datetime import datetime, tzinfo
 from pathlib import Path
 from typing import Any, Final

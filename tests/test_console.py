@@ -771,3 +771,19 @@ def test_timeline_finds_operator_retries_in_the_error_history():
                       "attempt 1 claimed", "completed"]
     backoff = replace(dead, status="pending", attempts=2, errors=dead.errors[:2], run_at=t0 + timedelta(minutes=5))
     assert "retried" not in [event for _, event, _, _ in timeline(backoff, t0.timestamp())]
+
+
+def test_enter_on_a_flow_opens_its_dead_letters(seeded):
+    """ShowDeadLetters goes up from the overview; the app switches and hands the filter down."""
+    app = make_app(seeded)
+
+    async def scenario(pilot: Pilot) -> None:
+        await pilot.press("down", "enter")  # flaky, then noop: noop has no dead letter
+        await wait_until(pilot, lambda: isinstance(app.screen, DeadLettersScreen) and app.screen.page is not None
+                         and app.screen.page.where.flow == "noop")
+        assert app.screen.filter.flow == "noop" and table_keys(app.screen, "dead") == []
+        await pilot.press("1", "up", "enter")
+        await wait_until(pilot, lambda: app.screen.page.where.flow == "flaky")
+        assert len(table_keys(app.screen, "dead")) == 23
+
+    run(app, scenario)
