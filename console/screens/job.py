@@ -39,13 +39,9 @@ def timeline(job: Job, now: float) -> list[tuple[float, str, str, str]]:
         at = entry.get("at")
         when = _when(at)
         worker = entry.get("worker") or "?"
-        if entry.get("type") == "Retried":  # recorded by the store, when it records retries
-            entries.append((when, OPERATOR_RETRY, _retried_detail(entry.get("by")), ""))
-            previous, last_at = 0, when
-            continue
         attempt = int(entry.get("attempt") or 0)
         if previous and attempt <= previous:
-            entries.append((last_at, OPERATOR_RETRY, _retried_detail(None, when_known=False), ""))
+            entries.append((last_at, OPERATOR_RETRY, _retried_detail(when_known=False), ""))
         previous, last_at = attempt, when
         if entry.get("type") == "WorkerLost":
             entries.append((when, "rescued", f"attempt {entry.get('attempt')}: worker {worker} stopped heartbeating; "
@@ -60,9 +56,9 @@ def timeline(job: Job, now: float) -> list[tuple[float, str, str, str]]:
     used = job.attempts - (1 if job.status in ("running", "completed") else 0)
     if previous and used < previous:
         if job.status == "pending":  # nothing touched the row since the retry (it sets updated_at)
-            entries.append((job.updated_at.timestamp(), OPERATOR_RETRY, _retried_detail(None), ""))
+            entries.append((job.updated_at.timestamp(), OPERATOR_RETRY, _retried_detail(), ""))
         else:
-            entries.append((last_at, OPERATOR_RETRY, _retried_detail(None, when_known=False), ""))
+            entries.append((last_at, OPERATOR_RETRY, _retried_detail(when_known=False), ""))
     if job.status == "running" and job.claimed_at is not None:
         entries.append((job.claimed_at.timestamp(), f"attempt {job.attempts} running", f"claimed by {job.claimed_by}",
                         ""))
@@ -83,10 +79,11 @@ def timeline(job: Job, now: float) -> list[tuple[float, str, str, str]]:
     return entries
 
 
-def _retried_detail(by: Any, when_known: bool = True) -> str:
-    detail = f"by {by}: " if by else "by an operator: "
-    detail += "dead letter back to pending, attempts restart"
-    return detail if when_known else detail + " (the time of the retry is not recorded)"
+def _retried_detail(when_known: bool = True) -> str:
+    # The store keeps no record of a retry (dlq_retry resets attempts and keeps the error history), so
+    # the timeline infers it from attempt numbers that start again.
+    detail = "by an operator: dead letter back to pending, attempts restart"
+    return detail if when_known else detail + " (when is not recorded)"
 
 
 def _when(value: Any) -> float:
