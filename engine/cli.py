@@ -244,7 +244,7 @@ def cmd_dev(args: argparse.Namespace) -> int:
 def _open_dev_console(dsn: str, settings: Settings, quit_after: float | None) -> None:
     from console.cli import open_console
 
-    open_console(dsn, settings, environment=settings.env or "dev (embedded)", quit_after=quit_after,
+    open_console(dsn, settings, environment=settings.env, quit_after=quit_after,
                  exit_on_sigterm=True)
 
 

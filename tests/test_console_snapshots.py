@@ -139,3 +139,13 @@ def test_database_down(snap_compare, seeded):
         await wait_until(pilot, lambda: pilot.app.database_down)
 
     assert shot(snap_compare, make_app(seeded), run_before)
+
+
+def test_help_small_terminal(snap_compare, seeded):
+    """80x24: the dialog stays inside the screen, keys and descriptions stay apart."""
+    async def run_before(pilot: Pilot) -> None:
+        await loaded(pilot)
+        await pilot.press("question_mark")
+        await settle(pilot)
+
+    assert snap_compare(make_app(seeded), terminal_size=(80, 24), run_before=run_before)
