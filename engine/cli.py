@@ -1,7 +1,8 @@
 """The `engine` command. Contract: README.md, "The `engine` command"; every subcommand has --help.
 
-Exit codes: 0 ok; 1 `health` degraded (or an operation that found nothing to do where noted);
-2 bad input, unreachable database or `health` unhealthy; see `engine run --help` for the engine's own.
+Exit codes: 0 ok; 1 `health` degraded, `cancel` changed nothing, `wait`: the job died or was
+cancelled; 2 bad input, unreachable database or `health` unhealthy; 3 `wait` timed out; see
+`engine run --help` for the engine's own.
 Errors are one line on stderr with DSN passwords redacted, never a traceback.
 """
 
@@ -20,15 +21,17 @@ import psycopg
 from engine import db
 from engine.config import Settings, add_settings_arguments, load_settings, parse_duration, resolve_dsn
 from engine.embedded import default_data_dir
-from engine.errors import SkiplockError, ValidationError
+from engine.errors import JobFailed, SkiplockError, ValidationError, WaitTimeout
 from engine.migrate import migrate
-from engine.queue import DeadLetterFilter, Queue
+from engine.queue import CANCEL_STATES, LIST_STATUSES, DeadLetterFilter, JobFilter, Queue
 from engine.redact import describe_error, redact_dsn, redact_text
 from engine.report import clip, print_json, print_status, print_table
+from engine.store import Job
 
 EXIT_OK = 0
 EXIT_DEGRADED = 1
 EXIT_ERROR = 2
+EXIT_TIMEOUT = 3
 
 
 class CliError(SkiplockError):
@@ -115,6 +118,7 @@ def cmd_enqueue(args: argparse.Namespace) -> int:
             args.flow, payloads, priority=args.priority, delay=args.delay, run_id=args.run,
             max_attempts=args.max_attempts, item_names=names,
             dedupe_keys=[args.dedupe_key] if args.dedupe_key is not None else None,
+            allow_unknown_flow=args.allow_unknown_flow,
         )
     message = f"enqueued {result.inserted} job(s) to {args.flow}"
     if result.skipped:
@@ -183,6 +187,11 @@ def cmd_dlq_show(args: argparse.Namespace) -> int:
     if args.json:
         print_json(job.to_dict())
         return EXIT_OK
+    _print_job(job)
+    return EXIT_OK
+
+
+def _print_job(job: Job) -> None:
     print(f"job {job.id}  flow {job.flow}  status {job.status}  attempt {job.attempts} of {job.max_attempts}")
     if job.run_id:
         print(f"run {job.run_id}")
@@ -193,7 +202,6 @@ def cmd_dlq_show(args: argparse.Namespace) -> int:
               f"{entry.get('type')}: {entry.get('message')}")
         if entry.get("traceback"):
             print("    " + str(entry["traceback"]).rstrip().replace("\n", "\n    "))
-    return EXIT_OK
 
 
 def cmd_dlq_retry(args: argparse.Namespace) -> int:
@@ -225,6 +233,124 @@ def cmd_dlq_analyze(args: argparse.Namespace) -> int:
     print_table(("flow", "error", "count", "last at", "sample"),
                  [(g["flow"], g["error_type"], g["count"], g["last_at"].strftime("%Y-%m-%d %H:%M:%S"),
                    clip(g["sample_message"], 60)) for g in groups])
+    return EXIT_OK
+
+
+# -- job control: cancel, wait, jobs ------------------------------------------------------------
+
+
+def _statuses(values: list[str] | None, allowed: Sequence[str], option: str) -> list[str] | None:
+    if not values:
+        return None
+    statuses = [s.strip() for value in values for s in value.split(",") if s.strip()]
+    wrong = [s for s in statuses if s not in allowed]
+    if wrong or not statuses:
+        raise ValidationError(f"{option} {','.join(wrong) or '(empty)'} is invalid: use {', '.join(allowed)}")
+    return statuses
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    if args.ids and (args.flow or args.run):
+        raise ValidationError("cancel takes job ids, or --flow and/or --run, not both")
+    if not args.ids and not (args.flow or args.run):
+        raise ValidationError("say what to cancel: job ids, --flow FLOW or --run RUN")
+    if args.ids and args.status:
+        raise ValidationError("--status goes with --flow or --run; job ids are cancelled in any unfinished state")
+    with _queue(args) as queue:
+        report = queue.cancel(args.ids or None, flow=args.flow, run_id=args.run,
+                              status=_statuses(args.status, CANCEL_STATES, "--status"))
+    if args.json:
+        print_json({"cancelled": report.cancelled, "requested": report.requested,
+                    "unchanged": {str(k): v for k, v in report.unchanged.items()}})
+    else:
+        print(f"cancelled {len(report.cancelled)} job(s)"
+              + (": " + " ".join(map(str, report.cancelled[:20])) if report.cancelled else "")
+              + (" ..." if len(report.cancelled) > 20 else ""))
+        if report.requested:
+            print(f"cancel requested for {len(report.requested)} running job(s) (their workers stop them): "
+                  + " ".join(map(str, report.requested[:20])) + (" ..." if len(report.requested) > 20 else ""))
+        for job_id, why in report.unchanged.items():
+            print(f"job {job_id}: {why}, nothing changed")
+    return EXIT_OK if report.changed else EXIT_DEGRADED
+
+
+def cmd_wait(args: argparse.Namespace) -> int:
+    with _queue(args) as queue:
+        try:
+            result = queue.wait(args.id, timeout=args.timeout)
+        except JobFailed as exc:
+            sys.stderr.write(f"engine: {exc}\n")
+            return EXIT_DEGRADED
+        except WaitTimeout as exc:
+            sys.stderr.write(f"engine: {exc}\n")
+            return EXIT_TIMEOUT
+    sys.stdout.write(orjson.dumps(result).decode() + "\n")
+    return EXIT_OK
+
+
+def _where(items: list[str] | None) -> dict[str, object] | None:
+    if not items:
+        return None
+    found: dict[str, object] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise ValidationError(f"--where {item!r}: use KEY=VALUE, e.g. --where customer=42")
+        try:
+            found[key] = orjson.loads(text)  # 42, true, "42", {"a": 1}
+        except orjson.JSONDecodeError:
+            found[key] = text  # a bare word is a string
+    return found
+
+
+def _age(moment: Any) -> str:
+    if moment is None:
+        return ""
+    return moment.strftime("%Y-%m-%d %H:%M:%S")
+
+
+def cmd_jobs_list(args: argparse.Namespace) -> int:
+    if not 1 <= args.limit <= 10_000:
+        raise ValidationError(f"--limit {args.limit} must be from 1 to 10000")
+    where = JobFilter(flow=args.flow, statuses=_statuses(args.status, LIST_STATUSES, "--status"),
+                      run_id=args.run, older_than=args.older_than, payload=_where(args.where), since=args.since)
+    with _queue(args) as queue:
+        jobs = queue.list_jobs(where, limit=args.limit)
+    if args.json:
+        print_json([job.to_dict() for job in jobs])
+        return EXIT_OK
+    rows = []
+    for job in jobs:
+        when = {"pending": job.run_at, "scheduled": job.run_at, "running": job.claimed_at}.get(job.status,
+                                                                                              job.finished_at)
+        status = job.status + (" (cancel requested)" if job.cancel_requested_at else "")
+        rows.append((job.id, job.flow, status, f"{job.attempts}/{job.max_attempts}", job.run_id or "",
+                     _age(when), clip(job.error_message, 40), clip(orjson.dumps(job.payload).decode(), 40)))
+    print_table(("id", "flow", "status", "attempts", "run", "since", "error", "payload"), rows)
+    return EXIT_OK
+
+
+def cmd_jobs_show(args: argparse.Namespace) -> int:
+    with _queue(args) as queue:
+        job = queue.job(args.id)
+    if job is None:
+        raise CliError(f"job {args.id} not found")
+    if args.json:
+        print_json(job.to_dict())
+        return EXIT_OK
+    _print_job(job)
+    print(f"created {_age(job.created_at)}")
+    if job.status == "pending" and job.run_at is not None:
+        print(f"runs at {_age(job.run_at)}")
+    if job.claimed_at is not None:
+        print(f"last claimed {_age(job.claimed_at)} by {job.claimed_by}")
+    if job.cancel_requested_at is not None:
+        print(f"cancel requested {_age(job.cancel_requested_at)}")
+    if job.finished_at is not None and job.status in ("completed", "dead", "cancelled"):
+        print(f"{job.status} {_age(job.finished_at)}")
+    if job.status == "completed":
+        print("result:")
+        print(orjson.dumps(job.result, option=orjson.OPT_INDENT_2).decode())
     return EXIT_OK
 
 
@@ -283,6 +409,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--delay", type=_duration("--delay"), default=0.0, help="e.g. 30s, 5m")
     p.add_argument("--dedupe-key", help="skip if an unfinished job of the flow has this key")
     p.add_argument("--max-attempts", type=int, default=None, help="default: the flow's policy")
+    p.add_argument("--allow-unknown-flow", action="store_true",
+                   help="enqueue even though no engine has registered the flow yet (else refused)")
     p.set_defaults(func=cmd_enqueue)
 
     p = sub.add_parser("status", parents=[common], help="queue counts by flow")
@@ -326,6 +454,52 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--flow")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_dlq_analyze)
+
+    p = sub.add_parser("cancel", parents=[common], help="cancel jobs: pending/scheduled now, running on request",
+                       description="Pending and scheduled jobs end `cancelled` at once and never run; a running "
+                                   "job's cancel is recorded for its worker (reported as requested). Jobs that "
+                                   "already ended are left alone and reported.",
+                       epilog="exit codes: 0 at least one job cancelled or its cancel requested; 1 nothing "
+                              "changed (every job had already ended, was not found, or nothing matched); "
+                              "2 bad input")
+    p.add_argument("ids", nargs="*", type=int, help="job ids (any unfinished state)")
+    p.add_argument("--flow", help="every unfinished job of this flow")
+    p.add_argument("--run", help="every unfinished job of this run")
+    p.add_argument("--status", action="append",
+                   help="with --flow/--run: pending, scheduled, running (comma-separated or repeated; default all)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_cancel)
+
+    p = sub.add_parser("wait", parents=[common], help="wait for a job to end; print its result as JSON",
+                       epilog="exit codes: 0 completed (the result is printed as JSON); 1 the job died or was "
+                              "cancelled; 2 bad input or no such job; 3 the timeout passed first")
+    p.add_argument("id", type=int)
+    p.add_argument("--timeout", type=_duration("--timeout"), default=30.0, help="e.g. 30s, 5m (default 30s)")
+    p.set_defaults(func=cmd_wait)
+
+    jobs = sub.add_parser("jobs", help="the job browser: list, show (any state)")
+    jsub = jobs.add_subparsers(dest="jobs_command", required=True, metavar="ACTION")
+    p = jsub.add_parser("list", parents=[common], help="jobs in any state, filtered",
+                        epilog="Each status is listed in its own order: pending and scheduled next to run "
+                               "first, running longest first, dead, completed and cancelled most recent first. "
+                               "Completed and cancelled jobs are searched only --since back (default 24h).")
+    p.add_argument("--flow")
+    p.add_argument("--status", action="append",
+                   help=f"{', '.join(LIST_STATUSES)} (comma-separated or repeated; default all)")
+    p.add_argument("--run", help="jobs of this run")
+    p.add_argument("--older-than", type=_duration("--older-than"),
+                   help="e.g. 1h: pending/scheduled enqueued, running claimed, others ended longer ago")
+    p.add_argument("--where", action="append", metavar="KEY=VALUE",
+                   help="payload key equals value (JSON, else a string): --where customer=42 --where tier=gold")
+    p.add_argument("--since", type=_duration("--since"), default=24 * 3600.0,
+                   help="how far back completed and cancelled jobs are searched (default 24h)")
+    p.add_argument("--limit", type=int, default=50, help="at most this many jobs (default 50)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_jobs_list)
+    p = jsub.add_parser("show", parents=[common], help="one job in any state: payload, attempts, result")
+    p.add_argument("id", type=int)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_jobs_show)
 
     p = sub.add_parser("dev", parents=[common], help="embedded PostgreSQL, migrate, demo load: a first try")
     p.add_argument("--data-dir", type=Path, help=f"cluster directory (default {default_data_dir()})")

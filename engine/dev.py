@@ -53,10 +53,12 @@ class DevOptions:
 
 
 def enqueue_demo(queue: Queue, jobs: int) -> None:
-    queue.enqueue_many("noop", [{"n": i} for i in range(jobs)], run_id=f"demo-{int(time.time())}")
-    queue.enqueue_many("sleep", [{"seconds": 0.02} for _ in range(max(jobs // 20, 1))])
+    # The demo's own engine serves these flows, but it registers them only once it starts.
+    queue.enqueue_many("noop", [{"n": i} for i in range(jobs)], run_id=f"demo-{int(time.time())}",
+                       allow_unknown_flow=True)
+    queue.enqueue_many("sleep", [{"seconds": 0.02} for _ in range(max(jobs // 20, 1))], allow_unknown_flow=True)
     queue.enqueue_many("flaky", [{"fail": 0.3, "permanent": 0.3} for _ in range(max(jobs // 10, 1))],
-                       max_attempts=3)
+                       max_attempts=3, allow_unknown_flow=True)
 
 
 def _engine_child(settings: Settings, options: EngineOptions, log_path: str | None) -> None:
@@ -151,8 +153,9 @@ def _run_with_engine(settings: Settings, options: DevOptions, open_console: Cons
         while not stop["requested"] and engine.is_alive():
             if deadline is not None and time.monotonic() >= deadline:
                 break
-            queue.enqueue_many("noop", [{"feed": True}] * (DEMO_FEED_PER_SECOND // 2))
-            queue.enqueue_many("flaky", [{"fail": 0.3, "permanent": 0.3}] * 5, max_attempts=3)
+            queue.enqueue_many("noop", [{"feed": True}] * (DEMO_FEED_PER_SECOND // 2), allow_unknown_flow=True)
+            queue.enqueue_many("flaky", [{"fail": 0.3, "permanent": 0.3}] * 5, max_attempts=3,
+                                       allow_unknown_flow=True)
             time.sleep(0.5)
             if time.monotonic() >= next_status:
                 next_status = time.monotonic() + 5.0
@@ -177,8 +180,9 @@ def _feed_demo_load(dsn: str, stop: threading.Event) -> None:
         try:
             with Queue(dsn) as queue:
                 while not stop.is_set():
-                    queue.enqueue_many("noop", [{"feed": True}] * (DEMO_FEED_PER_SECOND // 2))
-                    queue.enqueue_many("flaky", [{"fail": 0.3, "permanent": 0.3}] * 5, max_attempts=3)
+                    queue.enqueue_many("noop", [{"feed": True}] * (DEMO_FEED_PER_SECOND // 2), allow_unknown_flow=True)
+                    queue.enqueue_many("flaky", [{"fail": 0.3, "permanent": 0.3}] * 5, max_attempts=3,
+                                       allow_unknown_flow=True)
                     stop.wait(0.5)
         except Exception:  # the database may be restarting: the console shows it; try again
             stop.wait(1.0)

@@ -7,6 +7,8 @@ functions (`claim_batch`, `ack_batch`, `release_batch`) live there and are re-ex
 
 from __future__ import annotations
 
+import asyncio
+import difflib
 import math
 import os
 import re
@@ -25,15 +27,27 @@ from psycopg_pool import ConnectionPool
 
 from engine import db, store
 from engine.redact import describe_error
-from engine.errors import DatabaseUnavailable, ValidationError
+from engine.errors import (
+    DatabaseUnavailable,
+    JobCancelled,
+    JobDead,
+    JobNotFound,
+    UnknownFlow,
+    ValidationError,
+    WaitTimeout,
+)
 from engine.migrate import REQUIRED_SCHEMA_VERSION, require_schema, schema_version
 from engine.store import (  # noqa: F401  (re-exported: engine/worker.py imports them from here)
     DEFAULT_MAX_ATTEMPTS,
+    LIST_STATUSES,
     AckResult,
+    CancelResult,
     DeadLetter,
     Failure,
     Job,
+    JobOutcome,
     JobStatus,
+    JobSummary,
     RescueResult,
     ack_batch,
     claim_batch,
@@ -47,6 +61,16 @@ FLOW_NAME: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 MAX_PAYLOAD_BYTES: Final = 1 << 20
 MAX_KEY_LENGTH: Final = 255
 PRIORITY_RANGE: Final = range(-32768, 32768)
+CANCEL_STATES: Final = ("pending", "scheduled", "running")
+DONE_WINDOW_S: Final = 24 * 3600.0  # how far back the browser searches completed/cancelled jobs by default
+MAX_LIST_LIMIT: Final = 10_000
+WAIT_POLL_FIRST_S: Final = 0.02
+WAIT_POLL_MAX_S: Final = 1.0
+UNSERVED_CAP: Final = 1000
+
+# Flows are never deleted, so a flow once seen registered stays known: per database, for the life of
+# the process (a worker's follow-up enqueues pay the lookup once per flow, not once per job).
+_known_flows: set[tuple[str, str, str]] = set()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -112,6 +136,114 @@ def _delay_from(delay: float | None, run_at: datetime | None) -> float:
             raise ValidationError("run_at must be timezone-aware")
         return max(0.0, (run_at - datetime.now(timezone.utc)).total_seconds())
     return float(delay or 0.0)
+
+
+def _require_known_flow(conn: psycopg.Connection[Any], flow: str, allow_unknown_flow: bool) -> None:
+    """Refuse a flow no engine has registered: jobs of a misspelled flow would wait forever."""
+    if allow_unknown_flow:
+        return
+    key = (str(conn.info.host), str(conn.info.port), conn.info.dbname)
+    if (*key, flow) in _known_flows:  # type: ignore[comparison-overlap]
+        return
+    if store.flows_known(conn, [flow]):
+        _known_flows.add((*key, flow))  # type: ignore[arg-type]
+        return
+    names = store.flow_names(conn, 500)
+    close = difflib.get_close_matches(flow, names, n=1)
+    shown = ", ".join(names[:10]) + (f" and {len(names) - 10} more" if len(names) > 10 else "")
+    raise UnknownFlow(
+        f"flow {flow!r} is unknown: no engine has registered it"
+        + (f" (did you mean {close[0]!r}?)" if close else "")
+        + f"; known flows: {shown or 'none yet'}. To enqueue for engines not deployed yet, pass "
+          "allow_unknown_flow=True (engine enqueue --allow-unknown-flow)")
+
+
+def _cancel_states(status: str | Sequence[str] | None) -> set[str]:
+    states = set(CANCEL_STATES) if status is None else {status} if isinstance(status, str) else set(status)
+    wrong = sorted(states - set(CANCEL_STATES))
+    if wrong or not states:
+        raise ValidationError(f"cancel status {', '.join(wrong) or '(none)'} is invalid: use "
+                              + ", ".join(CANCEL_STATES))
+    return states
+
+
+def _settled(job_id: int, outcome: JobOutcome | None) -> tuple[bool, Any]:
+    """(True, result) once completed; raises when it ended otherwise; (False, status) while unfinished."""
+    if outcome is None:
+        raise JobNotFound(job_id)
+    if outcome.status == "completed":
+        return True, outcome.result
+    if outcome.status == "dead":
+        raise JobDead(job_id, outcome.error_type, outcome.error_message)
+    if outcome.status == "cancelled":
+        raise JobCancelled(job_id)
+    return False, outcome.status
+
+
+class _Backoff:
+    """Poll delays for `wait`: 20 ms doubling to 1 s, never past the deadline (None: timed out)."""
+
+    def __init__(self, timeout: float | None) -> None:
+        if timeout is not None and (not isinstance(timeout, (int, float)) or not math.isfinite(timeout)
+                                    or timeout < 0):
+            raise ValidationError(f"timeout {timeout!r} must be a number of seconds >= 0, or None")
+        self.deadline = None if timeout is None else time.monotonic() + timeout
+        self.delay = WAIT_POLL_FIRST_S
+
+    def next(self) -> float | None:
+        pause = self.delay
+        self.delay = min(self.delay * 2, WAIT_POLL_MAX_S)
+        if self.deadline is None:
+            return pause
+        left = self.deadline - time.monotonic()
+        return None if left <= 0 else min(pause, left)
+
+
+@dataclass(frozen=True)
+class CancelReport:
+    """What a cancel did. `unchanged` (cancel by id only): id -> why nothing changed."""
+
+    cancelled: list[int]
+    requested: list[int]
+    unchanged: dict[int, str]
+
+    @property
+    def changed(self) -> int:
+        return len(self.cancelled) + len(self.requested)
+
+
+@dataclass(frozen=True)
+class JobFilter:
+    """Which jobs the browser lists; every field narrows, None means any. `statuses`: any of
+    pending, scheduled, running, dead, completed, cancelled (None: all). `payload`: top-level keys the
+    payload must contain with these values. Completed and cancelled jobs are searched `since` seconds
+    back (default 24 h): their history is never scanned whole."""
+
+    flow: str | None = None
+    statuses: Sequence[str] | None = None
+    run_id: str | None = None
+    older_than: float | None = None
+    payload: Mapping[str, Any] | None = None
+    since: float = DONE_WINDOW_S
+
+    def validated_statuses(self) -> list[str]:
+        statuses = list(LIST_STATUSES) if self.statuses is None else list(dict.fromkeys(self.statuses))
+        wrong = [s for s in statuses if s not in LIST_STATUSES]
+        if wrong or not statuses:
+            raise ValidationError(f"status {', '.join(wrong) or '(none)'} is invalid: use "
+                                  + ", ".join(LIST_STATUSES))
+        return statuses
+
+    def params(self) -> dict[str, Any]:
+        if self.flow is not None:
+            validate_flow(self.flow)
+        _validate_key(self.run_id, "run id")
+        for value, what in ((self.older_than, "older_than"), (self.since, "since")):
+            if value is not None and (not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0):
+                raise ValidationError(f"{what} {value!r} must be a number of seconds >= 0")
+        payload = None if self.payload is None else encode_payload(self.payload, "payload filter")
+        return {"flow": self.flow, "run_id": self.run_id, "older_than": self.older_than, "payload": payload,
+                "since": float(self.since)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -244,13 +376,16 @@ class Queue:
         max_attempts: int | None = None,
         run_id: str | None = None,
         dedupe_key: str | None = None,
+        allow_unknown_flow: bool = False,
     ) -> int | None:
-        """Enqueue one job; returns its id, or None when an unfinished job has the same dedupe key."""
+        """Enqueue one job; returns its id, or None when an unfinished job has the same dedupe key.
+        A flow no engine has registered is refused (UnknownFlow) unless `allow_unknown_flow`."""
         validate_flow(flow)
         options = EnqueueOptions(priority, _delay_from(delay, run_at), max_attempts, run_id).validated()
         text = encode_payload(payload, "payload")
         _validate_key(dedupe_key, "dedupe key")
         with self.connection() as conn, conn.transaction():
+            _require_known_flow(conn, flow, allow_unknown_flow)
             job_id = store.enqueue_one(conn, flow, text, priority=options.priority, delay=options.delay,
                                        max_attempts=options.max_attempts, run_id=options.run_id,
                                        dedupe_key=dedupe_key)
@@ -270,11 +405,13 @@ class Queue:
         run_id: str | None = None,
         dedupe_keys: Sequence[str | None] | None = None,
         item_names: Sequence[str] | None = None,
+        allow_unknown_flow: bool = False,
     ) -> EnqueueResult:
         """Enqueue many jobs of one flow in one transaction (COPY; unnest when dedupe keys are given).
 
         Every payload is validated before anything is sent: one bad item and nothing is inserted;
-        the error names the item (`item_names[i]`, else "item i" counting from 0).
+        the error names the item (`item_names[i]`, else "item i" counting from 0). A flow no engine
+        has registered is refused (UnknownFlow) unless `allow_unknown_flow`.
         """
         validate_flow(flow)
         options = EnqueueOptions(priority, _delay_from(delay, run_at), max_attempts, run_id).validated()
@@ -289,6 +426,7 @@ class Queue:
         if not texts:
             return EnqueueResult(0, 0)
         with self.connection() as conn, conn.transaction():
+            _require_known_flow(conn, flow, allow_unknown_flow)
             if dedupe_keys is not None:
                 inserted = store.enqueue_many_dedupe(
                     conn, flow, texts, list(dedupe_keys), priority=options.priority, delay=options.delay,
@@ -389,6 +527,97 @@ class Queue:
         with self.connection() as conn:
             return store.dlq_analyze(conn, flow)
 
+    # -- job control: cancel, wait, browse -------------------------------------------------------
+
+    def cancel(self, ids: Sequence[int] | None = None, *, flow: str | None = None, run_id: str | None = None,
+               status: str | Sequence[str] | None = None) -> CancelReport:
+        """Cancel jobs by id, or every job of a flow or of a run (narrowed by `status`: pending,
+        scheduled, running; default all three). Pending and scheduled jobs end `cancelled` at once and
+        never run; a running job's cancel is recorded (`requested`) for its worker. Guarded by status:
+        a job that already ended is left alone and, when cancelled by id, listed in `unchanged`."""
+        if (ids is None) == (flow is None and run_id is None):
+            raise ValidationError("cancel takes job ids, or --flow and/or --run (not both ids and a selector)")
+        if ids is not None:
+            ids = list(ids)
+            bad = [i for i in ids if not isinstance(i, int) or isinstance(i, bool) or i < 1]
+            if bad or not ids:
+                raise ValidationError(f"job ids must be positive integers, got {bad or 'none'}")
+        if flow is not None:
+            validate_flow(flow)
+        _validate_key(run_id, "run id")
+        states = _cancel_states(status)
+        with self.connection() as conn:
+            result: CancelResult = store.cancel_jobs(
+                conn, ids=ids, flow=flow, run_id=run_id, pending="pending" in states,
+                scheduled="scheduled" in states, running="running" in states)
+            unchanged: dict[int, str] = {}
+            if ids is not None:
+                left = sorted(set(ids) - set(result.cancelled) - set(result.requested))
+                found = store.job_states(conn, left) if left else {}
+                for job_id in left:
+                    state = found.get(job_id)
+                    if state is None:
+                        unchanged[job_id] = "not found"
+                    elif state.status == "running" and state.cancel_requested:
+                        unchanged[job_id] = "running, cancel already requested"
+                    elif state.status in ("pending", "running"):
+                        unchanged[job_id] = f"{state.status}, not selected by status or busy: try again"
+                    else:
+                        unchanged[job_id] = f"already {state.status}"
+        return CancelReport(result.cancelled, result.requested, unchanged)
+
+    def wait(self, job_id: int, timeout: float | None = 30.0) -> Any:
+        """Block until the job ends; return its result once completed. Raises JobDead, JobCancelled
+        (both JobFailed), WaitTimeout when `timeout` seconds pass first (None: no limit), JobNotFound.
+        Polls the job's row with backoff (20 ms doubling to 1 s): jobs nobody waits for pay nothing."""
+        backoff = _Backoff(timeout)
+        while True:
+            with self.connection() as conn:
+                done, value = _settled(job_id, store.job_outcome(conn, job_id))
+            if done:
+                return value
+            pause = backoff.next()
+            if pause is None:
+                raise WaitTimeout(job_id, float(timeout or 0), value)
+            time.sleep(pause)
+
+    async def wait_async(self, job_id: int, timeout: float | None = 30.0) -> Any:
+        """`wait` for asyncio applications: the same results and exceptions; sleeps on the event loop
+        and sends each poll from a thread, so the loop never blocks on the database."""
+        backoff = _Backoff(timeout)
+        while True:
+            done, value = _settled(job_id, await asyncio.to_thread(self._outcome, job_id))
+            if done:
+                return value
+            pause = backoff.next()
+            if pause is None:
+                raise WaitTimeout(job_id, float(timeout or 0), value)
+            await asyncio.sleep(pause)
+
+    def _outcome(self, job_id: int) -> JobOutcome | None:
+        with self.connection() as conn:
+            return store.job_outcome(conn, job_id)
+
+    def list_jobs(self, where: JobFilter = JobFilter(), limit: int = 100) -> list[JobSummary]:
+        """Jobs in any state, at most `limit`: each status is one bounded, index-backed statement
+        (see the jobs_list_* blocks of queries.sql), listed in the order of `where.statuses`."""
+        if not isinstance(limit, int) or not 1 <= limit <= MAX_LIST_LIMIT:
+            raise ValidationError(f"limit {limit!r} must be an integer from 1 to {MAX_LIST_LIMIT}")
+        statuses = where.validated_statuses()
+        params = where.params()
+        found: list[JobSummary] = []
+        with self.connection() as conn:
+            for status in statuses:
+                found.extend(store.jobs_list(conn, status, limit=limit - len(found), **params))
+                if len(found) >= limit:
+                    break
+        return found
+
+    def purge_cancelled(self, ids: Sequence[int]) -> list[int]:
+        """Delete cancelled jobs by id (others are left alone); returns the ids deleted."""
+        with self.connection() as conn:
+            return store.cancelled_purge(conn, list(ids))
+
     # -- flows -----------------------------------------------------------------------------------
 
     def pause(self, flow: str) -> None:
@@ -414,37 +643,41 @@ class Queue:
 
     def get_queue_status(self, flow_name: str | None = None) -> dict[str, Any]:
         """Counts in the seeds' format. `processing` is our `running`, `failed` our `dead`;
-        `scheduled` (pending with a future run_at) is counted inside `pending` and also alone."""
+        `scheduled` (pending with a future run_at) is counted inside `pending` and also alone;
+        `cancelled` (kept like completed jobs) is ours."""
         if flow_name is not None:
             validate_flow(flow_name)
         with self.connection() as conn:
             live = store.status_live(conn, flow_name)
-            completed = store.status_completed(conn, flow_name)
+            done = store.status_done(conn, flow_name)
             paused = {row["name"] for row in store.flows_list(conn) if row["paused"]}
+        keys = ("pending", "scheduled", "processing", "completed", "failed", "cancelled")
         by_flow: dict[str, dict[str, Any]] = {}
         for c in live:
             by_flow[c.flow] = {"pending": c.pending + c.scheduled, "scheduled": c.scheduled,
-                               "processing": c.running, "completed": 0, "failed": c.dead}
-        for flow, count in completed.items():
-            by_flow.setdefault(flow, {"pending": 0, "scheduled": 0, "processing": 0, "completed": 0, "failed": 0})
-            by_flow[flow]["completed"] = count
+                               "processing": c.running, "completed": 0, "failed": c.dead, "cancelled": 0}
+        for d in done:
+            counts = by_flow.setdefault(d.flow, dict.fromkeys(keys, 0))
+            counts["completed"], counts["cancelled"] = d.completed, d.cancelled
         for flow, counts in by_flow.items():
             counts["paused"] = flow in paused
-        totals = {key: sum(int(c[key]) for c in by_flow.values())
-                  for key in ("pending", "scheduled", "processing", "completed", "failed")}
+        totals = {key: sum(int(c[key]) for c in by_flow.values()) for key in keys}
         return {
-            "total_records": totals["pending"] + totals["processing"] + totals["completed"] + totals["failed"],
+            "total_records": totals["pending"] + totals["processing"] + totals["completed"] + totals["failed"]
+            + totals["cancelled"],
             "pending_records": totals["pending"],
             "scheduled_records": totals["scheduled"],
             "processing_records": totals["processing"],
             "completed_records": totals["completed"],
             "failed_records": totals["failed"],
+            "cancelled_records": totals["cancelled"],
             "by_flow": dict(sorted(by_flow.items())),
         }
 
     def health_check(self, stale_after: float = 30.0, slow_ms: float = 1000.0) -> dict[str, Any]:
         """The seeds' format. unhealthy: database unreachable or schema too old; degraded: workers
-        with stale heartbeats, or the database slower than `slow_ms` to answer."""
+        with stale heartbeats, due pending jobs of flows that no live worker serves (listed in
+        `unserved_flows`: flow -> jobs, counted up to 1000), or the database slower than `slow_ms`."""
         report: dict[str, Any] = {
             "status": "healthy",
             "databases": {},
@@ -454,6 +687,7 @@ class Queue:
             "instance_info": instance_info(),
             "timestamp": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
             "reasons": [],
+            "unserved_flows": {},
         }
         database: dict[str, Any] = {"status": "unhealthy", "connection": False, "response_time_ms": None}
         report["databases"]["skiplock"] = database
@@ -474,12 +708,19 @@ class Queue:
                     live = store.workers_list(conn)
                     report["workers"] = {"live": sum(1 for w in live if w["state"] not in ("stopped", "lost")),
                                          "stale": stale}
+                    unserved = store.flows_unserved(conn, stale_after, UNSERVED_CAP)
+                    report["unserved_flows"] = {u.flow: u.pending for u in unserved}
         except (psycopg.Error, DatabaseUnavailable) as exc:
             report["reasons"].append(f"database unreachable: {describe_error(exc)}")
         if database["status"] == "healthy":
             status = self.get_queue_status()
             report["queue_status"] = {k: status[k] for k in (
-                "pending_records", "processing_records", "failed_records", "completed_records", "total_records")}
+                "pending_records", "processing_records", "failed_records", "completed_records", "cancelled_records",
+                "total_records")}
+            if report.get("unserved_flows"):
+                report["reasons"].append("pending jobs of flows no live worker serves: " + ", ".join(
+                    f"{flow} ({count if count < UNSERVED_CAP else f'{count}+'})"
+                    for flow, count in report["unserved_flows"].items()))
             if report["workers"].get("stale"):
                 report["reasons"].append(f"{report['workers']['stale']} worker(s) with stale heartbeats")
             if database["response_time_ms"] > slow_ms:

@@ -26,7 +26,9 @@ from engine.telemetry import FlowCounts
 DEFAULT_MAX_ATTEMPTS: Final = 5
 RESCUE_SLICE: Final = 10_000
 
-JobStatus = Literal["pending", "running", "completed", "dead"]
+# As stored: a scheduled job is `pending` with a future run_at (the browser reports it as "scheduled").
+JobStatus = Literal["pending", "running", "completed", "dead", "cancelled"]
+CANCEL_SLICE: Final = 10_000
 Conn = psycopg.Connection[Any]
 T = TypeVar("T")
 
@@ -89,9 +91,70 @@ class Job:
     created_at: datetime
     updated_at: datetime
     finished_at: datetime | None
+    cancel_requested_at: datetime | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in self.__dataclass_fields__}
+
+
+@dataclass(frozen=True)
+class JobSummary:
+    """One row of the job browser. `status` also says "scheduled" (pending with a future run_at)."""
+
+    id: int
+    flow: str
+    status: str
+    priority: int
+    attempts: int
+    max_attempts: int
+    run_id: str | None
+    payload: dict[str, Any]
+    created_at: datetime
+    run_at: datetime | None
+    claimed_by: str | None
+    claimed_at: datetime | None
+    finished_at: datetime | None
+    error_type: str | None
+    error_message: str | None
+    cancel_requested_at: datetime | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in self.__dataclass_fields__}
+
+
+@dataclass(frozen=True)
+class CancelResult:
+    cancelled: list[int]  # pending or scheduled jobs now cancelled
+    requested: list[int]  # running jobs whose cancel is now requested (their worker ends them)
+    runs: int  # runs whose accounting changed
+
+
+@dataclass(frozen=True)
+class JobState:
+    id: int
+    status: str
+    cancel_requested: bool
+
+
+@dataclass(frozen=True)
+class JobOutcome:
+    status: str
+    result: Any
+    error_type: str | None
+    error_message: str | None
+
+
+@dataclass(frozen=True)
+class DoneCounts:
+    flow: str
+    completed: int
+    cancelled: int
+
+
+@dataclass(frozen=True)
+class UnservedFlow:
+    flow: str
+    pending: int  # due pending jobs, counted up to the cap
 
 
 @dataclass(frozen=True)
@@ -396,6 +459,70 @@ def job_get(conn: Conn, job_id: int) -> Job | None:
 
 
 # ---------------------------------------------------------------------------------------------
+# Job control: cancel, wait, the browser, known flows
+
+
+def cancel_jobs(conn: Conn, *, ids: Sequence[int] | None, flow: str | None, run_id: str | None,
+                pending: bool, scheduled: bool, running: bool) -> CancelResult:
+    """Cancel what matches, in bounded slices, each its own transaction (autocommit connection)."""
+    params = {"ids": None if ids is None else list(ids), "flow": flow, "run_id": run_id, "pending": pending,
+              "scheduled": scheduled, "running": running, "limit": CANCEL_SLICE}
+    cancelled: list[int] = []
+    requested: list[int] = []
+    runs = 0
+    while True:
+        with conn.transaction():
+            row = conn.execute(Q.cancel_jobs, params).fetchone()
+        assert row is not None
+        cancelled.extend(row[0])
+        requested.extend(row[1])
+        runs += int(row[2])
+        if len(row[0]) < CANCEL_SLICE and len(row[1]) < CANCEL_SLICE:
+            return CancelResult(sorted(cancelled), sorted(requested), runs)
+
+
+def job_states(conn: Conn, ids: Sequence[int]) -> dict[int, JobState]:
+    return {row.id: row for row in _rows(conn, JobState, Q.job_states, {"ids": list(ids)})}
+
+
+def job_outcome(conn: Conn, job_id: int) -> JobOutcome | None:
+    rows = _rows(conn, JobOutcome, Q.job_outcome, {"id": job_id})
+    return rows[0] if rows else None
+
+
+def cancelled_purge(conn: Conn, ids: Sequence[int]) -> list[int]:
+    return list(_scalar(conn, Q.cancelled_purge, {"ids": list(ids)}) or [])
+
+
+_LIST_BY_STATUS: Final = {"pending": "jobs_list_pending", "scheduled": "jobs_list_pending",
+                          "running": "jobs_list_running", "dead": "jobs_list_dead",
+                          "completed": "jobs_list_done", "cancelled": "jobs_list_done"}
+LIST_STATUSES: Final = tuple(_LIST_BY_STATUS)
+
+
+def jobs_list(conn: Conn, status: str, *, flow: str | None, run_id: str | None, older_than: float | None,
+              payload: str | None, since: float, limit: int) -> list[JobSummary]:
+    """One status's jobs (see the jobs_list_* blocks for each order). `payload`: a JSON object text the
+    payload must contain; `since`: how far back completed and cancelled jobs are searched (seconds)."""
+    params = {"flow": flow, "run_id": run_id, "older_than": older_than, "payload": payload, "limit": limit,
+              "scheduled": status == "scheduled", "status": status, "since": since}
+    return _rows(conn, JobSummary, getattr(Q, _LIST_BY_STATUS[status]), params)
+
+
+def flows_known(conn: Conn, flows: Sequence[str]) -> set[str]:
+    return {row[0] for row in conn.execute(Q.flows_known, {"flows": list(flows)})}
+
+
+def flow_names(conn: Conn, limit: int) -> list[str]:
+    return [row[0] for row in conn.execute(Q.flow_names, {"limit": limit})]
+
+
+def flows_unserved(conn: Conn, stale_after: float, cap: int) -> list[UnservedFlow]:
+    """Flows with due pending jobs and no live worker serving them."""
+    return _rows(conn, UnservedFlow, Q.flows_unserved, {"stale_after": stale_after, "cap": cap})
+
+
+# ---------------------------------------------------------------------------------------------
 # Status, flows, workers
 
 
@@ -403,8 +530,9 @@ def status_live(conn: Conn, flow: str | None) -> list[LiveCounts]:
     return _rows(conn, LiveCounts, Q.status_live, {"flow": flow})
 
 
-def status_completed(conn: Conn, flow: str | None) -> dict[str, int]:
-    return {name: int(count) for name, count in conn.execute(Q.status_completed, {"flow": flow})}
+def status_done(conn: Conn, flow: str | None) -> list[DoneCounts]:
+    """Completed and cancelled jobs kept in jobs_done, by flow."""
+    return _rows(conn, DoneCounts, Q.status_done, {"flow": flow})
 
 
 def flows_list(conn: Conn) -> list[dict[str, Any]]:

@@ -262,12 +262,12 @@ SELECT id, flow, payload, status::text AS status, priority, run_at, attempts,
        skiplock.max_attempts_for(j.flow, j.max_attempts) AS max_attempts,
        claimed_by,
        claimed_at, error_type, error_message, errors, NULL::jsonb AS result, run_id, dedupe_key,
-       created_at, updated_at, finished_at
+       created_at, updated_at, finished_at, cancel_requested_at
 FROM skiplock.jobs j WHERE id = %(id)s
 UNION ALL
-SELECT id, flow, payload, 'completed', priority, NULL, attempts, skiplock.max_attempts_for(j.flow, j.max_attempts),
+SELECT id, flow, payload, status, priority, NULL, attempts, skiplock.max_attempts_for(j.flow, j.max_attempts),
        claimed_by,
-       claimed_at, NULL, NULL, errors, result, run_id, NULL, created_at, finished_at, finished_at
+       claimed_at, NULL, NULL, errors, result, run_id, NULL, created_at, finished_at, finished_at, NULL
 FROM skiplock.jobs_done j WHERE id = %(id)s
 LIMIT 1;
 
@@ -340,8 +340,10 @@ FROM skiplock.jobs
 WHERE %(flow)s::text IS NULL OR flow = %(flow)s
 GROUP BY flow;
 
--- name: status_completed
-SELECT flow, count(*) AS completed FROM skiplock.jobs_done
+-- name: status_done
+SELECT flow, count(*) FILTER (WHERE status = 'completed') AS completed,
+       count(*) FILTER (WHERE status = 'cancelled') AS cancelled
+FROM skiplock.jobs_done
 WHERE %(flow)s::text IS NULL OR flow = %(flow)s
 GROUP BY flow;
 
@@ -494,6 +496,220 @@ SELECT count(*) FROM (
     WHERE flow = ANY(%(flows)s::text[]) AND status IN ('pending', 'running')
     LIMIT 1
 ) AS any_left;
+
+-- ---------------------------------------------------------------------------------------------
+-- Job control: cancel, wait, the job browser, known flows (issue 14)
+
+-- name: cancel_jobs
+-- One bounded slice of a cancel (the caller repeats it until a slice comes back short). Pending and
+-- scheduled jobs end cancelled at once: they move to jobs_done, their run counts them (out of `total`,
+-- into `cancelled`: the ack's last-man check is unchanged, and whichever statement ends the run sets
+-- finished_at, once). Running jobs get cancel_requested_at, for their worker, and a wake-up on
+-- skiplock_cancel. Rows another transaction holds (a claim or an ack in flight) are skipped rather
+-- than waited for: they are changing state, and waiting could deadlock with an ack's row locks.
+WITH waiting AS (
+    SELECT j.id FROM skiplock.jobs j
+    WHERE j.status = 'pending'
+      AND ((%(pending)s AND j.run_at <= now()) OR (%(scheduled)s AND j.run_at > now()))
+      AND (%(ids)s::bigint[] IS NULL OR j.id = ANY(%(ids)s::bigint[]))
+      AND (%(flow)s::text IS NULL OR j.flow = %(flow)s)
+      AND (%(run_id)s::text IS NULL OR j.run_id = %(run_id)s)
+    LIMIT %(limit)s
+    FOR UPDATE SKIP LOCKED
+), running AS (
+    SELECT j.id FROM skiplock.jobs j
+    WHERE j.status = 'running' AND %(running)s AND j.cancel_requested_at IS NULL
+      AND (%(ids)s::bigint[] IS NULL OR j.id = ANY(%(ids)s::bigint[]))
+      AND (%(flow)s::text IS NULL OR j.flow = %(flow)s)
+      AND (%(run_id)s::text IS NULL OR j.run_id = %(run_id)s)
+    LIMIT %(limit)s
+    FOR UPDATE SKIP LOCKED
+), removed AS (
+    DELETE FROM skiplock.jobs j USING waiting w
+    WHERE j.id = w.id AND j.status = 'pending'
+    RETURNING j.id, j.flow, j.payload, j.priority, j.attempts, j.max_attempts, j.claimed_by, j.errors,
+              j.run_id, j.created_at, j.claimed_at
+), archived AS (
+    INSERT INTO skiplock.jobs_done (id, flow, payload, priority, attempts, max_attempts, claimed_by,
+                                    errors, result, run_id, created_at, claimed_at, status)
+    SELECT id, flow, payload, priority, attempts, max_attempts, claimed_by, errors, NULL, run_id,
+           created_at, claimed_at, 'cancelled'
+    FROM removed
+    RETURNING id, run_id
+), requested AS (
+    UPDATE skiplock.jobs j SET cancel_requested_at = now(), updated_at = now()
+    FROM running r
+    WHERE j.id = r.id AND j.status = 'running' AND j.cancel_requested_at IS NULL
+    RETURNING j.id
+), run_progress AS (
+    UPDATE skiplock.runs r
+    SET total = r.total - d.n, cancelled = r.cancelled + d.n,
+        finished_at = CASE WHEN r.finished_at IS NULL AND r.completed + r.dead >= r.total - d.n
+                           THEN now() ELSE r.finished_at END
+    FROM (SELECT run_id, count(*) AS n FROM archived WHERE run_id IS NOT NULL GROUP BY run_id) AS d
+    WHERE r.id = d.run_id
+    RETURNING r.id
+)
+SELECT (SELECT coalesce(array_agg(id ORDER BY id), '{}') FROM archived) AS cancelled,
+       (SELECT coalesce(array_agg(id ORDER BY id), '{}') FROM requested) AS requested,
+       (SELECT count(*) FROM run_progress) AS runs,
+       (SELECT pg_notify('skiplock_cancel', '') WHERE EXISTS (SELECT 1 FROM requested));
+
+-- name: job_states
+-- Where each of these jobs is now (the report of a cancel by id). jobs_done is found by its id BRIN.
+SELECT id, status::text AS status, cancel_requested_at IS NOT NULL AS cancel_requested
+FROM skiplock.jobs WHERE id = ANY(%(ids)s::bigint[])
+UNION ALL
+SELECT id, status, false FROM skiplock.jobs_done WHERE id = ANY(%(ids)s::bigint[]);
+
+-- name: job_outcome
+-- What `wait` polls: one job by primary key, else by the id BRIN of jobs_done. One statement, one
+-- snapshot, so a job acked between the two lookups is still seen once.
+SELECT status::text AS status, NULL::jsonb AS result, error_type, error_message
+FROM skiplock.jobs WHERE id = %(id)s
+UNION ALL
+SELECT status, result, NULL, NULL FROM skiplock.jobs_done WHERE id = %(id)s
+LIMIT 1;
+
+-- name: cancelled_purge
+-- Purge cancelled jobs by id (the browser's bulk action); guarded by status, found by the id BRIN.
+WITH purged AS (
+    DELETE FROM skiplock.jobs_done WHERE status = 'cancelled' AND id = ANY(%(ids)s::bigint[])
+    RETURNING id
+)
+SELECT coalesce(array_agg(id ORDER BY id), '{}') FROM purged;
+
+-- name: jobs_list_pending
+-- The browser, pending (due) or scheduled jobs, next to run first. Per flow on the claim's index, in
+-- its order; without a flow the flows come from a skip scan of that index (one descent per flow).
+-- Each flow gives at most `limit` rows, and so does the whole.
+WITH RECURSIVE names(flow) AS (
+    (SELECT flow FROM skiplock.jobs
+     WHERE status = 'pending' AND (%(flow)s::text IS NULL OR flow = %(flow)s) ORDER BY flow LIMIT 1)
+    UNION ALL
+    SELECT (SELECT j.flow FROM skiplock.jobs j WHERE j.status = 'pending' AND j.flow > n.flow
+            ORDER BY j.flow LIMIT 1)
+    FROM names n WHERE n.flow IS NOT NULL AND %(flow)s::text IS NULL
+)
+SELECT x.* FROM names n CROSS JOIN LATERAL (
+    SELECT j.id, j.flow, CASE WHEN j.run_at > now() THEN 'scheduled' ELSE 'pending' END AS status,
+           j.priority, j.attempts, skiplock.max_attempts_for(j.flow, j.max_attempts) AS max_attempts,
+           j.run_id, j.payload, j.created_at, j.run_at, j.claimed_by, j.claimed_at, j.finished_at,
+           j.error_type, j.error_message, j.cancel_requested_at
+    FROM skiplock.jobs j
+    WHERE j.flow = n.flow AND j.status = 'pending' AND (j.run_at > now()) = %(scheduled)s
+      AND (%(run_id)s::text IS NULL OR j.run_id = %(run_id)s)
+      AND (%(older_than)s::float8 IS NULL OR j.created_at < now() - make_interval(secs => %(older_than)s))
+      AND (%(payload)s::jsonb IS NULL OR j.payload @> %(payload)s::jsonb)
+    ORDER BY j.priority DESC, j.run_at, j.id
+    LIMIT %(limit)s
+) x
+WHERE n.flow IS NOT NULL
+ORDER BY x.priority DESC, x.run_at, x.id
+LIMIT %(limit)s;
+
+-- name: jobs_list_running
+-- The browser, running jobs, longest running first, per flow on jobs_running_idx (flow, claimed_at).
+WITH RECURSIVE names(flow) AS (
+    (SELECT flow FROM skiplock.jobs
+     WHERE status = 'running' AND (%(flow)s::text IS NULL OR flow = %(flow)s) ORDER BY flow LIMIT 1)
+    UNION ALL
+    SELECT (SELECT j.flow FROM skiplock.jobs j WHERE j.status = 'running' AND j.flow > n.flow
+            ORDER BY j.flow LIMIT 1)
+    FROM names n WHERE n.flow IS NOT NULL AND %(flow)s::text IS NULL
+)
+SELECT x.* FROM names n CROSS JOIN LATERAL (
+    SELECT j.id, j.flow, 'running' AS status,
+           j.priority, j.attempts, skiplock.max_attempts_for(j.flow, j.max_attempts) AS max_attempts,
+           j.run_id, j.payload, j.created_at, j.run_at, j.claimed_by, j.claimed_at, j.finished_at,
+           j.error_type, j.error_message, j.cancel_requested_at
+    FROM skiplock.jobs j
+    WHERE j.flow = n.flow AND j.status = 'running'
+      AND (%(run_id)s::text IS NULL OR j.run_id = %(run_id)s)
+      AND (%(older_than)s::float8 IS NULL OR j.claimed_at < now() - make_interval(secs => %(older_than)s))
+      AND (%(payload)s::jsonb IS NULL OR j.payload @> %(payload)s::jsonb)
+    ORDER BY j.claimed_at, j.id
+    LIMIT %(limit)s
+) x
+WHERE n.flow IS NOT NULL
+ORDER BY x.claimed_at, x.id
+LIMIT %(limit)s;
+
+-- name: jobs_list_dead
+-- The browser, dead letters, most recent first, per flow on jobs_dead_idx (flow, finished_at).
+WITH RECURSIVE names(flow) AS (
+    (SELECT flow FROM skiplock.jobs
+     WHERE status = 'dead' AND (%(flow)s::text IS NULL OR flow = %(flow)s) ORDER BY flow LIMIT 1)
+    UNION ALL
+    SELECT (SELECT j.flow FROM skiplock.jobs j WHERE j.status = 'dead' AND j.flow > n.flow
+            ORDER BY j.flow LIMIT 1)
+    FROM names n WHERE n.flow IS NOT NULL AND %(flow)s::text IS NULL
+)
+SELECT x.* FROM names n CROSS JOIN LATERAL (
+    SELECT j.id, j.flow, 'dead' AS status,
+           j.priority, j.attempts, skiplock.max_attempts_for(j.flow, j.max_attempts) AS max_attempts,
+           j.run_id, j.payload, j.created_at, j.run_at, j.claimed_by, j.claimed_at, j.finished_at,
+           j.error_type, j.error_message, j.cancel_requested_at
+    FROM skiplock.jobs j
+    WHERE j.flow = n.flow AND j.status = 'dead'
+      AND (%(run_id)s::text IS NULL OR j.run_id = %(run_id)s)
+      AND (%(older_than)s::float8 IS NULL OR j.finished_at < now() - make_interval(secs => %(older_than)s))
+      AND (%(payload)s::jsonb IS NULL OR j.payload @> %(payload)s::jsonb)
+    ORDER BY j.finished_at DESC, j.id DESC
+    LIMIT %(limit)s
+) x
+WHERE n.flow IS NOT NULL
+ORDER BY x.finished_at DESC, x.id DESC
+LIMIT %(limit)s;
+
+-- name: jobs_list_done
+-- The browser, completed or cancelled jobs, most recent first. Always bounded in time (`since`
+-- seconds back): the finished_at BRIN finds that window's pages, never the whole history.
+SELECT d.id, d.flow, d.status, d.priority, d.attempts,
+       skiplock.max_attempts_for(d.flow, d.max_attempts) AS max_attempts,
+       d.run_id, d.payload, d.created_at, NULL::timestamptz AS run_at, d.claimed_by, d.claimed_at,
+       d.finished_at, NULL::text AS error_type, NULL::text AS error_message,
+       NULL::timestamptz AS cancel_requested_at
+FROM skiplock.jobs_done d
+WHERE d.finished_at >= now() - make_interval(secs => %(since)s)
+  AND d.status = %(status)s
+  AND (%(flow)s::text IS NULL OR d.flow = %(flow)s)
+  AND (%(run_id)s::text IS NULL OR d.run_id = %(run_id)s)
+  AND (%(older_than)s::float8 IS NULL OR d.finished_at < now() - make_interval(secs => %(older_than)s))
+  AND (%(payload)s::jsonb IS NULL OR d.payload @> %(payload)s::jsonb)
+ORDER BY d.finished_at DESC, d.id DESC
+LIMIT %(limit)s;
+
+-- name: flows_known
+-- Which of these flows an engine has registered (enqueue refuses the others unless told).
+SELECT name FROM skiplock.flows WHERE name = ANY(%(flows)s::text[]);
+
+-- name: flow_names
+SELECT name FROM skiplock.flows ORDER BY name LIMIT %(limit)s;
+
+-- name: flows_unserved
+-- Flows with due pending jobs that no live worker serves (health: degraded). The flows with pending
+-- jobs come from a skip scan of the claim's index; each count stops at `cap`.
+WITH RECURSIVE pending_flows(flow) AS (
+    (SELECT flow FROM skiplock.jobs WHERE status = 'pending' ORDER BY flow LIMIT 1)
+    UNION ALL
+    SELECT (SELECT j.flow FROM skiplock.jobs j WHERE j.status = 'pending' AND j.flow > p.flow
+            ORDER BY j.flow LIMIT 1)
+    FROM pending_flows p WHERE p.flow IS NOT NULL
+), served AS (
+    SELECT DISTINCT unnest(w.flows) AS flow FROM skiplock.workers w
+    WHERE w.state NOT IN ('stopped', 'lost') AND w.heartbeat_at >= now() - make_interval(secs => %(stale_after)s)
+)
+SELECT p.flow, c.pending
+FROM pending_flows p
+CROSS JOIN LATERAL (
+    SELECT count(*) AS pending FROM (SELECT 1 FROM skiplock.jobs j
+                                     WHERE j.flow = p.flow AND j.status = 'pending' AND j.run_at <= now()
+                                     LIMIT %(cap)s) s
+) c
+WHERE p.flow IS NOT NULL AND c.pending > 0 AND NOT EXISTS (SELECT 1 FROM served s WHERE s.flow = p.flow)
+ORDER BY p.flow
+LIMIT 50;
 
 -- ---------------------------------------------------------------------------------------------
 -- console

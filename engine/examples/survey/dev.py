@@ -61,7 +61,7 @@ def run_example(options: DevOptions) -> int:
         flow = settings.flows[FLOW]
         with Queue(dsn) as queue:
             result = enqueue_surveys(queue, [*ids, MISSING_SURVEY_ID], run_id=f"surveys-{int(time.time())}",
-                                     max_attempts=flow.max_attempts)
+                                     max_attempts=flow.max_attempts, allow_unknown_flow=True)  # its engine starts next
         print(f"enqueued {result.inserted} survey job(s) (survey {MISSING_SURVEY_ID} does not exist)", flush=True)
         settings = dataclasses.replace(settings, dsn=dsn)
         if options.no_engine:

@@ -33,9 +33,10 @@ def submitted_survey_ids(source: Source, status: str = "submitted") -> list[int]
 
 
 def enqueue_surveys(queue: Queue, survey_ids: Sequence[int], *, run_id: str | None = None,
-                    max_attempts: int = 5) -> EnqueueResult:
+                    max_attempts: int = 5, allow_unknown_flow: bool = False) -> EnqueueResult:
     return queue.enqueue_many(FLOW, [{"survey_id": i} for i in survey_ids], run_id=run_id,
-                              max_attempts=max_attempts, dedupe_keys=[f"survey:{i}" for i in survey_ids])
+                              max_attempts=max_attempts, dedupe_keys=[f"survey:{i}" for i in survey_ids],
+                              allow_unknown_flow=allow_unknown_flow)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
