@@ -19,8 +19,19 @@ from engine.errors import DatabaseUnavailable, ValidationError
 from engine.migrate import REQUIRED_SCHEMA_VERSION
 from engine.queue import AckResult, Failure, Queue, ack_batch, claim_batch, new_claim_token
 from engine.sql import Q
+from support.postgres import register_flows
 
 TRICKY = "back\\slash \\n not-a-newline\ttab\nnewline\r\n ünïcødé 日本語 🎉 \"quoted\" \u2028 \x7f end\\"
+
+
+# The flows these tests enqueue to, registered as an engine would (enqueue refuses unknown flows).
+FLOWS = ("a", "b", "bulk", "f", "g", "other")
+
+
+@pytest.fixture(autouse=True)
+def registered_flows(dsn: str) -> None:
+    register_flows(dsn, *FLOWS)
+
 
 
 # ---------------------------------------------------------------------------------------------
@@ -291,13 +302,13 @@ def test_invalid_flow_names_are_rejected(queue: Queue, conn: psycopg.Connection,
         with pytest.raises(ValidationError) as info:
             call()
         assert repr(name) in str(info.value)
-    assert count(conn, "jobs") == 0 and count(conn, "flows") == 0
+    assert count(conn, "jobs") == 0 and count(conn, "flows") == len(FLOWS)
 
 
 def test_valid_flow_name_edge_cases(queue: Queue, conn: psycopg.Connection) -> None:
     longest = "a" * 63
     for name in (longest, "0", "billing.v2-export_daily"):
-        assert queue.enqueue(name, {}) is not None
+        assert queue.enqueue(name, {}, allow_unknown_flow=True) is not None
     assert count(conn, "jobs") == 3
 
 
@@ -357,7 +368,7 @@ def test_paused_flow_claims_nothing_until_resumed(queue: Queue, conn: psycopg.Co
     queue.resume("f")
     assert one(conn, "SELECT paused FROM skiplock.flows WHERE name = 'f'") is False
     assert [j.id for j in queue.claim("f", "w", 10)[1]] == [job_id]
-    assert [f["name"] for f in queue.flows()] == ["f"]
+    assert [f["name"] for f in queue.flows()] == sorted(FLOWS)
 
 
 def test_pause_sends_flow_event(queue: Queue, dsn: str) -> None:
@@ -373,7 +384,6 @@ def test_pause_sends_flow_event(queue: Queue, dsn: str) -> None:
 
 def test_open_circuit_claims_nothing(queue: Queue, conn: psycopg.Connection) -> None:
     job_id = queue.enqueue("f", {})
-    conn.execute("INSERT INTO skiplock.flows (name) VALUES ('f')")
     conn.execute("UPDATE skiplock.flows SET circuit_state = 'open', circuit_until = now() + interval '1 hour'")
     assert queue.claim("f", "w", 10)[1] == []
     assert job_row(conn, job_id)["attempts"] == 0
@@ -812,9 +822,12 @@ def test_get_queue_status_format_and_counts(queue: Queue, conn: psycopg.Connecti
         "processing_records": 1,
         "completed_records": 2,
         "failed_records": 1,
+        "cancelled_records": 0,
         "by_flow": {
-            "a": {"pending": 3, "scheduled": 1, "processing": 1, "completed": 2, "failed": 1, "paused": False},
-            "b": {"pending": 1, "scheduled": 0, "processing": 0, "completed": 0, "failed": 0, "paused": True},
+            "a": {"pending": 3, "scheduled": 1, "processing": 1, "completed": 2, "failed": 1, "cancelled": 0,
+                  "paused": False},
+            "b": {"pending": 1, "scheduled": 0, "processing": 0, "completed": 0, "failed": 0, "cancelled": 0,
+                  "paused": True},
         },
     }
     seed_keys = {"total_records", "pending_records", "processing_records", "completed_records", "failed_records",
@@ -830,7 +843,8 @@ def test_get_queue_status_format_and_counts(queue: Queue, conn: psycopg.Connecti
     token, jobs = queue.claim("b", "w", 10)
     queue.ack("w", token, [j.id for j in jobs])
     assert queue.get_queue_status("b")["by_flow"] == {
-        "b": {"pending": 0, "scheduled": 0, "processing": 0, "completed": 1, "failed": 0, "paused": False}}
+        "b": {"pending": 0, "scheduled": 0, "processing": 0, "completed": 1, "failed": 0, "cancelled": 0,
+              "paused": False}}
     assert queue.get_queue_status("nothing-here") == {
         "total_records": 0, "pending_records": 0, "scheduled_records": 0, "processing_records": 0,
         "completed_records": 0, "failed_records": 0, "by_flow": {}}
@@ -848,7 +862,7 @@ def test_health_check_healthy(queue: Queue, conn: psycopg.Connection) -> None:
     assert report["schema"] == {"version": REQUIRED_SCHEMA_VERSION, "required": REQUIRED_SCHEMA_VERSION}
     assert report["workers"] == {"live": 1, "stale": 0}
     assert report["queue_status"] == {"pending_records": 3, "processing_records": 0, "failed_records": 0,
-                                      "completed_records": 0, "total_records": 3}
+                                      "completed_records": 0, "cancelled_records": 0, "total_records": 3}
     assert set(report["instance_info"]) == {"instance_id", "hostname"}
     datetime.strptime(report["timestamp"], "%Y-%m-%dT%H:%M:%SZ")
 

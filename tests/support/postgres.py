@@ -85,3 +85,11 @@ def scalar(dsn: str, sql: str, params: tuple = ()):
     with psycopg.connect(dsn, autocommit=True) as connection:
         row = connection.execute(sql, params).fetchone()
         return row[0] if row else None
+
+
+def register_flows(dsn: str, *names: str) -> None:
+    """Record flows as an engine does when it starts (a row in skiplock.flows), so that enqueue, which
+    refuses flows no engine has registered, accepts them in tests that enqueue before any engine runs."""
+    with psycopg.connect(dsn, autocommit=True) as connection:
+        connection.execute("INSERT INTO skiplock.flows (name) SELECT unnest(%s::text[]) ON CONFLICT DO NOTHING",
+                           (list(names),))
