@@ -847,7 +847,7 @@ def test_get_queue_status_format_and_counts(queue: Queue, conn: psycopg.Connecti
               "paused": False}}
     assert queue.get_queue_status("nothing-here") == {
         "total_records": 0, "pending_records": 0, "scheduled_records": 0, "processing_records": 0,
-        "completed_records": 0, "failed_records": 0, "by_flow": {}}
+        "completed_records": 0, "failed_records": 0, "cancelled_records": 0, "by_flow": {}}
 
 
 def test_health_check_healthy(queue: Queue, conn: psycopg.Connection) -> None:
