@@ -19,10 +19,10 @@ import pytest
 
 from engine.embedded import make_temp_dir
 from engine.errors import ValidationError
-from engine.migrate import REQUIRED_SCHEMA_VERSION
+from engine.migrate import REQUIRED_SCHEMA_VERSION, available_migrations
 from engine.queue import Failure, Queue, validate_flow
 from support.engines import wait_for
-from support.postgres import scalar
+from support.postgres import register_flows_for, scalar
 
 REPO = Path(__file__).resolve().parent.parent
 UNREACHABLE_SOCKET = "host=/tmp/nonexistent-skiplock port=1 dbname=x"
@@ -39,6 +39,12 @@ STATUS_HEADER = ["flow", "pending", "scheduled", "running", "completed", "dead",
 
 # ---------------------------------------------------------------------------------------------
 # helpers
+
+
+@pytest.fixture(autouse=True)
+def registered_flows(request: pytest.FixtureRequest) -> None:
+    """The flows these tests enqueue to, registered as an engine would (enqueue refuses unknown flows)."""
+    register_flows_for(request, "a", "alpha", "beta", "emails", "later", "reports", "status")
 
 
 def base_env(**extra: str) -> dict[str, str]:
@@ -127,7 +133,8 @@ def status_of(dsn: str, job_id: int) -> str | None:
 
 
 def test_migrate_applies_then_is_up_to_date(empty_dsn: str) -> None:
-    assert ok(engine("migrate", dsn=empty_dsn)) == "applied 0001_initial\n"
+    assert ok(engine("migrate", dsn=empty_dsn)) == "".join(
+        f"applied {m.version:04d}_{m.name}\n" for m in available_migrations())
     assert scalar(empty_dsn, "SELECT count(*) FROM skiplock.schema_migrations") == REQUIRED_SCHEMA_VERSION
     assert ok(engine("migrate", dsn=empty_dsn)) == "schema is up to date\n"
     # --dsn works as well as SKIPLOCK_DSN
@@ -335,8 +342,10 @@ def test_status_json(mixed: str) -> None:
     assert status["completed_records"] == 1
     assert status["failed_records"] == 1
     assert status["by_flow"] == {
-        "alpha": {"pending": 1, "scheduled": 0, "processing": 1, "completed": 1, "failed": 1, "paused": False},
-        "beta": {"pending": 2, "scheduled": 2, "processing": 0, "completed": 0, "failed": 0, "paused": False},
+        "alpha": {"pending": 1, "scheduled": 0, "processing": 1, "completed": 1, "failed": 1, "cancelled": 0,
+                  "paused": False},
+        "beta": {"pending": 2, "scheduled": 2, "processing": 0, "completed": 0, "failed": 0, "cancelled": 0,
+                 "paused": False},
     }
 
 
@@ -360,7 +369,14 @@ def test_status_empty_queue(dsn: str) -> None:
 # health
 
 
+def serving_worker(dsn: str, *flows: str) -> None:
+    """A live worker (fresh heartbeat) that serves these flows, as a running engine registers it."""
+    scalar(dsn, "INSERT INTO skiplock.workers (id, engine_id, host, pid, flows, state)"
+                " VALUES ('w-live', 'e-1', 'h', 1, %s, 'idle') RETURNING 1", (list(flows),))
+
+
 def test_health_healthy(dsn: str) -> None:
+    serving_worker(dsn, "emails")
     ok(engine("enqueue", "emails", "--payload", "{}", "--count", "2", dsn=dsn))
     out = ok(engine("health", dsn=dsn))
     assert re.fullmatch(r"healthy: database up \([0-9.]+ ms\), 2 pending, 0 running, 0 dead\n", out), out
@@ -444,8 +460,9 @@ def test_pause_and_resume(dsn: str) -> None:
 
 
 def test_pause_bad_flow_name(dsn: str) -> None:
+    before = scalar(dsn, "SELECT count(*) FROM skiplock.flows")
     assert one_line_error(engine("pause", "no way", dsn=dsn)).startswith("engine: error: flow name 'no way' is invalid")
-    assert scalar(dsn, "SELECT count(*) FROM skiplock.flows") == 0
+    assert scalar(dsn, "SELECT count(*) FROM skiplock.flows") == before
 
 
 # ---------------------------------------------------------------------------------------------
@@ -694,7 +711,7 @@ def test_dev_no_engine(dev_dir: Path) -> None:
     result = engine("dev", "--no-engine", "--jobs", "50", "--data-dir", str(data), timeout=120)
     out = ok(result)
     lines = out.splitlines()
-    assert lines[:3] == [f"starting embedded PostgreSQL in {data} ...", "schema migrated (1 migration(s) applied)",
+    assert lines[:3] == [f"starting embedded PostgreSQL in {data} ...", f"schema migrated ({REQUIRED_SCHEMA_VERSION} migration(s) applied)",
                          "enqueued demo jobs to noop, sleep and flaky"]
     rows = status_rows(out)
     assert rows["noop"][:2] == ["50", "0"]

@@ -10,6 +10,7 @@ from typing import Any
 import psycopg
 
 from engine.queue import Queue
+from support.postgres import register_flows
 
 JOBS = 20_000
 PROCESSES = 4
@@ -44,6 +45,7 @@ def drain(dsn: str, flow: str, index: int, start: Any, out: str) -> None:
 
 
 def test_processes_claim_each_job_exactly_once(dsn: str, conn: psycopg.Connection, tmp_path: Path) -> None:
+    register_flows(dsn, "race")
     with Queue(dsn) as queue:
         assert queue.enqueue_many("race", [{"n": n} for n in range(JOBS)]).inserted == JOBS
     all_ids = {row[0] for row in conn.execute("SELECT id FROM skiplock.jobs WHERE flow = 'race'")}

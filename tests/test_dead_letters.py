@@ -10,6 +10,14 @@ import pytest
 
 from engine.errors import ValidationError
 from engine.queue import DeadLetterFilter, Failure, Queue
+from support.postgres import register_flows
+
+
+
+@pytest.fixture(autouse=True)
+def registered_flows(dsn: str) -> None:
+    """The flows these tests enqueue to, registered as an engine would (enqueue refuses unknown flows)."""
+    register_flows(dsn, "a", "b", "f")
 
 
 def one(conn: psycopg.Connection, sql: str, params: Any = None) -> Any:

@@ -26,7 +26,7 @@ from engine.logs import JsonFormatter
 from engine.queue import Queue
 from support.engines import wait_for
 from support.handlers import read_records
-from support.postgres import scalar
+from support.postgres import register_flows, scalar
 
 # Small intervals keep fault tests fast: a silent worker is stale after 2 s, looked for every 0.5 s.
 BASE = """
@@ -60,6 +60,8 @@ def rows(dsn: str, sql: str, params: tuple = ()) -> list[tuple]:
 
 
 def enqueue(dsn: str, flow: str, payloads: list[dict[str, Any]], **options: Any) -> None:
+    """Enqueue before the engine starts: the flow is registered first, as an earlier engine would have."""
+    register_flows(dsn, flow)
     with Queue(dsn) as q:
         assert q.enqueue_many(flow, payloads, **options).inserted == len(payloads)
 

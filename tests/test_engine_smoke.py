@@ -2,7 +2,7 @@ from collections import Counter
 
 from engine.queue import Queue
 from support.handlers import read_records
-from support.postgres import scalar
+from support.postgres import register_flows, scalar
 
 CONFIG = """
 [global]
@@ -17,6 +17,7 @@ batch_size = 200
 
 def test_drain_20k_with_4_workers(dsn, start_engine, tmp_path):
     record = tmp_path / "record.txt"
+    register_flows(dsn, "rec")
     with Queue(dsn) as q:
         q.enqueue_many("rec", [{"n": i} for i in range(20000)])
     engine = start_engine(dsn, CONFIG, "--workers", "4", "--drain", env={"SKIPLOCK_TEST_RECORD": str(record)})

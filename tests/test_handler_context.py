@@ -16,7 +16,7 @@ import pytest
 from engine.config import load_settings
 from engine.errors import ConfigError
 from engine.queue import Queue
-from support.postgres import scalar
+from support.postgres import register_flows_for, scalar
 
 CONFIG = """
 [global]
@@ -33,6 +33,12 @@ batch_size = 50
 
 RESULTS_DDL = ("CREATE TABLE ctx_results (job_id bigint PRIMARY KEY, n integer NOT NULL, flow text NOT NULL, "
                "xact bigint NOT NULL)")
+
+
+@pytest.fixture(autouse=True)
+def registered_flows(request: pytest.FixtureRequest) -> None:
+    """The flows these tests enqueue to, registered as an engine would (enqueue refuses unknown flows)."""
+    register_flows_for(request, "ctx_tx", "ctx_plain", "ctx_follow_up")
 
 
 def _xmin_pairs(dsn: str, flow: str) -> list[tuple[int, int | None, int | None]]:

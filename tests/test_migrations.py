@@ -35,7 +35,7 @@ def test_migrate_applies_all_then_nothing(empty_dsn: str) -> None:
         # the session lock is released after each run
         assert conn.execute("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'").fetchone() == (0,)
     with Queue(empty_dsn) as queue:
-        assert queue.enqueue("f", {}) is not None
+        assert queue.enqueue("f", {}, allow_unknown_flow=True) is not None
 
 
 def _migrate_in_child(dsn: str, start: Any, results: Any) -> None:

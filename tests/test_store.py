@@ -13,8 +13,16 @@ from engine.queue import Queue
 from engine.runs import fire_run_hooks
 from engine.store import DeadLetter, Failure, Job, RunSummary
 from engine.telemetry import FlowCounts
+from support.postgres import register_flows
 
 log = logging.getLogger("test.store")
+
+
+
+@pytest.fixture(autouse=True)
+def registered_flows(dsn: str) -> None:
+    """The flows these tests enqueue to, registered as an engine would (enqueue refuses unknown flows)."""
+    register_flows(dsn, "f", "g", "r", "unhooked")
 
 
 def finish_run(queue: Queue, conn: psycopg.Connection, run_id: str, flow: str = "f", jobs: int = 2,

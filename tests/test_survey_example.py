@@ -26,13 +26,19 @@ from engine.examples.survey.sample_data import create_source_data, sqlite_connec
 from engine.queue import Queue
 from engine.sources import Source, SourceConfig
 from support.engines import SUPPORT_DIR, wait_for
-from support.postgres import scalar
+from support.postgres import register_flows_for, scalar
 
 ROOT = Path(__file__).resolve().parent.parent
 MISSING = 999_999
 _names = itertools.count()
 
 pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(autouse=True)
+def registered_flows(request: pytest.FixtureRequest) -> None:
+    """The flows these tests enqueue to, registered as an engine would (enqueue refuses unknown flows)."""
+    register_flows_for(request, "survey", "rec")
 
 
 @pytest.fixture

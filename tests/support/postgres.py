@@ -93,3 +93,11 @@ def register_flows(dsn: str, *names: str) -> None:
     with psycopg.connect(dsn, autocommit=True) as connection:
         connection.execute("INSERT INTO skiplock.flows (name) SELECT unnest(%s::text[]) ON CONFLICT DO NOTHING",
                            (list(names),))
+
+
+def register_flows_for(request: pytest.FixtureRequest, *names: str) -> None:
+    """For a module's autouse fixture: register the flows when the test uses the per-test database
+    (`dsn` the fixture, not a parameter of that name)."""
+    callspec = getattr(request.node, "callspec", None)
+    if "dsn" in request.fixturenames and not (callspec is not None and "dsn" in callspec.params):
+        register_flows(request.getfixturevalue("dsn"), *names)
