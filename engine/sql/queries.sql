@@ -525,8 +525,9 @@ WITH waiting AS (
     LIMIT %(limit)s
     FOR UPDATE SKIP LOCKED
 ), removed AS (
-    DELETE FROM skiplock.jobs j USING waiting w
-    WHERE j.id = w.id AND j.status = 'pending'
+    -- `= ANY(ARRAY(...))`, not a join: always the primary key (as in claim_batch).
+    DELETE FROM skiplock.jobs j
+    WHERE j.id = ANY(ARRAY(SELECT id FROM waiting)) AND j.status = 'pending'
     RETURNING j.id, j.flow, j.payload, j.priority, j.attempts, j.max_attempts, j.claimed_by, j.errors,
               j.run_id, j.created_at, j.claimed_at
 ), archived AS (
@@ -538,8 +539,7 @@ WITH waiting AS (
     RETURNING id, run_id
 ), requested AS (
     UPDATE skiplock.jobs j SET cancel_requested_at = now(), updated_at = now()
-    FROM running r
-    WHERE j.id = r.id AND j.status = 'running' AND j.cancel_requested_at IS NULL
+    WHERE j.id = ANY(ARRAY(SELECT id FROM running)) AND j.status = 'running' AND j.cancel_requested_at IS NULL
     RETURNING j.id
 ), run_progress AS (
     UPDATE skiplock.runs r
@@ -581,11 +581,11 @@ SELECT coalesce(array_agg(id ORDER BY id), '{}') FROM purged;
 
 -- name: jobs_list_pending
 -- The browser, pending (due) or scheduled jobs, next to run first. Per flow on the claim's index, in
--- its order; without a flow the flows come from a skip scan of that index (one descent per flow).
+-- its order; without a flow the flows come from a skip scan of that index (one descent per flow;
+-- coalesce does not evaluate the scan when a flow is given).
 -- Each flow gives at most `limit` rows, and so does the whole.
 WITH RECURSIVE names(flow) AS (
-    (SELECT flow FROM skiplock.jobs
-     WHERE status = 'pending' AND (%(flow)s::text IS NULL OR flow = %(flow)s) ORDER BY flow LIMIT 1)
+    SELECT coalesce(%(flow)s::text, (SELECT flow FROM skiplock.jobs WHERE status = 'pending' ORDER BY flow LIMIT 1))
     UNION ALL
     SELECT (SELECT j.flow FROM skiplock.jobs j WHERE j.status = 'pending' AND j.flow > n.flow
             ORDER BY j.flow LIMIT 1)
@@ -611,8 +611,7 @@ LIMIT %(limit)s;
 -- name: jobs_list_running
 -- The browser, running jobs, longest running first, per flow on jobs_running_idx (flow, claimed_at).
 WITH RECURSIVE names(flow) AS (
-    (SELECT flow FROM skiplock.jobs
-     WHERE status = 'running' AND (%(flow)s::text IS NULL OR flow = %(flow)s) ORDER BY flow LIMIT 1)
+    SELECT coalesce(%(flow)s::text, (SELECT flow FROM skiplock.jobs WHERE status = 'running' ORDER BY flow LIMIT 1))
     UNION ALL
     SELECT (SELECT j.flow FROM skiplock.jobs j WHERE j.status = 'running' AND j.flow > n.flow
             ORDER BY j.flow LIMIT 1)
@@ -638,8 +637,7 @@ LIMIT %(limit)s;
 -- name: jobs_list_dead
 -- The browser, dead letters, most recent first, per flow on jobs_dead_idx (flow, finished_at).
 WITH RECURSIVE names(flow) AS (
-    (SELECT flow FROM skiplock.jobs
-     WHERE status = 'dead' AND (%(flow)s::text IS NULL OR flow = %(flow)s) ORDER BY flow LIMIT 1)
+    SELECT coalesce(%(flow)s::text, (SELECT flow FROM skiplock.jobs WHERE status = 'dead' ORDER BY flow LIMIT 1))
     UNION ALL
     SELECT (SELECT j.flow FROM skiplock.jobs j WHERE j.status = 'dead' AND j.flow > n.flow
             ORDER BY j.flow LIMIT 1)
