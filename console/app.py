@@ -13,7 +13,7 @@ it posts an intent (open a job, load dead letters, retry, purge, pause) that bub
 handlers below, and the app posts the answer back to the screen that asked. Screens read data only:
 `LiveState`, the clock, the theme. The header is `console.status.header_text()`, a pure function.
 
-Screens are modes, each one key away: overview (1/o), failures (2/f), dead letters (3/d); the job
+Screens are modes, each one key away: overview (1/o), failures (2/f), dead letters (3/d), jobs (4/b); the job
 detail is pushed on top (Enter, or j and an id). `/` filters, `?` lists every key, ctrl+p opens the
 command palette, z freezes the display, ctrl+r refreshes now. Every binding has an id, so a keymap
 file can rebind it. In read-only mode (`--read-only` or `[console] read_only = true`) the actions that
@@ -42,14 +42,16 @@ from textual.worker import get_current_worker
 
 from console.data import COUNT_CAP, DataSource
 from console.feed import Feed
-from console.messages import (ActionDone, ActionFinished, ClearFailures, CycleWindow, DeadLettersChanged,
+from console.messages import (ActionDone, ActionFinished, CancelJobs, ClearFailures, CycleWindow, DeadLettersChanged,
                               DeadLettersFailed, DeadLettersLoaded, FeedEvents, FeedStatus, Intent, JobLoaded,
-                              LoadDeadLetters, LoadJob, OpenJob, PurgeJobs, PurgeMatching, RetryJobs, RetryMatching,
-                              SetFlowPaused, ShowDeadLetters, SnapshotFailed, SnapshotLoaded, UseFilter)
+                              JobsFailed, JobsLoaded, LoadDeadLetters, LoadJob, LoadJobs, OpenJob, PurgeCancelled,
+                              PurgeJobs, PurgeMatching, RetryJobs, RetryMatching, SetFlowPaused, ShowDeadLetters,
+                              SnapshotFailed, SnapshotLoaded, UseFilter)
 from console.screens.base import BaseScreen, ConsoleScreen
 from console.screens.dead_letters import DeadLettersScreen
 from console.screens.failures import FailuresScreen
 from console.screens.job import JobScreen
+from console.screens.jobs import JobsScreen
 from console.screens.modals import HelpScreen, PromptScreen
 from console.screens.overview import OverviewScreen
 from console.state import WINDOWS, FailureRow, LiveState
@@ -60,7 +62,8 @@ from engine.redact import describe_error, redact_dsn
 
 # Actions that write to the database: hidden (check_action -> False) in read-only mode.
 WRITE_ACTIONS: Final = frozenset({"toggle_pause", "retry_one", "retry_selected", "retry_all", "purge_selected",
-                                  "purge_older", "retry", "purge"})
+                                  "purge_older", "retry", "purge", "cancel_one", "cancel_matching", "retry_dead_matching",
+                                  "purge_matching"})
 FLUSH_INTERVAL_S: Final = 0.5
 SOON_S: Final = 0.25  # an event that makes counts stale brings the next snapshot this close
 KEY_NAMES: Final = {"slash": "/", "question_mark": "?", "space": "space", "escape": "esc", "enter": "enter",
@@ -72,12 +75,13 @@ TABLE_KEYS: Final = (("↑ ↓ pgup pgdn home end", "move"), ("enter", "open the
 class ConsoleApp(App[None]):
     CSS_PATH = "console.tcss"
     TITLE = "skiplock console"
-    MODES = {"overview": OverviewScreen, "failures": FailuresScreen, "dead": DeadLettersScreen}
+    MODES = {"overview": OverviewScreen, "failures": FailuresScreen, "dead": DeadLettersScreen, "jobs": JobsScreen}
     DEFAULT_MODE = "overview"
     BINDINGS = [
         Binding("1,o", "show('overview')", "Overview", id="skiplock.overview"),
         Binding("2,f", "show('failures')", "Failures", id="skiplock.failures"),
         Binding("3,d", "show('dead')", "Dead letters", id="skiplock.dead_letters"),
+        Binding("4,b", "show('jobs')", "Jobs", id="skiplock.jobs"),
         Binding("j", "open_job", "Job…", show=False, id="skiplock.job"),
         Binding("question_mark", "help", "Help", id="skiplock.help"),
         Binding("z", "freeze", "Freeze", id="skiplock.freeze"),
@@ -466,6 +470,29 @@ class ConsoleApp(App[None]):
     def _on_purge_matching(self, message: PurgeMatching) -> None:
         where = message.where
         self._perform(message, "purged", lambda: self.data.purge(where), None)
+
+    @on(LoadJobs)
+    def _on_load_jobs(self, message: LoadJobs) -> None:
+        self._read_jobs(message)
+
+    @work(thread=True, exclusive=True, group="jobs", exit_on_error=False)
+    def _read_jobs(self, intent: LoadJobs) -> None:
+        try:
+            answer: JobsLoaded | JobsFailed = JobsLoaded(self.data.jobs(intent.where))
+        except (psycopg.Error, OSError, SkiplockError) as exc:
+            answer = JobsFailed(intent.where, describe_error(exc) if isinstance(exc, psycopg.Error) else str(exc))
+        if not get_current_worker().is_cancelled:
+            _answer(intent, answer)
+
+    @on(CancelJobs)
+    def _on_cancel_jobs(self, message: CancelJobs) -> None:
+        ids = list(message.ids)
+        self._perform(message, "cancelled", lambda: self.data.cancel(ids).cancelled, len(ids), unit="job(s)")
+
+    @on(PurgeCancelled)
+    def _on_purge_cancelled(self, message: PurgeCancelled) -> None:
+        ids = list(message.ids)
+        self._perform(message, "purged", lambda: self.data.purge_cancelled(ids), len(ids), unit="cancelled job(s)")
 
     @on(SetFlowPaused)
     def _on_set_flow_paused(self, message: SetFlowPaused) -> None:

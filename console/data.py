@@ -26,7 +26,7 @@ import orjson
 import psycopg
 
 from engine import db, store
-from engine.queue import DeadLetter, DeadLetterFilter, Job, Queue
+from engine.queue import CancelReport, DeadLetter, DeadLetterFilter, Job, JobFilter, JobSummary, Queue
 
 APPLICATION_NAME: Final = "skiplock-console"
 COUNT_CAP: Final = 5_000  # exact counts up to this many rows per flow and state, then an estimate
@@ -37,6 +37,7 @@ LATENCY_MIN_SAMPLES: Final = 10  # fewer: the overview shows the mean from stats
 WORKERS_LIMIT: Final = 200
 RUNS_LIMIT: Final = 20
 DEAD_LIMIT: Final = 500
+JOBS_LIMIT: Final = 500
 ACTION_TIMEOUT_MS: Final = 30_000  # an operator's purge of many rows may take longer than a refresh
 
 T = TypeVar("T")
@@ -164,6 +165,16 @@ class DeadLetterPage:
     now: float
     limit: int
     timings_ms: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class JobsPage:
+    """What the jobs screen lists: Queue.list_jobs() for `where`, at most `limit` rows."""
+
+    jobs: list[JobSummary]
+    where: JobFilter
+    now: float
+    limit: int
 
 
 # ---------------------------------------------------------------------------------------------
@@ -318,7 +329,21 @@ class DataSource:
     def job(self, job_id: int) -> Job | None:
         return self._reading(lambda conn: Queue(conn=conn, check_schema=False).job(job_id))
 
+    def jobs(self, where: JobFilter, limit: int = JOBS_LIMIT) -> JobsPage:
+        def read(conn: psycopg.Connection[Any]) -> JobsPage:
+            now, _ = store.console_now(conn, self._reference())
+            return JobsPage(Queue(conn=conn, check_schema=False).list_jobs(where, limit=limit), where,
+                            now.timestamp(), limit)
+
+        return self._reading(read)
+
     # -- operator actions: every one returns the ids it changed -------------------------------------
+
+    def cancel(self, ids: list[int]) -> CancelReport:
+        return self._writing(lambda queue: queue.cancel(ids, status=("pending", "scheduled")))
+
+    def purge_cancelled(self, ids: list[int]) -> list[int]:
+        return self._writing(lambda queue: queue.purge_cancelled(ids))
 
     def retry(self, where: DeadLetterFilter) -> list[int]:
         return self._writing(lambda queue: queue.retry_dead(where))

@@ -3,7 +3,8 @@
     flow:flaky error:FlakyError status:dead age:>1h timeout
 
 - `flow:NAME`, `error:TYPE` (exact, case-sensitive like the data), `status:S` (retrying, dead, paused,
-  active, circuit open... depending on the screen), `age:>7d` / `age:<10m` (how long ago a job died or
+  active, circuit open... depending on the screen; on the jobs screen a comma list of job states),
+  `run:ID`, `payload.KEY:VALUE` (a payload key equals VALUE, JSON if it parses, else a string), `age:>7d` / `age:<10m` (how long ago a job died or
   failed; `older:7d` and `newer:10m` say the same). Durations as in the config: 250ms, 5s, 2m, 1h, 1d.
 - Anything else is free text, matched case-insensitively against the visible text of a row.
 - Values with spaces go in double quotes: `error:"Connection reset"`.
@@ -18,7 +19,8 @@ from typing import Final
 from engine.config import parse_duration
 from engine.errors import ConfigError
 
-QUALIFIERS: Final = ("flow", "error", "status", "age", "older", "newer")
+QUALIFIERS: Final = ("flow", "error", "status", "run", "age", "older", "newer")
+PAYLOAD_PREFIX: Final = "payload."
 
 
 class FilterError(ValueError):
@@ -30,6 +32,8 @@ class Filter:
     flow: str | None = None
     error: str | None = None
     status: str | None = None
+    run: str | None = None
+    payload: tuple[tuple[str, str], ...] = field(default_factory=tuple)  # (key, value text)
     older_than: float | None = None  # seconds
     newer_than: float | None = None  # seconds
     words: tuple[str, ...] = field(default_factory=tuple)
@@ -37,8 +41,8 @@ class Filter:
 
     @property
     def empty(self) -> bool:
-        return not (self.flow or self.error or self.status or self.older_than is not None
-                    or self.newer_than is not None or self.words)
+        return not (self.flow or self.error or self.status or self.run or self.payload
+                    or self.older_than is not None or self.newer_than is not None or self.words)
 
     def matches_text(self, *fields: object) -> bool:
         if not self.words:
@@ -72,15 +76,21 @@ def parse_filter(text: str) -> Filter:
         raise FilterError(f"unbalanced quotes: {exc}") from None
     values: dict[str, object] = {}
     words: list[str] = []
+    payload: list[tuple[str, str]] = []
     for token in tokens:
         key, colon, value = token.partition(":")
+        if colon and key.lower().startswith(PAYLOAD_PREFIX) and len(key) > len(PAYLOAD_PREFIX):
+            if not value:
+                raise FilterError(f"{key}: needs a value")
+            payload.append((key[len(PAYLOAD_PREFIX):], value))  # the key keeps its case, like the data
+            continue
         key = key.lower()
         if not colon or key not in QUALIFIERS:
             words.append(token)  # "FlakyError: transient" pasted from a message is text, not a qualifier
             continue
         if not value:
             raise FilterError(f"{key}: needs a value")
-        if key in ("flow", "error", "status"):
+        if key in ("flow", "error", "status", "run"):
             values[key] = value if key != "status" else value.lower()
         elif key == "age":
             if value.startswith(">"):
@@ -93,4 +103,4 @@ def parse_filter(text: str) -> Filter:
             values["older_than"] = _duration(value, "older:")
         elif key == "newer":
             values["newer_than"] = _duration(value, "newer:")
-    return Filter(words=tuple(words), text=text, **values)  # type: ignore[arg-type]
+    return Filter(words=tuple(words), payload=tuple(payload), text=text, **values)  # type: ignore[arg-type]

@@ -18,9 +18,9 @@ from typing import Any
 from textual.message import Message
 from textual.message_pump import MessagePump
 
-from console.data import DeadLetterPage, Snapshot
+from console.data import DeadLetterPage, JobsPage, Snapshot
 from console.filters import Filter
-from engine.queue import DeadLetterFilter, Job
+from engine.queue import DeadLetterFilter, Job, JobFilter
 
 # -- from the feed and the snapshot reader ---------------------------------------------------------
 
@@ -127,6 +127,27 @@ class PurgeMatching(Intent):
 
 
 @dataclass
+class LoadJobs(Intent):
+    """Read the jobs matching `where` (any state); answered with JobsLoaded or JobsFailed."""
+
+    where: JobFilter
+
+
+@dataclass
+class CancelJobs(Intent):
+    """Cancel these jobs if still pending or scheduled (the SQL leaves any other alone)."""
+
+    ids: list[int]
+
+
+@dataclass
+class PurgeCancelled(Intent):
+    """Delete these cancelled jobs (the SQL leaves any other alone)."""
+
+    ids: list[int]
+
+
+@dataclass
 class SetFlowPaused(Intent):
     flow: str
     paused: bool
@@ -167,6 +188,17 @@ class DeadLettersChanged(Result):
     of events), so wait a moment before reading again."""
 
     soon: bool = False
+
+
+@dataclass
+class JobsLoaded(Result):
+    page: JobsPage
+
+
+@dataclass
+class JobsFailed(Result):
+    where: JobFilter
+    error: str
 
 
 @dataclass
