@@ -149,3 +149,31 @@ def test_help_small_terminal(snap_compare, seeded):
         await settle(pilot)
 
     assert snap_compare(make_app(seeded), terminal_size=(80, 24), run_before=run_before)
+
+
+async def jobs_loaded(pilot: Pilot) -> None:
+    from textual.widgets import DataTable
+
+    await loaded(pilot)
+    await pilot.press("4")
+    await wait_until(pilot, lambda: getattr(pilot.app.screen, "page", None) is not None
+                     and pilot.app.screen.query_one("#jobs", DataTable).row_count > 0)
+
+
+def test_jobs(snap_compare, seeded):
+    assert shot(snap_compare, make_app(seeded), jobs_loaded)
+
+
+def test_jobs_filtered_bulk_cancel_confirm(snap_compare, seeded):
+    async def run_before(pilot: Pilot) -> None:
+        await jobs_loaded(pilot)
+        screen = pilot.app.screen
+        before = screen.page
+        await pilot.press("slash")
+        screen.query_one("#filter").value = "flow:flaky status:pending,dead"
+        await pilot.press("enter")
+        await wait_until(pilot, lambda: screen.page is not before and screen.page.where == screen.where())
+        await settle(pilot)
+        await pilot.press("C")
+
+    assert shot(snap_compare, make_app(seeded), run_before)
