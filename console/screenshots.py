@@ -1,6 +1,6 @@
 """Regenerate the README's console screenshots under live demo load.
 
-    python -m console.screenshots            # writes docs/img/console-{overview,failures,dead-letters}.svg
+    python -m console.screenshots            # writes docs/img/console-{overview,failures,dead-letters,jobs}.svg
     python -m console.screenshots --seconds 90 --out docs/img
 
 Starts a throwaway embedded PostgreSQL (or uses --dsn), migrates, runs two real `engine run`s with the
@@ -24,6 +24,7 @@ from pathlib import Path
 
 from console.app import ConsoleApp
 from console.screens.dead_letters import DeadLettersScreen
+from console.screens.jobs import JobsScreen
 from engine import db
 from engine.embedded import EmbeddedPostgres, make_temp_dir
 from engine.migrate import migrate
@@ -36,13 +37,16 @@ SIZE = (120, 40)
 def feed(dsn: str, stop: threading.Event) -> None:
     """The `engine dev` demo load, steadier: a no-op rate that swells and ebbs, `flaky` jobs that retry
     and die, and a run of slow jobs still in progress when the screenshots are taken."""
+    # The engines started next serve these flows; they register them only once they run.
     with Queue(dsn) as queue:
-        queue.enqueue_many("sleep", [{"seconds": 0.005} for _ in range(40_000)], run_id="nightly-import")
+        queue.enqueue_many("sleep", [{"seconds": 0.005} for _ in range(40_000)], run_id="nightly-import",
+                           allow_unknown_flow=True)
         tick = 0
         while not stop.is_set():
             noop = int(500 + 350 * math.sin(tick / 9.0))
-            queue.enqueue_many("noop", [{"feed": True}] * noop)
-            queue.enqueue_many("flaky", [{"fail": 0.3, "permanent": 0.3}] * 8, max_attempts=3)
+            queue.enqueue_many("noop", [{"feed": True}] * noop, allow_unknown_flow=True)
+            queue.enqueue_many("flaky", [{"fail": 0.3, "permanent": 0.3}] * 8, max_attempts=3,
+                               allow_unknown_flow=True)
             tick += 1
             stop.wait(0.5)
 
@@ -66,6 +70,11 @@ async def shoot(dsn: str, out: Path, seconds: float) -> list[Path]:
         await pilot.press("down", "space", "down", "down", "space")  # two selected, as before a retry
         await pilot.pause(0.5)
         saved.append(Path(app.save_screenshot("console-dead-letters.svg", str(out))))
+        await pilot.press("4")
+        while not (isinstance(app.screen, JobsScreen) and app.screen.page is not None):
+            await pilot.pause(0.1)
+        await pilot.pause(0.5)
+        saved.append(Path(app.save_screenshot("console-jobs.svg", str(out))))
     return saved
 
 
