@@ -70,7 +70,7 @@ UNSERVED_CAP: Final = 1000
 
 # Flows are never deleted, so a flow once seen registered stays known: per database, for the life of
 # the process (a worker's follow-up enqueues pay the lookup once per flow, not once per job).
-_known_flows: set[tuple[str, str, str]] = set()
+_known_flows: set[tuple[str, ...]] = set()  # (host, port, database, flow)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -142,11 +142,11 @@ def _require_known_flow(conn: psycopg.Connection[Any], flow: str, allow_unknown_
     """Refuse a flow no engine has registered: jobs of a misspelled flow would wait forever."""
     if allow_unknown_flow:
         return
-    key = (str(conn.info.host), str(conn.info.port), conn.info.dbname)
-    if (*key, flow) in _known_flows:  # type: ignore[comparison-overlap]
+    key = (str(conn.info.host), str(conn.info.port), conn.info.dbname, flow)
+    if key in _known_flows:
         return
     if store.flows_known(conn, [flow]):
-        _known_flows.add((*key, flow))  # type: ignore[arg-type]
+        _known_flows.add(key)
         return
     names = store.flow_names(conn, 500)
     close = difflib.get_close_matches(flow, names, n=1)

@@ -31,11 +31,12 @@ def print_status(queue: Queue, *, flow: str | None = None, as_json: bool = False
         print_json(status, out)
         return
     rows = [(name, c["pending"] - c["scheduled"], c["scheduled"], c["processing"], c["completed"], c["failed"],
-             "yes" if c["paused"] else "")
+             c["cancelled"], "yes" if c["paused"] else "")
             for name, c in status["by_flow"].items()]
     rows.append(("TOTAL", status["pending_records"] - status["scheduled_records"], status["scheduled_records"],
-                 status["processing_records"], status["completed_records"], status["failed_records"], ""))
-    print_table(("flow", "pending", "scheduled", "running", "completed", "dead", "paused"), rows, out)
+                 status["processing_records"], status["completed_records"], status["failed_records"],
+                 status["cancelled_records"], ""))
+    print_table(("flow", "pending", "scheduled", "running", "completed", "dead", "cancelled", "paused"), rows, out)
 
 
 def clip(text: str | None, width: int) -> str:

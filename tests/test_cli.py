@@ -33,7 +33,7 @@ SECRET_DSNS = [
 ]
 SCHEMA_MESSAGE = (f"engine: error: database schema is at version 0, this skiplock needs {REQUIRED_SCHEMA_VERSION}: "
                   "run `engine migrate`\n")
-STATUS_HEADER = ["flow", "pending", "scheduled", "running", "completed", "dead", "paused"]
+STATUS_HEADER = ["flow", "pending", "scheduled", "running", "completed", "dead", "cancelled", "paused"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -43,7 +43,7 @@ STATUS_HEADER = ["flow", "pending", "scheduled", "running", "completed", "dead",
 @pytest.fixture(autouse=True)
 def registered_flows(request: pytest.FixtureRequest) -> None:
     """The flows these tests enqueue to, registered as an engine would (enqueue refuses unknown flows)."""
-    register_flows_for(request, "a", "alpha", "beta", "emails", "later", "reports", "status")
+    register_flows_for(request, "a", "b", "alpha", "beta", "emails", "later", "reports", "status")
 
 
 def count(dsn: str, where: str = "true") -> int:
@@ -290,9 +290,9 @@ def test_status_text(mixed: str) -> None:
     assert lines[0].split() == STATUS_HEADER
     assert [line.split()[0] for line in lines] == ["flow", "alpha", "beta", "TOTAL"]
     rows = status_rows(out)
-    assert rows["alpha"] == ["1", "0", "1", "1", "1"]
-    assert rows["beta"] == ["0", "2", "0", "0", "0"]
-    assert rows["TOTAL"] == ["1", "2", "1", "1", "1"]
+    assert rows["alpha"] == ["1", "0", "1", "1", "1", "0"]
+    assert rows["beta"] == ["0", "2", "0", "0", "0", "0"]
+    assert rows["TOTAL"] == ["1", "2", "1", "1", "1", "0"]
     # columns line up: every value starts where its header starts
     header = lines[0]
     for line in lines[1:]:
@@ -328,7 +328,7 @@ def test_status_flow_filter(mixed: str) -> None:
 
 
 def test_status_empty_queue(dsn: str) -> None:
-    assert status_rows(ok(engine("status", dsn=dsn))) == {"TOTAL": ["0", "0", "0", "0", "0"]}
+    assert status_rows(ok(engine("status", dsn=dsn))) == {"TOTAL": ["0", "0", "0", "0", "0", "0"]}
     assert json.loads(ok(engine("status", "--json", dsn=dsn)))["by_flow"] == {}
 
 
@@ -421,7 +421,7 @@ def test_pause_and_resume(dsn: str) -> None:
         assert queue.claim("emails", "w", 10)[1] == []  # paused: nothing is claimed
     assert ok(engine("resume", "emails", dsn=dsn)) == "resumed emails\n"
     assert scalar(dsn, "SELECT paused FROM skiplock.flows WHERE name = 'emails'") is False
-    assert len(status_rows(ok(engine("status", dsn=dsn)))["emails"]) == 5  # paused column empty
+    assert len(status_rows(ok(engine("status", dsn=dsn)))["emails"]) == 6  # paused column empty
     with Queue(dsn) as queue:
         assert len(queue.claim("emails", "w", 10)[1]) == 1
 
