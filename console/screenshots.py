@@ -73,6 +73,13 @@ async def shoot(dsn: str, out: Path, seconds: float) -> list[Path]:
         await pilot.press("4")
         while not (isinstance(app.screen, JobsScreen) and app.screen.page is not None):
             await pilot.pause(0.1)
+        jobs = app.screen
+        first = jobs.page
+        await pilot.press("slash")
+        jobs.query_one("#filter").value = "flow:flaky"  # every state at once: retrying, running, dead, completed
+        await pilot.press("enter")
+        while jobs.page is first:
+            await pilot.pause(0.1)
         await pilot.pause(0.5)
         saved.append(Path(app.save_screenshot("console-jobs.svg", str(out))))
     return saved
