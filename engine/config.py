@@ -77,6 +77,8 @@ class FlowConfig:
     on_complete: str | None = None  # "module:function" run hook
     sources: tuple[str, ...] = ()  # names of [sources.X] the flow uses
     transactional: bool = False  # handler writes through ctx.pg commit in the transaction of the batch's ack
+    concurrency_per_worker: int | None = None  # jobs at once in one worker; None = 1 (sync) or 100 (async)
+    batch: bool = False  # the handler takes the whole claimed batch: handler(payloads) -> list
 
 
 @dataclass(frozen=True)
@@ -390,6 +392,7 @@ _POOL_MAX: Final = _int(1)
 _BATCH_SIZE: Final = _int(1)
 _MAX_ATTEMPTS: Final = _int(1)
 _CONCURRENCY: Final = _optional(_int(1))
+_CONCURRENCY_PER_WORKER: Final = _optional(_int(1))
 _RETRIES: Final = _int(0)
 _POSITIVE_DURATION: Final = _duration(positive=True)
 _DURATION: Final = _duration(positive=False)
@@ -422,6 +425,8 @@ _POLICY_KEYS: Final[dict[str, _Conv[object]]] = {
     "on_complete": _ON_COMPLETE,
     "sources": _source_names,
     "transactional": _bool,
+    "concurrency_per_worker": _CONCURRENCY_PER_WORKER,
+    "batch": _bool,
 }
 _BACKOFF_KEYS: Final[dict[str, _Conv[object]]] = {
     "base": _DURATION,
@@ -854,6 +859,9 @@ class _Loader:
             on_complete=self._resolve(levels, "on_complete", _ON_COMPLETE, d.on_complete),
             sources=self._resolve(levels, "sources", _source_names, d.sources),
             transactional=self._resolve(levels, "transactional", _bool, d.transactional),
+            concurrency_per_worker=self._resolve(levels, "concurrency_per_worker", _CONCURRENCY_PER_WORKER,
+                                                 d.concurrency_per_worker),
+            batch=self._resolve(levels, "batch", _bool, d.batch),
         )
 
     def _backoff(self, levels: Sequence[_TablePath]) -> BackoffPolicy:
