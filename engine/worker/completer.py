@@ -62,8 +62,9 @@ class Completer:
             group = self._groups[token] = _Group(flow, trial)
         if not self._count:
             self._first_at = time.monotonic()
+            self._cond.notify()  # the completer sleeps until the first completion, then FLUSH_INTERVAL
         self._count += 1
-        if self._count >= FLUSH_COUNT:
+        if self._count == FLUSH_COUNT:
             self._cond.notify()
         return group
 

@@ -741,7 +741,10 @@ class AsyncExecutor(_ConcurrentBase):
             exc: BaseException | None = None
             try:
                 call = flow.handler(row[1], ctx) if ctx is not None else flow.handler(row[1])
-                result = await (asyncio.wait_for(call, timeout) if timeout else call)
+                # asyncio.timeout, not wait_for: the handler stays in this task, so a SystemExit or
+                # KeyboardInterrupt it raises is caught here instead of escaping the event loop.
+                async with asyncio.timeout(timeout or None):
+                    result = await call
             except BaseException as error:
                 if CHILD[0]:
                     w.exit_child()
