@@ -349,6 +349,7 @@ def _policy(flow: FlowConfig) -> dict[str, Any]:
     return {"batch_size": flow.batch_size, "max_attempts": flow.max_attempts,
             "backoff": {"base": flow.backoff.base, "cap": flow.backoff.cap, "jitter": flow.backoff.jitter},
             "timeout": flow.timeout, "concurrency": flow.concurrency,
+            "concurrency_per_worker": flow.concurrency_per_worker, "batch": flow.batch,
             "circuit": None if flow.circuit is None else {"failures": flow.circuit.failures,
                                                           "cooldown": flow.circuit.cooldown}}
 

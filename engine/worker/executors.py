@@ -394,7 +394,7 @@ RUNNING, FINISHING, ABANDONED = 1, 2, 3
 class _Slot:
     """One handler thread and the job it runs."""
 
-    __slots__ = ("lock", "state", "row", "token", "trial", "started", "deadline", "ctx", "conn")
+    __slots__ = ("lock", "state", "row", "token", "trial", "started", "deadline", "ctx", "conn", "thread")
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
@@ -406,6 +406,7 @@ class _Slot:
         self.deadline = 0.0
         self.ctx: JobContext | None = None
         self.conn: Any = None
+        self.thread: threading.Thread | None = None
 
 
 class _ConcurrentBase:
@@ -479,8 +480,7 @@ class ThreadExecutor(_ConcurrentBase):
     def __init__(self, worker: Any, flow: FlowRuntime, producer: Any) -> None:
         super().__init__(worker, flow, producer)
         self.queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        self.slots: list[_Slot] = []
-        self.threads: list[threading.Thread] = []
+        self.slots: list[_Slot] = []  # live handler threads; an abandoned one leaves the list
         self.abandoned_alive = 0
         self.max_abandoned = max(2, self.n // 4)
         self.pg = PerJobPg(worker)
@@ -493,12 +493,11 @@ class ThreadExecutor(_ConcurrentBase):
     def _spawn(self) -> None:
         slot = _Slot()
         self._spawned += 1
-        thread = threading.Thread(target=self._work, args=(slot,), name=f"{self.flow.name}-{self._spawned}",
-                                  daemon=True)
+        slot.thread = threading.Thread(target=self._work, args=(slot,), name=f"{self.flow.name}-{self._spawned}",
+                                       daemon=True)
         with self._lock:
             self.slots.append(slot)
-            self.threads.append(thread)
-        thread.start()
+        slot.thread.start()
 
     def submit(self, rows: Any, token: int, trial: bool) -> None:
         for row in rows:
@@ -671,10 +670,12 @@ class ThreadExecutor(_ConcurrentBase):
                 break
             if item is not None:
                 self._give_back(item[0], item[1])
-        for _ in range(len(self.threads)):
+        with self._lock:
+            live = [slot.thread for slot in self.slots if slot.thread is not None]
+        for _ in live:
             self.queue.put(None)
         self.release_unstarted()
-        for thread in list(self.threads):
+        for thread in live:  # abandoned threads are not waited for
             thread.join(max(0.0, deadline - time.monotonic()))
         self.release_unstarted()  # taken by a thread while we were stopping
 
