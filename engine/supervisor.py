@@ -22,6 +22,7 @@ import multiprocessing
 import multiprocessing.connection
 import os
 import signal
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any, Final
@@ -161,6 +162,18 @@ class Supervisor:
     # -- main loop -----------------------------------------------------------------------------------
 
     def run(self) -> int:
+        """Supervise until stopped or drained; then the process ends here, without the interpreter's
+        teardown (unloading psycopg's libpq alone takes 0.1-0.3 s, a third of a fast drain)."""
+        code = self._supervise()
+        logging.shutdown()
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):
+                pass
+        os._exit(code)
+
+    def _supervise(self) -> int:
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
         self.log.info("engine starting", extra={"workers": self.workers, "flows": [f.name for f in self.flows],

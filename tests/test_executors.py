@@ -14,6 +14,7 @@ import time
 from collections import Counter, defaultdict
 from pathlib import Path
 
+import orjson
 import psycopg
 import pytest
 
@@ -344,33 +345,44 @@ def test_threaded_odbc_jobs_each_use_their_own_source_connection(dsn, pg_server,
 # fast start and stop
 
 
-def _engine(dsn: str, config: Path, *args: str) -> subprocess.Popen:
+def _engine(dsn: str, config: Path, log: Path, *args: str) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": f"{SUPPORT_DIR.parent}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
            "SKIPLOCK_DSN": dsn}
     env.pop("SKIPLOCK_ENV", None)
-    return subprocess.Popen([sys.executable, "-m", "engine.cli", "run", "--config", str(config), *args],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    with open(log, "wb") as out:
+        return subprocess.Popen([sys.executable, "-m", "engine.cli", "run", "--config", str(config), *args],
+                                stdout=out, stderr=subprocess.STDOUT, env=env)
+
+
+def _started_at(log: Path) -> float:
+    """When the supervisor logged "engine starting": Python's start-up and imports are behind it."""
+    import datetime as dt
+
+    for line in log.read_text().splitlines():
+        if '"engine starting"' in line:
+            stamp = orjson.loads(line)["ts"]
+            return dt.datetime.strptime(stamp, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=dt.timezone.utc).timestamp()
+    raise AssertionError(log.read_text()[-2000:])
 
 
 @pytest.mark.slow
 def test_drain_of_an_empty_queue_and_sigterm_of_an_idle_engine_are_fast(dsn, tmp_path):
+    """From "engine starting" (imports done) to exit: spawning workers, their first empty claim round,
+    the supervisor noticing the drain from their reports, and the stop. Best of three (a shared machine
+    only ever slows a round down)."""
     config = tmp_path / "c.toml"
     config.write_text(BASE + flow("e", "noop_record"))
-    # Python's start-up and imports are not the engine's to save: time them alone, then subtract.
-    t0 = time.monotonic()
-    subprocess.run([sys.executable, "-c", "import engine.cli, engine.supervisor, engine.worker"], check=True)
-    imports = time.monotonic() - t0
-    best = 9.0
-    for _ in range(3):
-        t0 = time.monotonic()
-        process = _engine(dsn, config, "--workers", "2", "--flows", "e", "--drain")
-        assert process.wait(20) == 0, process.stderr.read().decode()[-2000:]
-        best = min(best, time.monotonic() - t0 - imports)
-    assert best < 0.4, f"--drain of an empty queue took {best:.2f}s beyond imports ({imports:.2f}s)"
+    drains = []
+    for i in range(3):
+        log = tmp_path / f"drain-{i}.log"
+        process = _engine(dsn, config, log, "--workers", "2", "--flows", "e", "--drain")
+        assert process.wait(20) == 0, log.read_text()[-2000:]
+        drains.append(time.time() - _started_at(log))
+    assert min(drains) < 0.4, f"--drain of an empty queue, after imports: {drains}"
 
     stops = []
-    for _ in range(3):
-        process = _engine(dsn, config, "--workers", "2", "--flows", "e")
+    for i in range(3):
+        process = _engine(dsn, config, tmp_path / f"stop-{i}.log", "--workers", "2", "--flows", "e")
         wait_for(lambda: scalar(dsn, "SELECT count(*) FROM skiplock.workers WHERE state = 'idle' "
                                      "AND stopped_at IS NULL") == 2, 20, message="two idle workers")
         time.sleep(0.3)

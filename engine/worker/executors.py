@@ -441,8 +441,10 @@ class _ConcurrentBase:
     def _finished(self, count: int = 1) -> None:
         with self._lock:
             self.in_hand -= count
-            low = self.in_hand < self.n
-        if low:
+            # Wake the main loop when crossing the low-water mark (claim more) or when empty (go idle),
+            # not on every completion below it: that would be a write per job.
+            wake = self.in_hand == self.n - 1 or self.in_hand == 0
+        if wake:
             self.worker.wake.set()
 
     def _give_back(self, row: tuple[Any, ...], token: int) -> None:

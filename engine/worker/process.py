@@ -33,7 +33,7 @@ from engine.sources import SourceRegistry
 from engine.sql import Q
 from engine.telemetry import ENQUEUED_CHANNEL, FailureSample, Telemetry, encode_event
 from engine.worker.circuit import CircuitBreaker
-from engine.worker.completer import Completer
+from engine.worker.completer import FLUSH_INTERVAL, Completer
 from engine.worker.executors import CHILD, inline_check, make_executor, on_alarm
 from engine.worker.heartbeat import Monitor, TelemetryThread
 from engine.worker.outcome import HandlerExit
@@ -331,6 +331,11 @@ class Worker:
 
     def _wait_for_work(self) -> None:
         self.state = "idle"
+        if self.completer.pending:  # ack what finished before reporting idle (a drain waits on it)
+            self.completer.flush()
+            if self.completer.pending:  # the completer thread is writing its own flush
+                self.wake.wait(FLUSH_INTERVAL)
+                return
         wait = self.spec.engine.poll_interval
         try:
             with self.pool.connection() as conn:
