@@ -1,0 +1,116 @@
+"""The worker's two background threads.
+
+- Telemetry: every tick_interval it sends the tick (NOTIFY + stats upsert), refreshes the flows'
+  circuit states, and every heartbeat_interval renews the worker's heartbeat. A worker the database
+  marks lost stops. (Kept apart so the heartbeat can move to the supervisor without touching the rest.)
+- Monitor: every MONITOR_INTERVAL it asks each executor to check its jobs against their deadlines
+  (inline: release the unstarted rest of a batch held too long, stop a handler that ignored its
+  timeout; threads: fail and abandon a thread past its job's deadline). It never touches the database
+  unless it acts.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from typing import Any, Final
+
+import orjson
+
+from engine.sql import Q
+from engine.telemetry import tick_events
+
+MONITOR_INTERVAL: Final = 0.05
+
+
+class TelemetryThread:
+    def __init__(self, worker: Any) -> None:
+        self.worker = worker
+        self._thread = threading.Thread(target=self._loop, name="telemetry", daemon=True)
+        self._tick_lock = threading.Lock()  # the last tick (at shutdown) waits for one being sent
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def final_tick(self) -> None:
+        with self._tick_lock:
+            self._send_tick()
+
+    def _loop(self) -> None:
+        w = self.worker
+        engine = w.spec.engine
+        next_heartbeat = 0.0
+        while not w.closing:
+            time.sleep(engine.tick_interval)
+            if w.closing:
+                return
+            now = time.monotonic()
+            try:
+                with self._tick_lock:
+                    if w.closing:
+                        return
+                    self._send_tick()
+                if now >= next_heartbeat:
+                    next_heartbeat = now + engine.heartbeat_interval
+                    self.heartbeat()
+            except Exception as exc:  # keep ticking through outages; heartbeats resume with the database
+                w.log.warning("telemetry tick failed: %s", exc)
+
+    def _send_tick(self) -> None:
+        w = self.worker
+        buffer = w.telemetry.take()
+        events = tick_events(buffer, w.spec.engine_id, w.id)
+        flows = list(buffer.flows)
+        with w.pool.connection(timeout=5) as conn:
+            with conn.transaction():
+                conn.execute(Q.events_notify, {"events": events})
+                if flows:
+                    counts = [buffer.flows[f] for f in flows]
+                    conn.execute(Q.stats_upsert, {
+                        "flows": flows, "completed": [c.completed for c in counts],
+                        "failed": [c.failed for c in counts], "dead": [c.dead for c in counts],
+                        "rescued": [c.rescued for c in counts], "wait_ms": [c.wait_ms_sum for c in counts],
+                        "run_ms": [c.run_ms_sum for c in counts]})
+            w.circuit.refresh(w.flows, conn)
+
+    def heartbeat(self) -> None:
+        w = self.worker
+        stats = w.pool.get_stats()
+        pool = {"size": stats.get("pool_size", 0), "available": stats.get("pool_available", 0),
+                "max": w.pool.max_size, "waiting": stats.get("requests_waiting", 0)}
+        totals = w.telemetry.totals
+        counters = {"completed": totals.completed, "failed": totals.failed, "dead": totals.dead}
+        with w.pool.connection(timeout=5) as conn:
+            row = conn.execute(Q.worker_heartbeat, {
+                "id": w.id, "state": "draining" if w.stopping else w.state,
+                "counters": orjson.dumps(counters).decode(), "pool": orjson.dumps(pool).decode()}).fetchone()
+        if row is None and not w.stopping:
+            # Our claims were rescued and our acks are refused; claims under this id are refused too.
+            # Stop before the next job and exit, so the supervisor starts a replacement.
+            w.log.warning("this worker was marked lost; its claims were rescued and its acks will be "
+                          "refused; exiting so that a new worker replaces it")
+            w.lost = True
+            w.request_stop()
+
+
+class Monitor:
+    def __init__(self, worker: Any) -> None:
+        self.worker = worker
+        self.checks: list[Callable[[float], None]] = []
+        self._thread = threading.Thread(target=self._loop, name="monitor", daemon=True)
+
+    def start(self) -> None:
+        if self.checks:
+            self._thread.start()
+
+    def _loop(self) -> None:
+        w = self.worker
+        while not w.closing:
+            time.sleep(MONITOR_INTERVAL)
+            now = time.monotonic()
+            for check in self.checks:
+                try:
+                    check(now)
+                except Exception as exc:
+                    w.log.warning("monitor check failed: %s", exc)
