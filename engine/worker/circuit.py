@@ -13,8 +13,8 @@ from typing import Any
 
 import psycopg
 
+from engine import store
 from engine.handlers import FlowRuntime
-from engine.sql import Q
 from engine.telemetry import encode_event
 
 
@@ -34,7 +34,7 @@ class CircuitBreaker:
         # was already running when another worker opened the circuit proves nothing.
         if trial and had_success and not had_failures:
             flow.half_open = False
-            closed = w.with_db("circuit", lambda conn: conn.execute(Q.circuit_close, {"flow": flow.name}).fetchone())
+            closed = w.with_db("circuit", lambda conn: store.circuit_close(conn, flow.name))
             if closed:
                 w.log.info("circuit closed", extra={"flow": flow.name})
                 w.notify([encode_event("circuit_closed", engine=w.spec.engine_id, worker=w.id, flow=flow.name)])
@@ -46,15 +46,11 @@ class CircuitBreaker:
             flow.consecutive_failures = 0
             flow.half_open = True  # open now (by us or by another worker): claims are trials until it closes
 
-        def open_circuit(conn: psycopg.Connection[Any]) -> Any:
-            conn.execute(Q.circuit_ensure_flow, {"flow": flow.name})
-            return conn.execute(Q.circuit_open, {"flow": flow.name, "cooldown": policy.cooldown}).fetchone()
-
-        opened = w.with_db("circuit", open_circuit)
-        if opened:
+        until = w.with_db("circuit", lambda conn: store.circuit_open(conn, flow.name, policy.cooldown))
+        if until is not None:
             w.log.warning("circuit opened", extra={"flow": flow.name, "failures": failures})
             w.notify([encode_event("circuit_opened", engine=w.spec.engine_id, worker=w.id, flow=flow.name,
-                                   failures=failures, until=opened[0])])
+                                   failures=failures, until=until)])
 
     @staticmethod
     def refresh(flows: list[FlowRuntime], conn: psycopg.Connection[Any]) -> None:
@@ -63,5 +59,5 @@ class CircuitBreaker:
         soon as the circuit is seen open, so a worker waking just after the cool-down cannot claim a
         full batch before the next tick."""
         by_name: dict[str, FlowRuntime] = {f.name: f for f in flows}
-        for name, _paused, circuit_state, _open_for in conn.execute(Q.flows_state, {"flows": list(by_name)}):
-            by_name[name].half_open = circuit_state == "open"
+        for state in store.flows_state(conn, list(by_name)):
+            by_name[state.name].half_open = state.circuit_state == "open"

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 
 from engine.handlers import FlowRuntime
-from engine.queue import Failure, ack_batch
+from engine.store import Failure, ack_batch
 from engine.telemetry import FailureSample
 
 FLUSH_COUNT: Final = 200

@@ -20,7 +20,8 @@ from psycopg import pq
 
 from engine.handlers import FlowRuntime, JobContext, format_traceback
 from engine.logs import ContextLogger
-from engine.queue import AckResult, Failure, Queue, ack_batch, release_batch
+from engine.queue import Queue
+from engine.store import AckResult, Failure, ack_batch, release_batch
 
 INERROR = pq.TransactionStatus.INERROR
 

@@ -26,7 +26,7 @@ import psycopg
 from psycopg import pq
 
 from engine.handlers import FlowRuntime, JobContext, JobTimeout
-from engine.queue import Failure, ack_batch, release_batch
+from engine.store import Failure, ack_batch, release_batch
 from engine.sources import SourceRegistry
 from engine.telemetry import FailureSample
 from engine.worker.context import AsyncPg, BatchTransaction, PerJobPg, make_context, swallowed_error

@@ -18,7 +18,7 @@ from typing import Any, Final
 
 import orjson
 
-from engine.sql import Q
+from engine import store
 from engine.telemetry import tick_events
 
 MONITOR_INTERVAL: Final = 0.05
@@ -61,17 +61,10 @@ class TelemetryThread:
         w = self.worker
         buffer = w.telemetry.take()
         events = tick_events(buffer, w.spec.engine_id, w.id)
-        flows = list(buffer.flows)
         with w.pool.connection(timeout=5) as conn:
             with conn.transaction():
-                conn.execute(Q.events_notify, {"events": events})
-                if flows:
-                    counts = [buffer.flows[f] for f in flows]
-                    conn.execute(Q.stats_upsert, {
-                        "flows": flows, "completed": [c.completed for c in counts],
-                        "failed": [c.failed for c in counts], "dead": [c.dead for c in counts],
-                        "rescued": [c.rescued for c in counts], "wait_ms": [c.wait_ms_sum for c in counts],
-                        "run_ms": [c.run_ms_sum for c in counts]})
+                store.events_notify(conn, events)
+                store.stats_upsert(conn, buffer.flows)
             w.circuit.refresh(w.flows, conn)
 
     def heartbeat(self) -> None:
@@ -82,10 +75,9 @@ class TelemetryThread:
         totals = w.telemetry.totals
         counters = {"completed": totals.completed, "failed": totals.failed, "dead": totals.dead}
         with w.pool.connection(timeout=5) as conn:
-            row = conn.execute(Q.worker_heartbeat, {
-                "id": w.id, "state": "draining" if w.stopping else w.state,
-                "counters": orjson.dumps(counters).decode(), "pool": orjson.dumps(pool).decode()}).fetchone()
-        if row is None and not w.stopping:
+            alive = store.worker_heartbeat(conn, w.id, "draining" if w.stopping else w.state,
+                                           orjson.dumps(counters).decode(), orjson.dumps(pool).decode())
+        if not alive and not w.stopping:
             # Our claims were rescued and our acks are refused; claims under this id are refused too.
             # Stop before the next job and exit, so the supervisor starts a replacement.
             w.log.warning("this worker was marked lost; its claims were rescued and its acks will be "

@@ -15,7 +15,7 @@ import orjson
 
 from engine.redact import redact_text
 from engine.handlers import FlowRuntime, JobTimeout, format_traceback
-from engine.queue import Failure
+from engine.store import Failure
 
 MESSAGE_CHARS: Final = 2000
 

@@ -24,13 +24,15 @@ from typing import Any, Final
 import psycopg
 from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_exponential
 
-from engine import db
+from engine import db, store
 from engine.config import EngineConfig, FlowConfig
 from engine.handlers import FlowRuntime, load_flow
 from engine.logs import ContextLogger
-from engine.queue import AckResult, Queue
+from engine.queue import Queue
+from engine.store import AckResult
+from engine.runs import fire_run_hooks
 from engine.sources import SourceRegistry
-from engine.sql import Q
+from engine.store import RunSummary
 from engine.telemetry import ENQUEUED_CHANNEL, FailureSample, Telemetry, encode_event
 from engine.worker.circuit import CircuitBreaker
 from engine.worker.completer import FLUSH_INTERVAL, Completer
@@ -151,9 +153,8 @@ class Worker:
         self.pool = db.open_pool(self.spec.dsn, application_name=self.spec.application_name,
                                  min_size=1, max_size=max(self.spec.engine.pool_max, 2) + extra, name=self.id)
         self.queue = Queue(pool=self.pool, check_schema=False)
-        self.with_db("register", lambda conn: conn.execute(Q.worker_register, {
-            "id": self.id, "engine_id": self.spec.engine_id, "host": socket.gethostname(),
-            "pid": os.getpid(), "flows": self.flow_names}))
+        self.with_db("register", lambda conn: store.worker_register(
+            conn, self.id, self.spec.engine_id, socket.gethostname(), os.getpid(), self.flow_names))
         self.notify([encode_event("worker_started", engine=self.spec.engine_id, worker=self.id,
                                   host=socket.gethostname(), pid=os.getpid(), flows=self.flow_names)])
         self._connect_listener()
@@ -217,7 +218,7 @@ class Worker:
         reason = "signal" if code == EXIT_OK else f"exit code {code}"
         try:
             self.telemetry_thread.final_tick()
-            self.with_db("stopped", lambda conn: conn.execute(Q.worker_stopped, {"id": self.id}), quick=True)
+            self.with_db("stopped", lambda conn: store.worker_stopped(conn, self.id), quick=True)
             self.notify([encode_event("worker_stopped", engine=self.spec.engine_id, worker=self.id,
                                       reason=reason)], quick=True)
         except TRANSIENT_DB_ERRORS:
@@ -258,7 +259,7 @@ class Worker:
 
     def notify(self, events: list[str], quick: bool = False) -> None:
         if events:
-            self.with_db("notify", lambda conn: conn.execute(Q.events_notify, {"events": events}), quick=quick)
+            self.with_db("notify", lambda conn: store.events_notify(conn, events), quick=quick)
 
     # -- wake-ups ------------------------------------------------------------------------------------
 
@@ -339,13 +340,13 @@ class Worker:
         wait = self.spec.engine.poll_interval
         try:
             with self.pool.connection() as conn:
-                row = conn.execute(Q.next_run_at, {"flows": self.flow_names}).fetchone()
+                next_due = store.next_run_at(conn, self.flow_names)
         except TRANSIENT_DB_ERRORS as exc:
             self.log.warning("database call next_run_at failed: %s", exc)
             self.wake.wait(0.1)
             return
-        if row is not None and row[0] is not None:
-            wait = min(wait, max(float(row[0]), 0.0))
+        if next_due is not None:
+            wait = min(wait, max(next_due, 0.0))
         if wait <= 0:
             return
         if not self._idle_reported and self.completer.pending == 0:
@@ -368,23 +369,13 @@ class Worker:
         self.circuit.after_batch(flow, had_failures=bool(failed), had_success=had_success, trial=trial)
 
     def _fire_run_hooks(self, run_ids: list[str]) -> None:
-        for run_id in run_ids:
-            row = self.with_db("run hook", lambda conn: conn.execute(Q.run_claim_hook, {"run_id": run_id}).fetchone())
-            if row is None:
-                continue
-            _, flow_name, total, completed, dead = row
-            summary = {"run": run_id, "flow": flow_name, "total": total, "completed": completed, "dead": dead}
-            self.notify([encode_event("run_finished", engine=self.spec.engine_id, worker=self.id, **summary)])
-            runtime = next((f for f in self.flows if f.name == flow_name), None)
-            hook = runtime.on_complete if runtime is not None else None
-            self.log.info("run finished", extra={"run": run_id, "flow": flow_name, "total": total,
-                                                 "completed": completed, "dead": dead})
-            if hook is None:
-                continue
-            try:
-                hook(run_id, summary)
-            except Exception:
-                self.log.exception("on_complete hook of run %s failed", run_id, extra={"run": run_id})
+        def finished(summary: RunSummary) -> None:
+            fields = summary.as_dict()
+            self.notify([encode_event("run_finished", engine=self.spec.engine_id, worker=self.id, **fields)])
+            self.log.info("run finished", extra=fields)
+
+        hooks = {f.name: f.on_complete for f in self.flows}
+        self.with_db("run hook", lambda conn: fire_run_hooks(conn, run_ids, hooks, self.log, finished))
 
 
 def worker_main(spec: WorkerSpec, log_format: str) -> None:

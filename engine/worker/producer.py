@@ -12,9 +12,9 @@ from __future__ import annotations
 
 from typing import Any, Final
 
+from engine import store
 from engine.handlers import FlowRuntime
-from engine.queue import claim_batch, new_claim_token
-from engine.sql import Q
+from engine.store import claim_batch, new_claim_token
 
 HOLD_TARGET: Final = 1.0  # seconds of work the inline executor claims at once
 RUN_TIME_WEIGHT: Final = 0.3  # EWMA weight of a batch's mean run time
@@ -57,8 +57,7 @@ class Producer:
         try:
             return self._claim(limit, token), token, trial
         except w.transient_errors:
-            w.with_db("release claim", lambda conn: conn.execute(
-                Q.claim_release_token, {"worker": w.id, "token": token}))
+            w.with_db("release claim", lambda conn: store.claim_release_token(conn, w.id, token))
             return [], token, trial
 
     def _claim(self, limit: int, token: int) -> list[tuple[Any, ...]]:
@@ -69,9 +68,8 @@ class Producer:
             if concurrency is None:
                 return claim_batch(conn, flow.name, w.id, limit, token, flow.config.max_attempts)
             with conn.transaction():
-                conn.execute(Q.claim_flow_lock, {"flow": flow.name})
-                row = conn.execute(Q.claim_running_count, {"flow": flow.name}).fetchone()
-                room = concurrency - int(row[0]) if row else 0
+                store.claim_flow_lock(conn, flow.name)
+                room = concurrency - store.claim_running_count(conn, flow.name)
                 if room <= 0:
                     return []
                 return claim_batch(conn, flow.name, w.id, min(limit, room), token, flow.config.max_attempts)
