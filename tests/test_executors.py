@@ -324,7 +324,6 @@ def test_threaded_odbc_jobs_each_use_their_own_source_connection(dsn, pg_server,
             f"Database={database};UID=skiplock;CommLog=0;Debug=0")
     config = BASE + f'[sources.pgsrc]\nconnection_string = "{odbc}"\n' + \
         flow("odbc", "odbc_backend", concurrency_per_worker=4, sources=["pgsrc"])
-    config = config.replace('sources = ["pgsrc"]', 'sources = ["pgsrc"]')
     enqueue(dsn, "odbc", [{"n": i, "sleep": 0.05} for i in range(80)])
     engine = start_engine(dsn, config, "--workers", "1", "--flows", "odbc", "--drain",
                           env={"SKIPLOCK_TEST_TIMED": str(timed)})

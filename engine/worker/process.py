@@ -36,7 +36,7 @@ from engine.store import RunSummary
 from engine.telemetry import ENQUEUED_CHANNEL, FailureSample, Telemetry, encode_event
 from engine.worker.circuit import CircuitBreaker
 from engine.worker.completer import FLUSH_INTERVAL, Completer
-from engine.worker.executors import CHILD, inline_check, make_executor, on_alarm
+from engine.worker.executors import CHILD, ThreadExecutor, inline_check, make_executor, on_alarm
 from engine.worker.heartbeat import Monitor, TelemetryThread
 from engine.worker.outcome import HandlerExit
 from engine.worker.producer import Producer
@@ -164,7 +164,8 @@ class Worker:
             self.executors.append(executor)
             if executor.concurrent:
                 executor.start()
-                self.monitor.checks.append(executor.check) if hasattr(executor, "check") else None
+                if isinstance(executor, ThreadExecutor):  # asyncio jobs time out in their own task
+                    self.monitor.checks.append(executor.check)
         if any(not e.concurrent for e in self.executors):
             self.monitor.checks.append(inline_check(self))
         if any(e.concurrent for e in self.executors):
