@@ -32,6 +32,7 @@ from engine import db
 from engine.config import FlowConfig, Settings, recorded_policy, resolve_dsn
 from engine.errors import ConfigError, SkiplockError
 from engine.handlers import load_flow
+from engine.limits import MAX_WORKERS
 from engine.logs import ContextLogger, setup_logging
 from engine.migrate import require_schema
 from engine.queue import new_engine_id, rescue, validate_flow
@@ -328,8 +329,8 @@ def run_engine(settings: Settings, options: EngineOptions) -> int:
     setup_logging(settings.engine.log_format)
     flows = select_flows(settings, options.flows)
     workers = options.workers if options.workers is not None else settings.engine.workers
-    if workers < 1:
-        raise ConfigError("--workers must be at least 1")
+    if not 1 <= workers <= MAX_WORKERS:
+        raise ConfigError(f"--workers must be at least 1 and at most {MAX_WORKERS}, got {workers}")
     supervisor = Supervisor(settings, resolve_dsn(settings), flows, workers, drain=options.drain)
     try:
         supervisor.prepare()
