@@ -25,8 +25,8 @@ from textual.message import Message
 
 from console.data import APPLICATION_NAME, statement_timeout_ms
 from console.messages import FeedEvents, FeedStatus
-from engine.redact import describe_error
 from engine.db import CONNECT_TIMEOUT_S
+from engine.redact import describe_error
 from engine.sql import Q
 from engine.telemetry import ENQUEUED_CHANNEL, EVENT_VERSION, EVENTS_CHANNEL
 
