@@ -1,4 +1,4 @@
-"""The `engine` command. Contract in DESIGN.md; every subcommand has --help.
+"""The `engine` command. Contract: README.md, "The `engine` command"; every subcommand has --help.
 
 Exit codes: 0 ok; 1 `health` degraded (or an operation that found nothing to do where noted);
 2 bad input, unreachable database or `health` unhealthy; see `engine run --help` for the engine's own.
@@ -274,7 +274,7 @@ def cmd_dev(args: argparse.Namespace) -> int:
 def _open_dev_console(dsn: str, settings: Settings, quit_after: float | None) -> None:
     from console.cli import open_console
 
-    open_console(dsn, settings, environment=settings.env or "dev (embedded)", quit_after=quit_after,
+    open_console(dsn, settings, environment=settings.env, quit_after=quit_after,
                  exit_on_sigterm=True)
 
 
@@ -367,7 +367,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="print the status every 5 s instead of opening the console (also when stdout is not a terminal)")
     p.add_argument("--example", choices=["survey"],
                    help="run an example flow end to end instead of the demo load (survey: a SQLite "
-                        "source read over ODBC, scores written to Postgres; see examples/survey)")
+                        "source read over ODBC, scores written to Postgres; see engine/examples/survey)")
     p.set_defaults(func=cmd_dev)
 
     p = sub.add_parser("run", parents=[common], help="run the worker pool (see exit codes below)",

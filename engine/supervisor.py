@@ -28,23 +28,22 @@ from typing import Any, Final
 import orjson
 import psycopg
 
-from engine import db
+from engine import db, store
 from engine.config import FlowConfig, Settings, recorded_policy, resolve_dsn
 from engine.errors import ConfigError, SkiplockError
 from engine.handlers import load_flow
 from engine.limits import MAX_WORKERS
 from engine.logs import ContextLogger, setup_logging
 from engine.migrate import require_schema
-from engine.queue import new_engine_id, rescue, validate_flow
+from engine.queue import Queue, new_engine_id, validate_flow
 from engine.redact import describe_error
-from engine.sql import Q
-from engine.telemetry import encode_event
+from engine.runs import fire_run_hooks
+from engine.telemetry import FlowCounts, encode_event
 from engine.worker import WorkerSpec, worker_main
 
 log = logging.getLogger("skiplock.engine")
 
 EXIT_OK: Final = 0
-EXIT_CONFIG: Final = 2
 EXIT_FORCED: Final = 3
 EXIT_CRASH_LOOP: Final = 4
 
@@ -90,9 +89,6 @@ class Supervisor:
         with db.connect(self.dsn, application_name=f"{self.settings.application_name}-supervisor") as conn:
             return action(conn)
 
-    def _notify(self, conn: psycopg.Connection[Any], events: list[str]) -> None:
-        conn.execute(Q.events_notify, {"events": events})
-
     # -- start ---------------------------------------------------------------------------------------
 
     def prepare(self) -> None:
@@ -101,8 +97,7 @@ class Supervisor:
 
         def sync(conn: psycopg.Connection[Any]) -> None:
             require_schema(conn)
-            policies = [orjson.dumps(recorded_policy(flow)).decode() for flow in self.flows]
-            conn.execute(Q.flows_sync, {"names": [f.name for f in self.flows], "policies": policies})
+            store.flows_sync(conn, {flow.name: orjson.dumps(recorded_policy(flow)).decode() for flow in self.flows})
 
         self._db(sync)
 
@@ -203,11 +198,11 @@ class Supervisor:
     def _rescue_workers(self, worker_ids: list[str], codes: dict[str, int] | None = None) -> None:
         """Workers we saw die: mark them lost and rescue their jobs now rather than after stale_after."""
         def act(conn: psycopg.Connection[Any]) -> None:
-            conn.execute(Q.worker_mark_lost, {"ids": worker_ids})
+            store.worker_mark_lost(conn, worker_ids)
             events = [encode_event("worker_lost", engine=self.engine_id, worker=w,
                                    reason=f"process exited with code {(codes or {}).get(w, '?')}")
                       for w in worker_ids]
-            self._notify(conn, events)
+            store.events_notify(conn, events)
             self._rescue_and_report(conn)
 
         try:
@@ -218,8 +213,7 @@ class Supervisor:
     def _rescue_pass(self) -> None:
         def act(conn: psycopg.Connection[Any]) -> None:
             with conn.transaction():
-                leader = conn.execute(Q.rescue_leader).fetchone()
-                if not leader or not leader[0]:
+                if not store.rescue_leader(conn):
                     return
                 self._rescue_and_report(conn)
                 self._fire_orphaned_run_hooks(conn)
@@ -227,7 +221,7 @@ class Supervisor:
         self._db(act)
 
     def _rescue_and_report(self, conn: psycopg.Connection[Any]) -> None:
-        result = rescue(conn, self.settings.engine.stale_after)
+        result = store.rescue(conn, self.settings.engine.stale_after)
         if not (result.lost_workers or result.rescued or result.dead):
             return
         flows = {flow: {"rescued": result.rescued_by_flow.get(flow, 0), "dead": result.dead_by_flow.get(flow, 0)}
@@ -236,33 +230,21 @@ class Supervisor:
                   for w in result.lost_workers]
         if flows:
             events.append(encode_event("rescued", engine=self.engine_id, flows=flows, workers=result.lost_workers))
-            conn.execute(Q.stats_upsert, {
-                "flows": list(flows), "completed": [0] * len(flows), "failed": [0] * len(flows),
-                "dead": [v["dead"] for v in flows.values()], "rescued": [v["rescued"] for v in flows.values()],
-                "wait_ms": [0.0] * len(flows), "run_ms": [0.0] * len(flows)})
-        self._notify(conn, events)
+            store.stats_upsert(conn, {flow: FlowCounts(dead=v["dead"], rescued=v["rescued"])
+                                      for flow, v in flows.items()})
+        store.events_notify(conn, events)
         self.log.warning("rescued jobs", extra={"rescued": result.rescued, "dead": result.dead,
                                                 "lost_workers": result.lost_workers})
 
     def _fire_orphaned_run_hooks(self, conn: psycopg.Connection[Any]) -> None:
-        hooks = {f.name: f.on_complete for f in self.flows if f.on_complete}
-        if not hooks:
+        hooked = [f for f in self.flows if f.on_complete]
+        if not hooked:
             return
-        for (run_id,) in conn.execute(Q.runs_unfired).fetchall():
-            row = conn.execute(Q.run_claim_hook, {"run_id": run_id}).fetchone()
-            if row is None or row[1] not in hooks:
-                continue
-            runtime = load_flow(next(f for f in self.flows if f.name == row[1]))
-            summary = {"run": row[0], "flow": row[1], "total": row[2], "completed": row[3], "dead": row[4]}
-            try:
-                if runtime.on_complete is not None:
-                    runtime.on_complete(run_id, summary)
-            except Exception:
-                self.log.exception("on_complete hook of run %s failed", run_id)
+        run_ids = store.runs_unfired(conn)
+        if run_ids:
+            fire_run_hooks(conn, run_ids, {f.name: load_flow(f).on_complete for f in hooked}, self.log)
 
     def _retention_pass(self) -> None:
-        from engine.queue import Queue
-
         def act(conn: psycopg.Connection[Any]) -> None:
             purged = Queue(conn=conn, check_schema=False).purge_completed(self.settings.engine.retention)
             if purged:
@@ -272,8 +254,7 @@ class Supervisor:
 
     def _drained(self) -> bool:
         names = [f.name for f in self.flows]
-        row = self._db(lambda conn: conn.execute(Q.drain_remaining, {"flows": names}).fetchone())
-        return bool(row) and int(row[0]) == 0
+        return not self._db(lambda conn: store.drain_remaining(conn, names))
 
     # -- stop ----------------------------------------------------------------------------------------
 

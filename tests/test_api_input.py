@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import scalar
+from support.postgres import scalar
 from engine.errors import ValidationError
 from engine.queue import DeadLetterFilter, Queue
 

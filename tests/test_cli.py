@@ -17,11 +17,12 @@ from typing import Any
 import psycopg
 import pytest
 
-from conftest import scalar, wait_for
 from engine.embedded import make_temp_dir
 from engine.errors import ValidationError
 from engine.migrate import REQUIRED_SCHEMA_VERSION
 from engine.queue import Failure, Queue, validate_flow
+from support.engines import wait_for
+from support.postgres import scalar
 
 REPO = Path(__file__).resolve().parent.parent
 UNREACHABLE_SOCKET = "host=/tmp/nonexistent-skiplock port=1 dbname=x"

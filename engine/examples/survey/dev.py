@@ -27,9 +27,9 @@ from engine.queue import DeadLetterFilter, Queue
 from engine.sources import Source, SourceConfig
 from engine.supervisor import EngineOptions
 
-from examples.survey.flow import SOURCE, create_results_table
-from examples.survey.producer import EXAMPLE_CONFIG, FLOW, enqueue_surveys, submitted_survey_ids
-from examples.survey.sample_data import create_source_data, sqlite_connection_string
+from engine.examples.survey.flow import SOURCE, create_results_table
+from engine.examples.survey.producer import EXAMPLE_CONFIG, FLOW, enqueue_surveys, submitted_survey_ids
+from engine.examples.survey.sample_data import create_source_data, sqlite_connection_string
 
 ENV_VAR: Final = "SURVEYHUB_ODBC"
 MISSING_SURVEY_ID: Final = 999_999
