@@ -170,8 +170,7 @@ class DeadLetterFilter:
             validate_flow(self.flow)
         if self.older_than is not None:
             _validate_seconds(self.older_than, "older_than")
-        if self.error_type is not None:
-            _require_utf8(self.error_type, "error type")
+        _validate_key(self.error_type, "error type")
         return {
             "ids": [_validate_id(i, "job id") for i in self.ids] if self.ids is not None else None,
             "flow": self.flow,

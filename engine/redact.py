@@ -56,10 +56,19 @@ def describe_error(exc: BaseException) -> str:
 _LIBPQ_PARSE_ERROR: Final = re.compile(
     r"connection info string|\bURI\b|percent-encoded|unexpected spaces found|connection option"
 )
-_QUOTED_URL: Final = re.compile(r'"([A-Za-z][A-Za-z0-9+.-]*://[^\n]*)"')  # to the line's last quote
+# libpq's templates that echo a value, greedy to the template's own text after it, since the
+# value may itself hold quotes. Then any other quoted piece; then an unclosed quote (a value with
+# a newline, of which only the first line is shown) hides the rest of the line.
+_LIBPQ_ECHO_TEMPLATES: Final = tuple(re.compile(t, re.MULTILINE) for t in (
+    r'(missing "=" after ")(.*)(" in connection info string)',
+    r'(unexpected spaces found in ")(.*)(", use percent-encoded spaces)',
+    r'(invalid integer value ")(.*)(" for connection option ")',
+    r'(invalid connection option ")(.*)("\s*)$',
+    r'(: ")(.*)("\s*)$',  # "... in URI: "%s"", "invalid percent-encoded token: "%s"", ...
+))
 _QUOTED: Final = re.compile(r'"([^"\n]*)"')
 _LIBPQ_WORDS: Final = frozenset({
-    "=", "]", ":", "/", "host", "hostaddr", "port", "dbname", "user", "passfile", "channel_binding",
+    "=", "]", ":", "/", "***", "host", "hostaddr", "port", "dbname", "user", "passfile", "channel_binding",
     "connect_timeout", "client_encoding", "options", "application_name", "fallback_application_name",
     "keepalives", "keepalives_idle", "keepalives_interval", "keepalives_count", "tcp_user_timeout",
     "replication", "gssencmode", "sslmode", "sslnegotiation", "sslcompression", "sslcert", "sslkey",
@@ -72,13 +81,27 @@ _LIBPQ_WORDS: Final = frozenset({
 def _redact_libpq_echoes(text: str) -> str:
     if _LIBPQ_PARSE_ERROR.search(text) is None:
         return text
-    text = _QUOTED_URL.sub(lambda m: f'"{_hide_all_but_url(m.group(1))}"', text)
-    return _QUOTED.sub(lambda m: m.group(0) if m.group(1) in _LIBPQ_WORDS or "://" in m.group(1)
-                       or m.group(1) == "***" else '"***"', text)
+    for template in _LIBPQ_ECHO_TEMPLATES:
+        text = template.sub(lambda m: m.group(1) + _hide_echo(m.group(2)) + m.group(3), text)
+    text = _QUOTED.sub(lambda m: m.group(0) if m.group(1) in _LIBPQ_WORDS or _URL_SCHEME_RE.match(m.group(1))
+                       else '"***"', text)
+    return "\n".join(_close_quote(line) for line in text.split("\n"))
 
 
-def _hide_all_but_url(inner: str) -> str:
-    return redact_dsn(inner).replace('"', "'")  # no quote left for the second pass to split on
+def _close_quote(line: str) -> str:
+    if line.count('"') % 2 == 0:
+        return line
+    return line[: line.rfind('"') + 1] + "***"
+
+
+def _hide_echo(value: str) -> str:
+    """A URI keeps its shape with the password hidden (libpq quotes a malformed URI whole); any other
+    echoed value is hidden whole. No quote is left for the later passes to split on."""
+    if value in _LIBPQ_WORDS:
+        return value
+    if _URL_SCHEME_RE.match(value):
+        return redact_dsn(value).replace('"', "'")
+    return "***"
 
 
 # --- secrets in connection strings ------------------------------------------------------------------

@@ -20,6 +20,8 @@ def jobs(dsn: str) -> int:
      "item 0: dedupe key is not valid UTF-8 text (lone surrogate U+D800 at position 1)"),
     (lambda q: q.dead_letters(DeadLetterFilter(error_type="E\udcfe")),
      "error type is not valid UTF-8 text (byte 0xfe at position 1)"),
+    (lambda q: q.dead_letters(DeadLetterFilter(error_type="\x00")),  # found by tests/test_fuzz.py
+     "error type '\\x00' must not contain control characters"),
     (lambda q: q.pause("noop\n"), "flow name 'noop\\n' is invalid"),
     (lambda q: q.enqueue("noop\n", {}), "flow name 'noop\\n' is invalid"),
     (lambda q: q.enqueue("emails", {}, max_attempts=2**31), "max_attempts 2147483648 must be an integer from 1 to"),

@@ -85,3 +85,16 @@ def test_config_refuses_percent_encoded_password_key(tmp_path) -> None:
     with pytest.raises(ConfigError) as caught:
         load_settings(path, environ={})
     assert str(caught.value) == f"{path}: global.dsn must not contain a password; put it in SKIPLOCK_DSN or PGPASSWORD"
+
+
+@pytest.mark.parametrize("dsn", [
+    'postgresql://u:%"Hunter2@127.0.0.1:1/x',  # a quote inside the echoed token (found by tests/test_fuzz.py)
+    'host=127.0.0.1 password=a"Hunter2 "Secret',
+    "host=127.0.0.1 password=Hunter2\nSecret",  # only the first line is shown: its quote never closes
+])
+def test_libpq_echoes_with_quotes_and_newlines(dsn: str) -> None:
+    try:
+        psycopg.conninfo.conninfo_to_dict(dsn)
+    except psycopg.ProgrammingError as exc:
+        assert_hidden(describe_error(exc))
+        assert_hidden(redact_text(str(exc)))
