@@ -239,11 +239,12 @@ class _Key:
     help: str
     table: type | None = None
     recorded: bool = False  # part of the flow policy engines record in the database (see recorded_policy)
+    flow_only: bool = False  # allowed in [flows.NAME] only, not as a [global] default
 
 
 def _key(convert: _Conv[Any] | None, help: str, default: Any = MISSING, *, table: type | None = None,
-         recorded: bool = False) -> Any:
-    return field(default=default, metadata={"key": _Key(convert, help, table, recorded)})
+         recorded: bool = False, flow_only: bool = False) -> Any:
+    return field(default=default, metadata={"key": _Key(convert, help, table, recorded, flow_only)})
 
 
 @dataclass(frozen=True)
@@ -270,7 +271,7 @@ class CircuitPolicy:
 @dataclass(frozen=True)
 class FlowConfig:
     name: str
-    handler: str = _key(_ref, '"module:function" that runs the jobs (flows only)')
+    handler: str = _key(_ref, '"module:function" that runs the jobs', flow_only=True)
     batch_size: int = _key(_int(1), "jobs claimed and acked together", 100, recorded=True)
     max_attempts: int = _key(_int(1), "tries before a job becomes a dead letter", 5, recorded=True)
     backoff: BackoffPolicy = _key(None, "delay between tries", BackoffPolicy(), table=BackoffPolicy, recorded=True)
@@ -334,9 +335,9 @@ def recorded_policy(flow: FlowConfig) -> dict[str, Any]:
     return policy
 
 
-def _converters(cls: type, *, tables: bool = False) -> dict[str, _Conv[object]]:
+def _converters(cls: type, *, flow_only: bool = False) -> dict[str, _Conv[object]]:
     return {name: key.convert for name, key in _keys(cls).items()
-            if key.convert is not None and (tables or name != "handler")}
+            if key.convert is not None and key.flow_only == flow_only}
 
 
 # Keys of [global] (and [environments.ENV.global]) that configure the engine process, not a flow.
@@ -354,7 +355,8 @@ _SOURCE_KEYS: Final[dict[str, _Conv[object]]] = {
 }
 
 _GLOBAL_ALLOWED: Final = frozenset(_ENGINE_KEYS) | frozenset(_POLICY_KEYS) | frozenset(_SUBTABLES)
-_FLOW_ALLOWED: Final = frozenset(_POLICY_KEYS) | frozenset(_SUBTABLES) | {"handler"}
+_FLOW_ONLY_KEYS: Final = _converters(FlowConfig, flow_only=True)
+_FLOW_ALLOWED: Final = frozenset(_POLICY_KEYS) | frozenset(_SUBTABLES) | frozenset(_FLOW_ONLY_KEYS)
 _CONSOLE_ALLOWED: Final = frozenset(_CONSOLE_KEYS)
 _SOURCE_ALLOWED: Final = frozenset(_SOURCE_KEYS)
 _TOP_SECTIONS: Final = ("global", "flows", "console", "sources", "environments")
@@ -396,11 +398,9 @@ def _converter(table: _TablePath, key: str) -> _Conv[object]:
     shape = table[2:] if table[0] == "environments" else table
     if shape[0] == "sources":
         return _SOURCE_KEYS[key]  # its `timeout` is required-positive, unlike a flow's
-    for keys in (_ENGINE_KEYS, _POLICY_KEYS, _CONSOLE_KEYS):
+    for keys in (_ENGINE_KEYS, _POLICY_KEYS, _FLOW_ONLY_KEYS, _CONSOLE_KEYS):
         if key in keys:
             return keys[key]
-    if key == "handler":
-        return _ref
     raise AssertionError(key)  # callers only pass keys that _allowed_keys accepted
 
 
