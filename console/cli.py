@@ -15,7 +15,7 @@ from pathlib import Path
 
 from engine.config import Settings, add_settings_arguments, load_settings, resolve_dsn
 from engine.errors import SkiplockError
-from engine.redact import redact_text
+from engine.redact import hide_secrets_in_process_title, redact_text
 
 
 @dataclass(frozen=True)
@@ -84,6 +84,7 @@ def open_console(dsn: str, settings: Settings, *, read_only: bool = False, refre
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    hide_secrets_in_process_title()
     args = build_parser().parse_args(argv)
     return run_console(ConsoleOptions.from_args(args), config=args.config, env=args.env, dsn=args.dsn)
 

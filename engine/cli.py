@@ -25,7 +25,7 @@ from engine.errors import SkiplockError, ValidationError
 from engine.limits import INT4_MAX, utf8_problem
 from engine.migrate import migrate
 from engine.queue import DeadLetterFilter, Queue
-from engine.redact import describe_error, redact_dsn, redact_text
+from engine.redact import describe_error, hide_secrets_in_process_title, redact_dsn, redact_text
 from engine.report import clip, print_json, print_status, print_table
 
 EXIT_OK = 0
@@ -389,6 +389,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    hide_secrets_in_process_title()  # before any worker is forked: they inherit the hidden copy
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -9,11 +9,12 @@ rather than leak a secret.
 
 from __future__ import annotations
 
+import ctypes
 import re
 from typing import Final
 from urllib.parse import unquote
 
-__all__ = ["describe_error", "redact_dsn", "redact_text", "secret_spans"]
+__all__ = ["describe_error", "hide_secrets_in_process_title", "redact_dsn", "redact_text", "secret_spans"]
 
 _SECRET_KEYS: Final = frozenset({"password", "sslpassword", "pwd"})
 
@@ -191,3 +192,35 @@ def _libpq_value_end(text: str, start: int) -> int:
     while (word := _NEXT_WORD_RE.match(text, index)) is not None and _KEY_RE.match(word.group(1)) is None:
         index = word.end()
     return index
+
+
+# --- the process title: what `ps` shows ---------------------------------------------------------------
+
+
+def hide_secrets_in_process_title() -> bool:
+    """Overwrite, in place and at the same length, every password in this process's command line
+    (`--dsn postgresql://u:pw@h/db` -> `u:**@h`), so `ps` and /proc/PID/cmdline show none; workers
+    forked afterwards inherit the hidden copy. Linux only; returns False where it cannot."""
+    try:
+        with open("/proc/self/cmdline", "rb") as handle:
+            cmdline = handle.read()
+        with open("/proc/self/stat", "rb") as handle:
+            fields = handle.read().rsplit(b")", 1)[1].split()
+        arg_start, arg_end = int(fields[45]), int(fields[46])  # fields 48 and 49 of proc(5)
+    except (OSError, IndexError, ValueError):
+        return False
+    if arg_end - arg_start != len(cmdline) or ctypes.string_at(arg_start, len(cmdline)) != cmdline:
+        return False  # the area was moved or rewritten: leave it alone rather than guess
+    hidden = bytearray(cmdline)
+    offset = 0
+    for raw in cmdline.split(b"\0")[:-1] if cmdline.endswith(b"\0") else cmdline.split(b"\0"):
+        arg = raw.decode("utf-8", "surrogateescape")
+        skip = arg.index("=") + 1 if arg.startswith("--") and "=" in arg else 0
+        for start, end in secret_spans(arg[skip:]):
+            first = offset + len(arg[: skip + start].encode("utf-8", "surrogateescape"))
+            last = offset + len(arg[: skip + end].encode("utf-8", "surrogateescape"))
+            hidden[first:last] = b"*" * (last - first)
+        offset += len(raw) + 1
+    if hidden != cmdline:
+        ctypes.memmove(arg_start, bytes(hidden), len(hidden))
+    return True

@@ -867,3 +867,23 @@ def test_handler_calling_sys_exit_at_import(dsn: str, tmp_path: Path) -> None:
                     env={"PYTHONPATH": f"{tmp_path}{os.pathsep}{REPO}"})
     assert one_line_error(result) == ("engine: error: flow quitter: handler 'exits_at_import:run': "
                                       "importing 'exits_at_import' called sys.exit(7)\n")
+
+
+def test_no_password_in_ps_for_the_engine_and_its_workers(dsn: str, tmp_path: Path) -> None:
+    secret_dsn = f"{dsn} password=Pw9ZqSecret"  # the test server trusts local users: the password is unused
+    config = tmp_path / "config.toml"
+    config.write_text("[global]\nworkers = 2\n")
+    process = subprocess.Popen([sys.executable, "-m", "engine.cli", "run", "--config", str(config), "--dsn", secret_dsn],
+                               env=base_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO)
+    try:
+        wait_for(lambda: scalar(dsn, "SELECT count(*) FROM skiplock.workers WHERE state <> 'stopped'") == 2, 60,
+                 message="two workers")
+        pids = [process.pid, *(int(p) for p in Path(f"/proc/{process.pid}/task/{process.pid}/children")
+                                .read_text().split())]
+        assert len(pids) == 3
+        for pid in pids:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+            assert b"Pw9Zq" not in cmdline and b"--dsn" in cmdline and b"password=***********" in cmdline, cmdline
+    finally:
+        process.terminate()
+        process.wait(60)

@@ -98,3 +98,17 @@ def test_libpq_echoes_with_quotes_and_newlines(dsn: str) -> None:
     except psycopg.ProgrammingError as exc:
         assert_hidden(describe_error(exc))
         assert_hidden(redact_text(str(exc)))
+
+
+def test_process_title_hides_passwords_in_place() -> None:
+    import subprocess
+    import sys
+
+    code = ("import sys; from engine.redact import hide_secrets_in_process_title as hide; "
+            "assert hide(); sys.stdout.buffer.write(open('/proc/self/cmdline', 'rb').read())")
+    args = ["--dsn", "postgresql://u:Hunter2@h/x", "--dsn=host=h password='Hunter2 Secret' port=1",
+            "postgresql://u@h/x?pass%77ord=s3cr3t", "plain"]
+    shown = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, check=True).stdout
+    assert shown.split(b"\0")[3:-1] == [b"--dsn", b"postgresql://u:*******@h/x",
+                                        b"--dsn=host=h password=**************** port=1",
+                                        b"postgresql://u@h/x?pass%77ord=******", b"plain"]
