@@ -362,7 +362,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--jobs", type=int, default=2000, help="demo jobs to enqueue")
     p.add_argument("--no-engine", action="store_true", help="only start the database, migrate and enqueue")
     p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--seconds", type=float, default=None, help="stop after this long (default: until Ctrl-C)")
+    p.add_argument("--seconds", type=_duration("--seconds"), default=None,
+                   help="stop after this long, e.g. 30 or 2m (default: until Ctrl-C)")
     p.add_argument("--no-console", action="store_true",
                    help="print the status every 5 s instead of opening the console (also when stdout is not a terminal)")
     p.add_argument("--example", choices=["survey"],

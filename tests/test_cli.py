@@ -887,3 +887,15 @@ def test_no_password_in_ps_for_the_engine_and_its_workers(dsn: str, tmp_path: Pa
     finally:
         process.terminate()
         process.wait(60)
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["console", "--refresh", "nan", "--list-bindings"], 'argument --refresh: --refresh: bad duration "nan"'),
+    (["console", "--refresh", "0", "--list-bindings"], "argument --refresh: --refresh must be greater than 0"),
+    (["dev", "--seconds", "inf", "--no-engine"], 'argument --seconds: --seconds: bad duration "inf"'),
+    (["run", "--workers", "5000"], "engine: error: --workers must be at least 1 and at most 1024, got 5000"),
+])
+def test_console_and_dev_numbers_are_checked(dsn: str, args: list[str], message: str) -> None:
+    result = engine(*args, dsn=dsn, timeout=60)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert message in result.stderr, result.stderr
