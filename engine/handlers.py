@@ -27,6 +27,8 @@ def resolve(ref: str, what: str) -> Any:
         module = importlib.import_module(module_name)
     except Exception as exc:  # any import-time failure of user code is a configuration error here
         raise ConfigError(f"{what} {ref!r}: cannot import {module_name!r}: {type(exc).__name__}: {exc}") from None
+    except SystemExit as exc:  # sys.exit() at import must not become the engine's exit code, unexplained
+        raise ConfigError(f"{what} {ref!r}: importing {module_name!r} called sys.exit({exc.code!r})") from None
     try:
         target = module
         for part in attr.split("."):

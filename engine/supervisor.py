@@ -33,6 +33,7 @@ from engine import db, store
 from engine.config import FlowConfig, Settings, recorded_policy, resolve_dsn
 from engine.errors import ConfigError, SkiplockError
 from engine.handlers import load_flow
+from engine.limits import MAX_WORKERS
 from engine.logs import ContextLogger, setup_logging
 from engine.migrate import require_schema
 from engine.queue import Queue, new_engine_id, validate_flow
@@ -366,8 +367,8 @@ def run_engine(settings: Settings, options: EngineOptions) -> int:
     setup_logging(settings.engine.log_format)
     flows = select_flows(settings, options.flows)
     workers = options.workers if options.workers is not None else settings.engine.workers
-    if workers < 1:
-        raise ConfigError("--workers must be at least 1")
+    if not 1 <= workers <= MAX_WORKERS:
+        raise ConfigError(f"--workers must be at least 1 and at most {MAX_WORKERS}, got {workers}")
     supervisor = Supervisor(settings, resolve_dsn(settings), flows, workers, drain=options.drain)
     try:
         supervisor.prepare()
