@@ -2,7 +2,9 @@
 
 Everything database-related is opened here, after the fork: a psycopg_pool for claims, acks and
 heartbeats, and one dedicated autocommit connection outside the pool that LISTENs for enqueues.
-A telemetry thread heartbeats and sends ticks, so a long handler cannot block either.
+A telemetry thread sends ticks and reports state; liveness is the supervisor's (engine/liveness.py):
+it heartbeats for us, and a lease guard thread plus a kernel timer stop this process once nobody can
+prove it alive.
 
 The hot path avoids per-job objects, log lines, NOTIFYs and round trips: rows stay tuples, stats are
 added once per batch.
@@ -29,6 +31,7 @@ from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_e
 from engine import db
 from engine.config import EngineConfig, FlowConfig
 from engine.handlers import FlowRuntime, JobContext, JobTimeout, format_traceback, load_flow
+from engine.liveness import Lease, WorkerGuard, lease_span
 from engine.queue import AckResult, Failure, Queue, ack_batch, claim_batch, new_claim_token, release_batch
 from engine.sources import SourceRegistry
 from engine.logs import ContextLogger
@@ -58,6 +61,7 @@ class WorkerSpec:
     flows: tuple[FlowConfig, ...]
     engine: EngineConfig
     sources: Mapping[str, Mapping[str, object]] = field(default_factory=dict)  # Settings.sources
+    lease: Lease | None = None  # published by the supervisor (engine/liveness.py)
 
 
 def _db_retry(what: str) -> Retrying:
@@ -66,7 +70,7 @@ def _db_retry(what: str) -> Retrying:
         log.warning("database call %s failed, retrying: %s", what, state.outcome.exception())
     return Retrying(
         retry=retry_if_exception_type(TRANSIENT_DB_ERRORS),
-        wait=wait_exponential(multiplier=0.05, max=2.0),
+        wait=wait_exponential(multiplier=0.05, max=0.5),  # back within 0.5 s of the database's return
         stop=stop_after_delay(DB_RETRY_SECONDS),
         before_sleep=before_sleep,
         reraise=True,
@@ -105,6 +109,10 @@ class Worker:
     def run(self) -> int:
         signal.signal(signal.SIGTERM, self._on_stop_signal)
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides; a terminal ^C reaches it
+        engine = self.spec.engine
+        if self.spec.lease is not None:
+            WorkerGuard(self.spec.lease, lease_span(engine.stale_after, engine.heartbeat_interval),
+                        engine.heartbeat_interval / 2, self.id).start()
         self.pool = db.open_pool(self.spec.dsn, application_name=self.spec.application_name,
                                  min_size=1, max_size=max(self.spec.engine.pool_max, 2), name=self.id)
         self._queue = Queue(pool=self.pool, check_schema=False)
@@ -570,11 +578,14 @@ class Worker:
                 os._exit(EXIT_STUCK_HANDLER)  # the supervisor rescues our jobs (timeout counts an attempt)
             try:
                 self._send_tick()
-                if now >= next_heartbeat:
-                    next_heartbeat = now + engine.heartbeat_interval
-                    self._heartbeat()
-            except Exception as exc:  # keep ticking through outages; heartbeats resume with the database
+            except Exception as exc:  # keep ticking through outages and failing writes
                 self.log.warning("telemetry tick failed: %s", exc)
+            if now >= next_heartbeat:
+                next_heartbeat = now + engine.heartbeat_interval
+                try:
+                    self._heartbeat()
+                except Exception as exc:
+                    self.log.warning("worker report failed: %s", exc)
 
     def _send_tick(self) -> None:
         buffer = self.telemetry.take()
@@ -601,7 +612,7 @@ class Worker:
         totals = self.telemetry.totals
         counters = {"completed": totals.completed, "failed": totals.failed, "dead": totals.dead}
         with self.pool.connection(timeout=5) as conn:
-            row = conn.execute(Q.worker_heartbeat, {
+            row = conn.execute(Q.worker_report, {
                 "id": self.id, "state": "draining" if self.stopping else self.state,
                 "counters": orjson.dumps(counters).decode(), "pool": orjson.dumps(pool).decode()}).fetchone()
         if row is None and not self.stopping:
