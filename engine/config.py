@@ -811,6 +811,15 @@ class _Loader:
         # A worker is declared dead after stale_after without a heartbeat: it must exceed the interval.
         self._require_order(levels, "heartbeat_interval", engine.heartbeat_interval, "stale_after",
                             engine.stale_after, strict=True)
+        if engine.stale_after < 3 * engine.heartbeat_interval:
+            # A worker's lease (engine/liveness.py: stale_after - max(heartbeat_interval, 20%)) must
+            # outlast two heartbeats, or one late renewal freezes or stops the engine's workers.
+            high, low = self._find(levels, "stale_after"), self._find(levels, "heartbeat_interval")
+            origin = (high or low or (None, _Where(self._label, "", True)))[1].origin
+            high_name = high[1].key if high else "stale_after (default)"
+            low_name = low[1].key if low else "heartbeat_interval (default)"
+            raise ConfigError(f"{origin}: {high_name} must be at least 3 x {low_name} "
+                              f"({engine.stale_after:g} vs {engine.heartbeat_interval:g})")
         self._require_order(levels, "pool_min", engine.pool_min, "pool_max", engine.pool_max, strict=False)
         return engine
 

@@ -17,7 +17,8 @@ clock-rate differences between this host and the database over one `stale_after`
 delivery. (The 2 x heartbeat_interval first proposed doubles the false kills under load and buys
 nothing the kernel timer below does not already give.) Each worker runs a `WorkerGuard`:
 
-- a thread that checks the lease every heartbeat_interval / 2 and exits the process once it is out
+- a thread that checks the lease every 0.1 s (at most heartbeat_interval / 2) and exits the process
+  once it is out
   (the supervisor is frozen or gone: nobody can prove this worker alive);
 - a kernel dead-man switch that needs no GIL: a POSIX timer on CLOCK_MONOTONIC that sends SIGKILL,
   re-armed by that thread to the lease's end. A whole engine SIGSTOPped past the lease, or a
@@ -54,6 +55,8 @@ log = logging.getLogger("skiplock.engine")
 
 EXIT_LEASE_EXPIRED: Final = 7  # a worker whose lease ran out exits with this code
 ENFORCE_INTERVAL_CAP: Final = 0.05  # the supervisor's lease checks (no database involved)
+GUARD_INTERVAL_CAP: Final = 0.1  # a worker's lease checks: a read of shared memory and one syscall
+FREEZE_LEAD_CAP: Final = 1.0
 
 
 def lease_margin(stale_after: float, heartbeat_interval: float) -> float:
@@ -236,9 +239,10 @@ class EngineLiveness:
     def __post_init__(self) -> None:
         self.table = LeaseTable(self.slots)
         self.span = lease_span(self.stale_after, self.heartbeat_interval)
-        # Ask for a freeze this long before the lease ends: the worker's guard (every interval/2)
-        # must acknowledge and our check (every ENFORCE_INTERVAL_CAP) must see it in time.
-        self.lead = min(self.heartbeat_interval, self.span / 2)
+        # Ask for a freeze this long before the lease ends: the worker's guard (GUARD_INTERVAL_CAP)
+        # must acknowledge and our check (ENFORCE_INTERVAL_CAP) must see it in time. The config
+        # asks stale_after >= 3 x heartbeat_interval, so this is always past one late renewal.
+        self.lead = min(FREEZE_LEAD_CAP, self.span / 4)
 
     # -- hooks the supervisor calls ------------------------------------------------------------
 

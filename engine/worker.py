@@ -31,7 +31,7 @@ from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_e
 from engine import db
 from engine.config import EngineConfig, FlowConfig
 from engine.handlers import FlowRuntime, JobContext, JobTimeout, format_traceback, load_flow
-from engine.liveness import Lease, WorkerGuard, lease_span
+from engine.liveness import GUARD_INTERVAL_CAP, Lease, WorkerGuard, lease_span
 from engine.queue import AckResult, Failure, Queue, ack_batch, claim_batch, new_claim_token, release_batch
 from engine.sources import SourceRegistry
 from engine.logs import ContextLogger
@@ -112,7 +112,7 @@ class Worker:
         engine = self.spec.engine
         if self.spec.lease is not None:
             WorkerGuard(self.spec.lease, lease_span(engine.stale_after, engine.heartbeat_interval),
-                        engine.heartbeat_interval / 2, self.id).start()
+                        min(engine.heartbeat_interval / 2, GUARD_INTERVAL_CAP), self.id).start()
         self.pool = db.open_pool(self.spec.dsn, application_name=self.spec.application_name,
                                  min_size=1, max_size=max(self.spec.engine.pool_max, 2), name=self.id)
         self._queue = Queue(pool=self.pool, check_schema=False)
@@ -145,7 +145,12 @@ class Worker:
         self._closing = True  # the telemetry thread stops before the pool closes
         reason = "signal" if code == EXIT_OK else f"exit code {code}"
         try:
-            self._send_tick()
+            try:
+                self._send_tick()
+            except psycopg.Error as exc:  # the last counters are lost; stopping cleanly matters more
+                if isinstance(exc, TRANSIENT_DB_ERRORS):
+                    raise
+                self.log.warning("last telemetry tick failed: %s", exc)
             self._with_db("stopped", lambda conn: conn.execute(Q.worker_stopped, {"id": self.id}), quick=True)
             self._notify([encode_event("worker_stopped", engine=self.spec.engine_id, worker=self.id,
                                        reason=reason)], quick=True)
