@@ -30,7 +30,7 @@ from console.screens.dead_letters import DeadLettersScreen
 from console.screens.failures import FailuresScreen
 from console.screens.overview import OverviewScreen
 from engine.queue import DeadLetterFilter, Queue
-from engine.sql import Q
+from engine import store
 from engine.telemetry import encode_event
 
 PENDING = size(300_000, 5_000)
@@ -109,7 +109,7 @@ class Ticker(threading.Thread):
                 if tick % (2 * SIM_WORKERS) == 0:
                     events_.append(encode_event("dead_letter", engine="sim-engine", worker=worker, flow="flaky",
                                                 jobs=[900000 + tick], count=1))
-                conn.execute(Q.events_notify, {"events": events_})
+                store.events_notify(conn, events_)
                 self.sent += len(events_)
                 tick += 1
                 next_at += interval

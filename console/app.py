@@ -8,6 +8,11 @@ snapshot, a key or a pause. Events that make counts stale (a dead letter, a work
 stopping, a pause) trigger an early snapshot, so exact numbers follow NOTIFY within a fraction of a
 second without polling faster.
 
+Intents go up, data comes down (console/messages.py): a screen never calls the app to do something;
+it posts an intent (open a job, load dead letters, retry, purge, pause) that bubbles to the `@on`
+handlers below, and the app posts the answer back to the screen that asked. Screens read data only:
+`LiveState`, the clock, the theme. The header is `console.status.header_text()`, a pure function.
+
 Screens are modes, each one key away: overview (1/o), failures (2/f), dead letters (3/d); the job
 detail is pushed on top (Enter, or j and an id). `/` filters, `?` lists every key, ctrl+p opens the
 command palette, z freezes the display, ctrl+r refreshes now. Every binding has an id, so a keymap
@@ -17,9 +22,7 @@ write are not offered at all.
 
 from __future__ import annotations
 
-import argparse
 import os
-import sys
 import time
 import tomllib
 from collections.abc import Callable, Iterable
@@ -29,25 +32,31 @@ from typing import Any, Final
 
 import psycopg
 from rich.text import Text
+from textual import on, work
 from textual.app import App, ScreenStackError, SystemCommand
 from textual.binding import Binding
+from textual.message_pump import MessagePump
 from textual.screen import Screen
 from textual.timer import Timer
+from textual.worker import get_current_worker
 
 from console.data import COUNT_CAP, DataSource
-from console.feed import Feed, describe_error
-from console.filters import Filter
-from console.messages import ActionDone, DeadLettersLoaded, FeedEvents, FeedStatus, SnapshotFailed, SnapshotLoaded
-from console.screens.base import ConsoleScreen
+from console.feed import Feed
+from console.messages import (ActionDone, ActionFinished, ClearFailures, CycleWindow, DeadLettersChanged,
+                              DeadLettersFailed, DeadLettersLoaded, FeedEvents, FeedStatus, Intent, JobLoaded,
+                              LoadDeadLetters, LoadJob, OpenJob, PurgeJobs, PurgeMatching, RetryJobs, RetryMatching,
+                              SetFlowPaused, ShowDeadLetters, SnapshotFailed, SnapshotLoaded, UseFilter)
+from console.screens.base import BaseScreen, ConsoleScreen
 from console.screens.dead_letters import DeadLettersScreen
 from console.screens.failures import FailuresScreen
 from console.screens.job import JobScreen
 from console.screens.modals import HelpScreen, PromptScreen
 from console.screens.overview import OverviewScreen
-from console.state import FailureRow, LiveState
-from engine.config import redact_dsn
+from console.state import WINDOWS, FailureRow, LiveState
+from console.status import Attachment, Colours, header_text, health
 from engine.errors import SkiplockError
 from engine.queue import DeadLetterFilter
+from engine.redact import describe_error, redact_dsn
 
 # Actions that write to the database: hidden (check_action -> False) in read-only mode.
 WRITE_ACTIONS: Final = frozenset({"toggle_pause", "retry_one", "retry_selected", "retry_all", "purge_selected",
@@ -56,6 +65,8 @@ FLUSH_INTERVAL_S: Final = 0.5
 SOON_S: Final = 0.25  # an event that makes counts stale brings the next snapshot this close
 KEY_NAMES: Final = {"slash": "/", "question_mark": "?", "space": "space", "escape": "esc", "enter": "enter",
                     "backspace": "backspace", "ctrl+r": "ctrl+r", "ctrl+p": "ctrl+p", "ctrl+c": "ctrl+c"}
+TABLE_KEYS: Final = (("↑ ↓ pgup pgdn home end", "move"), ("enter", "open the row (job, or a flow's dead letters)"),
+                     ("tab", "next table"))
 
 
 class ConsoleApp(App[None]):
@@ -114,14 +125,13 @@ class ConsoleApp(App[None]):
         self.feed_connected = False
         self.feed_error: str | None = None
         self.last_action: str | None = None
-        self.dead_screen: DeadLettersScreen | None = None
+        # The screen that reads dead letters (the origin of the last LoadDeadLetters): told when they change.
+        self.dead_screen: MessagePump | None = None
         self._pending: set[str] = set()
         self._loading = False
         self._load_again = False
         self._refresh_timer: Timer | None = None
         self._soon_timer: Timer | None = None
-        self._dlq_timer: Timer | None = None
-        self._dlq_loading: DeadLetterFilter | None = None
         self._backfilled = False
         self.snapshots = 0
 
@@ -155,8 +165,9 @@ class ConsoleApp(App[None]):
             self._load_again = True
             return
         self._loading = True
-        self.run_worker(self._read_snapshot, thread=True, group="snapshot", exit_on_error=False)
+        self._read_snapshot()
 
+    @work(thread=True, group="snapshot", exit_on_error=False)
     def _read_snapshot(self) -> None:
         try:
             snapshot = self.data.snapshot()
@@ -193,9 +204,10 @@ class ConsoleApp(App[None]):
         if not self.frozen:
             self._flush(force={"snapshot", "dead"})
         if was_down or not self._backfilled:
-            self._backfill()
+            self._backfilled = True
+            self._load_failures()
             if was_down:
-                self._reload_dead_letters()
+                self._dead_letters_changed()
         if self._load_again:
             self._load_again = False
             self.request_refresh()
@@ -212,20 +224,19 @@ class ConsoleApp(App[None]):
         self._flush(force={"status"})
         self._arm_refresh(min(self.refresh_interval, 2.0))
 
-    def _backfill(self) -> None:
-        def work() -> None:
-            try:
-                letters = self.data.recent_dead(50)
-            except Exception:  # the backfill is a nicety; the next reconnect tries again
-                return
-            rows = [FailureRow(at=d.finished_at.timestamp() if d.finished_at else 0.0, flow=d.flow, job=d.id,
-                               attempt=d.attempts, max_attempts=d.max_attempts or 0, type=d.error_type or "?",
-                               message=d.error_message or "", dead=True, source="table")
-                    for d in reversed(letters)]
-            self.call_from_thread(self._add_backfill, rows)
-
-        self._backfilled = True
-        self.run_worker(work, thread=True, group="backfill", exit_on_error=False)
+    @work(thread=True, exclusive=True, group="backfill", exit_on_error=False)
+    def _load_failures(self) -> None:
+        """The latest dead letters, as failures read from the table: what the failures screen shows
+        before live failures arrive."""
+        try:
+            letters = self.data.recent_dead(50)
+        except Exception:  # the backfill is a nicety; the next reconnect tries again
+            return
+        rows = [FailureRow(at=d.finished_at.timestamp() if d.finished_at else 0.0, flow=d.flow, job=d.id,
+                           attempt=d.attempts, max_attempts=d.max_attempts or 0, type=d.error_type or "?",
+                           message=d.error_message or "", dead=True, source="table")
+                for d in reversed(letters)]
+        self.call_from_thread(self._add_backfill, rows)
 
     def _add_backfill(self, rows: list[FailureRow]) -> None:
         self.state.add_backfill(rows)
@@ -241,7 +252,7 @@ class ConsoleApp(App[None]):
         if changed & {"dead", "workers", "runs", "flows"}:
             self._refresh_soon()
         if "dead" in changed:
-            self._reload_dead_letters(soon=True)
+            self._dead_letters_changed(soon=True)
         if "flows" in changed and not self.frozen:
             self._flush()
 
@@ -266,82 +277,26 @@ class ConsoleApp(App[None]):
             screen = self.screen
         except ScreenStackError:  # a timer firing while the app shuts down: nothing left to draw
             return
-        if isinstance(screen, (ConsoleScreen, JobScreen)) and screen.ready:
+        if isinstance(screen, BaseScreen) and screen.ready:
             screen.update_header()
             if changes or isinstance(screen, OverviewScreen):
                 screen.update_view(changes | {"tick"})
 
+    def attachment(self) -> Attachment:
+        """Where the console is attached and how its connections are doing, for the header."""
+        return Attachment(dsn_label=self.dsn_label, environment=self.environment, read_only=self.read_only,
+                          live=self.live, stale_after=self.stale_after, frozen=self.frozen,
+                          feed_connected=self.feed_connected, feed_error=self.feed_error,
+                          database_down=self.database_down, down_since=self.down_since, db_error=self.db_error)
+
     def header_text(self) -> Text:
-        """Line 1: where we are attached and how fresh the data is. Line 2: health, or the outage."""
         theme = self.current_theme
-        text = Text(no_wrap=True, overflow="ellipsis")
-        text.append("skiplock", style="bold")
-        if self.read_only:
-            text.append("  ")
-            text.append(" READ-ONLY ", style=f"bold reverse {theme.accent}")
-        if self.frozen:
-            text.append("  ")
-            text.append(" FROZEN (z resumes) ", style=f"bold reverse {theme.warning}")
-        text.append("  db ", style="dim")
-        text.append(self.dsn_label)
-        text.append("  env ", style="dim")
-        text.append(self.environment or "-")
-        snapshot = self.state.snapshot
-        text.append("  ·  ", style="dim")
-        if not self.live:
-            text.append("○ live feed off", style="dim")
-        elif self.feed_connected:
-            text.append("● live", style=f"bold {theme.success}")
-            text.append(f" {self.state.events:,} events", style="dim")
-        else:
-            text.append("○ live feed down", style=f"bold {theme.warning}")
-        if snapshot is not None:
-            text.append("  ·  refreshed ", style="dim")
-            text.append(f"{datetime.fromtimestamp(snapshot.now, self.tz):%H:%M:%S}")
-        text.append("\n")
-        if self.database_down:
-            since = self.down_since or self.now()
-            text.append(" DATABASE UNREACHABLE ", style=f"bold reverse {theme.error}")
-            text.append(f" since {datetime.fromtimestamp(since, self.tz):%H:%M:%S}: {self.db_error}")
-            if snapshot is not None:
-                text.append("  ·  showing data from ", style="dim")
-                text.append(f"{datetime.fromtimestamp(snapshot.now, self.tz):%H:%M:%S}", style="bold")
-            text.append("  ·  reconnecting…", style="dim")
-            return text
-        label, reason = self.health()
-        colour = {"HEALTHY": theme.success, "DEGRADED": theme.warning, "UNHEALTHY": theme.error}.get(label, "")
-        text.append(f" {label} ", style=f"bold reverse {colour}" if colour else "bold reverse")
-        if snapshot is not None:
-            text.append(f"  {snapshot.engines} engine(s), {len(snapshot.live_workers)} live worker(s)")
-        if reason:
-            text.append(f"  ·  {reason}", style=colour or "")
-        if self.live and not self.feed_connected and self.feed_error:
-            text.append(f"  ·  feed: {self.feed_error}", style="dim")
-        return text
+        colours = Colours(success=theme.success or "", warning=theme.warning or "", error=theme.error or "",
+                          accent=theme.accent or "")
+        return header_text(self.state, self.attachment(), now=self.now(), tz=self.tz, colours=colours)
 
     def health(self) -> tuple[str, str]:
-        if self.database_down:
-            return "UNHEALTHY", "database unreachable"
-        snapshot = self.state.snapshot
-        if snapshot is None:
-            return "CONNECTING", ""
-        reasons = []
-        live = snapshot.live_workers
-        stale = [w for w in live if w.heartbeat_age >= self.stale_after]
-        lost = [w for w in snapshot.workers if w.state == "lost"]
-        if not live:
-            reasons.append("no live workers")
-        if stale:
-            reasons.append(f"{len(stale)} stale worker(s)")
-        if lost:
-            reasons.append(f"{len(lost)} lost worker(s) in the last 10 min")
-        opened = [f.name for f in snapshot.flows
-                  if self.state.circuit_override.get(f.name, "open" if f.state == "circuit open" else "") == "open"]
-        if opened:
-            reasons.append("circuit open: " + ", ".join(opened))
-        if self.live and not self.feed_connected:
-            reasons.append("live feed down")
-        return ("DEGRADED", "; ".join(reasons)) if reasons else ("HEALTHY", "")
+        return health(self.state, self.attachment())
 
     # -- keys and actions -----------------------------------------------------------------------------------
 
@@ -354,24 +309,20 @@ class ConsoleApp(App[None]):
                 self.pop_screen()
         self.switch_mode(mode)
 
-    def show_dead_letters(self, wanted: Filter) -> None:
-        self.switch_mode("dead")
-        screen = self.screen
-        if isinstance(screen, DeadLettersScreen):
-            screen.set_filter(wanted)
-
     def action_open_job(self) -> None:
         def got(value: str | None) -> None:
             if not value:
                 return
             try:
-                self.open_job(int(value.strip().lstrip("#")))
+                job_id = int(value.strip().lstrip("#"))
             except ValueError:
                 self.notify(f"not a job id: {value!r}", severity="error")
+                return
+            self._open_job(job_id)
 
         self.push_screen(PromptScreen("Open job", "job id"), got)
 
-    def open_job(self, job_id: int) -> None:
+    def _open_job(self, job_id: int) -> None:
         if isinstance(self.screen, JobScreen):
             self.pop_screen()
         self.push_screen(JobScreen(job_id))
@@ -388,7 +339,7 @@ class ConsoleApp(App[None]):
 
     def action_refresh(self) -> None:
         self.request_refresh()
-        self._reload_dead_letters()
+        self._dead_letters_changed()
 
     def action_help(self) -> None:
         self.push_screen(HelpScreen(self.help_sections(),
@@ -410,11 +361,9 @@ class ConsoleApp(App[None]):
                 out.append((self.binding_keys(binding), binding.description or binding.action))
             return out
 
-        table_keys = [("↑ ↓ pgup pgdn home end", "move"), ("enter", "open the row (job, or a flow's dead letters)"),
-                      ("tab", "next table")]
         return [
             ("Everywhere", rows(self.BINDINGS) + [("ctrl+p", "command palette")]),
-            ("Every list", rows(ConsoleScreen.BINDINGS) + table_keys),
+            ("Every list", rows(ConsoleScreen.BINDINGS) + list(TABLE_KEYS)),
             ("Overview", rows(OverviewScreen.BINDINGS)),
             ("Failures", rows(FailuresScreen.BINDINGS)),
             ("Dead letters", rows(DeadLettersScreen.BINDINGS)),
@@ -440,115 +389,124 @@ class ConsoleApp(App[None]):
                 paused = self.state.paused(flow.name, flow.paused)
                 verb = "Resume" if paused else "Pause"
                 yield SystemCommand(f"{verb} flow {flow.name}", f"{verb} claiming jobs of {flow.name}",
-                                    lambda name=flow.name, p=paused: self.set_paused(name, not p))
+                                    lambda name=flow.name, p=paused: self.post_message(SetFlowPaused(name, not p)))
 
-    # -- dead letters and jobs ----------------------------------------------------------------------------------
+    # -- intents: what the screens ask for --------------------------------------------------------------------
 
-    def load_dead_letters(self, where: DeadLetterFilter) -> None:
-        if self._dlq_loading == where:
-            return
-        self._dlq_loading = where
+    @on(OpenJob)
+    def _on_open_job(self, message: OpenJob) -> None:
+        self._open_job(message.job_id)
 
-        def work() -> None:
-            try:
-                page = self.data.dead_letters(where)
-            except (psycopg.Error, OSError) as exc:
-                self.call_from_thread(self._dead_letters_failed, describe_error(exc))
-            else:
-                self.post_message(DeadLettersLoaded(page))
-            finally:
-                self._dlq_loading = None
+    @on(ShowDeadLetters)
+    def _on_show_dead_letters(self, message: ShowDeadLetters) -> None:
+        self.switch_mode("dead")
+        self.screen.post_message(UseFilter(message.filter))
 
-        self.run_worker(work, thread=True, group="dead_letters", exit_on_error=False)
+    @on(CycleWindow)
+    def _on_cycle_window(self, message: CycleWindow) -> None:
+        self.window = WINDOWS[(WINDOWS.index(self.window) + 1) % len(WINDOWS)]
+        self._flush(force={"counts"})
 
-    def _dead_letters_failed(self, error: str) -> None:
+    @on(ClearFailures)
+    def _on_clear_failures(self, message: ClearFailures) -> None:
+        self.state.failures.clear()
+        self.state.failures_version += 1
+        self._flush(force={"failures"})
+
+    @on(LoadDeadLetters)
+    def _on_load_dead_letters(self, message: LoadDeadLetters) -> None:
+        self.dead_screen = message.origin
+        self._read_dead_letters(message)
+
+    @work(thread=True, exclusive=True, group="dead_letters", exit_on_error=False)
+    def _read_dead_letters(self, intent: LoadDeadLetters) -> None:
+        try:
+            answer: DeadLettersLoaded | DeadLettersFailed = DeadLettersLoaded(self.data.dead_letters(intent.where))
+        except (psycopg.Error, OSError) as exc:
+            answer = DeadLettersFailed(intent.where, describe_error(exc))
+        if not get_current_worker().is_cancelled:  # a newer request supersedes this answer
+            _answer(intent, answer)
+
+    def _dead_letters_changed(self, soon: bool = False) -> None:
         if self.dead_screen is not None:
-            self.dead_screen.error = error
+            self.dead_screen.post_message(DeadLettersChanged(soon=soon))
 
-    def on_dead_letters_loaded(self, message: DeadLettersLoaded) -> None:
-        if self.dead_screen is not None:
-            self.dead_screen.page_loaded(message.page)
+    @on(LoadJob)
+    def _on_load_job(self, message: LoadJob) -> None:
+        self._read_job(message)
 
-    def _reload_dead_letters(self, soon: bool = False) -> None:
-        screen = self.dead_screen
-        if screen is None:
+    @work(thread=True, exclusive=True, group="job", exit_on_error=False)
+    def _read_job(self, message: LoadJob) -> None:
+        try:
+            job = self.data.job(message.job_id)
+        except (psycopg.Error, OSError) as exc:
+            self.call_from_thread(self.notify, f"job {message.job_id}: {describe_error(exc)}", severity="error")
             return
-        if not screen.is_current:
-            screen.stale = True  # read again when it is shown
-            return
-        if not soon:
-            screen.reload()
-            return
-        if self._dlq_timer is None:
-            def fire() -> None:
-                self._dlq_timer = None
-                if screen.is_current:
-                    screen.reload()
-
-            self._dlq_timer = self.set_timer(SOON_S * 2, fire)
-
-    def load_job(self, job_id: int, screen: JobScreen) -> None:
-        def work() -> None:
-            try:
-                job = self.data.job(job_id)
-            except (psycopg.Error, OSError) as exc:
-                self.call_from_thread(self.notify, f"job {job_id}: {describe_error(exc)}", severity="error")
-                return
-            self.call_from_thread(screen.job_loaded, job)
-
-        self.run_worker(work, thread=True, group="job", exit_on_error=False)
+        _answer(message, JobLoaded(message.job_id, job))
 
     # -- operator actions: each reports how many rows it changed ---------------------------------------------
 
-    def _perform(self, verb: str, call: Callable[[], list[Any]], requested: int | None,
-                 then: Callable[[], None] | None = None, unit: str = "dead letter(s)") -> None:
-        """Run an operator action in a thread; report what it changed (the Queue methods return ids)."""
-        def work() -> None:
-            try:
-                changed = call()
-            except (psycopg.Error, SkiplockError, OSError) as exc:
-                error = describe_error(exc) if isinstance(exc, psycopg.Error) else str(exc)
-                self.post_message(ActionDone(f"{verb} failed: {error}", error=True))
-                return
-            text = f"{verb} {len(changed)} {unit}"
-            if requested is not None and len(changed) < requested:
-                text += f" ({requested - len(changed)} of the {requested} asked for had already changed)"
-            self.post_message(ActionDone(text, changed, then=then))
+    @on(RetryJobs)
+    def _on_retry_jobs(self, message: RetryJobs) -> None:
+        ids = list(message.ids)
+        self._perform(message, "retried", lambda: self.data.retry(DeadLetterFilter(ids=ids)), len(ids))
 
-        self.run_worker(work, thread=True, group="action", exit_on_error=False)
+    @on(PurgeJobs)
+    def _on_purge_jobs(self, message: PurgeJobs) -> None:
+        ids = list(message.ids)
+        self._perform(message, "purged", lambda: self.data.purge(DeadLetterFilter(ids=ids)), len(ids))
 
-    def retry_ids(self, ids: list[int], then: Callable[[], None] | None = None) -> None:
-        self._perform("retried", lambda: self.data.retry(DeadLetterFilter(ids=ids)), len(ids), then)
+    @on(RetryMatching)
+    def _on_retry_matching(self, message: RetryMatching) -> None:
+        where = message.where
+        self._perform(message, "retried",
+                      lambda: self.data.retry_all() if where.is_empty() else self.data.retry(where), None)
 
-    def purge_ids(self, ids: list[int], then: Callable[[], None] | None = None) -> None:
-        self._perform("purged", lambda: self.data.purge(DeadLetterFilter(ids=ids)), len(ids), then)
+    @on(PurgeMatching)
+    def _on_purge_matching(self, message: PurgeMatching) -> None:
+        where = message.where
+        self._perform(message, "purged", lambda: self.data.purge(where), None)
 
-    def retry_where(self, where: DeadLetterFilter) -> None:
-        self._perform("retried", lambda: self.data.retry_all() if where.is_empty() else self.data.retry(where), None)
-
-    def purge_where(self, where: DeadLetterFilter) -> None:
-        self._perform("purged", lambda: self.data.purge(where), None)
-
-    def set_paused(self, flow: str, paused: bool) -> None:
+    @on(SetFlowPaused)
+    def _on_set_flow_paused(self, message: SetFlowPaused) -> None:
         if self.read_only:
             return
+        flow, paused = message.flow, message.paused
 
         def call() -> list[Any]:
             self.data.set_paused(flow, paused)  # an upsert of the flow's row: always that one row
             return [flow]
 
-        self._perform(f"{'paused' if paused else 'resumed'} flow {flow}:", call, None, unit="flow changed")
+        self._perform(message, f"{'paused' if paused else 'resumed'} flow {flow}:", call, None, unit="flow changed")
 
-    def on_action_done(self, message: ActionDone) -> None:
+    @work(thread=True, group="action", exit_on_error=False)
+    def _perform(self, intent: Intent, verb: str, call: Callable[[], list[Any]], requested: int | None,
+                 unit: str = "dead letter(s)") -> None:
+        """Run an operator action in a thread; report what it changed (the Queue methods return ids)."""
+        try:
+            changed = call()
+        except (psycopg.Error, SkiplockError, OSError) as exc:
+            error = describe_error(exc) if isinstance(exc, psycopg.Error) else str(exc)
+            self.post_message(ActionFinished(intent, f"{verb} failed: {error}", [], error=True))
+            return
+        text = f"{verb} {len(changed)} {unit}"
+        if requested is not None and len(changed) < requested:
+            text += f" ({requested - len(changed)} of the {requested} asked for had already changed)"
+        self.post_message(ActionFinished(intent, text, list(changed)))
+
+    def on_action_finished(self, message: ActionFinished) -> None:
         self.last_action = message.text
         self.notify(message.text, title="error" if message.error else "done",
                     severity="error" if message.error else "information")
-        if message.changed and self.dead_screen is not None:
-            self.dead_screen.selected -= set(message.changed)
+        _answer(message.intent, ActionDone(message.text, message.changed, error=message.error))
         self.request_refresh()
-        self._reload_dead_letters()
-        if message.then is not None:
-            message.then()
+        self._dead_letters_changed()
+
+
+def _answer(intent: Intent, result: Any) -> None:
+    """Post `result` to the screen that asked (thread-safe); an intent without an origin wants none."""
+    if intent.origin is not None:
+        intent.origin.post_message(result)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -581,52 +539,3 @@ def all_bindings() -> list[tuple[str, str, str]]:
             if isinstance(binding, Binding) and binding.id:
                 found.append((binding.id, binding.key, binding.description))
     return found
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="console", description="skiplock ops console (a terminal UI)")
-    add_arguments(parser)
-    return parser
-
-
-def add_arguments(parser: argparse.ArgumentParser, *, common: bool = True) -> None:
-    if common:
-        parser.add_argument("--dsn", help="PostgreSQL connection string (default: SKIPLOCK_DSN, then the config)")
-        parser.add_argument("--config", type=Path, help="config file (default: SKIPLOCK_CONFIG)")
-        parser.add_argument("--env", help="environment in the config file (default: SKIPLOCK_ENV)")
-    parser.add_argument("--read-only", action="store_true", help="offer no action that writes (also [console] read_only)")
-    parser.add_argument("--refresh", type=float, help="seconds between snapshots (default: [console] refresh_interval)")
-    parser.add_argument("--keymap", type=Path, help="TOML file with a [keymap] table: binding id = \"keys\"")
-    parser.add_argument("--list-bindings", action="store_true", help="print every binding id and its keys, and exit")
-
-
-def run_console(args: argparse.Namespace, *, quit_after: float | None = None) -> int:
-    """Shared by `console` and `engine console`."""
-    from engine.cli import resolve_dsn
-    from engine.config import load_settings
-
-    if getattr(args, "list_bindings", False):
-        for binding_id, keys, description in all_bindings():
-            print(f"{binding_id:<32} {keys:<14} {description}")
-        return 0
-    try:
-        settings = load_settings(args.config, env=args.env, dsn=args.dsn)
-        dsn = resolve_dsn(settings)
-        keymap = load_keymap(args.keymap)
-    except SkiplockError as exc:
-        sys.stderr.write(f"console: error: {redact_dsn(str(exc))}\n")
-        return 2
-    refresh = args.refresh if args.refresh else settings.console.refresh_interval
-    app = ConsoleApp(dsn, read_only=bool(args.read_only or settings.console.read_only), refresh_interval=refresh,
-                     environment=settings.env, stale_after=settings.engine.stale_after, keymap=keymap,
-                     quit_after=quit_after)
-    app.run()
-    return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    return run_console(build_parser().parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -5,7 +5,8 @@ database never freezes the keys) and follows the engine live over LISTEN/NOTIFY 
 Every read here is bounded: per-flow counts stop at `COUNT_CAP` rows through the partial indexes and
 fall back to the planner's estimate beyond it, rates and history come from `skiplock.stats_minute`,
 latency percentiles from a LIMITed sample of recent `jobs_done` rows. The statements are in
-engine/sql/queries.sql under `-- console`; dead-letter listing, retry, purge, pause and the job
+engine/sql/queries.sql under `-- console`, sent through engine/store.py, whose `class_row` reads fill
+the row classes below (their fields are the column aliases); dead-letter listing, retry, purge, pause and the job
 detail go through the public `engine.queue.Queue` API, whose SQL is guarded by status.
 
 Each read takes `now`: None means the server's clock; tests pass a fixed time so what the console
@@ -24,9 +25,8 @@ from typing import Any, Final, TypeVar
 import orjson
 import psycopg
 
-from engine import db
+from engine import db, store
 from engine.queue import DeadLetter, DeadLetterFilter, Job, Queue
-from engine.sql import Q
 
 APPLICATION_NAME: Final = "skiplock-console"
 COUNT_CAP: Final = 5_000  # exact counts up to this many rows per flow and state, then an estimate
@@ -155,9 +155,6 @@ class Snapshot:
     def engines(self) -> int:
         return len({w.engine_id for w in self.workers if w.live})
 
-    def dead_total(self) -> int:
-        return sum(f.dead for f in self.flows)
-
 
 @dataclass(frozen=True)
 class DeadLetterPage:
@@ -167,19 +164,6 @@ class DeadLetterPage:
     now: float
     limit: int
     timings_ms: dict[str, float] = field(default_factory=dict)
-
-
-def _ts(value: datetime | None) -> float | None:
-    return value.timestamp() if value is not None else None
-
-
-def _json(value: Any) -> dict[str, Any]:
-    if isinstance(value, dict):
-        return value
-    if isinstance(value, (str, bytes)):
-        loaded = orjson.loads(value)
-        return loaded if isinstance(loaded, dict) else {}
-    return {}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -256,9 +240,9 @@ class DataSource:
                 self._write = None
                 raise
 
-    def _params(self) -> dict[str, Any]:
+    def _reference(self) -> datetime | None:
         now = self._now() if self._now is not None else None
-        return {"now": datetime.fromtimestamp(now, timezone.utc) if now is not None else None}
+        return datetime.fromtimestamp(now, timezone.utc) if now is not None else None
 
     # -- reads ---------------------------------------------------------------------------------------
 
@@ -267,40 +251,30 @@ class DataSource:
         return self._reading(self._snapshot)
 
     def _snapshot(self, conn: psycopg.Connection[Any]) -> Snapshot:
-        params = self._params()
+        ref = self._reference()
         timings: dict[str, float] = {}
 
-        def timed(name: str, sql: str, extra: dict[str, Any] | None = None) -> list[tuple[Any, ...]]:
+        def timed(name: str, read: Callable[[], T]) -> T:
             started = time.perf_counter()
-            rows = conn.execute(sql, {**params, **(extra or {})}).fetchall()
+            result = read()
             timings[name] = (time.perf_counter() - started) * 1000.0
-            return rows
+            return result
 
         with conn.transaction():
-            conn.execute(Q.console_snapshot_begin)
-            now_row = timed("now", Q.console_now)[0]
-            flows_rows = timed("flows", Q.console_flows, {"cap": self.count_cap})
-            history_rows = timed("history", Q.console_history, {"minutes": HISTORY_MINUTES})
-            latency_rows = timed("latency", Q.console_latency,
-                                 {"seconds": LATENCY_SECONDS, "sample": LATENCY_SAMPLE})
-            worker_rows = timed("workers", Q.console_workers, {"limit": WORKERS_LIMIT})
-            run_rows = timed("runs", Q.console_runs, {"limit": RUNS_LIMIT})
-        flows = [FlowRow(*row) for row in flows_rows]
+            store.console_snapshot_begin(conn)
+            now, server_version = timed("now", lambda: store.console_now(conn, ref))
+            flows = timed("flows", lambda: store.console_flows(conn, FlowRow, ref, self.count_cap))
+            history = timed("history", lambda: store.console_history(conn, MinuteStats, ref, HISTORY_MINUTES))
+            latency = timed("latency", lambda: store.console_latency(conn, Latency, ref, LATENCY_SECONDS,
+                                                                     LATENCY_SAMPLE))
+            workers = timed("workers", lambda: store.console_workers(conn, WorkerRow, ref, WORKERS_LIMIT))
+            runs = timed("runs", lambda: store.console_runs(conn, RunRow, ref, RUNS_LIMIT))
         if any(f.pending_total >= self.count_cap or f.dead >= self.count_cap for f in flows):
             started = time.perf_counter()
             flows = [self._with_estimates(conn, f) for f in flows]
             timings["estimates"] = (time.perf_counter() - started) * 1000.0
-        return Snapshot(
-            now=now_row[0].timestamp(),
-            server_version=str(now_row[1]),
-            flows=flows,
-            history=[MinuteStats(*row) for row in history_rows],
-            latency={row[0]: Latency(int(row[1]), *row[2:]) for row in latency_rows},
-            workers=[WorkerRow(row[0], row[1], row[2], int(row[3]), row[4], list(row[5] or ()), float(row[6]),
-                               float(row[7]), _json(row[8]), _json(row[9])) for row in worker_rows],
-            runs=[RunRow(*row) for row in run_rows],
-            timings_ms=timings,
-        )
+        return Snapshot(now=now.timestamp(), server_version=server_version, flows=flows, history=history,
+                        latency=latency, workers=workers, runs=runs, timings_ms=timings)
 
     def _with_estimates(self, conn: psycopg.Connection[Any], flow: FlowRow) -> FlowRow:
         """Past the cap an exact count would read every row: ask the planner instead (Oban does too)."""
@@ -315,9 +289,7 @@ class DataSource:
 
     @staticmethod
     def _estimate(conn: psycopg.Connection[Any], flow: str, status: str) -> int:
-        # EXPLAIN takes no bind parameters: a client-side-binding cursor quotes the values itself.
-        row = psycopg.ClientCursor(conn).execute(Q.console_estimate, {"flow": flow, "status": status}).fetchone()
-        plan = row[0] if row else None
+        plan = store.console_estimate(conn, flow, status)
         if isinstance(plan, (str, bytes)):
             plan = orjson.loads(plan)
         try:
@@ -329,13 +301,12 @@ class DataSource:
         def read(conn: psycopg.Connection[Any]) -> DeadLetterPage:
             queue = Queue(conn=conn, check_schema=False)
             started = time.perf_counter()
-            now_row = conn.execute(Q.console_now, self._params()).fetchone()
+            now, _ = store.console_now(conn, self._reference())
             letters = queue.dead_letters(where, limit=limit)
             listed = time.perf_counter()
             by_error = queue.analyze_dead(where.flow)
             done = time.perf_counter()
-            now = now_row[0].timestamp() if now_row else time.time()
-            return DeadLetterPage(letters, by_error, where, now, limit,
+            return DeadLetterPage(letters, by_error, where, now.timestamp(), limit,
                                   {"dlq_list": (listed - started) * 1000.0, "dlq_analyze": (done - listed) * 1000.0})
 
         return self._reading(read)

@@ -15,7 +15,6 @@ noticed within `keepalive` seconds.
 from __future__ import annotations
 
 import asyncio
-import re
 import time
 from collections.abc import Callable
 from typing import Any, Final
@@ -26,35 +25,26 @@ from textual.message import Message
 
 from console.data import APPLICATION_NAME, statement_timeout_ms
 from console.messages import FeedEvents, FeedStatus
-from engine.config import redact_dsn
+from engine import store
+from engine.redact import describe_error
 from engine.db import CONNECT_TIMEOUT_S
-from engine.sql import Q
-from engine.telemetry import ENQUEUED_CHANNEL, EVENT_VERSION, EVENTS_CHANNEL
+from engine.telemetry import ENQUEUED_CHANNEL, EVENT_VERSION, AnyEvent
 
-CHANNELS: Final = (EVENTS_CHANNEL,)
 KEEPALIVE_S: Final = 5.0
 BATCH_WINDOW_S: Final = 0.02  # after the first notification, wait this long for the rest of a burst
 BATCH_MAX: Final = 500
 BACKOFF_S: Final = (0.5, 1.0, 2.0, 4.0, 5.0)
 
-_URL_IN_TEXT: Final = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s\"']+")
-
-
-def describe_error(exc: BaseException) -> str:
-    """First line of a database error, with any DSN password redacted."""
-    text = (str(exc).strip() or type(exc).__name__).splitlines()[0]
-    return _URL_IN_TEXT.sub(lambda m: redact_dsn(m.group(0)), redact_dsn(text))
-
-
-def decode(payload: str) -> dict[str, Any] | None:
-    """One event, or None for a payload that is not a version-1 event (ignored, never fatal)."""
+def decode(payload: str) -> AnyEvent | None:
+    """One event, or None for a payload that is not a version-1 event (ignored, never fatal).
+    Only `v` and `kind` are checked here; LiveState.apply reads the other fields defensively."""
     try:
         event = orjson.loads(payload)
     except orjson.JSONDecodeError:
         return None
     if not isinstance(event, dict) or event.get("v") != EVENT_VERSION or not isinstance(event.get("kind"), str):
         return None
-    return event
+    return event  # type: ignore[return-value]
 
 
 class Feed:
@@ -68,14 +58,13 @@ class Feed:
         self.clock = clock
         self.keepalive = keepalive
         self.connected = False
-        self.received = 0
         self.ignored = 0
 
     async def connect(self) -> psycopg.AsyncConnection[Any]:
         conn = await psycopg.AsyncConnection.connect(
             self.dsn, autocommit=True, application_name=APPLICATION_NAME, connect_timeout=CONNECT_TIMEOUT_S,
             options=f"-c statement_timeout={statement_timeout_ms(self.refresh_interval)}")
-        await conn.execute(Q.console_listen)  # LISTEN on CHANNELS
+        await store.console_listen(conn)  # LISTEN on telemetry.EVENTS_CHANNEL
         return conn
 
     async def run(self) -> None:
@@ -112,7 +101,7 @@ class Feed:
                 batch.append(notify)
             if not batch:
                 # Nothing for `keepalive` seconds: make sure the server is still there.
-                await asyncio.wait_for(conn.execute(Q.health_ping), timeout=CONNECT_TIMEOUT_S)
+                await asyncio.wait_for(store.health_ping_async(conn), timeout=CONNECT_TIMEOUT_S)
                 continue
             async for notify in conn.notifies(timeout=BATCH_WINDOW_S, stop_after=BATCH_MAX):
                 batch.append(notify)
@@ -125,6 +114,5 @@ class Feed:
                     self.ignored += 1
                 else:
                     events.append(event)
-            self.received += len(events)
             if events:
                 self.post(FeedEvents(events))

@@ -1,13 +1,28 @@
-"""The console's messages: what the feed and the data workers tell the app."""
+"""The console's messages.
+
+Three kinds, as in Toolong and Harlequin:
+- what the live feed and the snapshot reader tell the app (FeedEvents, FeedStatus, SnapshotLoaded,
+  SnapshotFailed);
+- intents: what a screen asks the app for (open a job, load dead letters, retry, purge, pause). A
+  screen posts them on itself and they bubble to the app's `@on` handlers; `origin` is the screen
+  that asked, so the answer goes back to it and nowhere else;
+- results: the app's answers, posted to the screen that asked. They do not bubble (a screen that
+  ignores one must not send it back up to the app).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 from textual.message import Message
+from textual.message_pump import MessagePump
 
 from console.data import DeadLetterPage, Snapshot
+from console.filters import Filter
+from engine.queue import DeadLetterFilter, Job
+
+# -- from the feed and the snapshot reader ---------------------------------------------------------
 
 
 class FeedEvents(Message):
@@ -29,32 +44,148 @@ class FeedStatus(Message):
         self.at = at
 
 
+@dataclass
 class SnapshotLoaded(Message):
-    def __init__(self, snapshot: Snapshot) -> None:
-        super().__init__()
-        self.snapshot = snapshot
+    snapshot: Snapshot
 
 
+@dataclass
 class SnapshotFailed(Message):
-    def __init__(self, error: str) -> None:
-        super().__init__()
-        self.error = error
+    error: str
 
 
-class DeadLettersLoaded(Message):
-    def __init__(self, page: DeadLetterPage) -> None:
-        super().__init__()
-        self.page = page
+@dataclass
+class ActionFinished(Message):
+    """An operator action's thread is done (app-internal: the app notifies, then answers the origin)."""
+
+    intent: "Intent"
+    text: str
+    changed: list[object]
+    error: bool = False
 
 
-class ActionDone(Message):
-    """An operator action finished: `text` says what changed, `changed` the ids (or names) it changed;
-    `then` runs on the app's thread afterwards."""
+# -- intents: screen -> app ------------------------------------------------------------------------
 
-    def __init__(self, text: str, changed: Sequence[object] = (), error: bool = False,
-                 then: Callable[[], None] | None = None) -> None:
-        super().__init__()
-        self.text = text
-        self.changed = list(changed)
-        self.error = error
-        self.then = then
+
+@dataclass
+class Intent(Message):
+    """What a screen asks for. `origin` is set by `ConsoleScreen.ask()` (or by whoever posts it)."""
+
+    origin: MessagePump | None = field(default=None, kw_only=True, repr=False, compare=False)
+
+
+@dataclass
+class OpenJob(Intent):
+    """Show the job detail screen for `job_id`."""
+
+    job_id: int
+
+
+@dataclass
+class ShowDeadLetters(Intent):
+    """Switch to the dead letters, filtered."""
+
+    filter: Filter
+
+
+@dataclass
+class LoadDeadLetters(Intent):
+    """Read a page of dead letters matching `where`; answered with DeadLettersLoaded or DeadLettersFailed."""
+
+    where: DeadLetterFilter
+
+
+@dataclass
+class LoadJob(Intent):
+    """Read one job; answered with JobLoaded."""
+
+    job_id: int
+
+
+@dataclass
+class RetryJobs(Intent):
+    """Retry these dead letters (the SQL leaves any that is no longer dead alone)."""
+
+    ids: list[int]
+
+
+@dataclass
+class PurgeJobs(Intent):
+    ids: list[int]
+
+
+@dataclass
+class RetryMatching(Intent):
+    """Retry every dead letter matching `where` (an empty filter means all of them)."""
+
+    where: DeadLetterFilter
+
+
+@dataclass
+class PurgeMatching(Intent):
+    where: DeadLetterFilter
+
+
+@dataclass
+class SetFlowPaused(Intent):
+    flow: str
+    paused: bool
+
+
+@dataclass
+class CycleWindow(Intent):
+    """The chart's next time window."""
+
+
+@dataclass
+class ClearFailures(Intent):
+    """Forget the failures shown so far."""
+
+
+# -- results: app -> the screen that asked ----------------------------------------------------------
+
+
+@dataclass
+class Result(Message, bubble=False):
+    pass
+
+
+@dataclass
+class DeadLettersLoaded(Result):
+    page: DeadLetterPage
+
+
+@dataclass
+class DeadLettersFailed(Result):
+    where: DeadLetterFilter
+    error: str
+
+
+@dataclass
+class DeadLettersChanged(Result):
+    """Dead letters came or went since the screen read its page. `soon`: several may follow (a burst
+    of events), so wait a moment before reading again."""
+
+    soon: bool = False
+
+
+@dataclass
+class JobLoaded(Result):
+    job_id: int
+    job: Job | None
+
+
+@dataclass
+class ActionDone(Result):
+    """An operator action the screen asked for finished: `changed` holds the ids (or names) it changed."""
+
+    text: str
+    changed: list[object]
+    error: bool = False
+
+
+@dataclass
+class UseFilter(Result):
+    """Show this filter (the app switched to the screen on the user's behalf)."""
+
+    filter: Filter

@@ -13,9 +13,14 @@ import math
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Final, Literal
 
 from console.data import MinuteStats, Snapshot
+from engine.telemetry import AnyEvent
+
+# What a change touches, so a screen redraws only that: `apply` returns the live ones; the app adds
+# "snapshot" after a read and "all" to redraw everything.
+Change = Literal["all", "snapshot", "counts", "failures", "dead", "workers", "flows", "runs"]
 
 WINDOWS: Final = (60, 300, 900, 3600)  # selectable chart windows, seconds
 WINDOW_NAMES: Final = {60: "1 min", 300: "5 min", 900: "15 min", 3600: "1 h"}
@@ -92,13 +97,14 @@ class LiveState:
             self.failures.extend(merged[-MAX_FAILURES:])
             self.failures_version += 1
 
-    def apply(self, event: dict[str, Any]) -> set[str]:
-        """Take one telemetry event; returns what it changed: counts, failures, dead, workers, flows, runs."""
+    def apply(self, event: AnyEvent) -> set[Change]:
+        """Take one telemetry event; returns what it changed: counts, failures, dead, workers, flows, runs.
+        Fields are read defensively: the payload came over the wire (a kind not listed changes nothing)."""
         kind = event.get("kind")
         at = float(event.get("at") or 0.0)
         self.events += 1
         self.last_event_at = at or self.last_event_at
-        changed: set[str] = set()
+        changed: set[Change] = set()
         if kind == "tick":
             second = int(at)
             worker = str(event.get("worker", ""))

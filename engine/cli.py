@@ -1,4 +1,4 @@
-"""The `engine` command. Contract in DESIGN.md; every subcommand has --help.
+"""The `engine` command. Contract: README.md, "The `engine` command"; every subcommand has --help.
 
 Exit codes: 0 ok; 1 `health` degraded (or an operation that found nothing to do where noted);
 2 bad input, unreachable database or `health` unhealthy; see `engine run --help` for the engine's own.
@@ -18,11 +18,13 @@ import orjson
 import psycopg
 
 from engine import db
-from engine.config import Settings, load_settings, parse_duration, redact_dsn, redact_text
-from engine.embedded import DEFAULT_DATABASE, SOCKET_PORT, SUPERUSER, default_data_dir
+from engine.config import Settings, add_settings_arguments, load_settings, parse_duration, resolve_dsn
+from engine.embedded import default_data_dir
 from engine.errors import SkiplockError, ValidationError
 from engine.migrate import migrate
 from engine.queue import DeadLetterFilter, Queue
+from engine.redact import describe_error, redact_dsn, redact_text
+from engine.report import clip, print_json, print_status, print_table
 
 EXIT_OK = 0
 EXIT_DEGRADED = 1
@@ -41,30 +43,9 @@ def _settings(args: argparse.Namespace) -> Settings:
     return load_settings(args.config, env=args.env, dsn=args.dsn)
 
 
-def resolve_dsn(settings: Settings) -> str:
-    """--dsn, SKIPLOCK_DSN, the config file; else the `engine dev` cluster when it is running."""
-    if settings.dsn:
-        return settings.dsn
-    socket_dir = default_data_dir()
-    if (socket_dir / f".s.PGSQL.{SOCKET_PORT}").exists():
-        return f"host={socket_dir} port={SOCKET_PORT} user={SUPERUSER} dbname={DEFAULT_DATABASE}"
-    raise CliError("no database configured: pass --dsn, set SKIPLOCK_DSN or `dsn` in the config, or start `engine dev`")
-
-
 def _queue(args: argparse.Namespace) -> Queue:
     settings = _settings(args)
     return Queue(resolve_dsn(settings), application_name=f"{settings.application_name}-cli")
-
-
-def _print_json(value: Any) -> None:
-    sys.stdout.write(orjson.dumps(value, option=orjson.OPT_INDENT_2, default=str).decode() + "\n")
-
-
-def _print_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
-    cells = [[str(h) for h in headers]] + [["" if v is None else str(v) for v in row] for row in rows]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
-    for row in cells:
-        sys.stdout.write("  ".join(value.ljust(width) for value, width in zip(row, widths)).rstrip() + "\n")
 
 
 def _duration(where: str) -> Callable[[str], float]:
@@ -144,16 +125,7 @@ def cmd_enqueue(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     with _queue(args) as queue:
-        status = queue.get_queue_status(args.flow)
-    if args.json:
-        _print_json(status)
-        return EXIT_OK
-    rows = [(flow, c["pending"] - c["scheduled"], c["scheduled"], c["processing"], c["completed"], c["failed"],
-             "yes" if c["paused"] else "")
-            for flow, c in status["by_flow"].items()]
-    rows.append(("TOTAL", status["pending_records"] - status["scheduled_records"], status["scheduled_records"],
-                 status["processing_records"], status["completed_records"], status["failed_records"], ""))
-    _print_table(("flow", "pending", "scheduled", "running", "completed", "dead", "paused"), rows)
+        print_status(queue, flow=args.flow, as_json=args.json)
     return EXIT_OK
 
 
@@ -162,7 +134,7 @@ def cmd_health(args: argparse.Namespace) -> int:
     with Queue(resolve_dsn(settings), application_name=f"{settings.application_name}-cli") as queue:
         report = queue.health_check(stale_after=settings.engine.stale_after)
     if args.json:
-        _print_json(report)
+        print_json(report)
     else:
         database = report["databases"]["skiplock"]
         line = f"{report['status']}: database {'up' if database['connection'] else 'down'}"
@@ -195,10 +167,10 @@ def cmd_dlq_list(args: argparse.Namespace) -> int:
     with _queue(args) as queue:
         letters = queue.dead_letters(_filter(args), limit=args.limit)
     if args.json:
-        _print_json([letter.to_dict() for letter in letters])
+        print_json([letter.to_dict() for letter in letters])
         return EXIT_OK
-    _print_table(("id", "flow", "attempts", "error", "message", "died at"),
-                 [(d.id, d.flow, f"{d.attempts}/{d.max_attempts}", d.error_type, _clip(d.error_message, 60),
+    print_table(("id", "flow", "attempts", "error", "message", "died at"),
+                 [(d.id, d.flow, f"{d.attempts}/{d.max_attempts}", d.error_type, clip(d.error_message, 60),
                    d.finished_at.strftime("%Y-%m-%d %H:%M:%S") if d.finished_at else "") for d in letters])
     return EXIT_OK
 
@@ -209,7 +181,7 @@ def cmd_dlq_show(args: argparse.Namespace) -> int:
     if job is None:
         raise CliError(f"job {args.id} not found")
     if args.json:
-        _print_json(job.to_dict())
+        print_json(job.to_dict())
         return EXIT_OK
     print(f"job {job.id}  flow {job.flow}  status {job.status}  attempt {job.attempts} of {job.max_attempts}")
     if job.run_id:
@@ -248,37 +220,44 @@ def cmd_dlq_analyze(args: argparse.Namespace) -> int:
     with _queue(args) as queue:
         groups = queue.analyze_dead(args.flow)
     if args.json:
-        _print_json(groups)
+        print_json(groups)
         return EXIT_OK
-    _print_table(("flow", "error", "count", "last at", "sample"),
+    print_table(("flow", "error", "count", "last at", "sample"),
                  [(g["flow"], g["error_type"], g["count"], g["last_at"].strftime("%Y-%m-%d %H:%M:%S"),
-                   _clip(g["sample_message"], 60)) for g in groups])
+                   clip(g["sample_message"], 60)) for g in groups])
     return EXIT_OK
 
 
-def cmd_dev(args: argparse.Namespace) -> int:
-    from engine.dev import run_dev
+# This module is the composition point: the only one under engine/ that may import the console,
+# and only inside functions, so a headless container never loads the TUI.
 
-    return run_dev(args)
+
+def cmd_dev(args: argparse.Namespace) -> int:
+    from engine.dev import DevOptions, run_dev
+
+    options = DevOptions(config=args.config, env=args.env, dsn=args.dsn, data_dir=args.data_dir, jobs=args.jobs,
+                         no_engine=args.no_engine, workers=args.workers, seconds=args.seconds,
+                         no_console=args.no_console, example=args.example)
+    return run_dev(options, open_console=_open_dev_console)
+
+
+def _open_dev_console(dsn: str, settings: Settings, quit_after: float | None) -> None:
+    from console.cli import open_console
+
+    open_console(dsn, settings, environment=settings.env, quit_after=quit_after,
+                 exit_on_sigterm=True)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from engine.supervisor import run_engine
+    from engine.supervisor import EngineOptions, run_engine
 
-    return run_engine(args)
+    return run_engine(_settings(args), EngineOptions(workers=args.workers, flows=args.flows, drain=args.drain))
 
 
 def cmd_console(args: argparse.Namespace) -> int:
-    from console.app import run_console  # lazily: a headless container never loads the TUI
+    from console.cli import ConsoleOptions, run_console
 
-    return run_console(args)
-
-
-def _clip(text: str | None, width: int) -> str:
-    if not text:
-        return ""
-    text = text.replace("\n", " ")
-    return text if len(text) <= width else text[: width - 1] + "…"
+    return run_console(ConsoleOptions.from_args(args), config=args.config, env=args.env, dsn=args.dsn)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -287,9 +266,7 @@ def _clip(text: str | None, width: int) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--dsn", help="PostgreSQL connection string (default: SKIPLOCK_DSN, then the config)")
-    common.add_argument("--config", type=Path, help="config file (default: SKIPLOCK_CONFIG)")
-    common.add_argument("--env", help="environment in the config file (default: SKIPLOCK_ENV)")
+    add_settings_arguments(common)
 
     parser = argparse.ArgumentParser(prog="engine", description="skiplock: PostgreSQL work queue engine")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -360,7 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="print the status every 5 s instead of opening the console (also when stdout is not a terminal)")
     p.add_argument("--example", choices=["survey"],
                    help="run an example flow end to end instead of the demo load (survey: a SQLite "
-                        "source read over ODBC, scores written to Postgres; see examples/survey)")
+                        "source read over ODBC, scores written to Postgres; see engine/examples/survey)")
     p.set_defaults(func=cmd_dev)
 
     p = sub.add_parser("run", parents=[common], help="run the worker pool (see exit codes below)",
@@ -374,10 +351,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("console", parents=[common], help="the ops console: a terminal UI on the queue (same as `console`)")
-    p.add_argument("--read-only", action="store_true", help="offer no action that writes (also [console] read_only)")
-    p.add_argument("--refresh", type=float, help="seconds between snapshots (default: [console] refresh_interval)")
-    p.add_argument("--keymap", type=Path, help="TOML file with a [keymap] table: binding id = \"keys\"")
-    p.add_argument("--list-bindings", action="store_true", help="print every binding id and its keys, and exit")
+    from console.cli import add_console_arguments  # argparse only: loads no TUI
+
+    add_console_arguments(p)
     p.set_defaults(func=cmd_console)
     return parser
 
@@ -390,8 +366,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SkiplockError as exc:
         return _fail(str(exc), getattr(args, "dsn", None))
     except psycopg.Error as exc:
-        text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        return _fail(f"database: {text}", getattr(args, "dsn", None))
+        return _fail(f"database: {describe_error(exc)}", getattr(args, "dsn", None))
     except KeyboardInterrupt:
         return 130
 

@@ -11,6 +11,8 @@ starts with where the value came from (the file, or the environment variable) an
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import difflib
 import json
 import keyword
@@ -19,11 +21,12 @@ import os
 import re
 import tomllib
 from collections.abc import Callable, Collection, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
-from typing import Final, TypeVar
+from typing import Any, Final, TypeVar
 
 from engine.errors import ConfigError
+from engine.redact import secret_spans
 
 __all__ = [
     "BackoffPolicy",
@@ -32,90 +35,17 @@ __all__ = [
     "EngineConfig",
     "FlowConfig",
     "Settings",
+    "add_settings_arguments",
     "load_settings",
     "parse_duration",
-    "redact_dsn",
-    "redact_text",
+    "recorded_policy",
+    "resolve_dsn",
 ]
 
 
-# --- the settings --------------------------------------------------------------------------------
+# --- values: durations and the converters every key names -----------------------------------------
 
-
-@dataclass(frozen=True)
-class BackoffPolicy:
-    """Delay before retry number `attempt` (1-based): exponential, capped, with symmetric jitter."""
-
-    base: float = 1.0  # seconds
-    cap: float = 300.0  # seconds
-    jitter: float = 0.2  # fraction, 0..1
-
-    def delay(self, attempt: int, rand: float) -> float:
-        """`rand` in [0, 1). Jitter is applied after the cap, so a delay can reach cap * (1 + jitter)."""
-        # Float exponent: huge attempt counts saturate to inf (then the cap) instead of raising.
-        raw = self.base * 2.0 ** min(max(attempt - 1, 0), 1000)
-        return min(self.cap, raw) * (1.0 + self.jitter * (2.0 * rand - 1.0))
-
-
-@dataclass(frozen=True)
-class CircuitPolicy:
-    failures: int  # consecutive failures that open the circuit
-    cooldown: float  # seconds the circuit stays open before half-open
-
-
-@dataclass(frozen=True)
-class FlowConfig:
-    name: str
-    handler: str  # "module:function"
-    batch_size: int = 100
-    max_attempts: int = 5
-    backoff: BackoffPolicy = BackoffPolicy()
-    timeout: float | None = None  # seconds; None = no limit
-    concurrency: int | None = None  # fleet-wide limit of running jobs; None = unlimited
-    permanent_errors: tuple[str, ...] = ()  # exception class names or "module:Class"
-    circuit: CircuitPolicy | None = None
-    on_complete: str | None = None  # "module:function" run hook
-    sources: tuple[str, ...] = ()  # names of [sources.X] the flow uses
-    transactional: bool = False  # handler writes through ctx.pg commit in the transaction of the batch's ack
-
-
-@dataclass(frozen=True)
-class EngineConfig:
-    workers: int = 2
-    heartbeat_interval: float = 5.0
-    stale_after: float = 30.0
-    rescue_interval: float = 10.0
-    poll_interval: float = 5.0  # fallback poll when no NOTIFY arrives
-    grace_period: float = 30.0  # SIGTERM: time to finish the batch in hand
-    tick_interval: float = 1.0  # telemetry tick
-    retention: float = 7 * 86400.0  # keep completed jobs this long
-    pool_min: int = 1
-    pool_max: int = 4
-    log_format: str = "auto"  # auto | json | text
-
-
-@dataclass(frozen=True)
-class ConsoleConfig:
-    read_only: bool = False
-    refresh_interval: float = 2.0
-
-
-@dataclass(frozen=True)
-class Settings:
-    path: Path | None  # file it came from (None: defaults only)
-    env: str | None  # selected environment
-    dsn: str | None  # None means: use the embedded PostgreSQL
-    application_name: str
-    engine: EngineConfig
-    console: ConsoleConfig
-    flows: dict[str, FlowConfig]  # includes the built-in flows unless overridden
-    # [sources.NAME] tables merged for the selected environment: connection_string (str, ${VAR}s
-    # expanded), timeout (float seconds) and retries (int), each only when set.
-    sources: dict[str, dict[str, object]]
-
-
-# --- public helpers -----------------------------------------------------------------------------
-
+_ENV_REF_RE: Final = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _DURATION_RE: Final = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*(ms|s|m|h|d)?\s*")
 _UNIT_SECONDS: Final[dict[str, float]] = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 
@@ -138,108 +68,14 @@ def parse_duration(value: object, where: str) -> float:
     return seconds
 
 
-def redact_dsn(dsn: str) -> str:
-    """The DSN with every password replaced by ***, for logs and error messages."""
-    parts: list[str] = []
-    last = 0
-    for start, end in _secret_spans(dsn):
-        if end > start:
-            parts.append(dsn[last:start])
-            parts.append("***")
-            last = end
-    parts.append(dsn[last:])
-    return "".join(parts)
-
-
-_URL_IN_TEXT: Final = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s\"']+")
-
-
-def redact_text(text: str) -> str:
-    """Free text (a log line, an error) with passwords redacted: `redact_dsn` reads its whole argument
-    as one DSN, while a message can quote a URL anywhere (libpq quotes a malformed URI whole)."""
-    return _URL_IN_TEXT.sub(lambda m: redact_dsn(m.group(0)), redact_dsn(text))
-
-
-# --- secrets in connection strings ------------------------------------------------------------------
-
-_URL_SCHEME_RE: Final = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
-_URL_QUERY_SECRET_RE: Final = re.compile(r"(?i)[?&](?:password|sslpassword|pwd)=([^&#]*)")
-_SECRET_KEY_RE: Final = re.compile(r"(?i)\b(?:password|sslpassword|pwd)\s*=\s*")
-# Keys only ODBC / SQL Server connection strings use: their values end at ';' instead of whitespace.
-_ODBC_HINT_RE: Final = re.compile(
-    r"(?i)(?:^|;)\s*(?:driver|server|dsn|uid|user id|data source|initial catalog|trusted_connection)\s*="
-)
-_ENV_REF_RE: Final = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
-
-
-def _secret_spans(dsn: str) -> list[tuple[int, int]]:
-    """(start, end) of each password value in a URL, libpq key=value or ODBC connection string."""
-    scheme = _URL_SCHEME_RE.match(dsn)
-    if scheme is not None:
-        spans: list[tuple[int, int]] = []
-        start = scheme.end()
-        slash = dsn.find("/", start)
-        authority_end = len(dsn) if slash < 0 else slash
-        # The last '@' before the path ends the user info, as in libpq; an unencoded '@' or '?' in
-        # the password is then still hidden rather than leaked.
-        at = dsn.rfind("@", start, authority_end)
-        query_from = start
-        if at >= 0:
-            colon = dsn.find(":", start, at)
-            if colon >= 0:
-                spans.append((colon + 1, at))
-            query_from = at
-        for param in _URL_QUERY_SECRET_RE.finditer(dsn, query_from):
-            spans.append((param.start(1), param.end(1)))
-        return spans
-    odbc = _ODBC_HINT_RE.search(dsn) is not None
-    spans = []
-    position = 0
-    while (match := _SECRET_KEY_RE.search(dsn, position)) is not None:
-        end = _odbc_value_end(dsn, match.end()) if odbc else _libpq_value_end(dsn, match.end())
-        spans.append((match.end(), end))
-        position = max(end, match.end())
-    return spans
-
-
-def _odbc_value_end(text: str, start: int) -> int:
-    if text.startswith("{", start):
-        index = start + 1
-        while index < len(text):
-            if text[index] == "}":
-                if text.startswith("}}", index):  # '}}' is an escaped brace inside {...}
-                    index += 2
-                    continue
-                return index + 1
-            index += 1
-        return len(text)
-    end = text.find(";", start)
-    return len(text) if end < 0 else end
-
-
-def _libpq_value_end(text: str, start: int) -> int:
-    if text.startswith("'", start):
-        index = start + 1
-        while index < len(text):
-            if text[index] == "\\":
-                index += 2
-                continue
-            if text[index] == "'":
-                return index + 1
-            index += 1
-        return len(text)
-    index = start
-    while index < len(text) and not text[index].isspace():
-        index += 1
-    return index
-
-
 def _is_env_reference(secret: str) -> bool:
     """True for ${NAME}, optionally in ODBC braces or libpq quotes: expanded later, not a literal."""
     inner = secret
     if len(inner) >= 2 and (inner[0], inner[-1]) in (("{", "}"), ("'", "'")):
         inner = inner[1:-1]
     return _ENV_REF_RE.fullmatch(inner) is not None
+
+
 
 
 # --- schema --------------------------------------------------------------------------------------
@@ -384,60 +220,131 @@ def _source_names(value: object, where: _Where) -> tuple[str, ...]:
     return tuple(_string_list(value, where))  # that they are declared is checked once all are known
 
 
-_WORKERS: Final = _int(1)
-_POOL_MIN: Final = _int(0)
-_POOL_MAX: Final = _int(1)
-_BATCH_SIZE: Final = _int(1)
-_MAX_ATTEMPTS: Final = _int(1)
-_CONCURRENCY: Final = _optional(_int(1))
-_RETRIES: Final = _int(0)
 _POSITIVE_DURATION: Final = _duration(positive=True)
 _DURATION: Final = _duration(positive=False)
-_TIMEOUT: Final = _optional(_POSITIVE_DURATION)
-_ON_COMPLETE: Final = _optional(_ref)
+
+
+# --- the settings: each key declared once, its converter and help in the field's metadata ---------
+
+
+@dataclass(frozen=True)
+class _Key:
+    convert: _Conv[Any] | None  # None: a table of keys, read from the fields of `table`
+    help: str
+    table: type | None = None
+    recorded: bool = False  # part of the flow policy engines record in the database (see recorded_policy)
+
+
+def _key(convert: _Conv[Any] | None, help: str, default: Any = MISSING, *, table: type | None = None,
+         recorded: bool = False) -> Any:
+    return field(default=default, metadata={"key": _Key(convert, help, table, recorded)})
+
+
+@dataclass(frozen=True)
+class BackoffPolicy:
+    """Delay before retry number `attempt` (1-based): exponential, capped, with symmetric jitter."""
+
+    base: float = _key(_DURATION, "delay before the first retry; doubles per retry", 1.0)
+    cap: float = _key(_POSITIVE_DURATION, "longest delay", 300.0)
+    jitter: float = _key(_fraction, "random spread, a fraction 0..1 of the delay", 0.2)
+
+    def delay(self, attempt: int, rand: float) -> float:
+        """`rand` in [0, 1). Jitter is applied after the cap, so a delay can reach cap * (1 + jitter)."""
+        # Float exponent: huge attempt counts saturate to inf (then the cap) instead of raising.
+        raw = self.base * 2.0 ** min(max(attempt - 1, 0), 1000)
+        return min(self.cap, raw) * (1.0 + self.jitter * (2.0 * rand - 1.0))
+
+
+@dataclass(frozen=True)
+class CircuitPolicy:
+    failures: int = _key(_int(1), "consecutive failures that open the circuit")
+    cooldown: float = _key(_POSITIVE_DURATION, "how long the circuit stays open before a half-open trial")
+
+
+@dataclass(frozen=True)
+class FlowConfig:
+    name: str
+    handler: str = _key(_ref, '"module:function" that runs the jobs (flows only)')
+    batch_size: int = _key(_int(1), "jobs claimed and acked together", 100, recorded=True)
+    max_attempts: int = _key(_int(1), "tries before a job becomes a dead letter", 5, recorded=True)
+    backoff: BackoffPolicy = _key(None, "delay between tries", BackoffPolicy(), table=BackoffPolicy, recorded=True)
+    timeout: float | None = _key(_optional(_POSITIVE_DURATION), "longest run of one job; false: no limit", None,
+                                 recorded=True)
+    concurrency: int | None = _key(_optional(_int(1)), "fleet-wide limit of running jobs; false: none", None,
+                                   recorded=True)
+    permanent_errors: tuple[str, ...] = _key(_error_names, 'exception class names or "module:Class" never retried', ())
+    circuit: CircuitPolicy | None = _key(None, "circuit breaker; false: none", None, table=CircuitPolicy, recorded=True)
+    on_complete: str | None = _key(_optional(_ref), '"module:function" run once when a run finishes', None)
+    sources: tuple[str, ...] = _key(_source_names, "names of [sources.X] the handler uses", ())
+    transactional: bool = _key(_bool, "handler writes through ctx.pg commit in the batch's ack transaction", False)
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    workers: int = _key(_int(1), "worker processes of one engine", 2)
+    heartbeat_interval: float = _key(_POSITIVE_DURATION, "how often a worker proves it is alive", 5.0)
+    stale_after: float = _key(_POSITIVE_DURATION, "a worker without a heartbeat this long is lost", 30.0)
+    rescue_interval: float = _key(_POSITIVE_DURATION, "how often the leader rescues jobs of lost workers", 10.0)
+    poll_interval: float = _key(_POSITIVE_DURATION, "fallback poll when no NOTIFY arrives", 5.0)
+    grace_period: float = _key(_DURATION, "on SIGTERM, time to finish the batch in hand", 30.0)
+    tick_interval: float = _key(_POSITIVE_DURATION, "telemetry tick", 1.0)
+    retention: float = _key(_DURATION, "how long completed jobs are kept", 7 * 86400.0)
+    pool_min: int = _key(_int(0), "connections each worker keeps open", 1)
+    pool_max: int = _key(_int(1), "connections each worker may open", 4)
+    log_format: str = _key(_log_format, "auto | json | text", "auto")
+
+
+@dataclass(frozen=True)
+class ConsoleConfig:
+    read_only: bool = _key(_bool, "offer no action that writes", False)
+    refresh_interval: float = _key(_POSITIVE_DURATION, "time between snapshots", 2.0)
+
+
+@dataclass(frozen=True)
+class Settings:
+    path: Path | None  # file it came from (None: defaults only)
+    env: str | None  # selected environment
+    dsn: str | None = _key(_text, "PostgreSQL connection string, without a password; None: embedded")
+    application_name: str = _key(_text, "application_name of every connection (suffixed per role)")
+    engine: EngineConfig
+    console: ConsoleConfig
+    flows: dict[str, FlowConfig]  # includes the built-in flows unless overridden
+    # [sources.NAME] tables merged for the selected environment: connection_string (str, ${VAR}s
+    # expanded), timeout (float seconds) and retries (int), each only when set.
+    sources: dict[str, dict[str, object]]
+
+
+def _keys(cls: type) -> dict[str, _Key]:
+    return {f.name: f.metadata["key"] for f in fields(cls) if "key" in f.metadata}
+
+
+def recorded_policy(flow: FlowConfig) -> dict[str, Any]:
+    """The flow's policy as engines record it in the flows table (read by rescue and the console)."""
+    policy: dict[str, Any] = {}
+    for name, key in _keys(FlowConfig).items():
+        if key.recorded:
+            value = getattr(flow, name)
+            policy[name] = dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
+    return policy
+
+
+def _converters(cls: type, *, tables: bool = False) -> dict[str, _Conv[object]]:
+    return {name: key.convert for name, key in _keys(cls).items()
+            if key.convert is not None and (tables or name != "handler")}
+
 
 # Keys of [global] (and [environments.ENV.global]) that configure the engine process, not a flow.
-_ENGINE_KEYS: Final[dict[str, _Conv[object]]] = {
-    "dsn": _text,
-    "application_name": _text,
-    "workers": _WORKERS,
-    "heartbeat_interval": _POSITIVE_DURATION,
-    "stale_after": _POSITIVE_DURATION,
-    "rescue_interval": _POSITIVE_DURATION,
-    "poll_interval": _POSITIVE_DURATION,
-    "grace_period": _DURATION,
-    "tick_interval": _POSITIVE_DURATION,
-    "retention": _DURATION,
-    "pool_min": _POOL_MIN,
-    "pool_max": _POOL_MAX,
-    "log_format": _log_format,
-}
+_ENGINE_KEYS: Final = _converters(Settings) | _converters(EngineConfig)
 # Flow-policy keys: allowed at every level; `backoff` and `circuit` are tables handled apart.
-_POLICY_KEYS: Final[dict[str, _Conv[object]]] = {
-    "batch_size": _BATCH_SIZE,
-    "max_attempts": _MAX_ATTEMPTS,
-    "timeout": _TIMEOUT,
-    "concurrency": _CONCURRENCY,
-    "permanent_errors": _error_names,
-    "on_complete": _ON_COMPLETE,
-    "sources": _source_names,
-    "transactional": _bool,
+_POLICY_KEYS: Final = _converters(FlowConfig)
+_SUBTABLES: Final[dict[str, dict[str, _Conv[object]]]] = {
+    name: _converters(key.table) for name, key in _keys(FlowConfig).items() if key.table is not None
 }
-_BACKOFF_KEYS: Final[dict[str, _Conv[object]]] = {
-    "base": _DURATION,
-    "cap": _POSITIVE_DURATION,
-    "jitter": _fraction,
-}
-_CIRCUIT_KEYS: Final[dict[str, _Conv[object]]] = {
-    "failures": _int(1),
-    "cooldown": _POSITIVE_DURATION,
-}
-_SUBTABLES: Final[dict[str, dict[str, _Conv[object]]]] = {"backoff": _BACKOFF_KEYS, "circuit": _CIRCUIT_KEYS}
-_CONSOLE_KEYS: Final[dict[str, _Conv[object]]] = {"read_only": _bool, "refresh_interval": _POSITIVE_DURATION}
+_CONSOLE_KEYS: Final = _converters(ConsoleConfig)
 _SOURCE_KEYS: Final[dict[str, _Conv[object]]] = {
     "connection_string": _text,
     "timeout": _POSITIVE_DURATION,
-    "retries": _RETRIES,
+    "retries": _int(0),
 }
 
 _GLOBAL_ALLOWED: Final = frozenset(_ENGINE_KEYS) | frozenset(_POLICY_KEYS) | frozenset(_SUBTABLES)
@@ -716,12 +623,12 @@ class _Loader:
                 where = self._where(table, key)
                 converted = _converter(table, key)(value, where)
                 if key == "dsn" and where.from_file and isinstance(converted, str):
-                    if any(end > start for start, end in _secret_spans(converted)):
+                    if any(end > start for start, end in secret_spans(converted)):
                         raise ConfigError(
                             f"{where} must not contain a password; put it in SKIPLOCK_DSN or PGPASSWORD"
                         )
                 elif key == "connection_string" and where.from_file and isinstance(converted, str):
-                    for start, end in _secret_spans(converted):
+                    for start, end in secret_spans(converted):
                         if end > start and not _is_env_reference(converted[start:end]):
                             raise ConfigError(
                                 f"{where} must not contain a password; reference an environment "
@@ -792,22 +699,34 @@ class _Loader:
             levels.append(table)
         return levels
 
+    def _read(self, cls: type[T], levels: Sequence[_TablePath], **given: Any) -> T:
+        """An instance of a settings dataclass: each key of its fields looked up, most specific first."""
+        values = dict(given)
+        for f in fields(cls):  # type: ignore[arg-type]
+            key = f.metadata.get("key")
+            if key is None or f.name in values:
+                continue
+            if key.table is not None:
+                values[f.name] = self._read_table(levels, f.name, key.table, f.default)
+            else:
+                values[f.name] = self._resolve(levels, f.name, key.convert, f.default)
+        return cls(**values)
+
+    def _read_table(self, levels: Sequence[_TablePath], name: str, cls: type, default: object) -> object:
+        found = self._resolve_subtable(levels, name)
+        if not found and default is None:  # an optional table that is not set (or set to false)
+            return None
+        keys = _keys(cls)
+        for sub, f in ((f.name, f) for f in fields(cls)):
+            if f.default is MISSING and sub not in found:
+                where = next(iter(found.values()))[1]
+                table = where.key.rsplit(".", 1)[0]
+                raise ConfigError(f"{where.origin}: {table}.{sub} is required when the {name} is set")
+        return cls(**{sub: keys[sub].convert(*found[sub]) for sub in keys if sub in found})  # type: ignore[misc]
+
     def _engine(self, env: str | None) -> EngineConfig:
         levels = self._levels(env, ("global",))
-        d = EngineConfig()
-        engine = EngineConfig(
-            workers=self._resolve(levels, "workers", _WORKERS, d.workers),
-            heartbeat_interval=self._resolve(levels, "heartbeat_interval", _POSITIVE_DURATION, d.heartbeat_interval),
-            stale_after=self._resolve(levels, "stale_after", _POSITIVE_DURATION, d.stale_after),
-            rescue_interval=self._resolve(levels, "rescue_interval", _POSITIVE_DURATION, d.rescue_interval),
-            poll_interval=self._resolve(levels, "poll_interval", _POSITIVE_DURATION, d.poll_interval),
-            grace_period=self._resolve(levels, "grace_period", _DURATION, d.grace_period),
-            tick_interval=self._resolve(levels, "tick_interval", _POSITIVE_DURATION, d.tick_interval),
-            retention=self._resolve(levels, "retention", _DURATION, d.retention),
-            pool_min=self._resolve(levels, "pool_min", _POOL_MIN, d.pool_min),
-            pool_max=self._resolve(levels, "pool_max", _POOL_MAX, d.pool_max),
-            log_format=self._resolve(levels, "log_format", _log_format, d.log_format),
-        )
+        engine = self._read(EngineConfig, levels)
         # A worker is declared dead after stale_after without a heartbeat: it must exceed the interval.
         self._require_order(levels, "heartbeat_interval", engine.heartbeat_interval, "stale_after",
                             engine.stale_after, strict=True)
@@ -836,62 +755,29 @@ class _Loader:
         raise ConfigError(f"{origin}: {high_name} must be {relation} {low_name} ({high:g} vs {low:g})")
 
     def _console(self, env: str | None) -> ConsoleConfig:
-        levels = self._levels(env, ("console",))
-        d = ConsoleConfig()
-        return ConsoleConfig(
-            read_only=self._resolve(levels, "read_only", _bool, d.read_only),
-            refresh_interval=self._resolve(levels, "refresh_interval", _POSITIVE_DURATION, d.refresh_interval),
-        )
+        return self._read(ConsoleConfig, self._levels(env, ("console",)))
 
     def _flow(self, env: str | None, name: str) -> FlowConfig:
         own = self._levels(env, ("flows", name))
         levels = own + self._levels(env, ("global",))
-        d = FlowConfig(name=name, handler="")
         handler_found = self._find(own, "handler")
         if handler_found is None:  # validate() guarantees [flows.NAME] has one
             raise AssertionError(name)
-        return FlowConfig(
-            name=name,
-            handler=_ref(*handler_found),
-            batch_size=self._resolve(levels, "batch_size", _BATCH_SIZE, d.batch_size),
-            max_attempts=self._resolve(levels, "max_attempts", _MAX_ATTEMPTS, d.max_attempts),
-            backoff=self._backoff(levels),
-            timeout=self._resolve(levels, "timeout", _TIMEOUT, d.timeout),
-            concurrency=self._resolve(levels, "concurrency", _CONCURRENCY, d.concurrency),
-            permanent_errors=self._resolve(levels, "permanent_errors", _error_names, d.permanent_errors),
-            circuit=self._circuit(levels),
-            on_complete=self._resolve(levels, "on_complete", _ON_COMPLETE, d.on_complete),
-            sources=self._resolve(levels, "sources", _source_names, d.sources),
-            transactional=self._resolve(levels, "transactional", _bool, d.transactional),
-        )
+        flow = self._read(FlowConfig, levels, name=name, handler=_ref(*handler_found))
+        self._check_backoff(levels, flow.backoff)
+        return flow
 
-    def _backoff(self, levels: Sequence[_TablePath]) -> BackoffPolicy:
+    def _check_backoff(self, levels: Sequence[_TablePath], backoff: BackoffPolicy) -> None:
+        if backoff.cap >= backoff.base:
+            return
         found = self._resolve_subtable(levels, "backoff")
-        d = BackoffPolicy()
-        base = _DURATION(*found["base"]) if "base" in found else d.base
-        cap = _POSITIVE_DURATION(*found["cap"]) if "cap" in found else d.cap
-        jitter = _fraction(*found["jitter"]) if "jitter" in found else d.jitter
-        if cap < base:
-            cap_where = found["cap"][1] if "cap" in found else None
-            base_where = found["base"][1] if "base" in found else None
-            origin = (cap_where or base_where or _Where(self._label, "", True)).origin
-            cap_name = cap_where.key if cap_where else "backoff.cap (default)"
-            base_name = base_where.key if base_where else "backoff.base (default)"
-            raise ConfigError(f"{origin}: {cap_name} must be at least {base_name} ({cap:g}s vs {base:g}s)")
-        return BackoffPolicy(base=base, cap=cap, jitter=jitter)
-
-    def _circuit(self, levels: Sequence[_TablePath]) -> CircuitPolicy | None:
-        found = self._resolve_subtable(levels, "circuit")
-        if not found:
-            return None
-        for sub in _CIRCUIT_KEYS:
-            if sub not in found:
-                where = next(iter(found.values()))[1]
-                table = where.key.rsplit(".", 1)[0]
-                raise ConfigError(f"{where.origin}: {table}.{sub} is required when the circuit is set")
-        failures = _int(1)(*found["failures"])
-        cooldown = _POSITIVE_DURATION(*found["cooldown"])
-        return CircuitPolicy(failures=failures, cooldown=cooldown)
+        cap_where = found["cap"][1] if "cap" in found else None
+        base_where = found["base"][1] if "base" in found else None
+        origin = (cap_where or base_where or _Where(self._label, "", True)).origin
+        cap_name = cap_where.key if cap_where else "backoff.cap (default)"
+        base_name = base_where.key if base_where else "backoff.base (default)"
+        raise ConfigError(f"{origin}: {cap_name} must be at least {base_name} "
+                          f"({backoff.cap:g}s vs {backoff.base:g}s)")
 
     def _source(self, env: str | None, name: str) -> dict[str, object]:
         levels = self._levels(env, ("sources", name))
@@ -906,7 +792,7 @@ class _Loader:
             source["timeout"] = _POSITIVE_DURATION(*timeout)
         retries = self._find(levels, "retries")
         if retries is not None:
-            source["retries"] = _RETRIES(*retries)
+            source["retries"] = _SOURCE_KEYS["retries"](*retries)
         return source
 
     def _expand(self, text: str, where: _Where) -> str:
@@ -927,7 +813,7 @@ class _Loader:
             path=path,
             env=env,
             dsn=dsn,
-            application_name=self._resolve(levels, "application_name", _text, "skiplock"),
+            application_name=self._resolve(levels, "application_name", _ENGINE_KEYS["application_name"], "skiplock"),
             engine=self._engine(env),
             console=self._console(env),
             flows={name: self._flow(env, name) for name in self._flows},
@@ -980,3 +866,24 @@ def load_settings(
     loader.apply_overrides()
     loader.validate()
     return loader.settings(file_path, selected, dsn or None)
+
+
+def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
+    """--dsn, --config and --env: where every command reads its settings from."""
+    parser.add_argument("--dsn", help="PostgreSQL connection string (default: SKIPLOCK_DSN, then the config)")
+    parser.add_argument("--config", type=Path, help="config file (default: SKIPLOCK_CONFIG)")
+    parser.add_argument("--env", help="environment in the config file (default: SKIPLOCK_ENV)")
+
+
+def resolve_dsn(settings: Settings) -> str:
+    """--dsn, SKIPLOCK_DSN, the config file; else the `engine dev` cluster when it is running."""
+    if settings.dsn:
+        return settings.dsn
+    from engine.embedded import DEFAULT_DATABASE, SOCKET_PORT, SUPERUSER, default_data_dir  # lazily: starts nothing
+
+    socket_dir = default_data_dir()
+    if (socket_dir / f".s.PGSQL.{SOCKET_PORT}").exists():
+        return f"host={socket_dir} port={SOCKET_PORT} user={SUPERUSER} dbname={DEFAULT_DATABASE}"
+    raise ConfigError(
+        "no database configured: pass --dsn, set SKIPLOCK_DSN or `dsn` in the config, or start `engine dev`"
+    )

@@ -9,26 +9,47 @@ Ctrl-C or --seconds stops everything in order: the engine drains, then the datab
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import multiprocessing
 import os
 import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import Any
 
 from engine import db
-from engine.cli import cmd_status
-from engine.config import load_settings
+from engine.config import Settings, load_settings
 from engine.embedded import EmbeddedPostgres, default_data_dir
 from engine.migrate import migrate
 from engine.queue import Queue
+from engine.report import print_status
+from engine.supervisor import EngineOptions, run_engine
 
 DEMO_FEED_PER_SECOND = 200
 DEMO_FLOWS = "noop,sleep,flaky"
+
+# Runs the console on the terminal until it quits: (dsn, settings, quit after seconds or None).
+# Given by the composition point (engine/cli.py), so this module never imports the console.
+ConsoleOpener = Callable[[str, Settings, float | None], None]
+
+
+@dataclass(frozen=True)
+class DevOptions:
+    config: Path | None = None
+    env: str | None = None
+    dsn: str | None = None
+    data_dir: Path | None = None  # None: default_data_dir()
+    jobs: int = 2000  # demo jobs to enqueue
+    no_engine: bool = False
+    workers: int = 2
+    seconds: float | None = None  # stop after this long; None: until Ctrl-C
+    no_console: bool = False
+    example: str | None = None  # an example flow instead of the demo load: "survey"
 
 
 def enqueue_demo(queue: Queue, jobs: int) -> None:
@@ -38,24 +59,19 @@ def enqueue_demo(queue: Queue, jobs: int) -> None:
                        max_attempts=3)
 
 
-def _engine_child(engine_args: argparse.Namespace, log_path: str | None) -> None:
-    from engine.supervisor import run_engine
-
+def _engine_child(settings: Settings, options: EngineOptions, log_path: str | None) -> None:
     os.setpgrp()  # our Ctrl-C handling forwards SIGTERM; the engine must not get the terminal's SIGINT too
     if log_path is not None:  # the console owns the terminal: the engine logs to a file
         log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         os.dup2(log_fd, 1)
         os.dup2(log_fd, 2)
         os.close(log_fd)
-    sys.exit(run_engine(engine_args))
+    sys.exit(run_engine(settings, options))
 
 
-def start_engine_process(dsn: str, args: argparse.Namespace, *, flows: str, drain: bool = False,
-                         config: Any = None, log_path: str | None = None) -> BaseProcess:
+def start_engine_process(settings: Settings, options: EngineOptions, *, log_path: str | None = None) -> BaseProcess:
     """`engine run` in a forked child of this process (which owns the embedded database)."""
-    engine_args = argparse.Namespace(config=config if config is not None else args.config, env=args.env, dsn=dsn,
-                                     workers=args.workers, flows=flows, drain=drain)
-    engine = multiprocessing.get_context("fork").Process(target=_engine_child, args=(engine_args, log_path),
+    engine = multiprocessing.get_context("fork").Process(target=_engine_child, args=(settings, options, log_path),
                                                          name="skiplock-engine")
     engine.start()
     return engine
@@ -90,36 +106,45 @@ def database_for(dsn: str | None, data_dir: Path) -> tuple[EmbeddedPostgres | No
     return server, server.dsn()
 
 
-def run_dev(args: argparse.Namespace) -> int:
-    if getattr(args, "example", None):  # `engine dev --example survey`: an example flow instead of the demo
+def print_status_of(settings: Settings, flow: str | None = None) -> None:
+    assert settings.dsn is not None
+    with Queue(settings.dsn, application_name=f"{settings.application_name}-cli") as queue:
+        print_status(queue, flow=flow)
+
+
+def run_dev(options: DevOptions, open_console: ConsoleOpener | None = None) -> int:
+    """`open_console`: None runs without the console (as --no-console)."""
+    if options.example:  # `engine dev --example survey`: an example flow instead of the demo
         import importlib
 
-        return int(importlib.import_module(f"examples.{args.example}.dev").run_example(args))
-    settings = load_settings(args.config, env=args.env, dsn=args.dsn)
-    server, dsn = database_for(settings.dsn, args.data_dir or default_data_dir())
+        return int(importlib.import_module(f"engine.examples.{options.example}.dev").run_example(options))
+    settings = load_settings(options.config, env=options.env, dsn=options.dsn)
+    server, dsn = database_for(settings.dsn, options.data_dir or default_data_dir())
     try:
         with db.connect(dsn) as conn:
             applied = migrate(conn)
         print(f"schema migrated ({len(applied)} migration(s) applied)", flush=True)
         with Queue(dsn) as queue:
-            enqueue_demo(queue, args.jobs)
+            enqueue_demo(queue, options.jobs)
         print("enqueued demo jobs to noop, sleep and flaky", flush=True)
-        status_args = argparse.Namespace(config=args.config, env=args.env, dsn=dsn, flow=None, json=False)
-        if args.no_engine:
-            cmd_status(status_args)
+        settings = dataclasses.replace(settings, dsn=dsn)
+        if options.no_engine:
+            print_status_of(settings)
             return 0
-        return _run_with_engine(dsn, args, status_args)
+        return _run_with_engine(settings, options, open_console)
     finally:
         if server is not None:
             server.stop()
 
 
-def _run_with_engine(dsn: str, args: argparse.Namespace, status_args: argparse.Namespace) -> int:
-    if _console_wanted(args):
-        return _run_with_console(dsn, args, status_args)
-    engine = start_engine_process(dsn, args, flows=DEMO_FLOWS)
+def _run_with_engine(settings: Settings, options: DevOptions, open_console: ConsoleOpener | None) -> int:
+    if open_console is not None and _console_wanted(options):
+        return _run_with_console(settings, options, open_console)
+    assert settings.dsn is not None
+    dsn = settings.dsn
+    engine = start_engine_process(settings, EngineOptions(workers=options.workers, flows=DEMO_FLOWS))
     stop = stop_requested_by_signals()
-    deadline = time.monotonic() + args.seconds if args.seconds else None
+    deadline = time.monotonic() + options.seconds if options.seconds else None
     print("engine running; Ctrl-C stops (status every 5 s)", flush=True)
     with Queue(dsn) as queue:
         next_status = time.monotonic() + 5.0
@@ -131,10 +156,10 @@ def _run_with_engine(dsn: str, args: argparse.Namespace, status_args: argparse.N
             time.sleep(0.5)
             if time.monotonic() >= next_status:
                 next_status = time.monotonic() + 5.0
-                cmd_status(status_args)
+                print_status(queue)
                 print(flush=True)
     code = stop_engine(engine)
-    cmd_status(status_args)
+    print_status_of(settings)
     return code
 
 
@@ -142,8 +167,8 @@ def _run_with_engine(dsn: str, args: argparse.Namespace, status_args: argparse.N
 # With the console
 
 
-def _console_wanted(args: argparse.Namespace) -> bool:
-    return not getattr(args, "no_console", False) and sys.stdin.isatty() and sys.stdout.isatty()
+def _console_wanted(options: DevOptions) -> bool:
+    return not options.no_console and sys.stdin.isatty() and sys.stdout.isatty()
 
 
 def _feed_demo_load(dsn: str, stop: threading.Event) -> None:
@@ -159,26 +184,21 @@ def _feed_demo_load(dsn: str, stop: threading.Event) -> None:
             stop.wait(1.0)
 
 
-def _run_with_console(dsn: str, args: argparse.Namespace, status_args: argparse.Namespace) -> int:
-    from console.app import ConsoleApp  # lazily: engine/ never imports the TUI at module level
-
-    settings = load_settings(args.config, env=args.env, dsn=args.dsn)
-    log_path = str((args.data_dir or default_data_dir()).parent / "engine-dev.log")
-    engine = start_engine_process(dsn, args, flows=DEMO_FLOWS, log_path=log_path)
+def _run_with_console(settings: Settings, options: DevOptions, open_console: ConsoleOpener) -> int:
+    assert settings.dsn is not None
+    dsn = settings.dsn
+    log_path = str((options.data_dir or default_data_dir()).parent / "engine-dev.log")
+    engine = start_engine_process(settings, EngineOptions(workers=options.workers, flows=DEMO_FLOWS),
+                                  log_path=log_path)
     stop = threading.Event()
     feeder = threading.Thread(target=_feed_demo_load, args=(dsn, stop), name="skiplock-demo-feed", daemon=True)
     feeder.start()
-    app = ConsoleApp(dsn, environment=settings.env or "dev (embedded)",
-                     refresh_interval=settings.console.refresh_interval, stale_after=settings.engine.stale_after,
-                     quit_after=args.seconds)
-    previous = signal.signal(signal.SIGTERM, lambda signum, frame: app.exit())
     try:
-        app.run()
+        open_console(dsn, settings, options.seconds)
     finally:
-        signal.signal(signal.SIGTERM, previous)
         stop.set()
         print(f"stopping: the engine drains (its log: {log_path}), then the database stops", flush=True)
         code = stop_engine(engine)
         feeder.join(timeout=5)
-    cmd_status(status_args)
+    print_status_of(settings)
     return code

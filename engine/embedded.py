@@ -292,10 +292,6 @@ class EmbeddedPostgres:
             self.process.kill()
             self.process.wait()
 
-    def restart(self, mode: signal.Signals = signal.SIGINT) -> None:
-        self.stop(mode)
-        self.start()
-
     def __enter__(self) -> "EmbeddedPostgres":
         return self.start()
 

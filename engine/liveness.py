@@ -49,7 +49,7 @@ from typing import Any, Final
 
 import psycopg
 
-from engine.sql import Q
+from engine import store
 
 log = logging.getLogger("skiplock.engine")
 
@@ -304,7 +304,7 @@ class EngineLiveness:
         try:
             if self._conn is None or self._conn.closed:
                 self._conn = self._connect()
-            row = self._conn.execute(Q.workers_renew, {"ids": [h.worker_id for h in candidates.values()]}).fetchone()
+            lost = store.workers_renew(self._conn, [h.worker_id for h in candidates.values()])
         except psycopg.Error as exc:
             if self._conn is not None:
                 self._conn.close()
@@ -317,7 +317,6 @@ class EngineLiveness:
         if self._failing_since:
             log.info("heartbeat restored after %.1fs", time.monotonic() - self._failing_since)
             self._failing_since = 0.0
-        lost = set(row[0] if row else ())
         with self._lock:
             for index, was in candidates.items():
                 now_held = self._held.get(index)

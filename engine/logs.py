@@ -13,7 +13,7 @@ from typing import Any, Final
 
 import orjson
 
-from engine.config import redact_text
+from engine.redact import redact_text
 
 _STANDARD_ATTRS: Final = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None)).keys()) | {"message", "asctime"}
 

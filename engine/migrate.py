@@ -12,8 +12,8 @@ from typing import Final
 
 import psycopg
 
+from engine import store
 from engine.errors import ConfigError, SchemaOutdated
-from engine.sql import Q
 
 _FILE_NAME: Final = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
 
@@ -53,30 +53,26 @@ REQUIRED_SCHEMA_VERSION: Final = len(available_migrations())
 def migrate(conn: psycopg.Connection) -> list[Migration]:
     """Apply what is missing; returns the migrations applied by this call."""
     conn.autocommit = True
-    conn.execute(Q.migrations_lock)
+    store.migrations_lock(conn)
     try:
         with conn.transaction():
-            conn.execute(Q.migrations_bootstrap)
-        applied = {row[0] for row in conn.execute(Q.migrations_applied)}
+            store.migrations_bootstrap(conn)
+        applied = store.migrations_applied(conn)
         done: list[Migration] = []
         for migration in available_migrations():
             if migration.version in applied:
                 continue
             with conn.transaction():
                 conn.execute(migration.path.read_text())
-                conn.execute(Q.migrations_record, {"version": migration.version, "name": migration.name})
+                store.migrations_record(conn, migration.version, migration.name)
             done.append(migration)
         return done
     finally:
-        conn.execute(Q.migrations_unlock)
+        store.migrations_unlock(conn)
 
 
 def schema_version(conn: psycopg.Connection) -> int:
-    exists = conn.execute(Q.schema_migrations_exists).fetchone()
-    if not exists or not exists[0]:
-        return 0
-    row = conn.execute(Q.schema_version).fetchone()
-    return int(row[0]) if row else 0
+    return store.schema_version(conn)
 
 
 def require_schema(conn: psycopg.Connection) -> None:

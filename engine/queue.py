@@ -1,9 +1,8 @@
 """Queue operations: enqueue, claim, acknowledge, release, rescue, dead letters, status, health.
 
-Two layers. The hot-path functions (`claim_batch`, `ack_batch`, `release_batch`) take a connection
-and work on plain tuples, because Python CPU per job decides throughput. The `Queue` class is the
-public API for application code and the CLI: it owns a connection or a pool and validates input.
-All SQL is in engine/sql/queries.sql.
+The `Queue` class is the public API for application code and the CLI: it owns a connection or a
+pool and validates input. Every statement it sends goes through engine/store.py; the hot-path
+functions (`claim_batch`, `ack_batch`, `release_batch`) live there and are re-exported here.
 """
 
 from __future__ import annotations
@@ -11,7 +10,6 @@ from __future__ import annotations
 import math
 import os
 import re
-import secrets
 import socket
 import time
 import uuid
@@ -19,28 +17,36 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any, Final, Literal, NamedTuple
+from typing import Any, Final, NamedTuple
 
 import orjson
 import psycopg
 from psycopg_pool import ConnectionPool
 
-from engine import db
-from engine.config import redact_text
+from engine import db, store
+from engine.redact import describe_error
 from engine.errors import DatabaseUnavailable, ValidationError
 from engine.migrate import REQUIRED_SCHEMA_VERSION, require_schema, schema_version
-from engine.sql import Q
+from engine.store import (  # noqa: F401  (re-exported: engine/worker.py imports them from here)
+    DEFAULT_MAX_ATTEMPTS,
+    AckResult,
+    DeadLetter,
+    Failure,
+    Job,
+    JobStatus,
+    RescueResult,
+    ack_batch,
+    claim_batch,
+    new_claim_token,
+    release_batch,
+    rescue,
+)
 from engine.telemetry import encode_event
 
 FLOW_NAME: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 MAX_PAYLOAD_BYTES: Final = 1 << 20
 MAX_KEY_LENGTH: Final = 255
 PRIORITY_RANGE: Final = range(-32768, 32768)
-DEFAULT_MAX_ATTEMPTS: Final = 5
-RESCUE_SLICE: Final = 10_000
-NOTIFY_CHANNEL_ENQUEUED: Final = "skiplock_enqueued"
-
-JobStatus = Literal["pending", "running", "completed", "dead"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -121,107 +127,6 @@ class ClaimedJob(NamedTuple):
     wait_ms: float
 
 
-class Failure(NamedTuple):
-    job_id: int
-    error_type: str
-    message: str
-    traceback: str | None
-    permanent: bool
-    delay: float  # seconds until the retry, when one is left
-
-
-@dataclass(frozen=True)
-class AckResult:
-    completed: int
-    retried: int
-    dead_ids: list[int]
-    finished_runs: list[str]
-    refused: int
-
-
-def new_claim_token() -> int:
-    return secrets.randbits(63)
-
-
-def claim_batch(
-    conn: psycopg.Connection[Any], flow: str, worker_id: str, limit: int, token: int,
-    max_attempts: int = DEFAULT_MAX_ATTEMPTS,
-) -> list[tuple[Any, ...]]:
-    """Claim up to `limit` jobs of `flow` (rows shaped like ClaimedJob). Autocommit: one round trip.
-    `max_attempts` is the flow's policy, for jobs enqueued without their own."""
-    cur = conn.execute(Q.claim_batch, {"flow": flow, "worker": worker_id, "limit": limit, "token": token,
-                                       "max_attempts": max_attempts})
-    return cur.fetchall()
-
-
-def ack_batch(
-    conn: psycopg.Connection[Any],
-    worker_id: str,
-    token: int,
-    done_ids: Sequence[int],
-    results: Sequence[str | None] | None = None,
-    failures: Sequence[Failure] = (),
-    max_attempts: int = DEFAULT_MAX_ATTEMPTS,
-) -> AckResult:
-    """Acknowledge a claimed batch in one statement. `results` are JSON texts parallel to done_ids;
-    `max_attempts` is the flow's policy, for jobs enqueued without their own."""
-    params: dict[str, Any] = {
-        "max_attempts": max_attempts,
-        "worker": worker_id,
-        "token": token,
-        "done_ids": list(done_ids),
-        "results": list(results) if results is not None else None,
-        "fail_ids": [f.job_id for f in failures],
-        "permanent": [f.permanent for f in failures],
-        "error_types": [f.error_type for f in failures],
-        "messages": [f.message for f in failures],
-        "tracebacks": [f.traceback for f in failures],
-        "delays": [float(f.delay) for f in failures],  # psycopg refuses lists mixing int and float
-    }
-    row = conn.execute(Q.ack_batch, params).fetchone()
-    assert row is not None
-    completed, retried, dead_ids, finished_runs = int(row[0]), int(row[1]), list(row[2]), list(row[3])
-    refused = len(done_ids) + len(failures) - completed - retried - len(dead_ids)
-    return AckResult(completed, retried, dead_ids, finished_runs, refused)
-
-
-def release_batch(conn: psycopg.Connection[Any], worker_id: str, token: int, ids: Sequence[int]) -> int:
-    row = conn.execute(Q.release_batch, {"ids": list(ids), "token": token, "worker": worker_id}).fetchone()
-    return int(row[0]) if row else 0
-
-
-@dataclass(frozen=True)
-class RescueResult:
-    lost_workers: list[str]
-    rescued_by_flow: dict[str, int]
-    dead_by_flow: dict[str, int]
-
-    @property
-    def rescued(self) -> int:
-        return sum(self.rescued_by_flow.values())
-
-    @property
-    def dead(self) -> int:
-        return sum(self.dead_by_flow.values())
-
-
-def rescue(conn: psycopg.Connection[Any], stale_after: float) -> RescueResult:
-    """Mark workers with stale heartbeats lost and put their running jobs back (in bounded slices)."""
-    with conn.transaction():
-        lost = [row[0] for row in conn.execute(Q.rescue_stale_workers, {"stale_after": stale_after})]
-    rescued: dict[str, int] = {}
-    dead: dict[str, int] = {}
-    while True:
-        with conn.transaction():
-            rows = conn.execute(Q.rescue_jobs, {"stale_after": stale_after, "limit": RESCUE_SLICE}).fetchall()
-        for flow, n_rescued, n_dead, _ in rows:
-            rescued[flow] = rescued.get(flow, 0) + int(n_rescued)
-            dead[flow] = dead.get(flow, 0) + int(n_dead)
-        if sum(int(r[1]) + int(r[2]) for r in rows) < RESCUE_SLICE:
-            break
-    return RescueResult(lost, {k: v for k, v in rescued.items() if v}, {k: v for k, v in dead.items() if v})
-
-
 # ---------------------------------------------------------------------------------------------
 # Public API
 
@@ -230,51 +135,6 @@ def rescue(conn: psycopg.Connection[Any], stale_after: float) -> RescueResult:
 class EnqueueResult:
     inserted: int
     skipped: int  # duplicates of an unfinished job with the same dedupe key
-
-
-@dataclass(frozen=True)
-class Job:
-    id: int
-    flow: str
-    payload: dict[str, Any]
-    status: JobStatus
-    priority: int
-    run_at: datetime | None
-    attempts: int
-    max_attempts: int
-    claimed_by: str | None
-    claimed_at: datetime | None
-    error_type: str | None
-    error_message: str | None
-    errors: list[dict[str, Any]]
-    result: Any
-    run_id: str | None
-    dedupe_key: str | None
-    created_at: datetime
-    updated_at: datetime
-    finished_at: datetime | None
-
-    @classmethod
-    def from_row(cls, row: Sequence[Any]) -> "Job":
-        return cls(*row)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {name: getattr(self, name) for name in self.__dataclass_fields__}
-
-
-@dataclass(frozen=True)
-class DeadLetter:
-    id: int
-    flow: str
-    attempts: int
-    max_attempts: int
-    error_type: str | None
-    error_message: str | None
-    finished_at: datetime | None
-    run_id: str | None
-
-    def to_dict(self) -> dict[str, Any]:
-        return {name: getattr(self, name) for name in self.__dataclass_fields__}
 
 
 @dataclass(frozen=True)
@@ -361,8 +221,8 @@ class Queue:
             assert self._dsn is not None
             try:
                 self._conn = db.connect(self._dsn, application_name=self._application_name)
-            except psycopg.OperationalError as exc:
-                raise DatabaseUnavailable(_first_line(exc)) from None
+            except (psycopg.OperationalError, psycopg.ProgrammingError) as exc:  # Programming: a malformed DSN
+                raise DatabaseUnavailable(describe_error(exc)) from None
         self._check_schema(self._conn)
         yield self._conn
 
@@ -391,14 +251,12 @@ class Queue:
         text = encode_payload(payload, "payload")
         _validate_key(dedupe_key, "dedupe key")
         with self.connection() as conn, conn.transaction():
-            row = conn.execute(
-                Q.enqueue_one,
-                {"flow": flow, "payload": text, "priority": options.priority, "delay": options.delay,
-                 "max_attempts": options.max_attempts, "run_id": options.run_id, "dedupe_key": dedupe_key},
-            ).fetchone()
-            if row is not None and options.run_id is not None:
-                conn.execute(Q.run_add_jobs, {"run_id": options.run_id, "flow": flow, "count": 1})
-        return int(row[0]) if row is not None else None
+            job_id = store.enqueue_one(conn, flow, text, priority=options.priority, delay=options.delay,
+                                       max_attempts=options.max_attempts, run_id=options.run_id,
+                                       dedupe_key=dedupe_key)
+            if job_id is not None and options.run_id is not None:
+                store.run_add_jobs(conn, options.run_id, flow, 1)
+        return job_id
 
     def enqueue_many(
         self,
@@ -432,18 +290,14 @@ class Queue:
             return EnqueueResult(0, 0)
         with self.connection() as conn, conn.transaction():
             if dedupe_keys is not None:
-                cur = conn.execute(
-                    Q.enqueue_many_dedupe,
-                    {"flow": flow, "payloads": texts, "dedupe_keys": list(dedupe_keys),
-                     "priority": options.priority, "delay": options.delay,
-                     "max_attempts": options.max_attempts, "run_id": options.run_id},
-                )
-                inserted = cur.rowcount
+                inserted = store.enqueue_many_dedupe(
+                    conn, flow, texts, list(dedupe_keys), priority=options.priority, delay=options.delay,
+                    max_attempts=options.max_attempts, run_id=options.run_id)
             else:
-                _copy_jobs(conn, flow, texts, options)
-                inserted = len(texts)
+                inserted = store.enqueue_copy(conn, flow, texts, priority=options.priority, delay=options.delay,
+                                              max_attempts=options.max_attempts, run_id=options.run_id)
             if options.run_id is not None and inserted:
-                conn.execute(Q.run_add_jobs, {"run_id": options.run_id, "flow": flow, "count": inserted})
+                store.run_add_jobs(conn, options.run_id, flow, inserted)
         return EnqueueResult(inserted, len(texts) - inserted)
 
     # -- hot path, for callers that run their own worker loop -------------------------------------
@@ -475,9 +329,7 @@ class Queue:
         and its acks will be refused): stop working on them and claim under a new id."""
         _validate_key(worker_id, "worker id")
         with self.connection() as conn:
-            row = conn.execute(Q.worker_api_heartbeat, {"id": worker_id, "host": socket.gethostname(),
-                                                        "pid": os.getpid()}).fetchone()
-        return row is not None
+            return store.worker_api_heartbeat(conn, worker_id, socket.gethostname(), os.getpid())
 
     def release(self, worker_id: str, token: int, ids: Sequence[int]) -> int:
         with self.connection() as conn:
@@ -490,22 +342,20 @@ class Queue:
     def cleanup_orphaned_records(self, timeout_hours: float = 1.0) -> int:
         """Running jobs claimed more than `timeout_hours` ago go back to pending (seed API)."""
         with self.connection() as conn:
-            row = conn.execute(Q.cleanup_orphaned, {"timeout": timeout_hours * 3600.0}).fetchone()
-        return int(row[0]) if row else 0
+            return store.cleanup_orphaned(conn, timeout_hours * 3600.0)
 
     def reset_failed_records(self, flow_name: str, max_retries: int = 3) -> int:
         """Dead jobs of a flow that used fewer than `max_retries` attempts go back to pending (seed API)."""
         validate_flow(flow_name)
         with self.connection() as conn:
-            row = conn.execute(Q.reset_failed, {"flow": flow_name, "max_retries": max_retries}).fetchone()
-        return int(row[0]) if row else 0
+            return store.reset_failed(conn, flow_name, max_retries)
 
     def purge_completed(self, retention: float, slice_size: int = 10_000) -> int:
         """Delete completed jobs older than `retention` seconds, in bounded slices."""
         total = 0
         with self.connection() as conn:
             while True:
-                deleted = conn.execute(Q.purge_done, {"retention": retention, "limit": slice_size}).rowcount
+                deleted = store.purge_done(conn, retention, slice_size)
                 total += deleted
                 if deleted < slice_size:
                     return total
@@ -514,43 +364,38 @@ class Queue:
 
     def dead_letters(self, where: DeadLetterFilter = DeadLetterFilter(), limit: int = 100) -> list[DeadLetter]:
         params = where.params()
-        params["limit"] = limit
         with self.connection() as conn:
-            return [DeadLetter(*row) for row in conn.execute(Q.dlq_list, params)]
+            return store.dlq_list(conn, params, limit)
 
     def job(self, job_id: int) -> Job | None:
         with self.connection() as conn:
-            row = conn.execute(Q.job_get, {"id": job_id}).fetchone()
-        return Job.from_row(row) if row else None
+            return store.job_get(conn, job_id)
 
     def retry_dead(self, where: DeadLetterFilter) -> list[int]:
         """Dead jobs matching `where` go back to pending; returns their ids. Jobs no longer dead are
         left alone. An empty filter is refused: say `DeadLetterFilter(flow=...)` or similar."""
         if where.is_empty():
             raise ValidationError("retry needs job ids or a filter (flow, error type, age)")
+        params = where.params()
         with self.connection() as conn, conn.transaction():
-            row = conn.execute(Q.dlq_retry, where.params()).fetchone()
-        return sorted(row[0]) if row else []
+            return store.dlq_retry(conn, params)
 
     def retry_all_dead(self) -> list[int]:
         with self.connection() as conn, conn.transaction():
-            row = conn.execute(Q.dlq_retry, DeadLetterFilter().params()).fetchone()
-        return sorted(row[0]) if row else []
+            return store.dlq_retry(conn, DeadLetterFilter().params())
 
     def purge_dead(self, where: DeadLetterFilter) -> list[int]:
         if where.is_empty():
             raise ValidationError("purge needs job ids or a filter (flow, error type, age)")
+        params = where.params()
         with self.connection() as conn:
-            row = conn.execute(Q.dlq_purge, where.params()).fetchone()
-        return sorted(row[0]) if row else []
+            return store.dlq_purge(conn, params)
 
     def analyze_dead(self, flow: str | None = None) -> list[dict[str, Any]]:
         if flow is not None:
             validate_flow(flow)
         with self.connection() as conn:
-            cur = conn.execute(Q.dlq_analyze, {"flow": flow})
-            names = [c.name for c in cur.description or ()]
-            return [dict(zip(names, row)) for row in cur]
+            return store.dlq_analyze(conn, flow)
 
     # -- flows -----------------------------------------------------------------------------------
 
@@ -563,18 +408,15 @@ class Queue:
     def _set_paused(self, flow: str, paused: bool) -> None:
         validate_flow(flow)
         event = encode_event("flow_paused" if paused else "flow_resumed", flow=flow)
-        with self.connection() as conn, conn.transaction():
-            conn.execute(Q.flow_set_paused, {"flow": flow, "paused": paused})
-            conn.execute(Q.flow_paused_changed_notify, {"payload": event})
+        with self.connection() as conn:
+            store.flow_set_paused(conn, flow, paused, event)
         if not paused:
             with self.connection() as conn:
-                conn.execute(Q.notify_enqueued)
+                store.notify_enqueued(conn)
 
     def flows(self) -> list[dict[str, Any]]:
         with self.connection() as conn:
-            cur = conn.execute(Q.flows_list)
-            names = [c.name for c in cur.description or ()]
-            return [dict(zip(names, row)) for row in cur]
+            return store.flows_list(conn)
 
     # -- status and health -----------------------------------------------------------------------
 
@@ -584,13 +426,13 @@ class Queue:
         if flow_name is not None:
             validate_flow(flow_name)
         with self.connection() as conn:
-            live = conn.execute(Q.status_live, {"flow": flow_name}).fetchall()
-            completed = dict(conn.execute(Q.status_completed, {"flow": flow_name}).fetchall())
-            paused = {row[0] for row in conn.execute(Q.flows_list) if row[1]}
+            live = store.status_live(conn, flow_name)
+            completed = store.status_completed(conn, flow_name)
+            paused = {row["name"] for row in store.flows_list(conn) if row["paused"]}
         by_flow: dict[str, dict[str, Any]] = {}
-        for flow, pending, scheduled, running, dead in live:
-            by_flow[flow] = {"pending": pending + scheduled, "scheduled": scheduled, "processing": running,
-                             "completed": 0, "failed": dead}
+        for c in live:
+            by_flow[c.flow] = {"pending": c.pending + c.scheduled, "scheduled": c.scheduled,
+                               "processing": c.running, "completed": 0, "failed": c.dead}
         for flow, count in completed.items():
             by_flow.setdefault(flow, {"pending": 0, "scheduled": 0, "processing": 0, "completed": 0, "failed": 0})
             by_flow[flow]["completed"] = count
@@ -626,7 +468,7 @@ class Queue:
         try:
             started = time.perf_counter()
             with self._raw_connection() as conn:
-                conn.execute(Q.health_ping)
+                store.health_ping(conn)
                 database["response_time_ms"] = round((time.perf_counter() - started) * 1000.0, 2)
                 database["connection"] = True
                 version = schema_version(conn)
@@ -636,12 +478,12 @@ class Queue:
                     report["reasons"].append("schema outdated: run `engine migrate`")
                 else:
                     database["status"] = "healthy"
-                    stale = conn.execute(Q.workers_stale_count, {"stale_after": stale_after}).fetchone()
-                    live = conn.execute(Q.workers_list).fetchall()
-                    report["workers"] = {"live": sum(1 for w in live if w[5] not in ("stopped", "lost")),
-                                         "stale": int(stale[0]) if stale else 0}
+                    stale = store.workers_stale_count(conn, stale_after)
+                    live = store.workers_list(conn)
+                    report["workers"] = {"live": sum(1 for w in live if w["state"] not in ("stopped", "lost")),
+                                         "stale": stale}
         except (psycopg.Error, DatabaseUnavailable) as exc:
-            report["reasons"].append(f"database unreachable: {_first_line(exc)}")
+            report["reasons"].append(f"database unreachable: {describe_error(exc)}")
         if database["status"] == "healthy":
             status = self.get_queue_status()
             report["queue_status"] = {k: status[k] for k in (
@@ -668,45 +510,9 @@ class Queue:
 
     def workers(self) -> list[dict[str, Any]]:
         with self.connection() as conn:
-            cur = conn.execute(Q.workers_list)
-            names = [c.name for c in cur.description or ()]
-            return [dict(zip(names, row)) for row in cur]
+            return store.workers_list(conn)
 
 
-def _copy_escape(text: str) -> str:
-    # COPY text format: backslash is the escape character. orjson never emits raw tabs or newlines.
-    return text.replace("\\", "\\\\")
-
-
-def _copy_jobs(conn: psycopg.Connection[Any], flow: str, texts: list[str], options: EnqueueOptions) -> None:
-    row = conn.execute(Q.run_at_after, {"delay": options.delay}).fetchone()
-    assert row is not None
-    suffix = "\t{}\t{}\t{}\t{}\n".format(
-        options.priority, row[0], "\\N" if options.max_attempts is None else options.max_attempts,
-        "\\N" if options.run_id is None else _copy_escape(options.run_id),
-    )
-    prefix = flow + "\t"
-    with conn.cursor().copy(Q.enqueue_copy) as copy:
-        chunk: list[str] = []
-        for text in texts:
-            chunk.append(prefix)
-            chunk.append(_copy_escape(text) if "\\" in text else text)
-            chunk.append(suffix)
-            if len(chunk) >= 3 * 5000:
-                copy.write("".join(chunk))
-                chunk.clear()
-        if chunk:
-            copy.write("".join(chunk))
-
-
-def _first_line(exc: BaseException) -> str:
-    """The error's first line with DSN passwords redacted (libpq quotes a malformed URI whole)."""
-    text = (str(exc).strip() or type(exc).__name__).splitlines()[0]
-    return redact_text(text)
-
-
-def new_worker_id(engine_id: str, index: int) -> str:
-    return f"{socket.gethostname()}:{os.getpid()}:{engine_id[:8]}:{index}"
 
 
 def new_engine_id() -> str:

@@ -47,7 +47,7 @@ from typing import Any, Final
 
 from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_exponential, wait_random
 
-from engine.config import redact_dsn
+from engine.redact import describe_error, redact_dsn
 from engine.errors import ConfigError
 
 __all__ = [
@@ -346,7 +346,7 @@ class Source:
             self.retries += 1
             log.warning("source %s: %s failed with SQLSTATE %s, retrying in %.1fs (retry %d of %d): %s",
                         self.name, what, sqlstate(exc), state.upcoming_sleep, state.attempt_number,
-                        self.config.retries, redact_dsn(_first_line(exc)), extra={"source": self.name})
+                        self.config.retries, describe_error(exc), extra={"source": self.name})
 
         return Retrying(
             retry=retry_if_exception(is_transient),
@@ -453,9 +453,6 @@ def _close_quietly(obj: Any) -> None:
         pass
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 # --- all sources of one worker process ---------------------------------------------------------------

@@ -23,7 +23,6 @@ unreachable or outdated at start; 3 a second signal forced the stop; 4 workers k
 
 from __future__ import annotations
 
-import argparse
 import logging
 import multiprocessing
 import multiprocessing.connection
@@ -36,23 +35,22 @@ from typing import Any, Final
 import orjson
 import psycopg
 
-from engine import db
-from engine.config import FlowConfig, Settings, load_settings
+from engine import db, store
+from engine.config import FlowConfig, Settings, recorded_policy, resolve_dsn
 from engine.errors import ConfigError, SkiplockError
 from engine.handlers import load_flow
 from engine.hooks import HookRunner
 from engine.liveness import EngineLiveness
 from engine.logs import ContextLogger, setup_logging
 from engine.migrate import require_schema
-from engine.queue import new_engine_id, rescue, validate_flow
-from engine.sql import Q
-from engine.telemetry import encode_event
+from engine.queue import Queue, new_engine_id, validate_flow
+from engine.redact import describe_error
+from engine.telemetry import FlowCounts, encode_event
 from engine.worker import WorkerSpec, worker_main
 
 log = logging.getLogger("skiplock.engine")
 
 EXIT_OK: Final = 0
-EXIT_CONFIG: Final = 2
 EXIT_FORCED: Final = 3
 EXIT_CRASH_LOOP: Final = 4
 EXIT_KILLED: Final = 5  # workers still busy after the grace period were killed (their jobs rescued)
@@ -104,9 +102,6 @@ class Supervisor:
         with db.connect(self.dsn, application_name=f"{self.settings.application_name}-supervisor") as conn:
             return action(conn)
 
-    def _notify(self, conn: psycopg.Connection[Any], events: list[str]) -> None:
-        conn.execute(Q.events_notify, {"events": events})
-
     # -- start ---------------------------------------------------------------------------------------
 
     def prepare(self) -> None:
@@ -115,8 +110,7 @@ class Supervisor:
 
         def sync(conn: psycopg.Connection[Any]) -> None:
             require_schema(conn)
-            policies = [orjson.dumps(_policy(flow)).decode() for flow in self.flows]
-            conn.execute(Q.flows_sync, {"names": [f.name for f in self.flows], "policies": policies})
+            store.flows_sync(conn, {flow.name: orjson.dumps(recorded_policy(flow)).decode() for flow in self.flows})
 
         self._db(sync)
 
@@ -228,7 +222,7 @@ class Supervisor:
         pending = dict(self._unreported_lost)
 
         def act(conn: psycopg.Connection[Any]) -> None:
-            conn.execute(Q.worker_mark_lost, {"ids": list(pending), "reasons": list(pending.values())})
+            store.worker_mark_lost(conn, pending)
             for worker in pending:
                 self._unreported_lost.pop(worker, None)
             events = [encode_event("worker_lost", engine=self.engine_id, worker=w, reason=reason)
@@ -242,21 +236,20 @@ class Supervisor:
 
     def _rescue_pass(self) -> None:
         def act(conn: psycopg.Connection[Any]) -> None:
-            leader = conn.execute(Q.rescue_leader).fetchone()
-            if not leader or not leader[0]:
+            if not store.rescue_leader(conn):
                 return
             try:
                 self._rescue_and_report(conn)
             finally:
-                conn.execute(Q.rescue_leader_release)
+                store.rescue_leader_release(conn)
             self._fire_orphaned_run_hooks(conn)
 
         self._db(act)
 
     def _rescue_and_report(self, conn: psycopg.Connection[Any], events: list[str] | None = None) -> None:
-        """The rescue commits first (queue.rescue: its own short transactions); the stats, the
+        """The rescue commits first (store.rescue: its own short transactions); the stats, the
         notifications and the log come after it, each on its own, so none can undo it."""
-        result = rescue(conn, self.settings.engine.stale_after)
+        result = store.rescue(conn, self.settings.engine.stale_after)
         events = list(events or [])
         flows = {flow: {"rescued": result.rescued_by_flow.get(flow, 0), "dead": result.dead_by_flow.get(flow, 0)}
                  for flow in set(result.rescued_by_flow) | set(result.dead_by_flow)}
@@ -264,12 +257,10 @@ class Supervisor:
                    for w in result.lost_workers]
         if flows:
             events.append(encode_event("rescued", engine=self.engine_id, flows=flows, workers=result.lost_workers))
-            self._after_rescue("stats", lambda: conn.execute(Q.stats_upsert, {
-                "flows": list(flows), "completed": [0] * len(flows), "failed": [0] * len(flows),
-                "dead": [v["dead"] for v in flows.values()], "rescued": [v["rescued"] for v in flows.values()],
-                "wait_ms": [0.0] * len(flows), "run_ms": [0.0] * len(flows)}))
+            self._after_rescue("stats", lambda: store.stats_upsert(
+                conn, {flow: FlowCounts(dead=v["dead"], rescued=v["rescued"]) for flow, v in flows.items()}))
         if events:
-            self._after_rescue("notify", lambda: self._notify(conn, events))
+            self._after_rescue("notify", lambda: store.events_notify(conn, events))
         if result.lost_workers or result.rescued or result.dead:
             self.log.warning("rescued jobs", extra={"rescued": result.rescued, "dead": result.dead,
                                                     "lost_workers": result.lost_workers})
@@ -280,23 +271,18 @@ class Supervisor:
         except (psycopg.OperationalError, psycopg.InterfaceError):
             raise  # the connection is gone: the caller's retry handles it
         except psycopg.Error as exc:
-            self.log.error("rescue committed, but its %s write failed: %s", what, str(exc).strip().splitlines()[0])
+            self.log.error("rescue committed, but its %s write failed: %s", what, describe_error(exc))
 
     def _fire_orphaned_run_hooks(self, conn: psycopg.Connection[Any]) -> None:
         served = {f.name: f for f in self.flows if f.on_complete}
         if not served:
             return
-        for run_id, flow, total, completed, dead in conn.execute(
-                Q.runs_claim_orphaned_hooks, {"flows": list(served)}).fetchall():
-            runtime = load_flow(served[flow])
-            if runtime.on_complete is None:
-                continue
-            summary = {"run": run_id, "flow": flow, "total": total, "completed": completed, "dead": dead}
-            self.hooks.submit(f"on_complete hook of run {run_id}", runtime.on_complete, run_id, summary)
+        for summary in store.runs_claim_orphaned_hooks(conn, list(served)):
+            hook = load_flow(served[summary.flow]).on_complete
+            if hook is not None:
+                self.hooks.submit(f"on_complete hook of run {summary.run}", hook, summary.run, summary.as_dict())
 
     def _retention_pass(self) -> None:
-        from engine.queue import Queue
-
         def act(conn: psycopg.Connection[Any]) -> None:
             purged = Queue(conn=conn, check_schema=False).purge_completed(self.settings.engine.retention)
             if purged:
@@ -306,8 +292,7 @@ class Supervisor:
 
     def _drained(self) -> bool:
         names = [f.name for f in self.flows]
-        row = self._db(lambda conn: conn.execute(Q.drain_remaining, {"flows": names}).fetchone())
-        return bool(row) and int(row[0]) == 0
+        return not self._db(lambda conn: store.drain_remaining(conn, names))
 
     # -- stop ----------------------------------------------------------------------------------------
 
@@ -353,14 +338,6 @@ class Supervisor:
         return code
 
 
-def _policy(flow: FlowConfig) -> dict[str, Any]:
-    return {"batch_size": flow.batch_size, "max_attempts": flow.max_attempts,
-            "backoff": {"base": flow.backoff.base, "cap": flow.backoff.cap, "jitter": flow.backoff.jitter},
-            "timeout": flow.timeout, "concurrency": flow.concurrency,
-            "circuit": None if flow.circuit is None else {"failures": flow.circuit.failures,
-                                                          "cooldown": flow.circuit.cooldown}}
-
-
 def select_flows(settings: Settings, names: str | None) -> tuple[FlowConfig, ...]:
     if not names:
         return tuple(settings.flows.values())
@@ -375,18 +352,24 @@ def select_flows(settings: Settings, names: str | None) -> tuple[FlowConfig, ...
     return tuple(chosen)
 
 
-def run_engine(args: argparse.Namespace) -> int:
-    from engine.cli import resolve_dsn
+@dataclass(frozen=True)
+class EngineOptions:
+    """What `engine run` takes besides the settings (None: the config's value)."""
 
-    settings = load_settings(args.config, env=args.env, dsn=args.dsn)
+    workers: int | None = None
+    flows: str | None = None  # comma-separated names, as --flows; None: every configured flow
+    drain: bool = False
+
+
+def run_engine(settings: Settings, options: EngineOptions) -> int:
     setup_logging(settings.engine.log_format)
-    flows = select_flows(settings, args.flows)
-    workers = args.workers if args.workers is not None else settings.engine.workers
+    flows = select_flows(settings, options.flows)
+    workers = options.workers if options.workers is not None else settings.engine.workers
     if workers < 1:
         raise ConfigError("--workers must be at least 1")
-    supervisor = Supervisor(settings, resolve_dsn(settings), flows, workers, drain=args.drain)
+    supervisor = Supervisor(settings, resolve_dsn(settings), flows, workers, drain=options.drain)
     try:
         supervisor.prepare()
     except psycopg.OperationalError as exc:
-        raise SkiplockError(f"database unreachable: {str(exc).strip().splitlines()[0]}") from None
+        raise SkiplockError(f"database unreachable: {describe_error(exc)}") from None
     return supervisor.run()

@@ -21,6 +21,10 @@ MAX_EVENT_BYTES (PostgreSQL's limit is 8000). A console attaching late reads his
 | circuit_closed  | worker      | engine, worker, flow |
 | run_finished    | worker      | engine, worker, run, flow, total, completed, dead |
 
+Each kind has a TypedDict below (`TickEvent`, ...; its fields without the header are `TickFields`);
+`AnyEvent` is their union, discriminated by `kind`. A payload may carry `truncated: true` when
+encode_event trimmed a list to fit.
+
 Channel `skiplock_enqueued` carries an empty payload once per enqueue statement (a trigger) and
 after operator retries and resumes; workers LISTEN on it to wake up.
 """
@@ -29,8 +33,9 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Any, Final, Literal, NotRequired, TypedDict, Union, Unpack, overload
 
 import orjson
 
@@ -43,8 +48,202 @@ DEAD_SAMPLE: Final = 50
 MESSAGE_CHARS: Final = 200
 
 
-def encode_event(kind: str, **fields: Any) -> str:
+# ---------------------------------------------------------------------------------------------
+# Event kinds: the fields each kind carries (the table above), then the event as it travels.
+
+
+class FlowTotals(TypedDict):
+    completed: int
+    failed: int
+    dead: int
+    rescued: int
+    wait_ms_sum: float
+    run_ms_sum: float
+
+
+class FailureFields(TypedDict):
+    job: int
+    attempt: int
+    max_attempts: int
+    type: str
+    message: str
+
+
+class RescuedCounts(TypedDict):
+    rescued: int
+    dead: int
+
+
+class TickFields(TypedDict):
+    engine: str
+    worker: str
+    flows: dict[str, FlowTotals]
+
+
+class FailureEventFields(TypedDict):
+    engine: str
+    worker: str
+    flow: str
+    failures: list[FailureFields]
+    dropped: int
+
+
+class DeadLetterFields(TypedDict):
+    engine: str
+    worker: str
+    flow: str
+    jobs: list[int]
+    count: int
+
+
+class WorkerStartedFields(TypedDict):
+    engine: str
+    worker: str
+    host: str
+    pid: int
+    flows: list[str]
+
+
+class WorkerGoneFields(TypedDict):  # worker_stopped and worker_lost
+    engine: str
+    worker: str
+    reason: str
+
+
+class RescuedFields(TypedDict):
+    engine: str
+    flows: dict[str, RescuedCounts]
+    workers: list[str]
+
+
+class FlowFields(TypedDict):  # flow_paused and flow_resumed
+    flow: str
+
+
+class CircuitOpenedFields(TypedDict):
+    engine: str
+    worker: str
+    flow: str
+    failures: int
+    until: float
+
+
+class CircuitClosedFields(TypedDict):
+    engine: str
+    worker: str
+    flow: str
+
+
+class RunFinishedFields(TypedDict):
+    engine: str
+    worker: str
+    run: str
+    flow: str
+    total: int
+    completed: int
+    dead: int
+
+
+class _Header(TypedDict):
+    v: int
+    at: float
+    truncated: NotRequired[bool]
+
+
+class TickEvent(_Header, TickFields):
+    kind: Literal["tick"]
+
+
+class FailureEvent(_Header, FailureEventFields):
+    kind: Literal["failure"]
+
+
+class DeadLetterEvent(_Header, DeadLetterFields):
+    kind: Literal["dead_letter"]
+
+
+class WorkerStartedEvent(_Header, WorkerStartedFields):
+    kind: Literal["worker_started"]
+
+
+class WorkerStoppedEvent(_Header, WorkerGoneFields):
+    kind: Literal["worker_stopped"]
+
+
+class WorkerLostEvent(_Header, WorkerGoneFields):
+    kind: Literal["worker_lost"]
+
+
+class RescuedEvent(_Header, RescuedFields):
+    kind: Literal["rescued"]
+
+
+class FlowPausedEvent(_Header, FlowFields):
+    kind: Literal["flow_paused"]
+
+
+class FlowResumedEvent(_Header, FlowFields):
+    kind: Literal["flow_resumed"]
+
+
+class CircuitOpenedEvent(_Header, CircuitOpenedFields):
+    kind: Literal["circuit_opened"]
+
+
+class CircuitClosedEvent(_Header, CircuitClosedFields):
+    kind: Literal["circuit_closed"]
+
+
+class RunFinishedEvent(_Header, RunFinishedFields):
+    kind: Literal["run_finished"]
+
+
+AnyEvent = Union[TickEvent, FailureEvent, DeadLetterEvent, WorkerStartedEvent, WorkerStoppedEvent,
+                 WorkerLostEvent, RescuedEvent, FlowPausedEvent, FlowResumedEvent, CircuitOpenedEvent,
+                 CircuitClosedEvent, RunFinishedEvent]
+EventKind = Literal["tick", "failure", "dead_letter", "worker_started", "worker_stopped", "worker_lost",
+                    "rescued", "flow_paused", "flow_resumed", "circuit_opened", "circuit_closed",
+                    "run_finished"]
+
+# kind -> the fields encode_event requires for it (checked at encode: a typo fails where it is made)
+EVENT_FIELDS: Final[Mapping[EventKind, Any]] = {
+    "tick": TickFields, "failure": FailureEventFields, "dead_letter": DeadLetterFields,
+    "worker_started": WorkerStartedFields, "worker_stopped": WorkerGoneFields, "worker_lost": WorkerGoneFields,
+    "rescued": RescuedFields, "flow_paused": FlowFields, "flow_resumed": FlowFields,
+    "circuit_opened": CircuitOpenedFields, "circuit_closed": CircuitClosedFields,
+    "run_finished": RunFinishedFields,
+}
+
+
+@overload
+def encode_event(kind: Literal["tick"], **fields: Unpack[TickFields]) -> str: ...
+@overload
+def encode_event(kind: Literal["failure"], **fields: Unpack[FailureEventFields]) -> str: ...
+@overload
+def encode_event(kind: Literal["dead_letter"], **fields: Unpack[DeadLetterFields]) -> str: ...
+@overload
+def encode_event(kind: Literal["worker_started"], **fields: Unpack[WorkerStartedFields]) -> str: ...
+@overload
+def encode_event(kind: Literal["worker_stopped", "worker_lost"], **fields: Unpack[WorkerGoneFields]) -> str: ...
+@overload
+def encode_event(kind: Literal["rescued"], **fields: Unpack[RescuedFields]) -> str: ...
+@overload
+def encode_event(kind: Literal["flow_paused", "flow_resumed"], **fields: Unpack[FlowFields]) -> str: ...
+@overload
+def encode_event(kind: Literal["circuit_opened"], **fields: Unpack[CircuitOpenedFields]) -> str: ...
+@overload
+def encode_event(kind: Literal["circuit_closed"], **fields: Unpack[CircuitClosedFields]) -> str: ...
+@overload
+def encode_event(kind: Literal["run_finished"], **fields: Unpack[RunFinishedFields]) -> str: ...
+
+
+def encode_event(kind: EventKind, **fields: Any) -> str:
     """Encode one event; fields that would push it past MAX_EVENT_BYTES are trimmed, never split."""
+    expected = EVENT_FIELDS.get(kind)
+    if expected is None:
+        raise ValueError(f"unknown event kind {kind!r}: add it to engine/telemetry.py")
+    if fields.keys() != expected.__required_keys__:
+        raise ValueError(f"event {kind}: fields {sorted(fields)}, expected {sorted(expected.__required_keys__)}")
     event: dict[str, Any] = {"v": EVENT_VERSION, "kind": kind, "at": round(time.time(), 3), **fields}
     text = orjson.dumps(event).decode()
     if len(text.encode()) <= MAX_EVENT_BYTES:
@@ -72,7 +271,7 @@ class FlowCounts:
     wait_ms_sum: float = 0.0
     run_ms_sum: float = 0.0
 
-    def as_dict(self) -> dict[str, Any]:
+    def as_dict(self) -> FlowTotals:
         return {"completed": self.completed, "failed": self.failed, "dead": self.dead, "rescued": self.rescued,
                 "wait_ms_sum": round(self.wait_ms_sum, 3), "run_ms_sum": round(self.run_ms_sum, 3)}
 

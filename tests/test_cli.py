@@ -17,11 +17,12 @@ from typing import Any
 import psycopg
 import pytest
 
-from conftest import scalar, wait_for
 from engine.embedded import make_temp_dir
 from engine.errors import ValidationError
 from engine.migrate import REQUIRED_SCHEMA_VERSION, available_migrations
 from engine.queue import Failure, Queue, validate_flow
+from support.engines import wait_for
+from support.postgres import scalar
 
 REPO = Path(__file__).resolve().parent.parent
 UNREACHABLE_SOCKET = "host=/tmp/nonexistent-skiplock port=1 dbname=x"
@@ -723,3 +724,29 @@ def test_dev_runs_the_engine_briefly(dev_dir: Path) -> None:
     assert rows["noop"][2] == "0" and rows["TOTAL"][2] == "0"  # nothing left running after the drain
     assert not (data / "postmaster.pid").exists()
     no_server_left(dev_dir)
+
+
+# ---------------------------------------------------------------------------------------------
+# passwords the redaction used to miss: libpq's own echoes, percent-encoded keys, spaces
+
+
+HIDDEN_DSNS = [
+    "host=127.0.0.1 port=1 password=Hunter2 Secret dbname=x",
+    "host=127.0.0.1 port=1 password=Hunter2 Secret=1",
+    "postgresql://u:Hunter2 Secret@127.0.0.1:1/x",
+    "postgresql://u@127.0.0.1:1/x?pass%77ord=Hunter2Secret",
+    "postgresql://u@127.0.0.1:1/x?password=Hunter2Secret%zz",
+]
+
+
+@pytest.mark.parametrize("command", [["status"], ["health"], ["migrate"]])
+@pytest.mark.parametrize("dsn", HIDDEN_DSNS)
+@pytest.mark.parametrize("via", ["env", "flag"])
+def test_no_password_form_reaches_stderr(command: list[str], dsn: str, via: str) -> None:
+    result = engine(*command, dsn=dsn, timeout=30) if via == "env" else engine(*command, "--dsn", dsn, timeout=30)
+    output = result.stdout + result.stderr
+    assert "Hunter2" not in output and "Secret" not in output, output
+    if command == ["health"]:
+        assert result.returncode == 2 and "unhealthy" in result.stdout
+    else:
+        one_line_error(result)

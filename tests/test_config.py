@@ -14,9 +14,9 @@ from engine.config import (
     Settings,
     load_settings,
     parse_duration,
-    redact_dsn,
 )
 from engine.errors import ConfigError
+from engine.redact import redact_dsn
 
 REPO_CONFIG = Path(__file__).resolve().parent.parent / "config.toml"
 
@@ -709,3 +709,37 @@ def test_backoff_delay_jitter_range() -> None:
     assert policy.delay(3, 0.999999) == pytest.approx(8.0 * 1.2, rel=1e-5)
     for rand in (0.0, 0.25, 0.5, 0.75, 0.999999):
         assert 300.0 * 0.8 <= policy.delay(50, rand) < 300.0 * 1.2
+
+
+# ---------------------------------------------------------------------------------------------
+# Each key declared once: the dataclass field's metadata drives the tables, the readers and the policy
+
+
+def test_every_key_has_help_and_is_documented() -> None:
+    import dataclasses
+
+    from engine.config import ConsoleConfig, EngineConfig, FlowConfig
+
+    docs = (Path(__file__).resolve().parent.parent / "docs" / "configuration.md").read_text()
+    for cls in (Settings, EngineConfig, FlowConfig, BackoffPolicy, CircuitPolicy, ConsoleConfig):
+        for f in dataclasses.fields(cls):
+            if "key" in f.metadata:
+                assert f.metadata["key"].help, f"{cls.__name__}.{f.name} has no help"
+                assert f"`{f.name}`" in docs or f"{f.name} =" in docs, f"{f.name} is not in docs/configuration.md"
+
+
+def test_recorded_policy_is_what_engines_store(tmp_path: Path) -> None:
+    from engine.config import recorded_policy
+
+    path = write(tmp_path, """
+        [flows.s]
+        handler = "m:f"
+        batch_size = 7
+        timeout = "2s"
+        circuit = { failures = 3, cooldown = "1m" }
+        backoff = { base = "2s" }
+    """)
+    flow = load_settings(path, environ={}).flows["s"]
+    assert recorded_policy(flow) == {
+        "batch_size": 7, "max_attempts": 5, "backoff": {"base": 2.0, "cap": 300.0, "jitter": 0.2},
+        "timeout": 2.0, "concurrency": None, "circuit": {"failures": 3, "cooldown": 60.0}}

@@ -1,6 +1,6 @@
 """Behaviour of the ops console, driven with App.run_test() and Pilot against the real PostgreSQL.
 
-Every write is checked in SQL. Data comes from the fixed seed of test_console_snapshots.py.
+Every write is checked in SQL. Data comes from the fixed seed in tests/support/console_seed.py.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ import pytest
 from textual.pilot import Pilot
 from textual.widgets import DataTable
 
-from conftest import scalar
 from console.app import ConsoleApp, load_keymap
 from console.data import DataSource, statement_timeout_ms
 from console.feed import Feed, decode
@@ -31,7 +30,8 @@ from console.screens.overview import OverviewScreen
 from console.state import LiveState
 from engine.sql import Q
 from engine.telemetry import encode_event
-from test_console_snapshots import failure_events, make_app, seed, wait_until
+from support.console_seed import failure_events, make_app, seed, wait_until
+from support.postgres import scalar
 
 SIZE = (120, 40)
 
@@ -504,7 +504,7 @@ def test_connections_are_named_and_bounded(seeded):
 
 
 def test_dsn_password_never_shown(seeded):
-    from console.feed import describe_error
+    from engine.redact import describe_error
 
     app = ConsoleApp("postgresql://ops:s3cret-pw@127.0.0.1:1/skiplock?connect_timeout=1", live=True,
                      refresh_interval=0.5)
@@ -624,6 +624,166 @@ def test_engine_console_subcommand(tmp_path):
     assert "--read-only" in help_text and "--keymap" in help_text
     bad = tmp_path / "bad.toml"
     bad.write_text("[keymap]\nx = 1\n")
-    result = subprocess.run([sys.executable, "-m", "console.app", "--dsn", "host=/nowhere", "--keymap", str(bad)],
+    result = subprocess.run([sys.executable, "-m", "console.cli", "--dsn", "host=/nowhere", "--keymap", str(bad)],
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 2 and "keymap" in result.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# Intents up, data down; the header as a function; console details (issue 13 item 10)
+
+
+def test_screens_ask_the_app_and_never_call_it():
+    """Screens read from the app (state, clock, theme) but act only by posting intent messages."""
+    import ast
+    from pathlib import Path
+
+    reads = {"now", "check_write", "header_text"}  # queries with no effect
+    calls = []
+    for path in sorted(Path("console/screens").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                    and isinstance(node.func.value, ast.Attribute) and node.func.value.attr == "console"
+                    and node.func.attr not in reads):
+                calls.append(f"{path.name}:{node.lineno} console.{node.func.attr}()")
+            if isinstance(node, (ast.Assign, ast.AugAssign)):
+                for target in node.targets if isinstance(node, ast.Assign) else [node.target]:
+                    if "console." in ast.unparse(target):
+                        calls.append(f"{path.name}:{node.lineno} writes {ast.unparse(target)}")
+    assert not calls, calls
+
+
+def test_header_and_health_are_functions_of_the_state():
+    from console.data import FlowRow, Snapshot
+    from console.status import Attachment, header_text, health
+
+    state = LiveState()
+    where = Attachment(dsn_label="host=db user=ops", environment=None, live=False)
+    assert health(state, where) == ("CONNECTING", "")
+    text = str(header_text(state, where, now=0.0, tz=timezone.utc))
+    assert "db host=db user=ops" in text and "env" not in text  # no environment chosen: none named
+    assert "env production" in str(header_text(state, Attachment("x", environment="production", live=False),
+                                               now=0.0, tz=timezone.utc))
+    state.set_snapshot(Snapshot(3600.0, "16", [], [], {}, [], []))
+    assert health(state, where) == ("DEGRADED", "no live workers")
+    assert health(state, Attachment("x", live=True)) == ("DEGRADED", "no live workers; live feed down")
+    down = Attachment("x", live=False, database_down=True, down_since=60.0, db_error="refused", read_only=True,
+                      frozen=True)
+    text = str(header_text(state, down, now=120.0, tz=timezone.utc))
+    assert health(state, down) == ("UNHEALTHY", "database unreachable")
+    for expected in ("READ-ONLY", "FROZEN", "DATABASE UNREACHABLE  since 00:01:00: refused",
+                     "showing data from 01:00:00"):
+        assert expected in text, (expected, text)
+    assert FlowRow  # the snapshot's flows are FlowRow: health reads their circuit state
+
+
+def test_help_keys_never_run_into_their_description(seeded):
+    app = make_app(seeded)
+
+    async def scenario(pilot: Pilot) -> None:
+        await pilot.press("question_mark")
+        lines = str(app.screen.query_one("#help-body Static").render()).splitlines()
+        rows = [line for line in lines if line.startswith("  ")]
+        assert "  ↑ ↓ pgup pgdn home end  move" in rows
+        assert all("  " in line.strip() for line in rows), [r for r in rows if "  " not in r.strip()]
+
+    run(app, scenario)
+
+
+def test_failures_title_says_what_is_listed_and_what_was_not_sampled(seeded):
+    app = make_app(seeded)
+
+    async def scenario(pilot: Pilot) -> None:
+        await wait_until(pilot, lambda: len(app.state.failures) >= 25)  # the dead letters, read at attach
+        events = failure_events()
+        events[0]["dropped"] = 68
+        app.post_message(FeedEvents(events))
+        await pilot.press("2")
+        screen = app.screen
+        await wait_until(pilot, lambda: len(table_keys(screen, "failures")) == 37)
+        title = str(screen.query_one("#failures-title").render())
+        assert title.startswith("Failures 37 listed  ·  68 more failed attempt(s) counted, not sampled"), title
+        await type_filter(pilot, "flow:reports")
+        await wait_until(pilot, lambda: len(table_keys(screen, "failures")) == 2)
+        assert "2 of 37 listed match" in str(screen.query_one("#failures-title").render())
+
+    run(app, scenario)
+
+
+def test_dead_letter_age_advances_with_each_refresh(seeded):
+    from test_console_snapshots import FIXED_NOW
+
+    now = [FIXED_NOW.timestamp()]
+    app = make_app(seeded, clock=lambda: now[0], refresh_interval=0.5)
+
+    async def scenario(pilot: Pilot) -> None:
+        screen = await dead_screen_ready(pilot)
+        page = screen.page
+        table = screen.query_one("#dead", DataTable)
+        assert str(table.get_row("200000")[-1]) == "2m"
+        now[0] += 3 * 3600
+        await wait_until(pilot, lambda: str(table.get_row("200000")[-1]) == "3h")
+        assert screen.page is page  # not read again: the ages count to the latest snapshot's time
+
+    run(app, scenario)
+
+
+def test_a_job_retried_from_the_console_shows_the_retry_in_its_timeline(seeded):
+    app = make_app(seeded)
+
+    async def scenario(pilot: Pilot) -> None:
+        await dead_screen_ready(pilot)
+        await pilot.press("enter")
+        await wait_until(pilot, lambda: isinstance(app.screen, JobScreen) and app.screen.job is not None)
+        screen = app.screen
+        assert "retried" not in str(screen.query_one("#job-timeline").render())
+        await pilot.press("r", "y")
+        await wait_until(pilot, lambda: screen.job is not None and screen.job.status == "pending")
+        timeline = str(screen.query_one("#job-timeline").render())
+        assert "retried" in timeline and "by an operator: dead letter back to pending" in timeline, timeline
+        assert timeline.index("attempt 3 failed") < timeline.index("retried") < timeline.index("attempt 1 of 3")
+
+    run(app, scenario)
+
+
+def test_timeline_finds_operator_retries_in_the_error_history():
+    from dataclasses import replace
+    from datetime import datetime, timedelta
+
+    from console.screens.job import timeline
+    from engine.queue import Job
+
+    t0 = datetime(2025, 3, 14, 12, 0, tzinfo=timezone.utc)
+
+    def failed(attempt: int, minutes: int) -> dict:
+        return {"attempt": attempt, "at": (t0 + timedelta(minutes=minutes)).isoformat(), "worker": "w",
+                "type": "E", "message": "m"}
+
+    dead = Job(1, "f", {}, "dead", 0, None, 1, 3, None, None, "E", "m", [failed(1, 1), failed(2, 2), failed(3, 3),
+               failed(1, 10)], None, None, None, t0, t0 + timedelta(minutes=10), t0 + timedelta(minutes=10))
+    events = [event for _, event, _, _ in timeline(dead, t0.timestamp())]
+    assert events == ["enqueued", "attempt 1 failed", "attempt 2 failed", "attempt 3 failed", "retried",
+                      "attempt 1 failed", "dead letter"]
+    done = replace(dead, status="completed", attempts=1, errors=dead.errors[:3], claimed_at=t0 + timedelta(minutes=9),
+                   claimed_by="w", finished_at=t0 + timedelta(minutes=9))
+    events = [event for _, event, _, _ in timeline(done, t0.timestamp())]
+    assert events == ["enqueued", "attempt 1 failed", "attempt 2 failed", "attempt 3 failed", "retried",
+                      "attempt 1 claimed", "completed"]
+    backoff = replace(dead, status="pending", attempts=2, errors=dead.errors[:2], run_at=t0 + timedelta(minutes=5))
+    assert "retried" not in [event for _, event, _, _ in timeline(backoff, t0.timestamp())]
+
+
+def test_enter_on_a_flow_opens_its_dead_letters(seeded):
+    """ShowDeadLetters goes up from the overview; the app switches and hands the filter down."""
+    app = make_app(seeded)
+
+    async def scenario(pilot: Pilot) -> None:
+        await pilot.press("down", "enter")  # flaky, then noop: noop has no dead letter
+        await wait_until(pilot, lambda: isinstance(app.screen, DeadLettersScreen) and app.screen.page is not None
+                         and app.screen.page.where.flow == "noop")
+        assert app.screen.filter.flow == "noop" and table_keys(app.screen, "dead") == []
+        await pilot.press("1", "up", "enter")
+        await wait_until(pilot, lambda: app.screen.page.where.flow == "flaky")
+        assert len(table_keys(app.screen, "dead")) == 23
+
+    run(app, scenario)

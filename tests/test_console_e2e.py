@@ -13,7 +13,7 @@ from textual.widgets import DataTable
 
 from console.app import ConsoleApp
 from engine.queue import Queue
-from test_console_snapshots import wait_until
+from support.console_seed import wait_until
 
 CONFIG = """
 [global]

@@ -22,10 +22,11 @@ import orjson
 import psycopg
 import pytest
 
-from conftest import scalar, wait_for
 from engine.logs import JsonFormatter
 from engine.queue import Queue
+from support.engines import wait_for
 from support.handlers import read_records
+from support.postgres import scalar
 
 # Small intervals keep fault tests fast: a silent worker is stale after 2 s, looked for every 0.5 s.
 BASE = """

@@ -1,8 +1,8 @@
 from collections import Counter
 
-from conftest import scalar
 from engine.queue import Queue
 from support.handlers import read_records
+from support.postgres import scalar
 
 CONFIG = """
 [global]

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import scalar
 from engine.config import load_settings
 from engine.errors import ConfigError
 from engine.queue import Queue
+from support.postgres import scalar
 
 CONFIG = """
 [global]

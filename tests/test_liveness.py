@@ -20,12 +20,13 @@ from typing import Any
 import psycopg
 import pytest
 
-from conftest import scalar, wait_for
 from engine import db
 from engine.embedded import EmbeddedPostgres, make_temp_dir
 from engine.liveness import lease_span
 from engine.migrate import migrate
 from engine.queue import Queue
+from support.engines import wait_for
+from support.postgres import scalar
 from support.proxy import TcpProxy, unix_socket_of
 
 HEARTBEAT = 0.5

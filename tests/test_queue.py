@@ -14,6 +14,7 @@ import pytest
 from psycopg.types.json import Jsonb
 
 import engine.queue as queue_module
+import engine.store as store_module
 from engine.errors import DatabaseUnavailable, ValidationError
 from engine.migrate import REQUIRED_SCHEMA_VERSION
 from engine.queue import AckResult, Failure, Queue, ack_batch, claim_batch, new_claim_token
@@ -651,7 +652,7 @@ def test_rescue_stale_workers_and_unknown_holders(queue: Queue, conn: psycopg.Co
 
 
 def test_rescue_works_in_slices(queue: Queue, conn: psycopg.Connection, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(queue_module, "RESCUE_SLICE", 3)
+    monkeypatch.setattr(store_module, "RESCUE_SLICE", 3)
     register_worker(conn, "w")
     queue.enqueue_many("f", [{}] * 7)
     queue.enqueue_many("g", [{}] * 2)

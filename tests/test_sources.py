@@ -336,7 +336,7 @@ def test_missing_and_broken_drivers_name_their_debian_package(tmp_path: Path) ->
 def test_engine_imports_no_pyodbc_until_a_source_is_used() -> None:
     result = _run_isolated("""
         import sys
-        import engine.cli, engine.supervisor, engine.worker, engine.sources, examples.survey.flow
+        import engine.cli, engine.supervisor, engine.worker, engine.sources, engine.examples.survey.flow
         from engine.sources import SourceRegistry
         registry = SourceRegistry({"s": {"connection_string": "Driver={SQLite3};Database=:memory:"}})
         source = registry.for_flow("f", ["s"])["s"]

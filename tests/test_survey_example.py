@@ -19,13 +19,14 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from conftest import SUPPORT_DIR, scalar, wait_for
 from engine.embedded import EmbeddedPostgres
+from engine.examples.survey.flow import ANSWERS_SQL, create_results_table, score
+from engine.examples.survey.producer import EXAMPLE_CONFIG, enqueue_surveys, submitted_survey_ids
+from engine.examples.survey.sample_data import create_source_data, sqlite_connection_string
 from engine.queue import Queue
 from engine.sources import Source, SourceConfig
-from examples.survey.flow import ANSWERS_SQL, create_results_table, score
-from examples.survey.producer import EXAMPLE_CONFIG, enqueue_surveys, submitted_survey_ids
-from examples.survey.sample_data import create_source_data, sqlite_connection_string
+from support.engines import SUPPORT_DIR, wait_for
+from support.postgres import scalar
 
 ROOT = Path(__file__).resolve().parent.parent
 MISSING = 999_999
@@ -96,7 +97,7 @@ heartbeat_interval = "1s"
 stale_after = "5s"
 poll_interval = "200ms"
 [flows.survey]
-handler = "examples.survey.flow:process_survey"
+handler = "engine.examples.survey.flow:process_survey"
 sources = ["surveyhub"]
 transactional = true
 batch_size = 5

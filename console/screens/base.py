@@ -1,4 +1,6 @@
-"""What every main screen shares: the status header, the `/` filter line, the footer."""
+"""What the screens share. `BaseScreen`: the status header, the key bar, the way to ask the app for
+something (`ask`: an intent message, answered to this screen). `ConsoleScreen`: a main screen (one key
+away), with the `/` filter line."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ from textual.screen import Screen
 from textual.widgets import DataTable, Input
 
 from console.filters import Filter, FilterError, parse_filter
+from console.messages import Intent, UseFilter
 from console.widgets.header import StatusHeader, refresh_header
 from console.widgets.keybar import KeyBar
 
@@ -27,7 +30,35 @@ class FilterInput(Input):
         screen.close_filter()
 
 
-class ConsoleScreen(Screen[None]):
+class BaseScreen(Screen[None]):
+    """A screen with the status header and the key bar. It reads data from the app (state, clock,
+    theme) and asks for everything else with `ask()`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ready = False  # composed and mounted: the app may redraw it
+
+    @property
+    def console(self) -> "ConsoleApp":
+        """The app, to read from (state, now(), tz, read_only): what to do goes through `ask()`."""
+        return cast("ConsoleApp", self.app)
+
+    def ask(self, intent: Intent) -> None:
+        """Post an intent; it bubbles to the app, whose answer (a result message) comes back here."""
+        intent.origin = self
+        self.post_message(intent)
+
+    def update_header(self) -> None:
+        refresh_header(self, self.console.header_text(), self.console.database_down)
+
+    def update_view(self, changed: set[str]) -> None:
+        """Redraw what `changed` touches ('all', 'snapshot', 'counts', 'failures', 'dead', ...)."""
+
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        return self.console.check_write(action)
+
+
+class ConsoleScreen(BaseScreen):
     """A main screen (one key away). Subclasses compose `body()` and implement `update_view()`."""
 
     FILTER_HINT = "flow:NAME error:TYPE status:S age:>1h  free text"
@@ -39,11 +70,6 @@ class ConsoleScreen(Screen[None]):
     def __init__(self) -> None:
         super().__init__()
         self.filter = Filter()
-        self.ready = False  # composed and mounted: the app may redraw it
-
-    @property
-    def console(self) -> "ConsoleApp":
-        return cast("ConsoleApp", self.app)
 
     def compose(self) -> ComposeResult:
         yield StatusHeader(id="status")
@@ -69,11 +95,11 @@ class ConsoleScreen(Screen[None]):
         self.update_header()
         self.call_after_refresh(self.update_view, {"all"})
 
-    def update_header(self) -> None:
-        refresh_header(self, self.console.header_text(), self.console.database_down)
-
-    def update_view(self, changed: set[str]) -> None:
-        """Redraw what `changed` touches ('all', 'snapshot', 'counts', 'failures', 'dead', ...)."""
+    def on_use_filter(self, message: UseFilter) -> None:
+        if self.ready:
+            self.set_filter(message.filter)
+        else:
+            self.filter = message.filter  # on_mount draws (and reads) with it
 
     # -- filter -------------------------------------------------------------------------------------
 
@@ -117,9 +143,6 @@ class ConsoleScreen(Screen[None]):
 
     def filter_label(self) -> str:
         return f"  filter: {self.filter.describe()}" if not self.filter.empty else ""
-
-    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
-        return self.console.check_write(action)
 
     # -- helpers ----------------------------------------------------------------------------------
 

@@ -11,11 +11,14 @@ import time
 from rich.text import Text
 from textual.app import ComposeResult
 from textual.binding import Binding
+from textual.timer import Timer
 from textual.widgets import DataTable, Static
 
 from console import format as fmt
 from console.data import DeadLetterPage
 from console.filters import Filter
+from console.messages import (ActionDone, DeadLettersChanged, DeadLettersFailed, DeadLettersLoaded, LoadDeadLetters,
+                              OpenJob, PurgeJobs, PurgeMatching, RetryJobs, RetryMatching)
 from console.screens.base import ConsoleScreen
 from console.screens.modals import ConfirmScreen, PromptScreen
 from console.widgets.tables import Table, sync_rows
@@ -26,6 +29,7 @@ LETTER_COLUMNS = (("sel", " "), ("id", "Job"), ("flow", "Flow"), ("error", "Erro
 GROUP_COLUMNS = (("flow", "Flow"), ("error", "Error type"), ("count", "Count"), ("last", "Last"),
                  ("sample", "Latest message"))
 DAY = 86400.0
+SETTLE_S = 0.5  # after a burst of dead-letter events, read the page once, this long after the first
 
 
 class DeadLettersScreen(ConsoleScreen):
@@ -49,6 +53,7 @@ class DeadLettersScreen(ConsoleScreen):
         self.loaded_at = 0.0  # monotonic time of the page
         self.stale = False  # a dead letter arrived since the page was read
         self._drawn: tuple[object, ...] | None = None
+        self._reload_timer: Timer | None = None
 
     def body(self) -> ComposeResult:
         yield Static("", id="groups-title", classes="title")
@@ -60,7 +65,6 @@ class DeadLettersScreen(ConsoleScreen):
         self.query_one("#groups", DataTable).add_columns(*[(label, key) for key, label in GROUP_COLUMNS])
         self.query_one("#dead", DataTable).add_columns(*[(label, key) for key, label in LETTER_COLUMNS])
         self.query_one("#dead", DataTable).focus()
-        self.console.dead_screen = self
         super().on_mount()
         self.reload()
 
@@ -78,7 +82,34 @@ class DeadLettersScreen(ConsoleScreen):
 
     def reload(self) -> None:
         self.stale = False
-        self.console.load_dead_letters(self.where())
+        self.ask(LoadDeadLetters(self.where()))
+
+    def on_dead_letters_loaded(self, message: DeadLettersLoaded) -> None:
+        self.page_loaded(message.page)
+
+    def on_dead_letters_failed(self, message: DeadLettersFailed) -> None:
+        if message.where == self.where():
+            self.error = message.error
+
+    def on_dead_letters_changed(self, message: DeadLettersChanged) -> None:
+        if not self.is_current:
+            self.stale = True  # read again when shown
+            return
+        if not message.soon:
+            self.reload()
+            return
+        if self._reload_timer is None:
+            def fire() -> None:
+                self._reload_timer = None
+                if self.is_current:
+                    self.reload()
+                else:
+                    self.stale = True
+
+            self._reload_timer = self.set_timer(SETTLE_S, fire)
+
+    def on_action_done(self, message: ActionDone) -> None:
+        self.selected -= set(message.changed)  # type: ignore[arg-type]
 
     def page_loaded(self, page: DeadLetterPage) -> None:
         if page.where != self.where():
@@ -95,13 +126,21 @@ class DeadLettersScreen(ConsoleScreen):
         self.update_view({"all"})
         self.reload()
 
+    def age_now(self) -> float:
+        """The time ages are counted to: the page's, or the latest snapshot's when that is newer, so
+        the Age column advances with every refresh without reading the page again."""
+        assert self.page is not None
+        snapshot = self.console.state.snapshot
+        return max(self.page.now, snapshot.now) if snapshot is not None else self.page.now
+
     def visible(self) -> list[DeadLetter]:
         if self.page is None:
             return []
         wanted = self.filter
+        now = self.age_now()
         letters = []
         for letter in self.page.letters:
-            age = self.page.now - letter.finished_at.timestamp() if letter.finished_at else None
+            age = now - letter.finished_at.timestamp() if letter.finished_at else None
             if not wanted.matches_age(age):
                 continue
             if not wanted.matches_text(letter.id, letter.flow, letter.error_type, letter.error_message, letter.run_id):
@@ -115,7 +154,8 @@ class DeadLettersScreen(ConsoleScreen):
         if not ({"all", "dead"} & changed):
             return
         page = self.page
-        drawn = (id(page), self.filter, frozenset(self.selected), self.console.read_only)
+        now = self.age_now() if page is not None else None
+        drawn = (id(page), now, self.filter, frozenset(self.selected), self.console.read_only)
         if drawn == self._drawn:
             return  # nothing to redraw: resuming the screen costs nothing
         self._drawn = drawn
@@ -143,7 +183,7 @@ class DeadLettersScreen(ConsoleScreen):
         letters = self.visible()
         rows = []
         for letter in letters:
-            age = page.now - letter.finished_at.timestamp() if letter.finished_at else None
+            age = now - letter.finished_at.timestamp() if letter.finished_at and now is not None else None
             mark = Text("✓", style=f"bold {theme.accent}") if letter.id in self.selected else Text(" ")
             rows.append((str(letter.id), [
                 mark, str(letter.id), letter.flow, Text(letter.error_type or "?", style="bold"),
@@ -207,9 +247,6 @@ class DeadLettersScreen(ConsoleScreen):
 
         self.app.push_screen(ConfirmScreen(title, body, label), answered)
 
-    def _after(self, ids: list[int]) -> None:
-        self.selected -= set(ids)
-
     def action_retry_one(self) -> None:
         letter = self.current()
         if letter is None:
@@ -217,7 +254,7 @@ class DeadLettersScreen(ConsoleScreen):
             return
         self._confirm("Retry dead letter", f"Retry job {letter.id} ({letter.flow}, {letter.error_type})?\n"
                       "It goes back to pending with its attempts reset.", "Retry",
-                      lambda: self.console.retry_ids([letter.id]))
+                      lambda: self.ask(RetryJobs([letter.id])))
 
     def action_retry_selected(self) -> None:
         ids = self.targets()
@@ -225,7 +262,7 @@ class DeadLettersScreen(ConsoleScreen):
             self.notify("nothing selected (space selects)", severity="warning")
             return
         self._confirm("Retry dead letters", f"Retry {len(ids)} selected dead letter(s)?\n"
-                      f"Jobs: {_list_ids(ids)}", "Retry", lambda: self.console.retry_ids(ids))
+                      f"Jobs: {_list_ids(ids)}", "Retry", lambda: self.ask(RetryJobs(ids)))
 
     def action_retry_all(self) -> None:
         page = self.page
@@ -239,16 +276,16 @@ class DeadLettersScreen(ConsoleScreen):
                 return
             self._confirm("Retry all matching", f"Retry the {len(ids)} dead letter(s) shown?\n"
                           "(free text and age:< are applied by the console, so exactly the rows listed)",
-                          "Retry", lambda: self.console.retry_ids(ids))
+                          "Retry", lambda: self.ask(RetryJobs(ids)))
             return
         where = self.where()
         count = self._matching_count()
         if where.is_empty():
             self._confirm("Retry ALL dead letters", f"Retry every dead letter ({count})?", "Retry all",
-                          lambda: self.console.retry_where(where))
+                          lambda: self.ask(RetryMatching(where)))
             return
         self._confirm("Retry all matching", f"Retry every dead letter matching `{wanted.describe()}` ({count})?",
-                      "Retry", lambda: self.console.retry_where(where))
+                      "Retry", lambda: self.ask(RetryMatching(where)))
 
     def _matching_count(self) -> str:
         page = self.page
@@ -267,7 +304,7 @@ class DeadLettersScreen(ConsoleScreen):
             self.notify("nothing selected (space selects)", severity="warning")
             return
         self._confirm("Purge dead letters", f"Delete {len(ids)} dead letter(s) for good?\nJobs: {_list_ids(ids)}",
-                      "Purge", lambda: self.console.purge_ids(ids))
+                      "Purge", lambda: self.ask(PurgeJobs(ids)))
 
     def action_purge_older(self) -> None:
         def got_days(value: str | None) -> None:
@@ -285,7 +322,7 @@ class DeadLettersScreen(ConsoleScreen):
                                          f"error:{self.filter.error}" if self.filter.error else "") if p)
             self._confirm("Purge old dead letters",
                           f"Delete every dead letter older than {days:g} day(s){' matching ' + scope if scope else ''}"
-                          " for good?", "Purge", lambda: self.console.purge_where(where))
+                          " for good?", "Purge", lambda: self.ask(PurgeMatching(where)))
 
         self.app.push_screen(PromptScreen("Purge dead letters older than how many days?", "days", "7",
                                           hint="Enter: next (asks again before deleting) · Esc: cancel"), got_days)
@@ -295,7 +332,7 @@ class DeadLettersScreen(ConsoleScreen):
         if key is None:
             return
         if event.data_table.id == "dead":
-            self.console.open_job(int(str(key)))
+            self.ask(OpenJob(int(str(key))))
         elif event.data_table.id == "groups":
             flow, error = str(key).split("\x00", 1)
             self.set_filter(Filter(flow=flow, error=error, text=f"flow:{flow} error:{error}"))

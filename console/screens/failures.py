@@ -8,6 +8,7 @@ from textual.binding import Binding
 from textual.widgets import DataTable, Static
 
 from console import format as fmt
+from console.messages import ClearFailures, OpenJob
 from console.screens.base import ConsoleScreen
 from console.state import FailureRow
 from console.widgets.tables import Table, sync_rows
@@ -82,25 +83,25 @@ class FailuresScreen(ConsoleScreen):
         sync_rows(self.query_one("#failures", DataTable), rows)
         self._update_title(len(shown))
 
-    def _update_title(self, shown: int | None) -> None:
+    def _update_title(self, shown: int) -> None:
         state = self.console.state
+        listed = len(state.failures)
         title = Text("Failures ", style="bold")
-        if shown is not None:
-            self._shown = shown
-        shown = getattr(self, "_shown", 0)
-        title.append(f"{shown} shown of {len(state.failures)}", style="dim")
+        text = f"{listed:,} listed" if shown == listed else f"{shown:,} of {listed:,} listed match"
+        if shown >= MAX_ROWS:
+            text += f" (the newest {MAX_ROWS} shown: filter to reach the rest)"
+        title.append(text, style="dim")
         if state.failures_dropped:
-            title.append(f" (+{state.failures_dropped:,} unsampled)", style="dim")
+            # Workers send a sample of each tick's failures and count the rest: those are in no row.
+            title.append(f"  ·  {state.failures_dropped:,} more failed attempt(s) counted, not sampled", style="dim")
         title.append("  ·  live over NOTIFY; 'dead letter' rows read at attach", style="dim")
         title.append(self.filter_label(), style="bold")
         self.query_one("#failures-title", Static).update(title)
 
     def action_clear(self) -> None:
-        self.console.state.failures.clear()
-        self.console.state.failures_version += 1
-        self.update_view({"failures"})
+        self.ask(ClearFailures())
 
     def on_data_table_row_selected(self, event: DataTable.RowSelected) -> None:
         key = event.row_key.value
         if key is not None:
-            self.console.open_job(int(str(key).split(":", 1)[0]))
+            self.ask(OpenJob(int(str(key).split(":", 1)[0])))

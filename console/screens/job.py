@@ -4,7 +4,7 @@ payload as pretty JSON, run and result. Pushed on top of the screen it was opene
 from __future__ import annotations
 
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any
 
 import orjson
 from rich.console import Group
@@ -13,17 +13,17 @@ from rich.text import Text
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, VerticalScroll
-from textual.screen import Screen
 from textual.widgets import Static
 
 from console import format as fmt
+from console.messages import ActionDone, JobLoaded, LoadJob, PurgeJobs, RetryJobs
+from console.screens.base import BaseScreen
 from console.screens.modals import ConfirmScreen
-from console.widgets.header import StatusHeader, refresh_header
+from console.widgets.header import StatusHeader
 from console.widgets.keybar import KeyBar
 from engine.queue import Job
 
-if TYPE_CHECKING:
-    from console.app import ConsoleApp
+OPERATOR_RETRY = "retried"
 
 
 def timeline(job: Job, now: float) -> list[tuple[float, str, str, str]]:
@@ -33,10 +33,16 @@ def timeline(job: Job, now: float) -> list[tuple[float, str, str, str]]:
          f"priority {job.priority}" + (f", run {job.run_id}" if job.run_id else "")
          + (f", dedupe key {job.dedupe_key}" if job.dedupe_key else ""), ""),
     ]
+    previous = 0  # the attempt number of the entry before: attempts only restart after an operator retry
+    last_at = job.created_at.timestamp()
     for entry in job.errors:
         at = entry.get("at")
         when = _when(at)
         worker = entry.get("worker") or "?"
+        attempt = int(entry.get("attempt") or 0)
+        if previous and attempt <= previous:
+            entries.append((last_at, OPERATOR_RETRY, _retried_detail(when_known=False), ""))
+        previous, last_at = attempt, when
         if entry.get("type") == "WorkerLost":
             entries.append((when, "rescued", f"attempt {entry.get('attempt')}: worker {worker} stopped heartbeating; "
                             "the job went back to pending", ""))
@@ -45,6 +51,14 @@ def timeline(job: Job, now: float) -> list[tuple[float, str, str, str]]:
         entries.append((when, f"attempt {entry.get('attempt')} failed",
                         f"on {worker}: {entry.get('type')}{permanent}: {entry.get('message')}",
                         str(entry.get("traceback") or "")))
+    # After the last recorded failure: fewer attempts used than that failure's number means the
+    # operator's retry reset them (attempts count the one running or completed too).
+    used = job.attempts - (1 if job.status in ("running", "completed") else 0)
+    if previous and used < previous:
+        if job.status == "pending":  # nothing touched the row since the retry (it sets updated_at)
+            entries.append((job.updated_at.timestamp(), OPERATOR_RETRY, _retried_detail(), ""))
+        else:
+            entries.append((last_at, OPERATOR_RETRY, _retried_detail(when_known=False), ""))
     if job.status == "running" and job.claimed_at is not None:
         entries.append((job.claimed_at.timestamp(), f"attempt {job.attempts} running", f"claimed by {job.claimed_by}",
                         ""))
@@ -65,6 +79,13 @@ def timeline(job: Job, now: float) -> list[tuple[float, str, str, str]]:
     return entries
 
 
+def _retried_detail(when_known: bool = True) -> str:
+    # The store keeps no record of a retry (dlq_retry resets attempts and keeps the error history), so
+    # the timeline infers it from attempt numbers that start again.
+    detail = "by an operator: dead letter back to pending, attempts restart"
+    return detail if when_known else detail + " (when is not recorded)"
+
+
 def _when(value: Any) -> float:
     if isinstance(value, (int, float)):
         return float(value)
@@ -78,7 +99,7 @@ def _when(value: Any) -> float:
     return 0.0
 
 
-class JobScreen(Screen[None]):
+class JobScreen(BaseScreen):
     BINDINGS = [
         Binding("escape,backspace", "back", "Back", id="skiplock.job.back"),
         Binding("r", "retry", "Retry", id="skiplock.job.retry"),
@@ -90,11 +111,6 @@ class JobScreen(Screen[None]):
         self.job_id = job_id
         self.job: Job | None = None
         self.missing = False
-        self.ready = False
-
-    @property
-    def console(self) -> "ConsoleApp":
-        return cast("ConsoleApp", self.app)
 
     def compose(self) -> ComposeResult:
         yield StatusHeader(id="status")
@@ -110,13 +126,15 @@ class JobScreen(Screen[None]):
         self.ready = True
         self.update_header()
         self.query_one("#job-body").focus()
-        self.console.load_job(self.job_id, self)
+        self.ask(LoadJob(self.job_id))
 
-    def update_header(self) -> None:
-        refresh_header(self, self.console.header_text(), self.console.database_down)
+    def on_job_loaded(self, message: JobLoaded) -> None:
+        if message.job_id == self.job_id:
+            self.job_loaded(message.job)
 
-    def update_view(self, changed: set[str]) -> None:
-        self.update_header()
+    def on_action_done(self, message: ActionDone) -> None:
+        if not message.error:
+            self.ask(LoadJob(self.job_id))  # show what the retry or purge did
 
     def job_loaded(self, job: Job | None) -> None:
         self.job = job
@@ -129,7 +147,7 @@ class JobScreen(Screen[None]):
             return
         theme = self.console.current_theme
         status_style = {"dead": f"bold {theme.error}", "completed": f"bold {theme.success}",
-                        "running": f"bold {theme.accent}", "pending": f"bold {theme.warning}"}[job.status]
+                        "running": f"bold {theme.accent}", "pending": f"bold {theme.warning}"}.get(job.status, "bold")
         head = Text()
         head.append(f"Job {job.id}", style="bold")
         head.append("  ·  flow ")
@@ -147,7 +165,8 @@ class JobScreen(Screen[None]):
         lines.append("Timeline\n", style="bold underline")
         for at, event, detail, trace in timeline(job, self.console.now()):
             lines.append(f"{fmt.stamp(at, tz)}  ", style="dim")
-            style = f"bold {theme.error}" if ("failed" in event or event == "dead letter") else "bold"
+            style = (f"bold {theme.error}" if ("failed" in event or event == "dead letter")
+                     else f"bold {theme.accent}" if event == OPERATOR_RETRY else "bold")
             lines.append(f"{event:<18}", style=style)
             lines.append(f" {detail}\n")
             if trace:
@@ -164,7 +183,7 @@ class JobScreen(Screen[None]):
         self.query_one("#job-result", Static).update(Group(result, result_body))
 
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
-        allowed = self.console.check_write(action)
+        allowed = super().check_action(action, parameters)
         if allowed is False:
             return False
         if action in ("retry", "purge"):
@@ -181,7 +200,7 @@ class JobScreen(Screen[None]):
 
         def answered(yes: bool | None) -> None:
             if yes:
-                self.console.retry_ids([job_id], then=lambda: self.console.load_job(job_id, self))
+                self.ask(RetryJobs([job_id]))
             else:
                 self.notify("cancelled: nothing changed", timeout=3)
 
@@ -194,7 +213,7 @@ class JobScreen(Screen[None]):
 
         def answered(yes: bool | None) -> None:
             if yes:
-                self.console.purge_ids([job_id], then=lambda: self.console.load_job(job_id, self))
+                self.ask(PurgeJobs([job_id]))
             else:
                 self.notify("cancelled: nothing changed", timeout=3)
 

@@ -90,16 +90,17 @@ class HelpScreen(ModalScreen[None]):
 
     def compose(self) -> ComposeResult:
         text = Text()
+        width = max((len(keys) for _, rows in self.sections for keys, _ in rows), default=0) + 2
         for title, rows in self.sections:
             text.append(f"{title}\n", style="bold underline")
             for keys, description in rows:
-                text.append(f"  {keys:<22}", style="bold")
+                text.append(f"  {keys:<{width}}", style="bold")  # wide enough for the longest: never run together
                 text.append(f"{description}\n")
             text.append("\n")
         if self.footer_text:
             text.append(self.footer_text, style="dim")
         with Vertical(id="dialog", classes="help"):
-            yield Label("Keys  (Esc closes)", id="dialog-title")
+            yield Label("Keys  (↑ ↓ scroll · Esc closes)", id="dialog-title")
             with VerticalScroll(id="help-body"):
                 yield Static(text)
 

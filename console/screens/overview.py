@@ -13,9 +13,10 @@ from textual.widgets import DataTable, Static
 from console import format as fmt
 from console.data import FlowRow, Snapshot, WorkerRow
 from console.filters import Filter
+from console.messages import CycleWindow, SetFlowPaused, ShowDeadLetters
 from console.screens.base import ConsoleScreen
 from console.data import LATENCY_MIN_SAMPLES, Latency
-from console.state import WINDOW_NAMES, WINDOWS, history_means, history_totals
+from console.state import WINDOW_NAMES, history_means, history_totals
 from console.widgets.chart import ThroughputChart
 from console.widgets.tables import Table, sync_rows
 
@@ -219,9 +220,7 @@ class OverviewScreen(ConsoleScreen):
     # -- actions -----------------------------------------------------------------------------------------
 
     def action_window(self) -> None:
-        app = self.console
-        app.window = WINDOWS[(WINDOWS.index(app.window) + 1) % len(WINDOWS)]
-        self.update_view({"counts"})
+        self.ask(CycleWindow())
 
     def selected_flow(self) -> str | None:
         return self.cursor_key(self.query_one("#flows", DataTable))
@@ -234,8 +233,9 @@ class OverviewScreen(ConsoleScreen):
             return
         row = next((f for f in snapshot.flows if f.name == flow), None)
         paused = self.console.state.paused(flow, row.paused if row else False)
-        self.console.set_paused(flow, not paused)
+        self.ask(SetFlowPaused(flow, not paused))
 
     def on_data_table_row_selected(self, event: DataTable.RowSelected) -> None:
         if event.data_table.id == "flows" and event.row_key.value is not None:
-            self.console.show_dead_letters(Filter(flow=str(event.row_key.value), text=f"flow:{event.row_key.value}"))
+            flow = str(event.row_key.value)
+            self.ask(ShowDeadLetters(Filter(flow=flow, text=f"flow:{flow}")))

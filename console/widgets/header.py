@@ -10,7 +10,7 @@ from textual.widgets import Static
 
 
 class StatusHeader(Static):
-    """Two lines; the app computes the text (ConsoleApp.header_text) so all screens agree."""
+    """Two lines: `console.status.header_text()` of the app's state, so all screens agree."""
 
     DEFAULT_CSS = """
     StatusHeader { height: 2; padding: 0 1; background: $panel; text-wrap: nowrap; text-overflow: ellipsis; }

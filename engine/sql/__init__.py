@@ -1,6 +1,7 @@
 """Loads engine/sql/queries.sql once into a mapping of name -> statement.
 
-Call sites say `Q.claim_batch`; a reader finds every statement the engine can send in one file.
+Only engine/store.py uses it (`Q.claim_batch`); a reader finds every statement the engine can send in
+one file, and every call that sends one in one module.
 """
 
 from __future__ import annotations

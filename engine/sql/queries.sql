@@ -1,4 +1,4 @@
--- Every statement skiplock sends, one block per name, called by name from engine/sql/__init__.py.
+-- Every statement skiplock sends, one block per name, each sent by one named function of engine/store.py.
 -- Parameters are psycopg named placeholders. Optional filters are written in SQL
 -- (`%(flow)s::text IS NULL OR flow = %(flow)s`), never assembled from strings.
 -- Every state change is guarded in its WHERE clause by the status it expects.
@@ -204,7 +204,7 @@ WITH orphaned AS (
     RETURNING j.id, j.flow, j.status, j.run_id
 ), run_progress AS (
     -- A job that dies here ends, like one that dies at ack: its run may be finished now (the
-    -- supervisor fires the hook of finished runs through runs_unfired).
+    -- supervisor fires the hook of finished runs through runs_claim_orphaned_hooks).
     UPDATE skiplock.runs r
     SET dead = r.dead + d.dead,
         finished_at = CASE WHEN r.finished_at IS NULL AND r.completed + r.dead + d.dead >= r.total
@@ -250,8 +250,8 @@ SELECT count(*), (SELECT pg_notify('skiplock_enqueued', '') WHERE EXISTS (SELECT
 FROM reset;
 
 -- name: dlq_list
-SELECT id, flow, attempts, skiplock.max_attempts_for(j.flow, j.max_attempts), error_type, error_message,
-       finished_at, run_id
+SELECT id, flow, attempts, skiplock.max_attempts_for(j.flow, j.max_attempts) AS max_attempts, error_type,
+       error_message, finished_at, run_id
 FROM skiplock.jobs j
 WHERE status = 'dead'
   AND (%(ids)s::bigint[] IS NULL OR id = ANY(%(ids)s::bigint[]))
@@ -262,7 +262,8 @@ ORDER BY finished_at DESC, id DESC
 LIMIT %(limit)s;
 
 -- name: job_get
-SELECT id, flow, payload, status::text, priority, run_at, attempts, skiplock.max_attempts_for(j.flow, j.max_attempts),
+SELECT id, flow, payload, status::text AS status, priority, run_at, attempts,
+       skiplock.max_attempts_for(j.flow, j.max_attempts) AS max_attempts,
        claimed_by,
        claimed_at, error_type, error_message, errors, NULL::jsonb AS result, run_id, dedupe_key,
        created_at, updated_at, finished_at
@@ -497,7 +498,7 @@ INSERT INTO skiplock.flows (name) VALUES (%(flow)s) ON CONFLICT (name) DO NOTHIN
 -- Exactly one caller gets the row back: it fires the run's on-complete hook.
 UPDATE skiplock.runs SET hook_fired_at = now()
 WHERE id = %(run_id)s AND finished_at IS NOT NULL AND hook_fired_at IS NULL
-RETURNING id, flow, total, completed, dead;
+RETURNING id AS run, flow, total, completed, dead;
 
 -- name: runs_claim_orphaned_hooks
 -- Runs of the flows this engine serves that finished but whose hook was never claimed (the acking
@@ -509,7 +510,7 @@ WHERE id IN (SELECT id FROM skiplock.runs
              LIMIT 100
              FOR UPDATE SKIP LOCKED)
   AND hook_fired_at IS NULL
-RETURNING id, flow, total, completed, dead;
+RETURNING id AS run, flow, total, completed, dead;
 
 -- name: rescue_leader
 -- One engine at a time runs the rescue pass. Session-level, so the pass's own statements commit one
@@ -570,7 +571,7 @@ WITH RECURSIVE ref AS (
     UNION SELECT DISTINCT flow FROM skiplock.stats_minute, ref
           WHERE minute >= date_trunc('minute', ref.now) - interval '1 hour'
 )
-SELECT n.name, coalesce(f.paused, false), coalesce(f.circuit_state, 'closed'),
+SELECT n.name, coalesce(f.paused, false) AS paused, coalesce(f.circuit_state, 'closed') AS circuit_state,
        extract(epoch FROM f.circuit_until - ref.now)::float8 AS circuit_open_for,
        (f.policy ->> 'max_attempts')::int AS max_attempts,
        p.ready, p.scheduled, p.retrying, p.total AS pending_total, r.running, d.dead
@@ -600,7 +601,7 @@ LIMIT 200;
 
 -- name: console_history
 -- Per-minute counts for the charts and rates, by the primary key (minute, flow).
-SELECT extract(epoch FROM minute)::float8, flow, completed, failed, dead, rescued, wait_ms_sum, run_ms_sum
+SELECT extract(epoch FROM minute)::float8 AS minute, flow, completed, failed, dead, rescued, wait_ms_sum, run_ms_sum
 FROM skiplock.stats_minute
 WHERE minute >= date_trunc('minute', coalesce(%(now)s::timestamptz, now())) - make_interval(mins => %(minutes)s)
   AND minute <= coalesce(%(now)s::timestamptz, now())

@@ -1,7 +1,7 @@
 """Enqueue the submitted surveys of the source as jobs of the `survey` flow.
 
     SURVEYHUB_ODBC='Driver={SQLite3};Database=/tmp/surveyhub.sqlite' \\
-        python -m examples.survey.producer --config examples/survey/config.toml --dsn "$SKIPLOCK_DSN"
+        python -m engine.examples.survey.producer --config engine/examples/survey/config.toml --dsn "$SKIPLOCK_DSN"
 
 Each job carries a dedupe key (`survey:ID`), so running the producer again while earlier jobs are still
 pending or running does not enqueue a survey twice. All jobs of one call form one run.
@@ -21,7 +21,7 @@ from engine.errors import SkiplockError
 from engine.queue import EnqueueResult, Queue
 from engine.sources import Source, SourceConfig
 
-from examples.survey.flow import SOURCE
+from engine.examples.survey.flow import SOURCE
 
 FLOW: Final = "survey"
 EXAMPLE_CONFIG: Final = Path(__file__).with_name("config.toml")
@@ -39,7 +39,7 @@ def enqueue_surveys(queue: Queue, survey_ids: Sequence[int], *, run_id: str | No
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m examples.survey.producer", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m engine.examples.survey.producer", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default=str(EXAMPLE_CONFIG), help="config file with [sources.surveyhub]")
     parser.add_argument("--env", help="environment of the config file")
     parser.add_argument("--dsn", help="the queue's database (default: SKIPLOCK_DSN or the config's dsn)")

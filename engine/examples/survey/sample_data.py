@@ -1,9 +1,9 @@
 """Sample SurveyHub data, written over ODBC so the same code fills a SQLite file, a PostgreSQL database
 or a SQL Server: the DDL uses only types all three share (INTEGER, VARCHAR, DECIMAL, DATE).
 
-    python -m examples.survey.sample_data --sqlite /tmp/surveyhub.sqlite --surveys 200
-    python -m examples.survey.sample_data --odbc 'Driver={PostgreSQL Unicode};Servername=...;Database=surveyhub'
-    python -m examples.survey.sample_data --sqlite /tmp/surveyhub.sqlite --dsn "$SKIPLOCK_DSN"  # + results table
+    python -m engine.examples.survey.sample_data --sqlite /tmp/surveyhub.sqlite --surveys 200
+    python -m engine.examples.survey.sample_data --odbc 'Driver={PostgreSQL Unicode};Servername=...;Database=surveyhub'
+    python -m engine.examples.survey.sample_data --sqlite /tmp/surveyhub.sqlite --dsn "$SKIPLOCK_DSN"  # + results table
 
 Existing sample tables are dropped first. About one survey in ten is a draft, which the producer skips.
 """
@@ -23,7 +23,7 @@ import psycopg
 
 from engine.sources import Source, SourceConfig
 
-from examples.survey.flow import create_results_table
+from engine.examples.survey.flow import create_results_table
 
 QUESTIONS: Final = (
     (1, "How likely are you to recommend us?", Decimal("3.00")),
@@ -84,7 +84,7 @@ def create_source_data(connection_string: str, surveys: int = 50, *, seed: int =
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m examples.survey.sample_data",
+    parser = argparse.ArgumentParser(prog="python -m engine.examples.survey.sample_data",
                                      description="create sample SurveyHub data over ODBC")
     where = parser.add_mutually_exclusive_group(required=True)
     where.add_argument("--sqlite", type=Path, help="SQLite file (SQLite3 ODBC driver, libsqliteodbc)")

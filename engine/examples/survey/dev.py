@@ -11,33 +11,34 @@ With SURVEYHUB_ODBC already set, that source is used as it is and no sample data
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import os
 import time
 from pathlib import Path
 from typing import Final
 
 from engine import db
-from engine.cli import cmd_status
-from engine.config import load_settings
-from engine.dev import database_for, start_engine_process, stop_engine, stop_requested_by_signals
+from engine.config import Settings, load_settings
+from engine.dev import (DevOptions, database_for, print_status_of, start_engine_process, stop_engine,
+                        stop_requested_by_signals)
 from engine.embedded import default_data_dir
 from engine.migrate import migrate
 from engine.queue import DeadLetterFilter, Queue
 from engine.sources import Source, SourceConfig
+from engine.supervisor import EngineOptions
 
-from examples.survey.flow import SOURCE, create_results_table
-from examples.survey.producer import EXAMPLE_CONFIG, FLOW, enqueue_surveys, submitted_survey_ids
-from examples.survey.sample_data import create_source_data, sqlite_connection_string
+from engine.examples.survey.flow import SOURCE, create_results_table
+from engine.examples.survey.producer import EXAMPLE_CONFIG, FLOW, enqueue_surveys, submitted_survey_ids
+from engine.examples.survey.sample_data import create_source_data, sqlite_connection_string
 
 ENV_VAR: Final = "SURVEYHUB_ODBC"
 MISSING_SURVEY_ID: Final = 999_999
 SAMPLE_SURVEYS: Final = 200
 
 
-def run_example(args: argparse.Namespace) -> int:
-    config = str(args.config) if args.config else str(EXAMPLE_CONFIG)
-    data_dir = Path(args.data_dir or default_data_dir())
+def run_example(options: DevOptions) -> int:
+    config = str(options.config) if options.config else str(EXAMPLE_CONFIG)
+    data_dir = Path(options.data_dir or default_data_dir())
     if not os.environ.get(ENV_VAR):
         sqlite_file = data_dir.parent / "surveyhub.sqlite"
         sqlite_file.parent.mkdir(parents=True, exist_ok=True)
@@ -45,7 +46,7 @@ def run_example(args: argparse.Namespace) -> int:
         submitted = create_source_data(os.environ[ENV_VAR], SAMPLE_SURVEYS)
         print(f"sample SurveyHub written to {sqlite_file} ({SAMPLE_SURVEYS} surveys, {len(submitted)} submitted)",
               flush=True)
-    settings = load_settings(config, env=args.env, dsn=args.dsn)
+    settings = load_settings(config, env=options.env, dsn=options.dsn)
     server, dsn = database_for(settings.dsn, data_dir)
     try:
         with db.connect(dsn) as conn:
@@ -62,12 +63,12 @@ def run_example(args: argparse.Namespace) -> int:
             result = enqueue_surveys(queue, [*ids, MISSING_SURVEY_ID], run_id=f"surveys-{int(time.time())}",
                                      max_attempts=flow.max_attempts)
         print(f"enqueued {result.inserted} survey job(s) (survey {MISSING_SURVEY_ID} does not exist)", flush=True)
-        status_args = argparse.Namespace(config=config, env=args.env, dsn=dsn, flow=FLOW, json=False)
-        if args.no_engine:
-            cmd_status(status_args)
+        settings = dataclasses.replace(settings, dsn=dsn)
+        if options.no_engine:
+            print_status_of(settings, FLOW)
             return 0
-        code = _run_engine(dsn, args, config)
-        cmd_status(status_args)
+        code = _run_engine(settings, options)
+        print_status_of(settings, FLOW)
         _print_outcome(dsn)
         return code
     finally:
@@ -75,10 +76,10 @@ def run_example(args: argparse.Namespace) -> int:
             server.stop()
 
 
-def _run_engine(dsn: str, args: argparse.Namespace, config: str) -> int:
-    engine = start_engine_process(dsn, args, flows=FLOW, drain=True, config=config)
+def _run_engine(settings: Settings, options: DevOptions) -> int:
+    engine = start_engine_process(settings, EngineOptions(workers=options.workers, flows=FLOW, drain=True))
     stop = stop_requested_by_signals()
-    deadline = time.monotonic() + args.seconds if args.seconds else None
+    deadline = time.monotonic() + options.seconds if options.seconds else None
     print("engine running until the survey queue is drained; Ctrl-C stops", flush=True)
     while engine.is_alive() and not stop["requested"]:
         if deadline is not None and time.monotonic() >= deadline:

@@ -1,0 +1,46 @@
+"""Plain-text and JSON output for people: the tables and the queue status that `engine status`,
+`engine dev` and the examples print. No argument parsing here; the CLIs call these."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from typing import Any, TextIO
+
+import orjson
+
+from engine.queue import Queue
+
+
+def print_json(value: Any, out: TextIO | None = None) -> None:
+    (out or sys.stdout).write(orjson.dumps(value, option=orjson.OPT_INDENT_2, default=str).decode() + "\n")
+
+
+def print_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], out: TextIO | None = None) -> None:
+    stream = out or sys.stdout
+    cells = [[str(h) for h in headers]] + [["" if v is None else str(v) for v in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    for row in cells:
+        stream.write("  ".join(value.ljust(width) for value, width in zip(row, widths)).rstrip() + "\n")
+
+
+def print_status(queue: Queue, *, flow: str | None = None, as_json: bool = False, out: TextIO | None = None) -> None:
+    """Counts by flow (one flow with `flow`) and a TOTAL row, or the whole status as JSON."""
+    status = queue.get_queue_status(flow)
+    if as_json:
+        print_json(status, out)
+        return
+    rows = [(name, c["pending"] - c["scheduled"], c["scheduled"], c["processing"], c["completed"], c["failed"],
+             "yes" if c["paused"] else "")
+            for name, c in status["by_flow"].items()]
+    rows.append(("TOTAL", status["pending_records"] - status["scheduled_records"], status["scheduled_records"],
+                 status["processing_records"], status["completed_records"], status["failed_records"], ""))
+    print_table(("flow", "pending", "scheduled", "running", "completed", "dead", "paused"), rows, out)
+
+
+def clip(text: str | None, width: int) -> str:
+    """One line of at most `width` characters, with an ellipsis when cut."""
+    if not text:
+        return ""
+    text = text.replace("\n", " ")
+    return text if len(text) <= width else text[: width - 1] + "…"

@@ -1,0 +1,566 @@
+"""The store: every statement of engine/sql/queries.sql is sent by one named function here.
+
+A reader finds every database round trip the engine and the console make in this module, and every
+statement's text in queries.sql. Functions take an open connection; transactions are the caller's,
+except where statements must commit together (`rescue`'s slices, `flow_set_paused` with its event).
+
+Hot path (claim_batch, ack_batch, release_batch): plain tuples, because Python CPU per job decides
+throughput. Everything else returns typed rows: psycopg `class_row` into frozen dataclasses whose
+field names are the statements' column aliases.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Final, Literal, NamedTuple, TypeVar
+
+import psycopg
+from psycopg.rows import class_row, dict_row
+
+from engine.sql import Q
+from engine.telemetry import FlowCounts
+
+DEFAULT_MAX_ATTEMPTS: Final = 5
+RESCUE_SLICE: Final = 10_000
+
+JobStatus = Literal["pending", "running", "completed", "dead"]
+Conn = psycopg.Connection[Any]
+T = TypeVar("T")
+
+
+# ---------------------------------------------------------------------------------------------
+# Rows
+
+
+class Failure(NamedTuple):
+    job_id: int
+    error_type: str
+    message: str
+    traceback: str | None
+    permanent: bool
+    delay: float  # seconds until the retry, when one is left
+
+
+@dataclass(frozen=True)
+class AckResult:
+    completed: int
+    retried: int
+    dead_ids: list[int]
+    finished_runs: list[str]
+    refused: int
+
+
+@dataclass(frozen=True)
+class RescueResult:
+    lost_workers: list[str]
+    rescued_by_flow: dict[str, int]
+    dead_by_flow: dict[str, int]
+
+    @property
+    def rescued(self) -> int:
+        return sum(self.rescued_by_flow.values())
+
+    @property
+    def dead(self) -> int:
+        return sum(self.dead_by_flow.values())
+
+
+@dataclass(frozen=True)
+class Job:
+    id: int
+    flow: str
+    payload: dict[str, Any]
+    status: JobStatus
+    priority: int
+    run_at: datetime | None
+    attempts: int
+    max_attempts: int
+    claimed_by: str | None
+    claimed_at: datetime | None
+    error_type: str | None
+    error_message: str | None
+    errors: list[dict[str, Any]]
+    result: Any
+    run_id: str | None
+    dedupe_key: str | None
+    created_at: datetime
+    updated_at: datetime
+    finished_at: datetime | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in self.__dataclass_fields__}
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    id: int
+    flow: str
+    attempts: int
+    max_attempts: int
+    error_type: str | None
+    error_message: str | None
+    finished_at: datetime | None
+    run_id: str | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in self.__dataclass_fields__}
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    """A finished run, as its on-complete hook and the run_finished event see it."""
+
+    run: str
+    flow: str
+    total: int
+    completed: int
+    dead: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"run": self.run, "flow": self.flow, "total": self.total, "completed": self.completed,
+                "dead": self.dead}
+
+
+@dataclass(frozen=True)
+class FlowState:
+    name: str
+    paused: bool
+    circuit_state: str
+    open_for: float | None
+
+
+@dataclass(frozen=True)
+class LiveCounts:
+    flow: str
+    pending: int
+    scheduled: int
+    running: int
+    dead: int
+
+
+def _rows(conn: Conn, cls: type[T], sql: str, params: Mapping[str, Any] | None = None) -> list[T]:
+    with conn.cursor(row_factory=class_row(cls)) as cur:
+        return cur.execute(sql, params).fetchall()
+
+
+def _dicts(conn: Conn, sql: str, params: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
+    with conn.cursor(row_factory=dict_row) as cur:
+        return cur.execute(sql, params).fetchall()
+
+
+def _scalar(conn: Conn, sql: str, params: Mapping[str, Any] | None = None) -> Any:
+    row = conn.execute(sql, params).fetchone()
+    return row[0] if row is not None else None
+
+
+# ---------------------------------------------------------------------------------------------
+# Migrations and schema
+
+
+def migrations_lock(conn: Conn) -> None:
+    conn.execute(Q.migrations_lock)
+
+
+def migrations_unlock(conn: Conn) -> None:
+    conn.execute(Q.migrations_unlock)
+
+
+def migrations_bootstrap(conn: Conn) -> None:
+    conn.execute(Q.migrations_bootstrap)
+
+
+def migrations_applied(conn: Conn) -> set[int]:
+    return {row[0] for row in conn.execute(Q.migrations_applied)}
+
+
+def migrations_record(conn: Conn, version: int, name: str) -> None:
+    conn.execute(Q.migrations_record, {"version": version, "name": name})
+
+
+def schema_version(conn: Conn) -> int:
+    if not _scalar(conn, Q.schema_migrations_exists):
+        return 0
+    return int(_scalar(conn, Q.schema_version) or 0)
+
+
+def health_ping(conn: Conn) -> None:
+    conn.execute(Q.health_ping)
+
+
+# ---------------------------------------------------------------------------------------------
+# Enqueue
+
+
+def enqueue_one(conn: Conn, flow: str, payload: str, *, priority: int, delay: float, max_attempts: int | None,
+                run_id: str | None, dedupe_key: str | None) -> int | None:
+    """Returns the new job's id, or None when an unfinished job holds the dedupe key."""
+    job_id = _scalar(conn, Q.enqueue_one, {
+        "flow": flow, "payload": payload, "priority": priority, "delay": delay, "max_attempts": max_attempts,
+        "run_id": run_id, "dedupe_key": dedupe_key})
+    return None if job_id is None else int(job_id)
+
+
+def enqueue_many_dedupe(conn: Conn, flow: str, payloads: list[str], dedupe_keys: list[str | None], *,
+                        priority: int, delay: float, max_attempts: int | None, run_id: str | None) -> int:
+    """Returns how many were inserted (duplicates of an unfinished job's key are skipped)."""
+    cur = conn.execute(Q.enqueue_many_dedupe, {
+        "flow": flow, "payloads": payloads, "dedupe_keys": dedupe_keys, "priority": priority, "delay": delay,
+        "max_attempts": max_attempts, "run_id": run_id})
+    return cur.rowcount
+
+
+def _copy_escape(text: str) -> str:
+    # COPY text format: backslash is the escape character. orjson never emits raw tabs or newlines.
+    return text.replace("\\", "\\\\")
+
+
+def enqueue_copy(conn: Conn, flow: str, payloads: list[str], *, priority: int, delay: float,
+                 max_attempts: int | None, run_id: str | None) -> int:
+    """COPY the payloads (JSON texts) in; the batch's run_at comes from the server clock."""
+    run_at = _scalar(conn, Q.run_at_after, {"delay": delay})
+    suffix = "\t{}\t{}\t{}\t{}\n".format(
+        priority, run_at, "\\N" if max_attempts is None else max_attempts,
+        "\\N" if run_id is None else _copy_escape(run_id),
+    )
+    prefix = flow + "\t"
+    with conn.cursor().copy(Q.enqueue_copy) as copy:
+        chunk: list[str] = []
+        for text in payloads:
+            chunk.append(prefix)
+            chunk.append(_copy_escape(text) if "\\" in text else text)
+            chunk.append(suffix)
+            if len(chunk) >= 3 * 5000:
+                copy.write("".join(chunk))
+                chunk.clear()
+        if chunk:
+            copy.write("".join(chunk))
+    return len(payloads)
+
+
+def run_add_jobs(conn: Conn, run_id: str, flow: str, count: int) -> None:
+    conn.execute(Q.run_add_jobs, {"run_id": run_id, "flow": flow, "count": count})
+
+
+def notify_enqueued(conn: Conn) -> None:
+    conn.execute(Q.notify_enqueued)
+
+
+# ---------------------------------------------------------------------------------------------
+# Hot path: claim and ack (tuples)
+
+
+def new_claim_token() -> int:
+    return secrets.randbits(63)
+
+
+def claim_batch(conn: Conn, flow: str, worker_id: str, limit: int, token: int,
+                max_attempts: int = DEFAULT_MAX_ATTEMPTS) -> list[tuple[Any, ...]]:
+    """Claim up to `limit` jobs of `flow`: rows (id, payload, attempts, max_attempts, run_id, wait_ms).
+    Autocommit: one round trip. `max_attempts` is the flow's policy, for jobs enqueued without their own."""
+    cur = conn.execute(Q.claim_batch, {"flow": flow, "worker": worker_id, "limit": limit, "token": token,
+                                       "max_attempts": max_attempts})
+    return cur.fetchall()
+
+
+def ack_batch(
+    conn: Conn,
+    worker_id: str,
+    token: int,
+    done_ids: Sequence[int],
+    results: Sequence[str | None] | None = None,
+    failures: Sequence[Failure] = (),
+    max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+) -> AckResult:
+    """Acknowledge a claimed batch in one statement. `results` are JSON texts parallel to done_ids;
+    `max_attempts` is the flow's policy, for jobs enqueued without their own."""
+    params: dict[str, Any] = {
+        "max_attempts": max_attempts,
+        "worker": worker_id,
+        "token": token,
+        "done_ids": list(done_ids),
+        "results": list(results) if results is not None else None,
+        "fail_ids": [f.job_id for f in failures],
+        "permanent": [f.permanent for f in failures],
+        "error_types": [f.error_type for f in failures],
+        "messages": [f.message for f in failures],
+        "tracebacks": [f.traceback for f in failures],
+        "delays": [float(f.delay) for f in failures],  # psycopg refuses lists mixing int and float
+    }
+    row = conn.execute(Q.ack_batch, params).fetchone()
+    assert row is not None
+    completed, retried, dead_ids, finished_runs = int(row[0]), int(row[1]), list(row[2]), list(row[3])
+    refused = len(done_ids) + len(failures) - completed - retried - len(dead_ids)
+    return AckResult(completed, retried, dead_ids, finished_runs, refused)
+
+
+def release_batch(conn: Conn, worker_id: str, token: int, ids: Sequence[int]) -> int:
+    """Give back claimed jobs that were never started, without burning an attempt."""
+    return int(_scalar(conn, Q.release_batch, {"ids": list(ids), "token": token, "worker": worker_id}) or 0)
+
+
+def claim_release_token(conn: Conn, worker_id: str, token: int) -> int:
+    """Hand back whatever a claim of unknown outcome took (after a lost connection)."""
+    return int(_scalar(conn, Q.claim_release_token, {"worker": worker_id, "token": token}) or 0)
+
+
+def claim_flow_lock(conn: Conn, flow: str) -> None:
+    conn.execute(Q.claim_flow_lock, {"flow": flow})
+
+
+def claim_running_count(conn: Conn, flow: str) -> int:
+    return int(_scalar(conn, Q.claim_running_count, {"flow": flow}) or 0)
+
+
+def next_run_at(conn: Conn, flows: list[str]) -> float | None:
+    """Seconds until the earliest claimable scheduled job of these flows (None: nothing pending)."""
+    value = _scalar(conn, Q.next_run_at, {"flows": flows})
+    return None if value is None else float(value)
+
+
+# ---------------------------------------------------------------------------------------------
+# Rescue and maintenance
+
+
+def rescue(conn: Conn, stale_after: float) -> RescueResult:
+    """Mark workers with stale heartbeats lost and put their running jobs back (in bounded slices)."""
+    with conn.transaction():
+        lost = [row[0] for row in conn.execute(Q.rescue_stale_workers, {"stale_after": stale_after})]
+    rescued: dict[str, int] = {}
+    dead: dict[str, int] = {}
+    while True:
+        with conn.transaction():
+            rows = conn.execute(Q.rescue_jobs, {"stale_after": stale_after, "limit": RESCUE_SLICE}).fetchall()
+        for flow, n_rescued, n_dead, _ in rows:
+            rescued[flow] = rescued.get(flow, 0) + int(n_rescued)
+            dead[flow] = dead.get(flow, 0) + int(n_dead)
+        if sum(int(r[1]) + int(r[2]) for r in rows) < RESCUE_SLICE:
+            break
+    return RescueResult(lost, {k: v for k, v in rescued.items() if v}, {k: v for k, v in dead.items() if v})
+
+
+def rescue_leader(conn: Conn) -> bool:
+    """True when this engine may run the rescue pass, until rescue_leader_release (or the session's
+    end). Session-level, so the pass's statements commit one by one."""
+    return bool(_scalar(conn, Q.rescue_leader))
+
+
+def rescue_leader_release(conn: Conn) -> None:
+    conn.execute(Q.rescue_leader_release)
+
+
+def worker_mark_lost(conn: Conn, reasons: Mapping[str, str]) -> list[str]:
+    """Mark workers lost, each with what happened ("exited with code -9"); the rescue writes it into
+    each rescued job's error."""
+    return [row[0] for row in conn.execute(Q.worker_mark_lost, {"ids": list(reasons),
+                                                                "reasons": list(reasons.values())})]
+
+
+def cleanup_orphaned(conn: Conn, timeout: float) -> int:
+    return int(_scalar(conn, Q.cleanup_orphaned, {"timeout": timeout}) or 0)
+
+
+def reset_failed(conn: Conn, flow: str, max_retries: int) -> int:
+    return int(_scalar(conn, Q.reset_failed, {"flow": flow, "max_retries": max_retries}) or 0)
+
+
+def purge_done(conn: Conn, retention: float, limit: int) -> int:
+    """One bounded slice of the retention purge; returns how many rows it deleted."""
+    return conn.execute(Q.purge_done, {"retention": retention, "limit": limit}).rowcount
+
+
+def drain_remaining(conn: Conn, flows: list[str]) -> bool:
+    """True while any job of these flows is pending or running."""
+    return bool(_scalar(conn, Q.drain_remaining, {"flows": flows}))
+
+
+# ---------------------------------------------------------------------------------------------
+# Dead letters and jobs
+
+
+def dlq_list(conn: Conn, where: Mapping[str, Any], limit: int) -> list[DeadLetter]:
+    """`where`: DeadLetterFilter.params() (ids, flow, error_type, older_than)."""
+    return _rows(conn, DeadLetter, Q.dlq_list, {**where, "limit": limit})
+
+
+def dlq_retry(conn: Conn, where: Mapping[str, Any]) -> list[int]:
+    return sorted(_scalar(conn, Q.dlq_retry, where) or [])
+
+
+def dlq_purge(conn: Conn, where: Mapping[str, Any]) -> list[int]:
+    return sorted(_scalar(conn, Q.dlq_purge, where) or [])
+
+
+def dlq_analyze(conn: Conn, flow: str | None) -> list[dict[str, Any]]:
+    """flow, error_type, count, first_at, last_at, sample_message per group of dead letters."""
+    return _dicts(conn, Q.dlq_analyze, {"flow": flow})
+
+
+def job_get(conn: Conn, job_id: int) -> Job | None:
+    rows = _rows(conn, Job, Q.job_get, {"id": job_id})
+    return rows[0] if rows else None
+
+
+# ---------------------------------------------------------------------------------------------
+# Status, flows, workers
+
+
+def status_live(conn: Conn, flow: str | None) -> list[LiveCounts]:
+    return _rows(conn, LiveCounts, Q.status_live, {"flow": flow})
+
+
+def status_completed(conn: Conn, flow: str | None) -> dict[str, int]:
+    return {name: int(count) for name, count in conn.execute(Q.status_completed, {"flow": flow})}
+
+
+def flows_list(conn: Conn) -> list[dict[str, Any]]:
+    """name, paused, circuit_state, circuit_until, policy of every recorded flow."""
+    return _dicts(conn, Q.flows_list)
+
+
+def flow_set_paused(conn: Conn, flow: str, paused: bool, event: str) -> None:
+    """Pause or resume; `event` (an encoded flow_paused/flow_resumed) is sent in the same transaction."""
+    with conn.transaction():
+        conn.execute(Q.flow_set_paused, {"flow": flow, "paused": paused})
+        conn.execute(Q.flow_paused_changed_notify, {"payload": event})
+
+
+def flows_sync(conn: Conn, policies: Mapping[str, str]) -> None:
+    """Record the policy (JSON text) this engine runs each flow with."""
+    conn.execute(Q.flows_sync, {"names": list(policies), "policies": list(policies.values())})
+
+
+def flows_state(conn: Conn, flows: list[str]) -> list[FlowState]:
+    return _rows(conn, FlowState, Q.flows_state, {"flows": flows})
+
+
+def circuit_open(conn: Conn, flow: str, cooldown: float) -> float | None:
+    """Open the flow's circuit for `cooldown` s; returns until when (unix s), None if already open."""
+    conn.execute(Q.circuit_ensure_flow, {"flow": flow})
+    until = _scalar(conn, Q.circuit_open, {"flow": flow, "cooldown": cooldown})
+    return None if until is None else float(until)
+
+
+def circuit_close(conn: Conn, flow: str) -> bool:
+    """True when this call closed it."""
+    return conn.execute(Q.circuit_close, {"flow": flow}).fetchone() is not None
+
+
+def worker_register(conn: Conn, worker_id: str, engine_id: str, host: str, pid: int, flows: list[str]) -> None:
+    conn.execute(Q.worker_register, {"id": worker_id, "engine_id": engine_id, "host": host, "pid": pid,
+                                     "flows": flows})
+
+
+def worker_report(conn: Conn, worker_id: str, state: str, counters: Any, pool: Any) -> bool:
+    """A worker's own state, counters and pool (its liveness is the supervisor's: workers_renew).
+    False when the worker was marked lost or stopped (it must stop claiming)."""
+    return conn.execute(Q.worker_report, {"id": worker_id, "state": state, "counters": counters,
+                                          "pool": pool}).fetchone() is not None
+
+
+def workers_renew(conn: Conn, worker_ids: list[str]) -> set[str]:
+    """The supervisor's heartbeat of its workers; returns the ids the database holds lost."""
+    return set(_scalar(conn, Q.workers_renew, {"ids": worker_ids}) or ())
+
+
+def worker_api_heartbeat(conn: Conn, worker_id: str, host: str, pid: int) -> bool:
+    """Queue.heartbeat: registers or renews a custom claim loop's id; False once it is lost or stopped."""
+    return conn.execute(Q.worker_api_heartbeat, {"id": worker_id, "host": host, "pid": pid}).fetchone() is not None
+
+
+def worker_stopped(conn: Conn, worker_id: str) -> None:
+    conn.execute(Q.worker_stopped, {"id": worker_id})
+
+
+def workers_list(conn: Conn) -> list[dict[str, Any]]:
+    return _dicts(conn, Q.workers_list)
+
+
+def workers_stale_count(conn: Conn, stale_after: float) -> int:
+    return int(_scalar(conn, Q.workers_stale_count, {"stale_after": stale_after}) or 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Telemetry and runs
+
+
+def events_notify(conn: Conn, events: list[str]) -> None:
+    """NOTIFY encoded events (engine.telemetry.encode_event) on skiplock_events."""
+    if events:
+        conn.execute(Q.events_notify, {"events": events})
+
+
+def stats_upsert(conn: Conn, counts: Mapping[str, FlowCounts]) -> None:
+    """Add per-flow counts to this minute's row of skiplock.stats_minute."""
+    if not counts:
+        return
+    values = list(counts.values())
+    conn.execute(Q.stats_upsert, {
+        "flows": list(counts), "completed": [c.completed for c in values], "failed": [c.failed for c in values],
+        "dead": [c.dead for c in values], "rescued": [c.rescued for c in values],
+        "wait_ms": [float(c.wait_ms_sum) for c in values], "run_ms": [float(c.run_ms_sum) for c in values]})
+
+
+def run_claim_hook(conn: Conn, run_id: str) -> RunSummary | None:
+    """Exactly one caller gets the finished run back: it fires the run's hook."""
+    rows = _rows(conn, RunSummary, Q.run_claim_hook, {"run_id": run_id})
+    return rows[0] if rows else None
+
+
+def runs_claim_orphaned_hooks(conn: Conn, flows: list[str]) -> list[RunSummary]:
+    """Finished runs of `flows` whose hook nobody claimed: claimed now, for the caller to fire."""
+    return _rows(conn, RunSummary, Q.runs_claim_orphaned_hooks, {"flows": flows})
+
+
+# ---------------------------------------------------------------------------------------------
+# Console reads (console/data.py gives the row classes; their fields are the column aliases)
+
+
+def console_snapshot_begin(conn: Conn) -> None:
+    conn.execute(Q.console_snapshot_begin)
+
+
+def console_now(conn: Conn, now: datetime | None) -> tuple[datetime, str]:
+    """The reference time (`now`, or the server's clock) and the server version."""
+    row = conn.execute(Q.console_now, {"now": now}).fetchone()
+    assert row is not None
+    return row[0], str(row[1])
+
+
+def console_flows(conn: Conn, cls: type[T], now: datetime | None, cap: int) -> list[T]:
+    return _rows(conn, cls, Q.console_flows, {"now": now, "cap": cap})
+
+
+def console_history(conn: Conn, cls: type[T], now: datetime | None, minutes: int) -> list[T]:
+    return _rows(conn, cls, Q.console_history, {"now": now, "minutes": minutes})
+
+
+def console_latency(conn: Conn, cls: type[T], now: datetime | None, seconds: float, sample: int) -> dict[str, T]:
+    """Per flow: `cls(samples, wait_p50, wait_p95, run_p50, run_p95)`."""
+    rows = _dicts(conn, Q.console_latency, {"now": now, "seconds": seconds, "sample": sample})
+    return {row.pop("flow"): cls(**row) for row in rows}
+
+
+def console_workers(conn: Conn, cls: type[T], now: datetime | None, limit: int) -> list[T]:
+    return _rows(conn, cls, Q.console_workers, {"now": now, "limit": limit})
+
+
+def console_runs(conn: Conn, cls: type[T], now: datetime | None, limit: int) -> list[T]:
+    return _rows(conn, cls, Q.console_runs, {"now": now, "limit": limit})
+
+
+def console_estimate(conn: Conn, flow: str, status: str) -> Any:
+    """The planner's JSON plan for counting a flow's jobs in `status` (no rows read)."""
+    # EXPLAIN takes no bind parameters: a client-side-binding cursor quotes the values itself.
+    row = psycopg.ClientCursor(conn).execute(Q.console_estimate, {"flow": flow, "status": status}).fetchone()
+    return row[0] if row else None
+
+
+async def console_listen(conn: psycopg.AsyncConnection[Any]) -> None:
+    await conn.execute(Q.console_listen)
+
+
+async def health_ping_async(conn: psycopg.AsyncConnection[Any]) -> None:
+    await conn.execute(Q.health_ping)
