@@ -35,6 +35,7 @@ from rich.text import Text
 from textual import on, work
 from textual.app import App, ScreenStackError, SystemCommand
 from textual.binding import Binding
+from textual.css.query import NoMatches
 from textual.message_pump import MessagePump
 from textual.screen import Screen
 from textual.timer import Timer
@@ -149,7 +150,7 @@ class ConsoleApp(App[None]):
         if self.live:
             self.feed = Feed(self.dsn, self.post_message, refresh_interval=self.refresh_interval, clock=self.now)
             self.run_worker(self.feed.run(), group="feed", exclusive=True, exit_on_error=False)
-        self.set_interval(FLUSH_INTERVAL_S, self._flush)
+        self.set_interval(FLUSH_INTERVAL_S, self._redraw)
         if self.quit_after:
             self.set_timer(self.quit_after, self.exit)
         self.request_refresh()
@@ -202,7 +203,7 @@ class ConsoleApp(App[None]):
         self.down_since = None
         self.state.set_snapshot(message.snapshot)
         if not self.frozen:
-            self._flush(force={"snapshot", "dead"})
+            self._redraw(force={"snapshot", "dead"})
         if was_down or not self._backfilled:
             self._backfilled = True
             self._load_failures()
@@ -221,7 +222,7 @@ class ConsoleApp(App[None]):
             self.down_since = self.now()
         self.database_down = True
         self.db_error = message.error
-        self._flush(force={"status"})
+        self._redraw(force={"status"})
         self._arm_refresh(min(self.refresh_interval, 2.0))
 
     @work(thread=True, exclusive=True, group="backfill", exit_on_error=False)
@@ -254,7 +255,7 @@ class ConsoleApp(App[None]):
         if "dead" in changed:
             self._dead_letters_changed(soon=True)
         if "flows" in changed and not self.frozen:
-            self._flush()
+            self._redraw()
 
     def on_feed_status(self, message: FeedStatus) -> None:
         self.feed_connected = message.connected
@@ -264,11 +265,11 @@ class ConsoleApp(App[None]):
             self.request_refresh()  # resynchronise: what happened while we were away is in the tables
         else:
             self.state.disconnected()
-        self._flush(force={"status"})
+        self._redraw(force={"status"})
 
     # -- drawing -------------------------------------------------------------------------------------------
 
-    def _flush(self, force: set[str] | None = None) -> None:
+    def _redraw(self, force: set[str] | None = None) -> None:
         if self.frozen and force is None:
             return
         changes = self._pending | (force or set())
@@ -278,9 +279,12 @@ class ConsoleApp(App[None]):
         except ScreenStackError:  # a timer firing while the app shuts down: nothing left to draw
             return
         if isinstance(screen, BaseScreen) and screen.ready:
-            screen.update_header()
-            if changes or isinstance(screen, OverviewScreen):
-                screen.update_view(changes | {"tick"})
+            try:
+                screen.update_header()
+                if changes or isinstance(screen, OverviewScreen):
+                    screen.update_view(changes | {"tick"})
+            except NoMatches:  # the screen is being torn down (shutdown, or popped under the timer)
+                return
 
     def attachment(self) -> Attachment:
         """Where the console is attached and how its connections are doing, for the header."""
@@ -335,7 +339,7 @@ class ConsoleApp(App[None]):
             self.notify("display frozen: z resumes", timeout=3)
         else:
             self.request_refresh()
-        self._flush(force={"status"})
+        self._redraw(force={"status"})
 
     def action_refresh(self) -> None:
         self.request_refresh()
@@ -405,13 +409,13 @@ class ConsoleApp(App[None]):
     @on(CycleWindow)
     def _on_cycle_window(self, message: CycleWindow) -> None:
         self.window = WINDOWS[(WINDOWS.index(self.window) + 1) % len(WINDOWS)]
-        self._flush(force={"counts"})
+        self._redraw(force={"counts"})
 
     @on(ClearFailures)
     def _on_clear_failures(self, message: ClearFailures) -> None:
         self.state.failures.clear()
         self.state.failures_version += 1
-        self._flush(force={"failures"})
+        self._redraw(force={"failures"})
 
     @on(LoadDeadLetters)
     def _on_load_dead_letters(self, message: LoadDeadLetters) -> None:
