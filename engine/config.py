@@ -282,8 +282,8 @@ class FlowConfig:
 @dataclass(frozen=True)
 class EngineConfig:
     workers: int = _key(_int(1), "worker processes of one engine", 2)
-    heartbeat_interval: float = _key(_POSITIVE_DURATION, "how often a worker proves it is alive", 5.0)
-    stale_after: float = _key(_POSITIVE_DURATION, "a worker without a heartbeat this long is lost", 30.0)
+    heartbeat_interval: float = _key(_POSITIVE_DURATION, "how often the supervisor renews its workers' heartbeats", 5.0)
+    stale_after: float = _key(_POSITIVE_DURATION, "a worker without a heartbeat this long is lost (>= 3 x heartbeat_interval)", 30.0)
     rescue_interval: float = _key(_POSITIVE_DURATION, "how often the leader rescues jobs of lost workers", 10.0)
     poll_interval: float = _key(_POSITIVE_DURATION, "fallback poll when no NOTIFY arrives", 5.0)
     grace_period: float = _key(_DURATION, "on SIGTERM, time to finish the batch in hand", 30.0)
