@@ -50,6 +50,7 @@ from typing import Any, Final
 import psycopg
 
 from engine import store
+from engine.redact import describe_error
 
 log = logging.getLogger("skiplock.engine")
 
@@ -311,8 +312,7 @@ class EngineLiveness:
             self._conn = None
             if not self._failing_since:
                 self._failing_since = sent
-                log.warning("heartbeat failed (workers are frozen before their lease ends): %s",
-                            str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
+                log.warning("heartbeat failed (workers are frozen before their lease ends): %s", describe_error(exc))
             return False
         if self._failing_since:
             log.info("heartbeat restored after %.1fs", time.monotonic() - self._failing_since)
