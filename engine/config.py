@@ -277,6 +277,11 @@ class FlowConfig:
     on_complete: str | None = _key(_optional(_ref), '"module:function" run once when a run finishes', None)
     sources: tuple[str, ...] = _key(_source_names, "names of [sources.X] the handler uses", ())
     transactional: bool = _key(_bool, "handler writes through ctx.pg commit in the batch's ack transaction", False)
+    concurrency_per_worker: int | None = _key(
+        _optional(_int(1)), "jobs one worker runs at once; unset: 1 for a def handler, 100 for async def", None,
+        recorded=True)
+    batch: bool = _key(_bool, "the handler takes the whole claimed batch: handler(payloads) -> list", False,
+                       recorded=True)
 
 
 @dataclass(frozen=True)

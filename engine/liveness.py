@@ -55,6 +55,7 @@ from engine.redact import describe_error
 log = logging.getLogger("skiplock.engine")
 
 EXIT_LEASE_EXPIRED: Final = 7  # a worker whose lease ran out exits with this code
+_real_exit = os._exit  # bound at import: the worker guards os._exit against handlers after that
 ENFORCE_INTERVAL_CAP: Final = 0.05  # the supervisor's lease checks (no database involved)
 GUARD_INTERVAL_CAP: Final = 0.1  # a worker's lease checks: a read of shared memory and one syscall
 FREEZE_LEAD_CAP: Final = 1.0
@@ -185,7 +186,7 @@ class WorkerGuard:
         if now >= deadline:
             log.error("lease expired: the supervisor could not prove this worker alive for %.1fs; stopping",
                       self.span, extra={"worker": self.worker_id})
-            os._exit(EXIT_LEASE_EXPIRED)
+            _real_exit(EXIT_LEASE_EXPIRED)
         request = table.freeze[index]
         if request:
             if table.frozen_ack[index] != request:

@@ -24,23 +24,11 @@ import pytest
 
 from engine.logs import JsonFormatter
 from engine.queue import Queue
-from support.engines import wait_for
+from support.engines import BASE, GRACE, RESCUE_INTERVAL, STALE_AFTER, log_has, rows, tail, wait_for
 from support.handlers import read_records
 from support.postgres import scalar
 
 # Small intervals keep fault tests fast: a silent worker is stale after 2 s, looked for every 0.5 s.
-BASE = """
-[global]
-heartbeat_interval = "0.5s"
-stale_after = "2s"
-rescue_interval = "0.5s"
-poll_interval = "0.5s"
-grace_period = "5s"
-tick_interval = "0.25s"
-"""
-STALE_AFTER = 2.0
-RESCUE_INTERVAL = 0.5
-GRACE = 5.0
 
 SLOW = BASE + """
 [flows.slow]
@@ -52,11 +40,6 @@ BATCH = 20
 
 # ---------------------------------------------------------------------------------------------
 # helpers
-
-
-def rows(dsn: str, sql: str, params: tuple = ()) -> list[tuple]:
-    with psycopg.connect(dsn, autocommit=True) as connection:
-        return connection.execute(sql, params).fetchall()
 
 
 def enqueue(dsn: str, flow: str, payloads: list[dict[str, Any]], **options: Any) -> None:
@@ -92,15 +75,6 @@ def kill_on_fresh_record(path: Path, signum: int, timeout: float = 20.0) -> int:
                 return pid
             time.sleep(0.001)
     pytest.fail("no job started")
-
-
-def log_has(engine: Any, msg: str, **fields: Any) -> list[dict]:
-    return [line for line in engine.log_lines()
-            if msg in line.get("msg", "") and all(line.get(k) == v for k, v in fields.items())]
-
-
-def tail(engine: Any, chars: int = 4000) -> str:
-    return engine.log_path.read_text(errors="replace")[-chars:]
 
 
 def assert_all_completed_once_in_db(dsn: str, total: int) -> None:
