@@ -294,8 +294,8 @@ class FlowConfig:
 @dataclass(frozen=True)
 class EngineConfig:
     workers: int = _key(_int(1, MAX_WORKERS), "worker processes of one engine", 2)
-    heartbeat_interval: float = _key(_POSITIVE_DURATION, "how often a worker proves it is alive", 5.0)
-    stale_after: float = _key(_POSITIVE_DURATION, "a worker without a heartbeat this long is lost", 30.0)
+    heartbeat_interval: float = _key(_POSITIVE_DURATION, "how often the supervisor renews its workers' heartbeats", 5.0)
+    stale_after: float = _key(_POSITIVE_DURATION, "a worker without a heartbeat this long is lost (>= 3 x heartbeat_interval)", 30.0)
     rescue_interval: float = _key(_POSITIVE_DURATION, "how often the leader rescues jobs of lost workers", 10.0)
     poll_interval: float = _key(_POSITIVE_DURATION, "fallback poll when no NOTIFY arrives", 5.0)
     grace_period: float = _key(_DURATION, "on SIGTERM, time to finish the batch in hand", 30.0)
@@ -741,6 +741,15 @@ class _Loader:
         # A worker is declared dead after stale_after without a heartbeat: it must exceed the interval.
         self._require_order(levels, "heartbeat_interval", engine.heartbeat_interval, "stale_after",
                             engine.stale_after, strict=True)
+        if engine.stale_after < 3 * engine.heartbeat_interval:
+            # A worker's lease (engine/liveness.py: stale_after - max(heartbeat_interval, 20%)) must
+            # outlast two heartbeats, or one late renewal freezes or stops the engine's workers.
+            high, low = self._find(levels, "stale_after"), self._find(levels, "heartbeat_interval")
+            origin = (high or low or (None, _Where(self._label, "", True)))[1].origin
+            high_name = high[1].key if high else "stale_after (default)"
+            low_name = low[1].key if low else "heartbeat_interval (default)"
+            raise ConfigError(f"{origin}: {high_name} must be at least 3 x {low_name} "
+                              f"({engine.stale_after:g} vs {engine.heartbeat_interval:g})")
         self._require_order(levels, "pool_min", engine.pool_min, "pool_max", engine.pool_max, strict=False)
         return engine
 

@@ -345,6 +345,14 @@ class Queue:
         with self.connection() as conn:
             return ack_batch(conn, worker_id, token, done_ids, texts, failures, max_attempts)
 
+    def heartbeat(self, worker_id: str) -> bool:
+        """Keep a custom claim loop's jobs: renews `worker_id` (registering it on first use). Call it
+        more often than the engines' `stale_after`. False once the id is lost (its jobs were rescued
+        and its acks will be refused): stop working on them and claim under a new id."""
+        _validate_key(worker_id, "worker id")
+        with self.connection() as conn:
+            return store.worker_api_heartbeat(conn, worker_id, socket.gethostname(), os.getpid())
+
     def release(self, worker_id: str, token: int, ids: Sequence[int]) -> int:
         with self.connection() as conn:
             return release_batch(conn, worker_id, token, ids)

@@ -579,6 +579,14 @@ def test_stale_after_checked_against_the_selected_environment(tmp_path: Path) ->
     )
 
 
+def test_stale_after_must_cover_three_heartbeats(tmp_path: Path) -> None:
+    """A worker's lease (stale_after - margin) must outlast two renewals (engine/liveness.py)."""
+    path = write(tmp_path, '[global]\nheartbeat_interval = "5s"\nstale_after = "10s"\n')
+    assert error(path) == f"{path}: global.stale_after must be at least 3 x global.heartbeat_interval (10 vs 5)"
+    path = write(tmp_path, '[global]\nheartbeat_interval = "5s"\nstale_after = "15s"\n')
+    assert load(path).engine.stale_after == 15.0
+
+
 # --- secrets -------------------------------------------------------------------------------------
 
 

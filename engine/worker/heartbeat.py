@@ -1,8 +1,9 @@
 """The worker's two background threads.
 
-- Telemetry: every tick_interval it sends the tick (NOTIFY + stats upsert), refreshes the flows'
-  circuit states, and every heartbeat_interval renews the worker's heartbeat. A worker the database
-  marks lost stops. (Kept apart so the heartbeat can move to the supervisor without touching the rest.)
+- Telemetry: every tick_interval it sends the tick (NOTIFY + stats upsert) and refreshes the flows'
+  circuit states; every heartbeat_interval it reports the worker's state, counters and pool. A worker
+  the database marks lost stops. Liveness (heartbeat_at) is the supervisor's: engine/liveness.py,
+  whose WorkerGuard (started in process.py) stops this process when nobody can prove it alive.
 - Monitor: every MONITOR_INTERVAL it asks each executor to check its jobs against their deadlines
   (inline: release the unstarted rest of a batch held too long, stop a handler that ignored its
   timeout; threads: fail and abandon a thread past its job's deadline). It never touches the database
@@ -51,11 +52,14 @@ class TelemetryThread:
                     if w.closing:
                         return
                     self._send_tick()
-                if now >= next_heartbeat:
-                    next_heartbeat = now + engine.heartbeat_interval
-                    self.heartbeat()
-            except Exception as exc:  # keep ticking through outages; heartbeats resume with the database
+            except Exception as exc:  # keep ticking through outages and failing writes
                 w.log.warning("telemetry tick failed: %s", exc)
+            if now >= next_heartbeat:
+                next_heartbeat = now + engine.heartbeat_interval
+                try:
+                    self.heartbeat()
+                except Exception as exc:
+                    w.log.warning("worker report failed: %s", exc)
 
     def _send_tick(self) -> None:
         w = self.worker
@@ -75,7 +79,7 @@ class TelemetryThread:
         totals = w.telemetry.totals
         counters = {"completed": totals.completed, "failed": totals.failed, "dead": totals.dead}
         with w.pool.connection(timeout=5) as conn:
-            alive = store.worker_heartbeat(conn, w.id, "draining" if w.stopping else w.state,
+            alive = store.worker_report(conn, w.id, "draining" if w.stopping else w.state,
                                            orjson.dumps(counters).decode(), orjson.dumps(pool).decode())
         if not alive and not w.stopping:
             # Our claims were rescued and our acks are refused; claims under this id are refused too.

@@ -27,6 +27,7 @@ from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_e
 from engine import db, store
 from engine.config import EngineConfig, FlowConfig
 from engine.handlers import FlowRuntime, load_flow
+from engine.liveness import GUARD_INTERVAL_CAP, Lease, WorkerGuard, lease_span
 from engine.logs import ContextLogger
 from engine.queue import Queue
 from engine.store import AckResult
@@ -68,6 +69,7 @@ class WorkerSpec:
     engine: EngineConfig
     sources: Mapping[str, Mapping[str, object]] = field(default_factory=dict)  # Settings.sources
     report: Any = None  # the supervisor's IdleReport: this worker says when it has nothing to do
+    lease: Lease | None = None  # the supervisor's heartbeat lease of this slot (engine/liveness.py)
 
 
 class Wakeup:
@@ -147,6 +149,10 @@ class Worker:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides; a terminal ^C reaches it
         signal.signal(signal.SIGALRM, on_alarm(self))
         install_exit_guard(os.getpid())
+        engine = self.spec.engine
+        if self.spec.lease is not None:  # first: from now on nobody proving us alive stops us
+            WorkerGuard(self.spec.lease, lease_span(engine.stale_after, engine.heartbeat_interval),
+                        min(engine.heartbeat_interval / 2, GUARD_INTERVAL_CAP), self.id).start()
         CHILD[0] = False  # we are the supervisor's fork; a fork of ours (by a handler) sets it again
         extra = sum(f.per_worker for f in self.flows if f.mode == "threads" and (f.with_context or
                                                                                 f.config.transactional))
@@ -218,7 +224,12 @@ class Worker:
         self.closing = True  # the telemetry thread stops before the pool closes
         reason = "signal" if code == EXIT_OK else f"exit code {code}"
         try:
-            self.telemetry_thread.final_tick()
+            try:
+                self.telemetry_thread.final_tick()
+            except psycopg.Error as exc:  # the last counters are lost; stopping cleanly matters more
+                if isinstance(exc, TRANSIENT_DB_ERRORS):
+                    raise
+                self.log.warning("last telemetry tick failed: %s", exc)
             self.with_db("stopped", lambda conn: store.worker_stopped(conn, self.id), quick=True)
             self.notify([encode_event("worker_stopped", engine=self.spec.engine_id, worker=self.id,
                                       reason=reason)], quick=True)
@@ -239,7 +250,7 @@ class Worker:
             self.log.warning("database call %s failed, retrying: %s", what, state.outcome.exception())
         return Retrying(
             retry=retry_if_exception_type(TRANSIENT_DB_ERRORS),
-            wait=wait_exponential(multiplier=0.05, max=2.0),
+            wait=wait_exponential(multiplier=0.05, max=0.5),  # back within 0.5 s of the database's return
             stop=stop_after_delay(DB_RETRY_SECONDS),
             before_sleep=before_sleep,
             reraise=True,
