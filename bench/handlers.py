@@ -53,3 +53,18 @@ def read_stamps(directory: str | os.PathLike[str]) -> dict[int, tuple[float, flo
                 if seq not in found or started < found[seq][1]:
                     found[seq] = (sent, started)
     return found
+
+
+IO_WAIT = 0.05  # seconds each I/O-bound job waits (a query to a source database, an API call)
+
+
+def wait_io(payload: dict[str, Any]) -> None:
+    """Blocking I/O stand-in for the threaded executor."""
+    time.sleep(IO_WAIT)
+
+
+async def async_wait_io(payload: dict[str, Any]) -> None:
+    """Non-blocking I/O stand-in for the asyncio executor."""
+    import asyncio
+
+    await asyncio.sleep(IO_WAIT)

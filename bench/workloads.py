@@ -53,6 +53,8 @@ RAW_ACK = "DELETE FROM bench_raw_jobs WHERE id = ANY(%s)"
 # The flows the suite configures. `noop` is the built-in no-op flow; `bench` runs the latency handler.
 NOOP = "engine.flows.builtin:noop"
 STAMP = "bench.handlers:stamp"
+WAIT_IO = "bench.handlers:wait_io"  # each job waits 50 ms, blocking (threads)
+ASYNC_WAIT_IO = "bench.handlers:async_wait_io"  # each job waits 50 ms, awaited (asyncio)
 
 
 @dataclass(frozen=True)
@@ -373,6 +375,39 @@ def engine_drain(dsn: str, jobs: int, workers: int, batch: int, workdir: Path, r
     with Engine(dsn, workdir, workers, {"noop": {"handler": NOOP, "batch_size": batch}},
                 name=f"drain-w{workers}-b{batch}") as engine:
         return [engine.drain_round("noop", jobs) for _ in range(rounds)]
+
+
+def engine_drain_end_to_end(dsn: str, jobs: int, workers: int, batch: int, workdir: Path) -> Rate:
+    """`engine run --drain` of `jobs` no-op jobs timed from the process's spawn to its exit: start-up,
+    the drain, noticing it is done, and stopping all count."""
+    config = workdir / "e2e.toml"
+    config.write_text("[global]\nlog_format = \"json\"\n\n" + _toml_flow("noop", {"handler": NOOP, "batch_size": batch})
+                      + "\n")
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("CHECKPOINT")
+        conn.execute("DELETE FROM skiplock.jobs WHERE flow = 'noop'")
+    with Queue(dsn) as queue:
+        for start in range(0, jobs, 100_000):
+            queue.enqueue_many("noop", _payloads(min(100_000, jobs - start), start))
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("VACUUM ANALYZE skiplock.jobs")
+        since = conn.execute("SELECT extract(epoch FROM now())::float8").fetchone()[0]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SKIPLOCK_")}
+    env.update({"SKIPLOCK_DSN": dsn, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))})
+    log_path = workdir / "e2e.log"
+    with open(log_path, "wb") as log:
+        started = time.perf_counter()
+        code = subprocess.call([sys.executable, "-m", "engine.cli", "run", "--config", str(config), "--workers",
+                                str(workers), "--flows", "noop", "--drain"], stdout=log, stderr=subprocess.STDOUT,
+                               env=env, cwd=REPO, preexec_fn=_die_with_parent)
+        elapsed = time.perf_counter() - started
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        done = conn.execute("SELECT count(DISTINCT id) FROM skiplock.jobs_done WHERE flow = 'noop' "
+                            "AND finished_at >= to_timestamp(%s)", (since,)).fetchone()[0]
+        left = conn.execute("SELECT count(*) FROM skiplock.jobs WHERE flow = 'noop'").fetchone()[0]
+    if code != 0 or done != jobs or left:
+        raise AssertionError(f"end-to-end drain: exit {code}, {done} of {jobs} done, {left} left; see {log_path}")
+    return Rate(jobs, elapsed)
 
 
 def sweep_flows(batches: list[int]) -> dict[str, dict[str, Any]]:

@@ -13,9 +13,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from engine.config import Settings, add_settings_arguments, load_settings, resolve_dsn
+from engine.config import Settings, add_settings_arguments, load_settings, parse_duration, resolve_dsn
 from engine.errors import SkiplockError
-from engine.redact import redact_text
+from engine.redact import hide_secrets_in_process_title, redact_text
 
 
 @dataclass(frozen=True)
@@ -30,9 +30,19 @@ class ConsoleOptions:
         return cls(read_only=args.read_only, refresh=args.refresh, keymap=args.keymap, list_bindings=args.list_bindings)
 
 
+def _refresh(text: str) -> float:
+    try:
+        seconds = parse_duration(text, "--refresh")
+    except SkiplockError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    if seconds <= 0:
+        raise argparse.ArgumentTypeError(f"--refresh must be greater than 0, got {text!r}")
+    return seconds
+
+
 def add_console_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--read-only", action="store_true", help="offer no action that writes (also [console] read_only)")
-    parser.add_argument("--refresh", type=float, help="seconds between snapshots (default: [console] refresh_interval)")
+    parser.add_argument("--refresh", type=_refresh, help="seconds between snapshots (default: [console] refresh_interval)")
     parser.add_argument("--keymap", type=Path, help="TOML file with a [keymap] table: binding id = \"keys\"")
     parser.add_argument("--list-bindings", action="store_true", help="print every binding id and its keys, and exit")
 
@@ -84,6 +94,7 @@ def open_console(dsn: str, settings: Settings, *, read_only: bool = False, refre
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    hide_secrets_in_process_title()
     args = build_parser().parse_args(argv)
     return run_console(ConsoleOptions.from_args(args), config=args.config, env=args.env, dsn=args.dsn)
 

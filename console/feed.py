@@ -26,8 +26,8 @@ from textual.message import Message
 from console.data import APPLICATION_NAME, statement_timeout_ms
 from console.messages import FeedEvents, FeedStatus
 from engine import store
-from engine.redact import describe_error
 from engine.db import CONNECT_TIMEOUT_S
+from engine.redact import describe_error
 from engine.telemetry import ENQUEUED_CHANNEL, EVENT_VERSION, AnyEvent
 
 KEEPALIVE_S: Final = 5.0

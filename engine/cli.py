@@ -9,9 +9,10 @@ Errors are one line on stderr with DSN passwords redacted, never a traceback.
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,9 +23,10 @@ from engine import db
 from engine.config import Settings, add_settings_arguments, load_settings, parse_duration, resolve_dsn
 from engine.embedded import default_data_dir
 from engine.errors import JobFailed, SkiplockError, ValidationError, WaitTimeout
+from engine.limits import INT4_MAX, utf8_problem
 from engine.migrate import migrate
 from engine.queue import CANCEL_STATES, LIST_STATUSES, DeadLetterFilter, JobFilter, Queue
-from engine.redact import describe_error, redact_dsn, redact_text
+from engine.redact import describe_error, hide_secrets_in_process_title, redact_dsn, redact_text
 from engine.report import clip, print_json, print_status, print_table
 from engine.store import Job
 
@@ -95,7 +97,11 @@ def _read_payload_lines(stream: Any) -> tuple[list[Any], list[str]]:
     return payloads, names
 
 
-def cmd_enqueue(args: argparse.Namespace) -> int:
+ENQUEUE_CHUNK = 10_000  # copies of --payload built and sent at a time: --count streams
+
+
+def _payload_chunks(args: argparse.Namespace) -> Iterator[tuple[list[Any], list[str]]]:
+    """(payloads, names) in chunks, validated before the database is touched where that is cheap."""
     if args.count < 1:
         raise ValidationError(f"--count {args.count} must be at least 1")
     if args.payload is not None:
@@ -103,28 +109,49 @@ def cmd_enqueue(args: argparse.Namespace) -> int:
             payload = orjson.loads(args.payload)
         except orjson.JSONDecodeError as exc:
             raise ValidationError(f"--payload: invalid JSON: {exc}") from None
-        payloads, names = [payload] * args.count, [f"--payload (copy {i + 1})" for i in range(args.count)]
-    else:
-        if args.count != 1:
-            raise ValidationError("--count goes with --payload")
-        if sys.stdin.isatty():
-            raise ValidationError("give --payload JSON, or JSON lines on stdin")
-        # Bytes: invalid UTF-8 is then a JSON error naming the line, whatever the locale's stdin errors mode.
-        payloads, names = _read_payload_lines(sys.stdin.buffer)
+        if args.dedupe_key is not None and args.count != 1:
+            raise ValidationError("--dedupe-key applies to exactly one job")
+        for start in range(0, args.count, ENQUEUE_CHUNK):
+            size = min(ENQUEUE_CHUNK, args.count - start)
+            yield [payload] * size, [f"--payload (copy {start + i + 1})" for i in range(size)]
+        return
+    if args.count != 1:
+        raise ValidationError("--count goes with --payload")
+    if sys.stdin.isatty():
+        raise ValidationError("give --payload JSON, or JSON lines on stdin")
+    # Bytes: invalid UTF-8 is then a JSON error naming the line, whatever the locale's stdin errors mode.
+    payloads, names = _read_payload_lines(sys.stdin.buffer)
     if args.dedupe_key is not None and len(payloads) != 1:
         raise ValidationError("--dedupe-key applies to exactly one job")
-    with _queue(args) as queue:
-        result = queue.enqueue_many(
-            args.flow, payloads, priority=args.priority, delay=args.delay, run_id=args.run,
-            max_attempts=args.max_attempts, item_names=names,
-            dedupe_keys=[args.dedupe_key] if args.dedupe_key is not None else None,
-            allow_unknown_flow=args.allow_unknown_flow,
-        )
-    message = f"enqueued {result.inserted} job(s) to {args.flow}"
-    if result.skipped:
-        message += f", skipped {result.skipped} duplicate(s)"
+    yield payloads, names
+
+
+def cmd_enqueue(args: argparse.Namespace) -> int:
+    _check_range("--max-attempts", args.max_attempts, 1, INT4_MAX)
+    chunks = _payload_chunks(args)
+    first = next(chunks)  # bad input is reported before connecting
+    inserted = skipped = 0
+    # One transaction for every chunk: a failure (or Ctrl-C) part way leaves nothing enqueued.
+    with _queue(args) as queue, queue.connection() as conn, conn.transaction():
+        into = Queue(conn=conn, check_schema=False)
+        for payloads, names in itertools.chain([first], chunks):
+            result = into.enqueue_many(
+                args.flow, payloads, priority=args.priority, delay=args.delay, run_id=args.run,
+                max_attempts=args.max_attempts, item_names=names,
+                dedupe_keys=[args.dedupe_key] if args.dedupe_key is not None else None,
+                allow_unknown_flow=args.allow_unknown_flow,
+            )
+            inserted, skipped = inserted + result.inserted, skipped + result.skipped
+    message = f"enqueued {inserted} job(s) to {args.flow}"
+    if skipped:
+        message += f", skipped {skipped} duplicate(s)"
     print(message)
     return EXIT_OK
+
+
+def _check_range(option: str, value: int | None, low: int, high: int) -> None:
+    if value is not None and not low <= value <= high:
+        raise ValidationError(f"{option} {value} must be an integer from {low} to {high}")
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -168,6 +195,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
 
 
 def cmd_dlq_list(args: argparse.Namespace) -> int:
+    _check_range("--limit", args.limit, 0, INT4_MAX)
     with _queue(args) as queue:
         letters = queue.dead_letters(_filter(args), limit=args.limit)
     if args.json:
@@ -208,6 +236,8 @@ def cmd_dlq_retry(args: argparse.Namespace) -> int:
     where = _filter(args)
     if where.is_empty() and not args.all:
         raise ValidationError("say which dead letters to retry: job ids, --flow, --error, --older-than, or --all")
+    if args.all and not where.is_empty():
+        raise ValidationError("--all retries every dead letter: give it alone, or job ids and filters without it")
     with _queue(args) as queue:
         ids = queue.retry_all_dead() if where.is_empty() else queue.retry_dead(where)
     print(f"retried {len(ids)} job(s)" + (": " + " ".join(map(str, ids[:20])) if ids else ""))
@@ -506,7 +536,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--jobs", type=int, default=2000, help="demo jobs to enqueue")
     p.add_argument("--no-engine", action="store_true", help="only start the database, migrate and enqueue")
     p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--seconds", type=float, default=None, help="stop after this long (default: until Ctrl-C)")
+    p.add_argument("--seconds", type=_duration("--seconds"), default=None,
+                   help="stop after this long, e.g. 30 or 2m (default: until Ctrl-C)")
     p.add_argument("--no-console", action="store_true",
                    help="print the status every 5 s instead of opening the console (also when stdout is not a terminal)")
     p.add_argument("--example", choices=["survey"],
@@ -533,9 +564,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    hide_secrets_in_process_title()  # before any worker is forked: they inherit the hidden copy
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        _check_text(args)
         return int(args.func(args))
     except SkiplockError as exc:
         return _fail(str(exc), getattr(args, "dsn", None))
@@ -543,6 +576,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(f"database: {describe_error(exc)}", getattr(args, "dsn", None))
     except KeyboardInterrupt:
         return 130
+
+
+_POSITIONALS = frozenset({"flow", "id", "ids"})
+
+
+def _check_text(args: argparse.Namespace) -> None:
+    """Non-UTF-8 bytes in argv arrive as lone surrogates: refuse them here, naming the option, before
+    any of them reaches an encoder (psycopg, orjson) that would raise far from the cause."""
+    for dest, value in vars(args).items():
+        for item in value if isinstance(value, list) else [value]:
+            problem = utf8_problem(item) if isinstance(item, str) else None
+            if problem is not None:
+                name = dest if dest in _POSITIONALS else "--" + dest.replace("_", "-")
+                raise ValidationError(f"{name}: not valid UTF-8 ({problem})")
 
 
 def _fail(message: str, dsn_arg: str | None = None) -> int:

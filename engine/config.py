@@ -19,6 +19,7 @@ import keyword
 import math
 import os
 import re
+import stat
 import tomllib
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import MISSING, dataclass, field, fields
@@ -26,6 +27,7 @@ from pathlib import Path
 from typing import Any, Final, TypeVar
 
 from engine.errors import ConfigError
+from engine.limits import INT4_MAX, MAX_DURATION_S, MAX_DURATION_TEXT, MAX_POOL_SIZE, MAX_WORKERS, utf8_problem
 from engine.redact import secret_spans
 
 __all__ = [
@@ -65,6 +67,8 @@ def parse_duration(value: object, where: str) -> float:
             seconds = float(match.group(1)) * _UNIT_SECONDS[match.group(2) or "s"]
     if seconds is None or not math.isfinite(seconds):
         raise ConfigError(f"{where}: bad duration {_show(value)} (use 250ms, 5s, 2m, 1h, 1d or seconds)")
+    if seconds > MAX_DURATION_S:
+        raise ConfigError(f"{where}: duration must be at most {MAX_DURATION_TEXT} (100 years), got {_show(value)}")
     return seconds
 
 
@@ -120,12 +124,14 @@ def _dotted(parts: Sequence[str]) -> str:
     return ".".join(p if _BARE_KEY_RE.fullmatch(p) else json.dumps(p, ensure_ascii=False) for p in parts)
 
 
-def _int(minimum: int) -> _Conv[int]:
+def _int(minimum: int, maximum: int = INT4_MAX) -> _Conv[int]:
     def convert(value: object, where: _Where) -> int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"{where} must be an integer, got {_show(value)}")
         if value < minimum:
             raise ConfigError(f"{where} must be at least {minimum}, got {value}")
+        if value > maximum:
+            raise ConfigError(f"{where} must be at most {maximum}, got {value}")
         return value
 
     return convert
@@ -233,11 +239,12 @@ class _Key:
     help: str
     table: type | None = None
     recorded: bool = False  # part of the flow policy engines record in the database (see recorded_policy)
+    flow_only: bool = False  # allowed in [flows.NAME] only, not as a [global] default
 
 
 def _key(convert: _Conv[Any] | None, help: str, default: Any = MISSING, *, table: type | None = None,
-         recorded: bool = False) -> Any:
-    return field(default=default, metadata={"key": _Key(convert, help, table, recorded)})
+         recorded: bool = False, flow_only: bool = False) -> Any:
+    return field(default=default, metadata={"key": _Key(convert, help, table, recorded, flow_only)})
 
 
 @dataclass(frozen=True)
@@ -264,7 +271,7 @@ class CircuitPolicy:
 @dataclass(frozen=True)
 class FlowConfig:
     name: str
-    handler: str = _key(_ref, '"module:function" that runs the jobs (flows only)')
+    handler: str = _key(_ref, '"module:function" that runs the jobs', flow_only=True)
     batch_size: int = _key(_int(1), "jobs claimed and acked together", 100, recorded=True)
     max_attempts: int = _key(_int(1), "tries before a job becomes a dead letter", 5, recorded=True)
     backoff: BackoffPolicy = _key(None, "delay between tries", BackoffPolicy(), table=BackoffPolicy, recorded=True)
@@ -277,20 +284,25 @@ class FlowConfig:
     on_complete: str | None = _key(_optional(_ref), '"module:function" run once when a run finishes', None)
     sources: tuple[str, ...] = _key(_source_names, "names of [sources.X] the handler uses", ())
     transactional: bool = _key(_bool, "handler writes through ctx.pg commit in the batch's ack transaction", False)
+    concurrency_per_worker: int | None = _key(
+        _optional(_int(1)), "jobs one worker runs at once; unset: 1 for a def handler, 100 for async def", None,
+        recorded=True)
+    batch: bool = _key(_bool, "the handler takes the whole claimed batch: handler(payloads) -> list", False,
+                       recorded=True)
 
 
 @dataclass(frozen=True)
 class EngineConfig:
-    workers: int = _key(_int(1), "worker processes of one engine", 2)
-    heartbeat_interval: float = _key(_POSITIVE_DURATION, "how often a worker proves it is alive", 5.0)
-    stale_after: float = _key(_POSITIVE_DURATION, "a worker without a heartbeat this long is lost", 30.0)
+    workers: int = _key(_int(1, MAX_WORKERS), "worker processes of one engine", 2)
+    heartbeat_interval: float = _key(_POSITIVE_DURATION, "how often the supervisor renews its workers' heartbeats", 5.0)
+    stale_after: float = _key(_POSITIVE_DURATION, "a worker without a heartbeat this long is lost (>= 3 x heartbeat_interval)", 30.0)
     rescue_interval: float = _key(_POSITIVE_DURATION, "how often the leader rescues jobs of lost workers", 10.0)
     poll_interval: float = _key(_POSITIVE_DURATION, "fallback poll when no NOTIFY arrives", 5.0)
     grace_period: float = _key(_DURATION, "on SIGTERM, time to finish the batch in hand", 30.0)
     tick_interval: float = _key(_POSITIVE_DURATION, "telemetry tick", 1.0)
     retention: float = _key(_DURATION, "how long completed jobs are kept", 7 * 86400.0)
-    pool_min: int = _key(_int(0), "connections each worker keeps open", 1)
-    pool_max: int = _key(_int(1), "connections each worker may open", 4)
+    pool_min: int = _key(_int(0, MAX_POOL_SIZE), "connections each worker keeps open", 1)
+    pool_max: int = _key(_int(1, MAX_POOL_SIZE), "connections each worker may open", 4)
     log_format: str = _key(_log_format, "auto | json | text", "auto")
 
 
@@ -328,9 +340,9 @@ def recorded_policy(flow: FlowConfig) -> dict[str, Any]:
     return policy
 
 
-def _converters(cls: type, *, tables: bool = False) -> dict[str, _Conv[object]]:
+def _converters(cls: type, *, flow_only: bool = False) -> dict[str, _Conv[object]]:
     return {name: key.convert for name, key in _keys(cls).items()
-            if key.convert is not None and (tables or name != "handler")}
+            if key.convert is not None and key.flow_only == flow_only}
 
 
 # Keys of [global] (and [environments.ENV.global]) that configure the engine process, not a flow.
@@ -348,7 +360,8 @@ _SOURCE_KEYS: Final[dict[str, _Conv[object]]] = {
 }
 
 _GLOBAL_ALLOWED: Final = frozenset(_ENGINE_KEYS) | frozenset(_POLICY_KEYS) | frozenset(_SUBTABLES)
-_FLOW_ALLOWED: Final = frozenset(_POLICY_KEYS) | frozenset(_SUBTABLES) | {"handler"}
+_FLOW_ONLY_KEYS: Final = _converters(FlowConfig, flow_only=True)
+_FLOW_ALLOWED: Final = frozenset(_POLICY_KEYS) | frozenset(_SUBTABLES) | frozenset(_FLOW_ONLY_KEYS)
 _CONSOLE_ALLOWED: Final = frozenset(_CONSOLE_KEYS)
 _SOURCE_ALLOWED: Final = frozenset(_SOURCE_KEYS)
 _TOP_SECTIONS: Final = ("global", "flows", "console", "sources", "environments")
@@ -390,11 +403,9 @@ def _converter(table: _TablePath, key: str) -> _Conv[object]:
     shape = table[2:] if table[0] == "environments" else table
     if shape[0] == "sources":
         return _SOURCE_KEYS[key]  # its `timeout` is required-positive, unlike a flow's
-    for keys in (_ENGINE_KEYS, _POLICY_KEYS, _CONSOLE_KEYS):
+    for keys in (_ENGINE_KEYS, _POLICY_KEYS, _FLOW_ONLY_KEYS, _CONSOLE_KEYS):
         if key in keys:
             return keys[key]
-    if key == "handler":
-        return _ref
     raise AssertionError(key)  # callers only pass keys that _allowed_keys accepted
 
 
@@ -427,7 +438,7 @@ def _parse_env_value(raw: str) -> object:
     """A TOML value when the text is one (8, true, "5s", [..]), else the text itself (5s)."""
     try:
         document = tomllib.loads(f"v = {raw}")
-    except tomllib.TOMLDecodeError:
+    except (tomllib.TOMLDecodeError, RecursionError):
         return raw
     if list(document) != ["v"]:  # a newline in the value must not smuggle in other keys
         return raw
@@ -730,6 +741,15 @@ class _Loader:
         # A worker is declared dead after stale_after without a heartbeat: it must exceed the interval.
         self._require_order(levels, "heartbeat_interval", engine.heartbeat_interval, "stale_after",
                             engine.stale_after, strict=True)
+        if engine.stale_after < 3 * engine.heartbeat_interval:
+            # A worker's lease (engine/liveness.py: stale_after - max(heartbeat_interval, 20%)) must
+            # outlast two heartbeats, or one late renewal freezes or stops the engine's workers.
+            high, low = self._find(levels, "stale_after"), self._find(levels, "heartbeat_interval")
+            origin = (high or low or (None, _Where(self._label, "", True)))[1].origin
+            high_name = high[1].key if high else "stale_after (default)"
+            low_name = low[1].key if low else "heartbeat_interval (default)"
+            raise ConfigError(f"{origin}: {high_name} must be at least 3 x {low_name} "
+                              f"({engine.stale_after:g} vs {engine.heartbeat_interval:g})")
         self._require_order(levels, "pool_min", engine.pool_min, "pool_max", engine.pool_max, strict=False)
         return engine
 
@@ -812,15 +832,11 @@ class _Loader:
         )
 
 
+MAX_CONFIG_BYTES: Final = 1 << 20
+
+
 def _read_document(path: Path, label: str) -> dict[str, object]:
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise ConfigError(f"{label}: config file not found") from None
-    except IsADirectoryError:
-        raise ConfigError(f"{label}: is a directory, not a config file") from None
-    except OSError as exc:
-        raise ConfigError(f"{label}: cannot read config file: {exc.strerror}") from None
+    data = read_small_file(path, label, "config file", MAX_CONFIG_BYTES)
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -829,6 +845,36 @@ def _read_document(path: Path, label: str) -> dict[str, object]:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{label}: TOML syntax error: {exc}") from None
+    except RecursionError:
+        raise ConfigError(f"{label}: TOML nested too deeply") from None
+
+
+def read_small_file(path: Path, label: str, kind: str, limit: int) -> bytes:
+    """The bytes of a regular file of at most `limit` bytes; a FIFO, a device (/dev/zero) or a
+    bigger file is a ConfigError naming `label`, never a hang or a MemoryError."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # O_NONBLOCK: opening a FIFO must not wait
+    except FileNotFoundError:
+        raise ConfigError(f"{label}: {kind} not found") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{label}: is a directory, not a {kind}") from None
+    except OSError as exc:
+        raise ConfigError(f"{label}: cannot read {kind}: {exc.strerror}") from None
+    try:
+        info = os.fstat(fd)
+        if stat.S_ISDIR(info.st_mode):
+            raise ConfigError(f"{label}: is a directory, not a {kind}")
+        if not stat.S_ISREG(info.st_mode):
+            raise ConfigError(f"{label}: not a regular file, cannot be a {kind}")
+        with os.fdopen(fd, "rb", closefd=False) as stream:
+            data = stream.read(limit + 1)
+    except OSError as exc:
+        raise ConfigError(f"{label}: cannot read {kind}: {exc.strerror}") from None
+    finally:
+        os.close(fd)
+    if len(data) > limit:
+        raise ConfigError(f"{label}: {kind} is larger than {limit // 1024} KiB")
+    return data
 
 
 def load_settings(
@@ -869,6 +915,9 @@ def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
 def resolve_dsn(settings: Settings) -> str:
     """--dsn, SKIPLOCK_DSN, the config file; else the `engine dev` cluster when it is running."""
     if settings.dsn:
+        problem = utf8_problem(settings.dsn)
+        if problem is not None:
+            raise ConfigError(f"the DSN (--dsn, SKIPLOCK_DSN or the config's dsn) is not valid UTF-8 ({problem})")
         return settings.dsn
     from engine.embedded import DEFAULT_DATABASE, SOCKET_PORT, SUPERUSER, default_data_dir  # lazily: starts nothing
 

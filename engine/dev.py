@@ -64,7 +64,7 @@ def enqueue_demo(queue: Queue, jobs: int) -> None:
 def _engine_child(settings: Settings, options: EngineOptions, log_path: str | None) -> None:
     os.setpgrp()  # our Ctrl-C handling forwards SIGTERM; the engine must not get the terminal's SIGINT too
     if log_path is not None:  # the console owns the terminal: the engine logs to a file
-        log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)  # may quote job data
         os.dup2(log_fd, 1)
         os.dup2(log_fd, 2)
         os.close(log_fd)

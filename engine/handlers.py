@@ -27,6 +27,8 @@ def resolve(ref: str, what: str) -> Any:
         module = importlib.import_module(module_name)
     except Exception as exc:  # any import-time failure of user code is a configuration error here
         raise ConfigError(f"{what} {ref!r}: cannot import {module_name!r}: {type(exc).__name__}: {exc}") from None
+    except SystemExit as exc:  # sys.exit() at import must not become the engine's exit code, unexplained
+        raise ConfigError(f"{what} {ref!r}: importing {module_name!r} called sys.exit({exc.code!r})") from None
     try:
         target = module
         for part in attr.split("."):
@@ -56,6 +58,8 @@ class FlowRuntime:
     permanent: tuple[type[BaseException], ...]
     permanent_names: frozenset[str]
     on_complete: Callable[[str, Mapping[str, Any]], Any] | None
+    mode: str = "inline"  # the executor: inline | threads | asyncio | batch (see EXECUTION_MODES)
+    per_worker: int = 1  # jobs at once in one worker (concurrency_per_worker, resolved)
     consecutive_failures: int = 0
     half_open: bool = False
 
@@ -84,7 +88,46 @@ def load_flow(config: FlowConfig) -> FlowRuntime:
         else:
             names.add(ref)
     hook = resolve(config.on_complete, f"flow {config.name}: on_complete") if config.on_complete else None
-    return FlowRuntime(config, handler, wants_context(handler), tuple(classes), frozenset(names), hook)
+    mode, per_worker = execution_mode(config, is_async(handler))
+    return FlowRuntime(config, handler, wants_context(handler), tuple(classes), frozenset(names), hook,
+                       mode, per_worker)
+
+
+ASYNC_DEFAULT_CONCURRENCY: Final = 100
+# How a flow's jobs run in a worker, chosen once when the flow loads (README: "Execution modes").
+EXECUTION_MODES: Final = {
+    "inline": "a def handler, concurrency_per_worker = 1: one job at a time in the worker's main thread",
+    "threads": "a def handler, concurrency_per_worker > 1: that many handler threads",
+    "asyncio": "an async def handler: up to concurrency_per_worker (default 100) tasks on one event loop",
+    "batch": "batch = true: one call with the whole claimed batch, handler(payloads) -> list",
+}
+
+
+def is_async(func: Callable[..., Any]) -> bool:
+    """An `async def` function, or a callable whose `__call__` is one (the call returns a coroutine)."""
+    if inspect.iscoroutinefunction(func):
+        return True
+    call = getattr(type(func), "__call__", None)
+    return not inspect.isfunction(func) and not inspect.ismethod(func) and inspect.iscoroutinefunction(call)
+
+
+def execution_mode(config: FlowConfig, asynchronous: bool) -> tuple[str, int]:
+    """(mode, jobs at once per worker); combinations that cannot keep their promises are refused."""
+    where = f"flow {config.name}"
+    per_worker = config.concurrency_per_worker or (ASYNC_DEFAULT_CONCURRENCY if asynchronous else 1)
+    if config.batch:
+        if asynchronous:
+            raise ConfigError(f"{where}: batch = true needs a plain def handler; {config.handler!r} is async def")
+        if per_worker > 1:
+            raise ConfigError(f"{where}: batch = true runs one handler call per batch; "
+                              f"concurrency_per_worker must be 1 (it is {per_worker})")
+        return "batch", 1
+    if asynchronous:
+        if config.transactional:
+            raise ConfigError(f"{where}: transactional = true is not supported for async def handlers; "
+                              f"use a def handler (with concurrency_per_worker for concurrency)")
+        return "asyncio", per_worker
+    return ("threads" if per_worker > 1 else "inline"), per_worker
 
 
 def format_traceback(exc: BaseException) -> str:

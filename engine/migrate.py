@@ -15,7 +15,7 @@ import psycopg
 from engine import store
 from engine.errors import ConfigError, SchemaOutdated
 
-_FILE_NAME: Final = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
+_FILE_NAME: Final = re.compile(r"(\d{4})_([a-z0-9_]+)\.sql")
 
 
 @dataclass(frozen=True)
@@ -37,7 +37,7 @@ def available_migrations(directory: Path | None = None) -> list[Migration]:
     directory = directory or migrations_dir()
     found: list[Migration] = []
     for path in sorted(directory.glob("*.sql")):
-        match = _FILE_NAME.match(path.name)
+        match = _FILE_NAME.fullmatch(path.name)
         if not match:
             raise ConfigError(f"{path}: migration files are named NNNN_name.sql")
         found.append(Migration(int(match.group(1)), match.group(2), path))

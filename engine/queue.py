@@ -36,6 +36,7 @@ from engine.errors import (
     ValidationError,
     WaitTimeout,
 )
+from engine.limits import INT4_MAX, INT8_MAX, MAX_DURATION_S, utf8_problem
 from engine.migrate import REQUIRED_SCHEMA_VERSION, require_schema, schema_version
 from engine.store import (  # noqa: F401  (re-exported: engine/worker.py imports them from here)
     DEFAULT_MAX_ATTEMPTS,
@@ -57,7 +58,7 @@ from engine.store import (  # noqa: F401  (re-exported: engine/worker.py imports
 )
 from engine.telemetry import encode_event
 
-FLOW_NAME: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+FLOW_NAME: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")  # fullmatch: "$" lets a final "\n" in
 MAX_PAYLOAD_BYTES: Final = 1 << 20
 MAX_KEY_LENGTH: Final = 255
 PRIORITY_RANGE: Final = range(-32768, 32768)
@@ -78,7 +79,7 @@ _known_flows: set[tuple[str, ...]] = set()  # (host, port, database, flow)
 
 
 def validate_flow(flow: object) -> str:
-    if not isinstance(flow, str) or not FLOW_NAME.match(flow):
+    if not isinstance(flow, str) or not FLOW_NAME.fullmatch(flow):
         raise ValidationError(
             f"flow name {flow!r} is invalid: use 1-63 letters, digits, '_', '.', '-', starting with a letter or digit"
         )
@@ -92,7 +93,26 @@ def _validate_key(value: object, what: str) -> str | None:
         raise ValidationError(f"{what} must be a non-empty string of at most {MAX_KEY_LENGTH} characters")
     if any(ord(ch) < 32 for ch in value):
         raise ValidationError(f"{what} {value!r} must not contain control characters")
+    _require_utf8(value, what)
     return value
+
+
+def _require_utf8(value: str, what: str) -> None:
+    problem = utf8_problem(value)
+    if problem is not None:
+        raise ValidationError(f"{what} is not valid UTF-8 text ({problem})")
+
+
+def _validate_id(value: object, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= INT8_MAX:
+        raise ValidationError(f"{what} {value!r} must be an integer from 1 to {INT8_MAX}")
+    return value
+
+
+def _validate_seconds(value: object, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= MAX_DURATION_S:
+        raise ValidationError(f"{what} {value!r} must be a number of seconds from 0 to {MAX_DURATION_S:.0f}")
+    return float(value)
 
 
 def encode_payload(payload: object, where: str) -> str:
@@ -120,10 +140,10 @@ class EnqueueOptions:
     def validated(self) -> "EnqueueOptions":
         if not isinstance(self.priority, int) or self.priority not in PRIORITY_RANGE:
             raise ValidationError(f"priority {self.priority!r} must be an integer from -32768 to 32767")
-        if not isinstance(self.delay, (int, float)) or not math.isfinite(self.delay) or self.delay < 0:
-            raise ValidationError(f"delay {self.delay!r} must be a number of seconds >= 0")
-        if self.max_attempts is not None and (not isinstance(self.max_attempts, int) or self.max_attempts < 1):
-            raise ValidationError(f"max_attempts {self.max_attempts!r} must be an integer >= 1")
+        _validate_seconds(self.delay, "delay")
+        if self.max_attempts is not None and (isinstance(self.max_attempts, bool) or not isinstance(self.max_attempts, int)
+                                              or not 1 <= self.max_attempts <= INT4_MAX):
+            raise ValidationError(f"max_attempts {self.max_attempts!r} must be an integer from 1 to {INT4_MAX}")
         _validate_key(self.run_id, "run id")
         return self
 
@@ -281,10 +301,11 @@ class DeadLetterFilter:
     def params(self) -> dict[str, Any]:
         if self.flow is not None:
             validate_flow(self.flow)
-        if self.older_than is not None and (not math.isfinite(self.older_than) or self.older_than < 0):
-            raise ValidationError(f"older_than {self.older_than!r} must be a number of seconds >= 0")
+        if self.older_than is not None:
+            _validate_seconds(self.older_than, "older_than")
+        _validate_key(self.error_type, "error type")
         return {
-            "ids": list(self.ids) if self.ids is not None else None,
+            "ids": [_validate_id(i, "job id") for i in self.ids] if self.ids is not None else None,
             "flow": self.flow,
             "error_type": self.error_type,
             "older_than": self.older_than,
@@ -319,6 +340,8 @@ class Queue:
     ) -> None:
         if sum(x is not None for x in (dsn, conn, pool)) != 1:
             raise ValueError("give exactly one of dsn, conn or pool")
+        if dsn is not None:
+            _require_utf8(dsn, "the DSN")
         self._dsn = dsn
         self._conn = conn
         self._pool = pool
@@ -461,6 +484,14 @@ class Queue:
         with self.connection() as conn:
             return ack_batch(conn, worker_id, token, done_ids, texts, failures, max_attempts)
 
+    def heartbeat(self, worker_id: str) -> bool:
+        """Keep a custom claim loop's jobs: renews `worker_id` (registering it on first use). Call it
+        more often than the engines' `stale_after`. False once the id is lost (its jobs were rescued
+        and its acks will be refused): stop working on them and claim under a new id."""
+        _validate_key(worker_id, "worker id")
+        with self.connection() as conn:
+            return store.worker_api_heartbeat(conn, worker_id, socket.gethostname(), os.getpid())
+
     def release(self, worker_id: str, token: int, ids: Sequence[int]) -> int:
         with self.connection() as conn:
             return release_batch(conn, worker_id, token, ids)
@@ -482,6 +513,9 @@ class Queue:
 
     def purge_completed(self, retention: float, slice_size: int = 10_000) -> int:
         """Delete completed jobs older than `retention` seconds, in bounded slices."""
+        _validate_seconds(retention, "retention")
+        if isinstance(slice_size, bool) or not isinstance(slice_size, int) or not 1 <= slice_size <= INT4_MAX:
+            raise ValidationError(f"slice_size {slice_size!r} must be an integer from 1 to {INT4_MAX}")
         total = 0
         with self.connection() as conn:
             while True:
@@ -494,10 +528,13 @@ class Queue:
 
     def dead_letters(self, where: DeadLetterFilter = DeadLetterFilter(), limit: int = 100) -> list[DeadLetter]:
         params = where.params()
+        if isinstance(limit, bool) or not isinstance(limit, int) or not 0 <= limit <= INT4_MAX:
+            raise ValidationError(f"limit {limit!r} must be an integer from 0 to {INT4_MAX}")
         with self.connection() as conn:
             return store.dlq_list(conn, params, limit)
 
     def job(self, job_id: int) -> Job | None:
+        _validate_id(job_id, "job id")
         with self.connection() as conn:
             return store.job_get(conn, job_id)
 

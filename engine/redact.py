@@ -9,11 +9,12 @@ rather than leak a secret.
 
 from __future__ import annotations
 
+import ctypes
 import re
 from typing import Final
 from urllib.parse import unquote
 
-__all__ = ["describe_error", "redact_dsn", "redact_text", "secret_spans"]
+__all__ = ["describe_error", "hide_secrets_in_process_title", "redact_dsn", "redact_text", "secret_spans"]
 
 _SECRET_KEYS: Final = frozenset({"password", "sslpassword", "pwd"})
 
@@ -56,10 +57,19 @@ def describe_error(exc: BaseException) -> str:
 _LIBPQ_PARSE_ERROR: Final = re.compile(
     r"connection info string|\bURI\b|percent-encoded|unexpected spaces found|connection option"
 )
-_QUOTED_URL: Final = re.compile(r'"([A-Za-z][A-Za-z0-9+.-]*://[^\n]*)"')  # to the line's last quote
+# libpq's templates that echo a value, greedy to the template's own text after it, since the
+# value may itself hold quotes. Then any other quoted piece; then an unclosed quote (a value with
+# a newline, of which only the first line is shown) hides the rest of the line.
+_LIBPQ_ECHO_TEMPLATES: Final = tuple(re.compile(t, re.MULTILINE) for t in (
+    r'(missing "=" after ")(.*)(" in connection info string)',
+    r'(unexpected spaces found in ")(.*)(", use percent-encoded spaces)',
+    r'(invalid integer value ")(.*)(" for connection option ")',
+    r'(invalid connection option ")(.*)("\s*)$',
+    r'(: ")(.*)("\s*)$',  # "... in URI: "%s"", "invalid percent-encoded token: "%s"", ...
+))
 _QUOTED: Final = re.compile(r'"([^"\n]*)"')
 _LIBPQ_WORDS: Final = frozenset({
-    "=", "]", ":", "/", "host", "hostaddr", "port", "dbname", "user", "passfile", "channel_binding",
+    "=", "]", ":", "/", "***", "host", "hostaddr", "port", "dbname", "user", "passfile", "channel_binding",
     "connect_timeout", "client_encoding", "options", "application_name", "fallback_application_name",
     "keepalives", "keepalives_idle", "keepalives_interval", "keepalives_count", "tcp_user_timeout",
     "replication", "gssencmode", "sslmode", "sslnegotiation", "sslcompression", "sslcert", "sslkey",
@@ -72,13 +82,27 @@ _LIBPQ_WORDS: Final = frozenset({
 def _redact_libpq_echoes(text: str) -> str:
     if _LIBPQ_PARSE_ERROR.search(text) is None:
         return text
-    text = _QUOTED_URL.sub(lambda m: f'"{_hide_all_but_url(m.group(1))}"', text)
-    return _QUOTED.sub(lambda m: m.group(0) if m.group(1) in _LIBPQ_WORDS or "://" in m.group(1)
-                       or m.group(1) == "***" else '"***"', text)
+    for template in _LIBPQ_ECHO_TEMPLATES:
+        text = template.sub(lambda m: m.group(1) + _hide_echo(m.group(2)) + m.group(3), text)
+    text = _QUOTED.sub(lambda m: m.group(0) if m.group(1) in _LIBPQ_WORDS or _URL_SCHEME_RE.match(m.group(1))
+                       else '"***"', text)
+    return "\n".join(_close_quote(line) for line in text.split("\n"))
 
 
-def _hide_all_but_url(inner: str) -> str:
-    return redact_dsn(inner).replace('"', "'")  # no quote left for the second pass to split on
+def _close_quote(line: str) -> str:
+    if line.count('"') % 2 == 0:
+        return line
+    return line[: line.rfind('"') + 1] + "***"
+
+
+def _hide_echo(value: str) -> str:
+    """A URI keeps its shape with the password hidden (libpq quotes a malformed URI whole); any other
+    echoed value is hidden whole. No quote is left for the later passes to split on."""
+    if value in _LIBPQ_WORDS:
+        return value
+    if _URL_SCHEME_RE.match(value):
+        return redact_dsn(value).replace('"', "'")
+    return "***"
 
 
 # --- secrets in connection strings ------------------------------------------------------------------
@@ -168,3 +192,35 @@ def _libpq_value_end(text: str, start: int) -> int:
     while (word := _NEXT_WORD_RE.match(text, index)) is not None and _KEY_RE.match(word.group(1)) is None:
         index = word.end()
     return index
+
+
+# --- the process title: what `ps` shows ---------------------------------------------------------------
+
+
+def hide_secrets_in_process_title() -> bool:
+    """Overwrite, in place and at the same length, every password in this process's command line
+    (`--dsn postgresql://u:pw@h/db` -> `u:**@h`), so `ps` and /proc/PID/cmdline show none; workers
+    forked afterwards inherit the hidden copy. Linux only; returns False where it cannot."""
+    try:
+        with open("/proc/self/cmdline", "rb") as handle:
+            cmdline = handle.read()
+        with open("/proc/self/stat", "rb") as handle:
+            fields = handle.read().rsplit(b")", 1)[1].split()
+        arg_start, arg_end = int(fields[45]), int(fields[46])  # fields 48 and 49 of proc(5)
+    except (OSError, IndexError, ValueError):
+        return False
+    if arg_end - arg_start != len(cmdline) or ctypes.string_at(arg_start, len(cmdline)) != cmdline:
+        return False  # the area was moved or rewritten: leave it alone rather than guess
+    hidden = bytearray(cmdline)
+    offset = 0
+    for raw in cmdline.split(b"\0")[:-1] if cmdline.endswith(b"\0") else cmdline.split(b"\0"):
+        arg = raw.decode("utf-8", "surrogateescape")
+        skip = arg.index("=") + 1 if arg.startswith("--") and "=" in arg else 0
+        for start, end in secret_spans(arg[skip:]):
+            first = offset + len(arg[: skip + start].encode("utf-8", "surrogateescape"))
+            last = offset + len(arg[: skip + end].encode("utf-8", "surrogateescape"))
+            hidden[first:last] = b"*" * (last - first)
+        offset += len(raw) + 1
+    if hidden != cmdline:
+        ctypes.memmove(arg_start, bytes(hidden), len(hidden))
+    return True

@@ -47,8 +47,8 @@ from typing import Any, Final
 
 from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_exponential, wait_random
 
-from engine.redact import describe_error, redact_dsn
 from engine.errors import ConfigError
+from engine.redact import describe_error, redact_dsn
 
 __all__ = [
     "DEFAULT_LOGIN_TIMEOUT",

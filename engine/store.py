@@ -405,12 +405,20 @@ def rescue(conn: Conn, stale_after: float) -> RescueResult:
 
 
 def rescue_leader(conn: Conn) -> bool:
-    """Inside a transaction: True when this engine may run the rescue pass until it ends."""
+    """True when this engine may run the rescue pass, until rescue_leader_release (or the session's
+    end). Session-level, so the pass's statements commit one by one."""
     return bool(_scalar(conn, Q.rescue_leader))
 
 
-def worker_mark_lost(conn: Conn, worker_ids: list[str]) -> list[str]:
-    return [row[0] for row in conn.execute(Q.worker_mark_lost, {"ids": worker_ids})]
+def rescue_leader_release(conn: Conn) -> None:
+    conn.execute(Q.rescue_leader_release)
+
+
+def worker_mark_lost(conn: Conn, reasons: Mapping[str, str]) -> list[str]:
+    """Mark workers lost, each with what happened ("exited with code -9"); the rescue writes it into
+    each rescued job's error."""
+    return [row[0] for row in conn.execute(Q.worker_mark_lost, {"ids": list(reasons),
+                                                                "reasons": list(reasons.values())})]
 
 
 def cleanup_orphaned(conn: Conn, timeout: float) -> int:
@@ -573,10 +581,21 @@ def worker_register(conn: Conn, worker_id: str, engine_id: str, host: str, pid: 
                                      "flows": flows})
 
 
-def worker_heartbeat(conn: Conn, worker_id: str, state: str, counters: Any, pool: Any) -> bool:
-    """False when the worker was marked lost or stopped (it must stop claiming)."""
-    return conn.execute(Q.worker_heartbeat, {"id": worker_id, "state": state, "counters": counters,
-                                             "pool": pool}).fetchone() is not None
+def worker_report(conn: Conn, worker_id: str, state: str, counters: Any, pool: Any) -> bool:
+    """A worker's own state, counters and pool (its liveness is the supervisor's: workers_renew).
+    False when the worker was marked lost or stopped (it must stop claiming)."""
+    return conn.execute(Q.worker_report, {"id": worker_id, "state": state, "counters": counters,
+                                          "pool": pool}).fetchone() is not None
+
+
+def workers_renew(conn: Conn, worker_ids: list[str]) -> set[str]:
+    """The supervisor's heartbeat of its workers; returns the ids the database holds lost."""
+    return set(_scalar(conn, Q.workers_renew, {"ids": worker_ids}) or ())
+
+
+def worker_api_heartbeat(conn: Conn, worker_id: str, host: str, pid: int) -> bool:
+    """Queue.heartbeat: registers or renews a custom claim loop's id; False once it is lost or stopped."""
+    return conn.execute(Q.worker_api_heartbeat, {"id": worker_id, "host": host, "pid": pid}).fetchone() is not None
 
 
 def worker_stopped(conn: Conn, worker_id: str) -> None:
@@ -618,8 +637,9 @@ def run_claim_hook(conn: Conn, run_id: str) -> RunSummary | None:
     return rows[0] if rows else None
 
 
-def runs_unfired(conn: Conn) -> list[str]:
-    return [row[0] for row in conn.execute(Q.runs_unfired)]
+def runs_claim_orphaned_hooks(conn: Conn, flows: list[str]) -> list[RunSummary]:
+    """Finished runs of `flows` whose hook nobody claimed: claimed now, for the caller to fire."""
+    return _rows(conn, RunSummary, Q.runs_claim_orphaned_hooks, {"flows": flows})
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,17 +1,24 @@
 """`engine run`: the supervisor of a pool of forked worker processes.
 
 Start method: fork. Workers start in milliseconds and inherit the handler modules the supervisor
-imported (and checked) at start-up. Forking is safe here because the supervisor holds no database
-connection, pool or thread when it forks: its own database work (rescue, drain checks) opens a
-short-lived connection and closes it before the loop goes on. Each worker opens its own pool after
-the fork.
+imported (and checked) at start-up. Each worker opens its own pool after the fork. The supervisor's
+own database work (rescue, drain checks) opens a short-lived connection and closes it before the
+loop goes on. Two threads of engine/liveness.py (the heartbeat, with its own connection, and the
+lease enforcer) and the users' hook threads run while it forks: a child never uses what they hold
+(psycopg does not close a connection it did not open in this process, logging re-creates its locks
+at fork), and the child only runs worker_main.
+
+Liveness (engine/liveness.py): the supervisor heartbeats its live workers and publishes a lease
+each worker checks, so a handler cannot stop the heartbeat and a worker nobody can prove alive
+stops itself before its jobs can be handed to another.
 
 The supervisor restarts workers that die (with exponential backoff per slot, so a crash loop cannot
 spin), rescues a dead worker's jobs at once, runs the fleet-wide rescue of stale heartbeats when it
 holds the leader lock, and stops gracefully on SIGTERM/SIGINT.
 
 Exit codes: 0 stopped cleanly, or --drain found nothing left; 2 bad configuration, or the database
-unreachable or outdated at start; 3 a second signal forced the stop; 4 workers kept crashing.
+unreachable or outdated at start; 3 a second signal forced the stop; 4 workers kept crashing;
+5 workers still busy after the grace period had to be killed.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ import multiprocessing
 import multiprocessing.connection
 import os
 import signal
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any, Final
@@ -32,11 +40,13 @@ from engine import db, store
 from engine.config import FlowConfig, Settings, recorded_policy, resolve_dsn
 from engine.errors import ConfigError, SkiplockError
 from engine.handlers import load_flow
+from engine.hooks import HookRunner
+from engine.limits import MAX_WORKERS
+from engine.liveness import EngineLiveness
 from engine.logs import ContextLogger, setup_logging
 from engine.migrate import require_schema
 from engine.queue import Queue, new_engine_id, validate_flow
 from engine.redact import describe_error
-from engine.runs import fire_run_hooks
 from engine.telemetry import FlowCounts, encode_event
 from engine.worker import WorkerSpec, worker_main
 
@@ -45,6 +55,7 @@ log = logging.getLogger("skiplock.engine")
 EXIT_OK: Final = 0
 EXIT_FORCED: Final = 3
 EXIT_CRASH_LOOP: Final = 4
+EXIT_KILLED: Final = 5  # workers still busy after the grace period were killed (their jobs rescued)
 
 RESTART_BACKOFF_BASE: Final = 0.5
 RESTART_BACKOFF_CAP: Final = 30.0
@@ -52,6 +63,44 @@ HEALTHY_RUN_SECONDS: Final = 30.0  # a worker that lived this long resets its sl
 CRASH_LOOP_LIMIT: Final = 10  # consecutive early deaths of one slot before the engine gives up
 DRAIN_CHECK_INTERVAL: Final = 0.5
 RETENTION_INTERVAL: Final = 600.0
+
+
+class IdleReport:
+    """Workers report when a claim round found nothing and they hold nothing (a flag per slot in shared
+    memory, and a byte on a pipe to wake the supervisor); `--drain` confirms with one SQL statement
+    only then, instead of polling. Made before the fork, so every worker inherits it."""
+
+    def __init__(self, context: Any, slots: int) -> None:
+        self.flags = context.Array("b", slots, lock=False)
+        self._r, self._w = os.pipe()
+        os.set_blocking(self._r, False)
+        os.set_blocking(self._w, False)
+
+    def idle(self, index: int) -> None:  # in the worker
+        self.flags[index] = 1
+        try:
+            os.write(self._w, b"\0")
+        except BlockingIOError:
+            pass
+
+    def busy(self, index: int) -> None:  # in the worker
+        self.flags[index] = 0
+
+    def fileno(self) -> int:
+        return self._r
+
+    def take(self) -> bool:
+        """Whether any report arrived since the last call."""
+        got = False
+        try:
+            while os.read(self._r, 4096):
+                got = True
+        except BlockingIOError:
+            pass
+        return got
+
+    def all_idle(self) -> bool:
+        return all(self.flags)
 
 
 @dataclass
@@ -76,11 +125,18 @@ class Supervisor:
     slots: list[Slot] = field(default_factory=list)
     signals: int = 0
     _context: Any = None
+    report: Any = None
 
     def __post_init__(self) -> None:
         self._context = multiprocessing.get_context("fork")
         self.slots = [Slot(i) for i in range(self.workers)]
+        self.report = IdleReport(self._context, self.workers)
         self.log = ContextLogger(log, {"engine": self.engine_id})
+        engine = self.settings.engine
+        self.liveness = EngineLiveness(self.dsn, f"{self.settings.application_name}-supervisor", self.workers,
+                                       engine.stale_after, engine.heartbeat_interval)
+        self.hooks = HookRunner()
+        self._unreported_lost: dict[str, str] = {}  # worker id -> reason, marked lost once the database answers
 
     # -- database work on short-lived connections (never open across a fork) -----------------------
 
@@ -105,20 +161,37 @@ class Supervisor:
         slot.worker_id = f"{os.uname().nodename}:{os.getpid()}:{self.engine_id[:8]}:{slot.index}.{slot.generation}"
         spec = WorkerSpec(slot.index, slot.worker_id, self.engine_id, self.dsn,
                           f"{self.settings.application_name}-worker", self.flows, self.settings.engine,
-                          sources=self.settings.sources)
+                          sources=self.settings.sources, report=self.report,
+                          lease=self.liveness.lease(slot.index))
+        self.report.busy(slot.index)
         process = self._context.Process(target=worker_main, args=(spec, self.settings.engine.log_format),
                                         name=f"skiplock-worker-{slot.index}", daemon=False)
+        self.liveness.before_spawn(slot.index)
         process.start()
+        self.liveness.spawned(slot.index, slot.worker_id, process.pid)
         slot.process = process
         slot.started_at = time.monotonic()
 
     # -- main loop -----------------------------------------------------------------------------------
 
     def run(self) -> int:
+        """Supervise until stopped or drained; then the process ends here, without the interpreter's
+        teardown (unloading psycopg's libpq alone takes 0.1-0.3 s, a third of a fast drain)."""
+        code = self._supervise()
+        logging.shutdown()
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):
+                pass
+        os._exit(code)
+
+    def _supervise(self) -> int:
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
         self.log.info("engine starting", extra={"workers": self.workers, "flows": [f.name for f in self.flows],
                                                 "pid": os.getpid()})
+        self.liveness.start()
         for slot in self.slots:
             self._spawn(slot)
         engine = self.settings.engine
@@ -126,8 +199,8 @@ class Supervisor:
         next_drain_check = time.monotonic() + DRAIN_CHECK_INTERVAL
         next_retention = time.monotonic() + 5.0
         while not self.signals:
-            sentinels = [s.process.sentinel for s in self.slots if s.process is not None]
-            multiprocessing.connection.wait(sentinels, timeout=0.2)
+            sentinels: list[Any] = [s.process.sentinel for s in self.slots if s.process is not None]
+            multiprocessing.connection.wait(sentinels + ([self.report] if self.drain else []), timeout=0.2)
             if self.signals:
                 break  # workers exiting on our SIGTERM did not die: _stop reaps them, none is restarted
             now = time.monotonic()
@@ -135,14 +208,20 @@ class Supervisor:
             if crashed is not None:
                 return self._stop(crashed)
             self._restart_due(now)
+            self.hooks.check(now)
             try:
                 if now >= next_rescue:
                     next_rescue = now + engine.rescue_interval
+                    if self._unreported_lost:
+                        self._rescue_workers({})
                     self._rescue_pass()
                 if now >= next_retention:
                     next_retention = now + RETENTION_INTERVAL
                     self._retention_pass()
-                if self.drain and now >= next_drain_check:
+                # The workers' reports say when to look; the interval bounds the looks while jobs
+                # wait for a later run_at (or a paused flow) with every worker idle.
+                reported = self.drain and self.report.take()
+                if self.drain and self.report.all_idle() and (reported or now >= next_drain_check):
                     next_drain_check = now + DRAIN_CHECK_INTERVAL
                     if self._drained():
                         self.log.info("drain complete: nothing pending or running")
@@ -170,10 +249,11 @@ class Supervisor:
         for slot in self.slots:
             if slot.process is not None and not slot.process.is_alive():
                 slot.process.join()
+                self.liveness.gone(slot.index)
                 dead.append((slot, slot.process.exitcode if slot.process.exitcode is not None else -1))
         if not dead:
             return None
-        lost = [slot.worker_id for slot, _ in dead]
+        lost = {slot.worker_id: f"exited with code {code}" for slot, code in dead}
         for slot, code in dead:
             lived = now - slot.started_at
             slot.early_deaths = 0 if lived >= HEALTHY_RUN_SECONDS else slot.early_deaths + 1
@@ -186,7 +266,7 @@ class Supervisor:
                 self.log.critical("worker slot %d died %d times in a row; giving up", slot.index, slot.early_deaths)
                 self._rescue_workers(lost)
                 return EXIT_CRASH_LOOP
-        self._rescue_workers(lost, codes={slot.worker_id: code for slot, code in dead})
+        self._rescue_workers(lost)
         return None
 
     def _restart_due(self, now: float) -> None:
@@ -194,54 +274,72 @@ class Supervisor:
             if slot.process is None and now >= slot.restart_at:
                 self._spawn(slot)
 
-    def _rescue_workers(self, worker_ids: list[str], codes: dict[str, int] | None = None) -> None:
-        """Workers we saw die: mark them lost and rescue their jobs now rather than after stale_after."""
+    def _rescue_workers(self, reasons: dict[str, str]) -> None:
+        """Workers we saw die (or killed): mark them lost and rescue their jobs now rather than after
+        stale_after. If the database is unreachable they are remembered and marked once it answers."""
+        self._unreported_lost.update(reasons)
+        pending = dict(self._unreported_lost)
+
         def act(conn: psycopg.Connection[Any]) -> None:
-            store.worker_mark_lost(conn, worker_ids)
-            events = [encode_event("worker_lost", engine=self.engine_id, worker=w,
-                                   reason=f"process exited with code {(codes or {}).get(w, '?')}")
-                      for w in worker_ids]
-            store.events_notify(conn, events)
-            self._rescue_and_report(conn)
+            store.worker_mark_lost(conn, pending)
+            for worker in pending:
+                self._unreported_lost.pop(worker, None)
+            events = [encode_event("worker_lost", engine=self.engine_id, worker=w, reason=reason)
+                      for w, reason in pending.items()]
+            self._rescue_and_report(conn, events)
 
         try:
             self._db(act)
         except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
-            self.log.warning("could not rescue jobs of dead workers now (rescue pass will): %s", exc)
+            self.log.warning("could not rescue jobs of dead workers now (will retry): %s", exc)
 
     def _rescue_pass(self) -> None:
         def act(conn: psycopg.Connection[Any]) -> None:
-            with conn.transaction():
-                if not store.rescue_leader(conn):
-                    return
+            if not store.rescue_leader(conn):
+                return
+            try:
                 self._rescue_and_report(conn)
-                self._fire_orphaned_run_hooks(conn)
+            finally:
+                store.rescue_leader_release(conn)
+            self._fire_orphaned_run_hooks(conn)
 
         self._db(act)
 
-    def _rescue_and_report(self, conn: psycopg.Connection[Any]) -> None:
+    def _rescue_and_report(self, conn: psycopg.Connection[Any], events: list[str] | None = None) -> None:
+        """The rescue commits first (store.rescue: its own short transactions); the stats, the
+        notifications and the log come after it, each on its own, so none can undo it."""
         result = store.rescue(conn, self.settings.engine.stale_after)
-        if not (result.lost_workers or result.rescued or result.dead):
-            return
+        events = list(events or [])
         flows = {flow: {"rescued": result.rescued_by_flow.get(flow, 0), "dead": result.dead_by_flow.get(flow, 0)}
                  for flow in set(result.rescued_by_flow) | set(result.dead_by_flow)}
-        events = [encode_event("worker_lost", engine=self.engine_id, worker=w, reason="heartbeat stale")
-                  for w in result.lost_workers]
+        events += [encode_event("worker_lost", engine=self.engine_id, worker=w, reason="heartbeat stale")
+                   for w in result.lost_workers]
         if flows:
             events.append(encode_event("rescued", engine=self.engine_id, flows=flows, workers=result.lost_workers))
-            store.stats_upsert(conn, {flow: FlowCounts(dead=v["dead"], rescued=v["rescued"])
-                                      for flow, v in flows.items()})
-        store.events_notify(conn, events)
-        self.log.warning("rescued jobs", extra={"rescued": result.rescued, "dead": result.dead,
-                                                "lost_workers": result.lost_workers})
+            self._after_rescue("stats", lambda: store.stats_upsert(
+                conn, {flow: FlowCounts(dead=v["dead"], rescued=v["rescued"]) for flow, v in flows.items()}))
+        if events:
+            self._after_rescue("notify", lambda: store.events_notify(conn, events))
+        if result.lost_workers or result.rescued or result.dead:
+            self.log.warning("rescued jobs", extra={"rescued": result.rescued, "dead": result.dead,
+                                                    "lost_workers": result.lost_workers})
+
+    def _after_rescue(self, what: str, action: Any) -> None:
+        try:
+            action()
+        except (psycopg.OperationalError, psycopg.InterfaceError):
+            raise  # the connection is gone: the caller's retry handles it
+        except psycopg.Error as exc:
+            self.log.error("rescue committed, but its %s write failed: %s", what, describe_error(exc))
 
     def _fire_orphaned_run_hooks(self, conn: psycopg.Connection[Any]) -> None:
-        hooked = [f for f in self.flows if f.on_complete]
-        if not hooked:
+        served = {f.name: f for f in self.flows if f.on_complete}
+        if not served:
             return
-        run_ids = store.runs_unfired(conn)
-        if run_ids:
-            fire_run_hooks(conn, run_ids, {f.name: load_flow(f).on_complete for f in hooked}, self.log)
+        for summary in store.runs_claim_orphaned_hooks(conn, list(served)):
+            hook = load_flow(served[summary.flow]).on_complete
+            if hook is not None:
+                self.hooks.submit(f"on_complete hook of run {summary.run}", hook, summary.run, summary.as_dict())
 
     def _retention_pass(self) -> None:
         def act(conn: psycopg.Connection[Any]) -> None:
@@ -258,6 +356,10 @@ class Supervisor:
     # -- stop ----------------------------------------------------------------------------------------
 
     def _stop(self, code: int) -> int:
+        # Workers frozen through an outage cannot be resumed safely (nobody renewed them): kill them.
+        frozen = set(self.liveness.frozen_pids())
+        for pid in frozen:
+            os.kill(pid, signal.SIGKILL)
         if not self.signals:
             for slot in self.slots:
                 if slot.process is not None and slot.process.is_alive():
@@ -267,15 +369,28 @@ class Supervisor:
             if slot.process is None:
                 continue
             slot.process.join(max(0.0, deadline - time.monotonic()))
-        killed = []
+        reasons: dict[str, str] = {}
         for slot in self.slots:
-            if slot.process is not None and slot.process.is_alive():
+            if slot.process is None:
+                continue
+            if slot.process.is_alive():
                 slot.process.kill()
                 slot.process.join()
-                killed.append(slot.worker_id)
+                reasons[slot.worker_id] = "killed after grace period"
+            elif slot.process.exitcode != 0:
+                # Killed by a second signal or frozen, or it died while stopping: its jobs must not
+                # stay running until another engine rescues them.
+                reasons[slot.worker_id] = ("killed by a second signal" if self.signals >= 2 and slot.process.exitcode == -signal.SIGKILL
+                                           else "killed while frozen" if slot.process.pid in frozen
+                                           else f"exited with code {slot.process.exitcode}")
+        self.liveness.stop()
+        killed = [w for w, reason in reasons.items() if reason == "killed after grace period"]
         if killed:
             self.log.warning("workers did not stop within the grace period; killed", extra={"workers": killed})
-            self._rescue_workers(killed)
+            if code == EXIT_OK:
+                code = EXIT_KILLED
+        if reasons:
+            self._rescue_workers(reasons)
         if self.signals >= 2:
             code = EXIT_FORCED
         self.log.info("engine stopped", extra={"exit_code": code})
@@ -309,8 +424,8 @@ def run_engine(settings: Settings, options: EngineOptions) -> int:
     setup_logging(settings.engine.log_format)
     flows = select_flows(settings, options.flows)
     workers = options.workers if options.workers is not None else settings.engine.workers
-    if workers < 1:
-        raise ConfigError("--workers must be at least 1")
+    if not 1 <= workers <= MAX_WORKERS:
+        raise ConfigError(f"--workers must be at least 1 and at most {MAX_WORKERS}, got {workers}")
     supervisor = Supervisor(settings, resolve_dsn(settings), flows, workers, drain=options.drain)
     try:
         supervisor.prepare()

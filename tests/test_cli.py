@@ -9,6 +9,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ from engine.embedded import make_temp_dir
 from engine.errors import ValidationError
 from engine.migrate import REQUIRED_SCHEMA_VERSION, available_migrations
 from engine.queue import Failure, Queue, validate_flow
-from support.cli import engine, ok, one_line_error
+from support.cli import REPO, base_env, engine, ok, one_line_error
 from support.engines import wait_for
 from support.postgres import register_flows_for, scalar
 
@@ -100,8 +101,8 @@ def status_of(dsn: str, job_id: int) -> str | None:
 
 
 def test_migrate_applies_then_is_up_to_date(empty_dsn: str) -> None:
-    assert ok(engine("migrate", dsn=empty_dsn)) == "".join(
-        f"applied {m.version:04d}_{m.name}\n" for m in available_migrations())
+    applied = "".join(f"applied {m.version:04d}_{m.name}\n" for m in available_migrations())
+    assert ok(engine("migrate", dsn=empty_dsn)) == applied
     assert scalar(empty_dsn, "SELECT count(*) FROM skiplock.schema_migrations") == REQUIRED_SCHEMA_VERSION
     assert ok(engine("migrate", dsn=empty_dsn)) == "schema is up to date\n"
     # --dsn works as well as SKIPLOCK_DSN
@@ -733,3 +734,153 @@ def test_no_password_form_reaches_stderr(command: list[str], dsn: str, via: str)
         assert result.returncode == 2 and "unhealthy" in result.stdout
     else:
         one_line_error(result)
+
+
+# ---------------------------------------------------------------------------------------------
+# hostile input: one line naming the culprit, exit 2, nothing changed (issue 11 items 4-6)
+
+
+def test_flow_name_with_a_trailing_newline_is_refused(dsn: str) -> None:
+    for command in (["pause", "noop\n"], ["enqueue", "noop\n", "--payload", "{}"], ["status", "--flow", "noop\n"]):
+        line = one_line_error(engine(*command, dsn=dsn))
+        assert "flow name 'noop\\n' is invalid" in line, line
+    assert count(dsn) == 0
+    assert scalar(dsn, "SELECT count(*) FROM skiplock.flows WHERE name <> btrim(name, E'\\n') OR paused") == 0
+
+
+def _raw_engine(*args: bytes, dsn: bytes | None = None) -> subprocess.CompletedProcess:
+    """`engine` with raw bytes in argv or SKIPLOCK_DSN (the way a shell passes $'\\xff')."""
+    env = {k.encode(): v.encode() for k, v in base_env().items()}
+    if dsn is not None:
+        env[b"SKIPLOCK_DSN"] = dsn
+    return subprocess.run([sys.executable.encode(), b"-m", b"engine.cli", *args], env=env, input=b"",
+                          capture_output=True, timeout=60, cwd=REPO)
+
+
+@pytest.mark.parametrize(("args", "option"), [
+    ([b"enqueue", b"emails", b"--payload", b"{}", b"--run", b"night\xff"], "--run"),
+    ([b"enqueue", b"emails", b"--payload", b"{}", b"--dedupe-key", b"k\xfe1"], "--dedupe-key"),
+    ([b"dlq", b"list", b"--error", b"Value\xffError"], "--error"),
+    ([b"dlq", b"purge", b"--error=\xc3("], "--error"),
+    ([b"status", b"--dsn", b"host=/tmp/x\xff port=1"], "--dsn"),
+])
+def test_non_utf8_arguments(dsn: str, args: list[bytes], option: str) -> None:
+    result = _raw_engine(*args, dsn=dsn.encode())
+    result.stderr = result.stderr.decode(errors="replace")
+    result.stdout = result.stdout.decode(errors="replace")
+    line = one_line_error(result)
+    assert line.startswith(f"engine: error: {option}: not valid UTF-8 (byte 0x"), line
+    assert count(dsn) == 0
+
+
+def test_non_utf8_dsn_from_the_environment() -> None:
+    result = _raw_engine(b"status", dsn=b"host=/tmp/x\xff port=1")
+    result.stderr, result.stdout = result.stderr.decode(errors="replace"), result.stdout.decode(errors="replace")
+    assert "is not valid UTF-8 (byte 0xff at position 11)" in one_line_error(result)
+
+
+def test_huge_count_streams() -> None:
+    """--count 10**12 used to build every copy before connecting (a MemoryError traceback)."""
+    result = engine("enqueue", "emails", "--payload", "{}", "--count", "1000000000000", dsn=UNREACHABLE_SOCKET,
+                    timeout=60)
+    assert "connection" in one_line_error(result) or "database" in result.stderr
+
+
+def test_count_spanning_chunks_is_one_transaction(dsn: str) -> None:
+    from engine.cli import ENQUEUE_CHUNK
+
+    total = ENQUEUE_CHUNK * 2 + 5
+    assert ok(engine("enqueue", "bulk", "--payload", '{"a": 1}', "--count", str(total), "--run", "r1",
+                     dsn=dsn, timeout=120)) == f"enqueued {total} job(s) to bulk\n"
+    assert count(dsn, "flow = 'bulk'") == total
+    assert scalar(dsn, "SELECT total FROM skiplock.runs WHERE id = 'r1'") == total
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["enqueue", "emails", "--payload", "{}", "--max-attempts", "2147483648"],
+     "engine: error: --max-attempts 2147483648 must be an integer from 1 to 2147483647\n"),
+    (["dlq", "list", "--limit", "-1"], "engine: error: --limit -1 must be an integer from 0 to 2147483647\n"),
+    (["dlq", "retry", "99999999999999999999"],
+     "engine: error: job id 99999999999999999999 must be an integer from 1 to 9223372036854775807\n"),
+    (["dlq", "show", "99999999999999999999"],
+     "engine: error: job id 99999999999999999999 must be an integer from 1 to 9223372036854775807\n"),
+    (["dlq", "retry", "1", "--all"],
+     "engine: error: --all retries every dead letter: give it alone, or job ids and filters without it\n"),
+    (["dlq", "retry", "--flow", "x", "--all"],
+     "engine: error: --all retries every dead letter: give it alone, or job ids and filters without it\n"),
+])
+def test_out_of_range_options_name_the_option(dsn: str, args: list[str], message: str) -> None:
+    assert one_line_error(engine(*args, dsn=dsn)) == message
+    assert count(dsn) == 0
+
+
+def test_huge_delay_is_refused_naming_the_option(dsn: str) -> None:
+    result = engine("enqueue", "emails", "--payload", "{}", "--delay", "99999999999d", dsn=dsn)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert 'argument --delay: --delay: duration must be at most 36500d (100 years), got "99999999999d"' in result.stderr
+    assert count(dsn) == 0
+
+
+def test_dlq_retry_all_with_ids_changes_nothing(dsn: str, queue: Queue) -> None:
+    first, second = bury(queue, "a"), bury(queue, "a")
+    one_line_error(engine("dlq", "retry", str(first), "--all", dsn=dsn))
+    assert count(dsn, f"status = 'dead' AND id IN ({first}, {second})") == 2
+
+
+def test_config_file_that_is_not_a_regular_file(tmp_path: Path) -> None:
+    fifo = tmp_path / "config.fifo"
+    os.mkfifo(fifo)
+    for path, message in ((fifo, "not a regular file, cannot be a config file"),
+                          ("/dev/zero", "not a regular file, cannot be a config file")):
+        line = one_line_error(engine("status", "--config", str(path), dsn=UNREACHABLE_SOCKET, timeout=30))
+        assert line == f"engine: error: {path}: {message}\n"
+    big = tmp_path / "big.toml"
+    big.write_text("# " + "x" * (1 << 20) + "\n")
+    assert one_line_error(engine("status", "--config", str(big), dsn=UNREACHABLE_SOCKET)) == \
+        f"engine: error: {big}: config file is larger than 1024 KiB\n"
+    deep = tmp_path / "deep.toml"
+    deep.write_text("[global]\nworkers = " + "[" * 5000 + "]" * 5000 + "\n")
+    assert one_line_error(engine("status", "--config", str(deep), dsn=UNREACHABLE_SOCKET)) == \
+        f"engine: error: {deep}: TOML nested too deeply\n"
+
+
+def test_handler_calling_sys_exit_at_import(dsn: str, tmp_path: Path) -> None:
+    (tmp_path / "exits_at_import.py").write_text("import sys\nsys.exit(7)\n")
+    config = tmp_path / "config.toml"
+    config.write_text('[flows.quitter]\nhandler = "exits_at_import:run"\n')
+    result = engine("run", "--config", str(config), "--flows", "quitter", "--drain", dsn=dsn, timeout=60,
+                    env={"PYTHONPATH": f"{tmp_path}{os.pathsep}{REPO}"})
+    assert one_line_error(result) == ("engine: error: flow quitter: handler 'exits_at_import:run': "
+                                      "importing 'exits_at_import' called sys.exit(7)\n")
+
+
+def test_no_password_in_ps_for_the_engine_and_its_workers(dsn: str, tmp_path: Path) -> None:
+    secret_dsn = f"{dsn} password=Pw9ZqSecret"  # the test server trusts local users: the password is unused
+    config = tmp_path / "config.toml"
+    config.write_text("[global]\nworkers = 2\n")
+    process = subprocess.Popen([sys.executable, "-m", "engine.cli", "run", "--config", str(config), "--dsn", secret_dsn],
+                               env=base_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO)
+    try:
+        wait_for(lambda: scalar(dsn, "SELECT count(*) FROM skiplock.workers WHERE state <> 'stopped'") == 2, 60,
+                 message="two workers")
+        pids = [process.pid, *(int(p) for p in Path(f"/proc/{process.pid}/task/{process.pid}/children")
+                                .read_text().split())]
+        assert len(pids) == 3
+        for pid in pids:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+            assert b"Pw9Zq" not in cmdline and b"--dsn" in cmdline and b"password=***********" in cmdline, cmdline
+    finally:
+        process.terminate()
+        process.wait(60)
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["console", "--refresh", "nan", "--list-bindings"], 'argument --refresh: --refresh: bad duration "nan"'),
+    (["console", "--refresh", "0", "--list-bindings"], "argument --refresh: --refresh must be greater than 0"),
+    (["dev", "--seconds", "inf", "--no-engine"], 'argument --seconds: --seconds: bad duration "inf"'),
+    (["run", "--workers", "5000"], "engine: error: --workers must be at least 1 and at most 1024, got 5000"),
+])
+def test_console_and_dev_numbers_are_checked(dsn: str, args: list[str], message: str) -> None:
+    result = engine(*args, dsn=dsn, timeout=60)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert message in result.stderr, result.stderr

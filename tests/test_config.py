@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import textwrap
 import tomllib
 from pathlib import Path
@@ -578,6 +579,14 @@ def test_stale_after_checked_against_the_selected_environment(tmp_path: Path) ->
     )
 
 
+def test_stale_after_must_cover_three_heartbeats(tmp_path: Path) -> None:
+    """A worker's lease (stale_after - margin) must outlast two renewals (engine/liveness.py)."""
+    path = write(tmp_path, '[global]\nheartbeat_interval = "5s"\nstale_after = "10s"\n')
+    assert error(path) == f"{path}: global.stale_after must be at least 3 x global.heartbeat_interval (10 vs 5)"
+    path = write(tmp_path, '[global]\nheartbeat_interval = "5s"\nstale_after = "15s"\n')
+    assert load(path).engine.stale_after == 15.0
+
+
 # --- secrets -------------------------------------------------------------------------------------
 
 
@@ -742,4 +751,35 @@ def test_recorded_policy_is_what_engines_store(tmp_path: Path) -> None:
     flow = load_settings(path, environ={}).flows["s"]
     assert recorded_policy(flow) == {
         "batch_size": 7, "max_attempts": 5, "backoff": {"base": 2.0, "cap": 300.0, "jitter": 0.2},
-        "timeout": 2.0, "concurrency": None, "circuit": {"failures": 3, "cooldown": 60.0}}
+        "timeout": 2.0, "concurrency": None, "circuit": {"failures": 3, "cooldown": 60.0},
+        "concurrency_per_worker": None, "batch": False}
+
+
+# ---------------------------------------------------------------------------------------------
+# Values that used to load and break later (issue 11 item 5): refused at load, naming the key
+
+
+@pytest.mark.parametrize(("body", "message"), [
+    ("[global]\nconcurrency = 3000000000", "global.concurrency must be at most 2147483647, got 3000000000"),
+    ("[global]\nmax_attempts = 3000000000", "global.max_attempts must be at most 2147483647, got 3000000000"),
+    ("[global]\nbatch_size = 3000000000", "global.batch_size must be at most 2147483647, got 3000000000"),
+    ("[global]\nworkers = 100000", "global.workers must be at most 1024, got 100000"),
+    ("[global]\npool_max = 100000", "global.pool_max must be at most 1000, got 100000"),
+    ('[global]\ntimeout = "999999999d"',
+     'global.timeout: duration must be at most 36500d (100 years), got "999999999d"'),
+    ('[global]\nretention = "36500000d"',
+     'global.retention: duration must be at most 36500d (100 years), got "36500000d"'),
+    ("[global]\nbackoff = { base = 1e300, cap = 1e301 }",
+     "global.backoff.base: duration must be at most 36500d (100 years), got 1e+300"),
+    ('[global]\ncircuit = { failures = 5000000000, cooldown = "1s" }',
+     "global.circuit.failures must be at most 2147483647, got 5000000000"),
+])
+def test_values_beyond_what_postgres_and_the_os_take(tmp_path: Path, body: str, message: str) -> None:
+    path = write(tmp_path, body + "\n")
+    assert error(path) == f"{path}: {message}"
+
+
+def test_deeply_nested_override_is_not_a_recursion_error() -> None:
+    deep = "[" * 5000 + "]" * 5000
+    assert error(None, environ={"SKIPLOCK__GLOBAL__WORKERS": deep}) == (
+        f"SKIPLOCK__GLOBAL__WORKERS: global.workers must be an integer, got {json.dumps(deep)}")

@@ -80,13 +80,20 @@ def make_due(conn: psycopg.Connection, *ids: int) -> None:
 def register_worker(conn: psycopg.Connection, worker_id: str, flows: tuple[str, ...] = ("f",)) -> None:
     conn.execute(Q.worker_register,
                  {"id": worker_id, "engine_id": "engine-1", "host": "host-1", "pid": 4242, "flows": list(flows)})
-    beat = conn.execute(Q.worker_heartbeat,
+    beat = conn.execute(Q.worker_report,
                         {"id": worker_id, "state": "busy", "counters": Jsonb({"done": 0}), "pool": Jsonb({})})
     assert beat.fetchone() == (worker_id,)
 
 
+# Heartbeat ages count from the server's start at the earliest (rescue_stale_workers), and the
+# suite's server is seconds old: stale in these tests means older than STALE.
+STALE = 1.0
+
+
 def make_stale(conn: psycopg.Connection, worker_id: str) -> None:
     conn.execute("UPDATE skiplock.workers SET heartbeat_at = now() - interval '1 hour' WHERE id = %s", (worker_id,))
+    uptime = conn.execute("SELECT extract(epoch FROM now() - pg_postmaster_start_time())::float8").fetchone()[0]
+    time.sleep(max(0.0, 2 * STALE - uptime))
 
 
 def claim_ids(queue: Queue, flow: str, worker: str, limit: int = 100) -> tuple[int, list[int]]:
@@ -524,10 +531,10 @@ def test_late_ack_after_rescue_and_reclaim_changes_nothing(queue: Queue, conn: p
     token_a, jobs = queue.claim("f", "A", 10)
     assert [j.id for j in jobs] == [job_id]
     make_stale(conn, "A")
-    rescued = queue.rescue(stale_after=60)
+    rescued = queue.rescue(stale_after=STALE)
     assert rescued.lost_workers == ["A"] and rescued.rescued_by_flow == {"f": 1}
     # A is lost: its heartbeat no longer revives it
-    assert conn.execute(Q.worker_heartbeat, {"id": "A", "state": "busy", "counters": Jsonb({}),
+    assert conn.execute(Q.worker_report, {"id": "A", "state": "busy", "counters": Jsonb({}),
                                              "pool": Jsonb({})}).fetchone() is None
     token_b, jobs = queue.claim("f", "B", 10)
     assert [(j.id, j.attempts) for j in jobs] == [(job_id, 2)]
@@ -622,7 +629,7 @@ def test_rescue_stale_workers_and_unknown_holders(queue: Queue, conn: psycopg.Co
     conn.execute(Q.worker_stopped, {"id": "stopping"})
     make_stale(conn, "stale")
 
-    result = queue.rescue(stale_after=60)
+    result = queue.rescue(stale_after=STALE)
 
     assert result.lost_workers == ["stale"]
     assert result.rescued_by_flow == {"f": 1, "g": 2}
@@ -650,7 +657,7 @@ def test_rescue_stale_workers_and_unknown_holders(queue: Queue, conn: psycopg.Co
         row = job_row(conn, job_id)
         assert (row["status"], row["claimed_by"], row["errors"]) == ("running", holder, [])
 
-    again = queue.rescue(stale_after=60)
+    again = queue.rescue(stale_after=STALE)
     assert (again.lost_workers, again.rescued, again.dead) == ([], 0, 0)
 
 
@@ -662,7 +669,7 @@ def test_rescue_works_in_slices(queue: Queue, conn: psycopg.Connection, monkeypa
     queue.claim("f", "w", 100)
     queue.claim("g", "w", 100)
     make_stale(conn, "w")
-    result = queue.rescue(stale_after=10)
+    result = queue.rescue(stale_after=STALE)
     assert result.rescued_by_flow == {"f": 7, "g": 2}
     assert count(conn, "jobs", "status = 'pending'") == 9
 
@@ -673,7 +680,7 @@ def test_rescue_notifies_workers(queue: Queue, conn: psycopg.Connection, dsn: st
     conn.execute("UPDATE skiplock.jobs SET claimed_at = now() - interval '1 hour'")
     with psycopg.connect(dsn, autocommit=True) as listener:
         listener.execute("LISTEN skiplock_enqueued")
-        assert queue.rescue(stale_after=60).rescued == 1
+        assert queue.rescue(stale_after=STALE).rescued == 1
         assert len(list(listener.notifies(timeout=2, stop_after=1))) == 1
 
 
@@ -783,7 +790,7 @@ def test_rescue_that_kills_the_last_job_finishes_the_run(queue: Queue, conn: psy
     token, jobs = queue.claim("f", "w", 10)
     queue.ack("w", token, [jobs[0].id])
     make_stale(conn, "w")
-    assert queue.rescue(stale_after=60).dead == 1
+    assert queue.rescue(stale_after=STALE).dead == 1
     assert conn.execute("SELECT completed, dead, finished_at IS NOT NULL FROM skiplock.runs").fetchall() == [
         (1, 1, True)]
 
@@ -871,7 +878,7 @@ def test_health_check_degraded(queue: Queue, conn: psycopg.Connection) -> None:
     register_worker(conn, "w1")
     register_worker(conn, "w2")
     make_stale(conn, "w2")
-    report = queue.health_check(stale_after=30)
+    report = queue.health_check(stale_after=STALE)
     assert report["status"] == "degraded"
     assert report["workers"] == {"live": 2, "stale": 1}
     assert any("stale" in reason for reason in report["reasons"])

@@ -85,3 +85,30 @@ def test_config_refuses_percent_encoded_password_key(tmp_path) -> None:
     with pytest.raises(ConfigError) as caught:
         load_settings(path, environ={})
     assert str(caught.value) == f"{path}: global.dsn must not contain a password; put it in SKIPLOCK_DSN or PGPASSWORD"
+
+
+@pytest.mark.parametrize("dsn", [
+    'postgresql://u:%"Hunter2@127.0.0.1:1/x',  # a quote inside the echoed token (found by tests/test_fuzz.py)
+    'host=127.0.0.1 password=a"Hunter2 "Secret',
+    "host=127.0.0.1 password=Hunter2\nSecret",  # only the first line is shown: its quote never closes
+])
+def test_libpq_echoes_with_quotes_and_newlines(dsn: str) -> None:
+    try:
+        psycopg.conninfo.conninfo_to_dict(dsn)
+    except psycopg.ProgrammingError as exc:
+        assert_hidden(describe_error(exc))
+        assert_hidden(redact_text(str(exc)))
+
+
+def test_process_title_hides_passwords_in_place() -> None:
+    import subprocess
+    import sys
+
+    code = ("import sys; from engine.redact import hide_secrets_in_process_title as hide; "
+            "assert hide(); sys.stdout.buffer.write(open('/proc/self/cmdline', 'rb').read())")
+    args = ["--dsn", "postgresql://u:Hunter2@h/x", "--dsn=host=h password='Hunter2 Secret' port=1",
+            "postgresql://u@h/x?pass%77ord=s3cr3t", "plain"]
+    shown = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, check=True).stdout
+    assert shown.split(b"\0")[3:-1] == [b"--dsn", b"postgresql://u:*******@h/x",
+                                        b"--dsn=host=h password=**************** port=1",
+                                        b"postgresql://u@h/x?pass%77ord=******", b"plain"]

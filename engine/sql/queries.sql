@@ -168,16 +168,20 @@ FROM released;
 
 -- name: rescue_stale_workers
 -- Workers whose heartbeat is older than stale_after are lost; their running jobs are rescued below.
+-- Age counts from the server's start at the earliest: time the database was down is not the
+-- workers' silence (they could not heartbeat), so after a restart nobody is stale for stale_after.
 UPDATE skiplock.workers
 SET state = 'lost', stopped_at = now()
-WHERE state NOT IN ('stopped', 'lost') AND heartbeat_at < now() - make_interval(secs => %(stale_after)s)
+WHERE state NOT IN ('stopped', 'lost')
+  AND greatest(heartbeat_at, pg_postmaster_start_time()) < now() - make_interval(secs => %(stale_after)s)
 RETURNING id, engine_id, host, pid;
 
 -- name: rescue_jobs
 -- Running jobs whose holder is lost or stopped, or unknown and silent for stale_after, go back to
 -- pending; the attempt they used stays counted, so a job that kills its worker every time ends dead.
 WITH orphaned AS (
-    SELECT j.id FROM skiplock.jobs j
+    -- reason: what the supervisor saw (worker_mark_lost), else the stale heartbeat.
+    SELECT j.id, coalesce(w.lost_reason, 'stopped heartbeating') AS reason FROM skiplock.jobs j
     LEFT JOIN skiplock.workers w ON w.id = j.claimed_by
     WHERE j.status = 'running'
       AND (w.state IN ('lost', 'stopped')
@@ -190,17 +194,17 @@ WITH orphaned AS (
                       THEN 'dead' ELSE 'pending' END::skiplock.job_status,
         finished_at = CASE WHEN j.attempts >= skiplock.max_attempts_for(j.flow, j.max_attempts) THEN now() END,
         error_type = 'WorkerLost',
-        error_message = 'worker ' || coalesce(j.claimed_by, '?') || ' stopped heartbeating while running this job',
+        error_message = 'worker ' || coalesce(j.claimed_by, '?') || ' ' || orphaned.reason || ' while running this job',
         errors = j.errors || jsonb_build_array(jsonb_build_object(
             'attempt', j.attempts, 'at', now(), 'worker', j.claimed_by, 'type', 'WorkerLost',
-            'message', 'rescued: worker stopped heartbeating', 'traceback', NULL, 'permanent', false)),
+            'message', 'rescued: worker ' || orphaned.reason, 'traceback', NULL, 'permanent', false)),
         claimed_by = NULL, claim_token = NULL, updated_at = now()
     FROM orphaned
     WHERE j.id = orphaned.id
     RETURNING j.id, j.flow, j.status, j.run_id
 ), run_progress AS (
     -- A job that dies here ends, like one that dies at ack: its run may be finished now (the
-    -- supervisor fires the hook of finished runs through runs_unfired).
+    -- supervisor fires the hook of finished runs through runs_claim_orphaned_hooks).
     UPDATE skiplock.runs r
     SET dead = r.dead + d.dead,
         finished_at = CASE WHEN r.finished_at IS NULL AND r.completed + r.dead + d.dead >= r.total
@@ -362,11 +366,33 @@ INSERT INTO skiplock.workers (id, engine_id, host, pid, flows, state)
 VALUES (%(id)s, %(engine_id)s, %(host)s, %(pid)s, %(flows)s, 'starting')
 ON CONFLICT (id) DO UPDATE SET state = 'starting', heartbeat_at = now(), stopped_at = NULL;
 
--- name: worker_heartbeat
--- A worker marked lost stays lost: its jobs may already be someone else's.
+-- name: worker_report
+-- The worker's own tick: what it is doing. Its liveness (heartbeat_at) belongs to the supervisor
+-- (workers_renew). A worker marked lost stays lost: its jobs may already be someone else's.
 UPDATE skiplock.workers
-SET heartbeat_at = now(), state = %(state)s, counters = %(counters)s, pool = %(pool)s
+SET state = %(state)s, counters = %(counters)s, pool = %(pool)s
 WHERE id = %(id)s AND state NOT IN ('lost', 'stopped')
+RETURNING id;
+
+-- name: workers_renew
+-- The supervisor's heartbeat of its live workers, one statement per interval. Returns the ids the
+-- database holds lost: the supervisor kills those at once. (An id without a row, a worker still
+-- registering, is neither.)
+WITH renewed AS (
+    UPDATE skiplock.workers SET heartbeat_at = now()
+    WHERE id = ANY(%(ids)s::text[]) AND state NOT IN ('lost', 'stopped')
+    RETURNING id
+)
+SELECT coalesce(array_agg(id), '{}') FROM skiplock.workers
+WHERE id = ANY(%(ids)s::text[]) AND state = 'lost';
+
+-- name: worker_api_heartbeat
+-- Queue.heartbeat() for custom claim loops: registers the id on first use, renews it after; no row
+-- back once the id is lost (its jobs were rescued) or stopped.
+INSERT INTO skiplock.workers AS w (id, engine_id, host, pid, state)
+VALUES (%(id)s, 'api', %(host)s, %(pid)s, 'busy')
+ON CONFLICT (id) DO UPDATE SET heartbeat_at = now()
+WHERE w.state NOT IN ('lost', 'stopped')
 RETURNING id;
 
 -- name: worker_stopped
@@ -381,8 +407,10 @@ WHERE state NOT IN ('stopped', 'lost') OR stopped_at > now() - interval '1 hour'
 ORDER BY started_at;
 
 -- name: workers_stale_count
+-- Stale as rescue_stale_workers counts it.
 SELECT count(*) FROM skiplock.workers
-WHERE state NOT IN ('stopped', 'lost') AND heartbeat_at < now() - make_interval(secs => %(stale_after)s);
+WHERE state NOT IN ('stopped', 'lost')
+  AND greatest(heartbeat_at, pg_postmaster_start_time()) < now() - make_interval(secs => %(stale_after)s);
 
 -- name: health_ping
 SELECT 1;
@@ -474,21 +502,35 @@ UPDATE skiplock.runs SET hook_fired_at = now()
 WHERE id = %(run_id)s AND finished_at IS NOT NULL AND hook_fired_at IS NULL
 RETURNING id AS run, flow, total, completed, dead;
 
--- name: runs_unfired
--- Runs that finished but whose hook was never claimed (the acking worker died in between).
-SELECT id FROM skiplock.runs
-WHERE finished_at IS NOT NULL AND hook_fired_at IS NULL AND finished_at < now() - interval '10 seconds'
-LIMIT 100;
+-- name: runs_claim_orphaned_hooks
+-- Runs of the flows this engine serves that finished but whose hook was never claimed (the acking
+-- worker died in between): claimed here, each by one engine, which fires it.
+UPDATE skiplock.runs SET hook_fired_at = now()
+WHERE id IN (SELECT id FROM skiplock.runs
+             WHERE finished_at IS NOT NULL AND hook_fired_at IS NULL
+               AND finished_at < now() - interval '10 seconds' AND flow = ANY(%(flows)s::text[])
+             LIMIT 100
+             FOR UPDATE SKIP LOCKED)
+  AND hook_fired_at IS NULL
+RETURNING id AS run, flow, total, completed, dead;
 
 -- name: rescue_leader
--- One engine at a time runs the rescue pass: the lock lasts for the pass's transaction.
-SELECT pg_try_advisory_xact_lock(hashtext('skiplock.rescue'));
+-- One engine at a time runs the rescue pass. Session-level, so the pass's own statements commit one
+-- by one (the rescue first, telemetry after it); released by rescue_leader_release or the
+-- connection's end.
+SELECT pg_try_advisory_lock(hashtext('skiplock.rescue'));
+
+-- name: rescue_leader_release
+SELECT pg_advisory_unlock(hashtext('skiplock.rescue'));
 
 -- name: worker_mark_lost
--- The supervisor saw this worker's process die: its jobs can be rescued now, not after stale_after.
-UPDATE skiplock.workers SET state = 'lost', stopped_at = now()
-WHERE id = ANY(%(ids)s::text[]) AND state <> 'stopped'
-RETURNING id;
+-- The supervisor saw this worker's process die (or killed it): its jobs can be rescued now, not
+-- after stale_after; the reason ("exited with code -9", "killed after grace period") goes into
+-- each rescued job's error.
+UPDATE skiplock.workers w SET state = 'lost', stopped_at = now(), lost_reason = m.reason
+FROM unnest(%(ids)s::text[], %(reasons)s::text[]) AS m(id, reason)
+WHERE w.id = m.id AND w.state <> 'stopped'
+RETURNING w.id;
 
 -- name: drain_remaining
 SELECT count(*) FROM (

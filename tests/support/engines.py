@@ -13,10 +13,41 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import psycopg
 import pytest
 
 SUPPORT_DIR = Path(__file__).resolve().parent
+
+
+# Engine timings small enough for fault tests to run in seconds.
+BASE = """
+[global]
+heartbeat_interval = "0.5s"
+stale_after = "2s"
+rescue_interval = "0.5s"
+poll_interval = "0.5s"
+grace_period = "5s"
+tick_interval = "0.25s"
+"""
+STALE_AFTER = 2.0
+RESCUE_INTERVAL = 0.5
+GRACE = 5.0
+
+
+def rows(dsn: str, sql: str, params: tuple = ()) -> list[tuple]:
+    with psycopg.connect(dsn, autocommit=True) as connection:
+        return connection.execute(sql, params).fetchall()
+
+
+def log_has(engine: Any, msg: str, **fields: Any) -> list[dict]:
+    return [line for line in engine.log_lines()
+            if msg in line.get("msg", "") and all(line.get(k) == v for k, v in fields.items())]
+
+
+def tail(engine: Any, chars: int = 4000) -> str:
+    return engine.log_path.read_text(errors="replace")[-chars:]
 
 
 @dataclass

@@ -79,3 +79,33 @@ def fail_until_marker(payload: dict[str, Any]) -> None:
     if not os.path.exists(os.environ["SKIPLOCK_TEST_MARKER"]):
         raise RuntimeError("dependency unavailable")
     time.sleep(float(payload.get("sleep", 0.0)))
+
+
+# --- tests/test_liveness.py -----------------------------------------------------------------------
+
+
+def record_span(payload: dict[str, Any], ctx: Any) -> None:
+    """Writes `start|tick|end n pid attempt unix_time` lines to SKIPLOCK_TEST_SPANS while it runs:
+    a tick every 20 ms of `sleep`, so an execution that was killed still shows how long it ran, and
+    one that was frozen and resumed shows where it ran again. `gil` (seconds, on the attempts listed
+    in `gil_attempts`, default the first) holds the GIL in one C call: libc sleep through PyDLL."""
+    def mark(kind: str) -> None:
+        _append_line("SKIPLOCK_TEST_SPANS", f"{kind} {payload['n']} {os.getpid()} {ctx.attempt} {time.time():.6f}")
+
+    mark("start")
+    if payload.get("gil") and ctx.attempt in payload.get("gil_attempts", [1]):
+        import ctypes
+        ctypes.PyDLL(None).sleep(int(payload["gil"]))
+        mark("tick")
+    deadline = time.monotonic() + float(payload.get("sleep", 0.0))
+    while time.monotonic() < deadline:
+        time.sleep(min(0.02, max(0.0, deadline - time.monotonic())))
+        mark("tick")
+    mark("end")
+
+
+def slow_hook(run_id: str, summary: dict[str, Any]) -> None:
+    """An on_complete hook that takes SKIPLOCK_TEST_HOOK_SLEEP seconds, then records like on_run_complete."""
+    _append_line("SKIPLOCK_TEST_HOOKS", f"start {run_id} {time.time():.6f}")
+    time.sleep(float(os.environ.get("SKIPLOCK_TEST_HOOK_SLEEP", "0")))
+    _append_line("SKIPLOCK_TEST_HOOKS", f"end {run_id} {time.time():.6f}")

@@ -1,0 +1,31 @@
+"""What PostgreSQL and the OS accept, in one place: the ranges every validator (config, CLI, API)
+checks at load or call time, so a value that would break later is refused with a message naming it."""
+
+from __future__ import annotations
+
+from typing import Final
+
+INT2_MIN: Final = -(2**15)
+INT2_MAX: Final = 2**15 - 1
+INT4_MAX: Final = 2**31 - 1  # integer columns: max_attempts, concurrency, batch sizes
+INT8_MAX: Final = 2**63 - 1  # bigint job ids
+# Durations (timeouts, backoff, retention, delays): now() +/- this stays inside PostgreSQL's timestamp
+# and Python's datetime, and fits every wait the OS takes (threading.TIMEOUT_MAX is ~292 years).
+MAX_DURATION_S: Final = 100 * 365 * 86400.0
+MAX_DURATION_TEXT: Final = "36500d"
+MAX_WORKERS: Final = 1024  # processes per engine
+MAX_POOL_SIZE: Final = 1000  # connections per worker (PostgreSQL's max_connections is far lower)
+
+
+def utf8_problem(text: str) -> str | None:
+    """None for text that encodes as UTF-8; else what is wrong, e.g. "byte 0xff at position 3".
+    Non-UTF-8 bytes in argv and the environment arrive as lone surrogates (surrogateescape)."""
+    if text.isascii():
+        return None
+    for index, char in enumerate(text):
+        code = ord(char)
+        if 0xD800 <= code <= 0xDFFF:
+            if 0xDC80 <= code <= 0xDCFF:
+                return f"byte 0x{code - 0xDC00:02x} at position {index}"
+            return f"lone surrogate U+{code:04X} at position {index}"
+    return None

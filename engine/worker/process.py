@@ -1,0 +1,415 @@
+"""One worker process: its lifecycle, signals, pool, the main loop that asks each flow's executor for
+work, and shutdown.
+
+Everything database-related is opened here, after the fork: a psycopg_pool for claims, acks and
+heartbeats, and one dedicated autocommit connection outside the pool that LISTENs for enqueues,
+owned by a listener thread that reads notifications continuously (an unread backend would pin
+PostgreSQL's NOTIFY queue while the worker is busy). The main loop waits on a Wakeup (a pipe, so a
+signal handler may set it too) that the listener, SIGTERM and the concurrent executors set.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import select
+import signal
+import socket
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+import psycopg
+from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_exponential
+
+from engine import db, store
+from engine.config import EngineConfig, FlowConfig
+from engine.handlers import FlowRuntime, load_flow
+from engine.liveness import GUARD_INTERVAL_CAP, Lease, WorkerGuard, lease_span
+from engine.logs import ContextLogger
+from engine.queue import Queue
+from engine.store import AckResult
+from engine.runs import fire_run_hooks
+from engine.sources import SourceRegistry
+from engine.store import RunSummary
+from engine.telemetry import ENQUEUED_CHANNEL, FailureSample, Telemetry, encode_event
+from engine.worker.circuit import CircuitBreaker
+from engine.worker.completer import FLUSH_INTERVAL, Completer
+from engine.worker.executors import CHILD, ThreadExecutor, inline_check, make_executor, on_alarm
+from engine.worker.heartbeat import Monitor, TelemetryThread
+from engine.worker.outcome import HandlerExit
+from engine.worker.producer import Producer
+
+log = logging.getLogger("skiplock.worker")
+
+TRANSIENT_DB_ERRORS: Final = (psycopg.OperationalError, psycopg.InterfaceError)
+DB_RETRY_SECONDS: Final = 60.0
+EMPTY_FLOW_RECHECK: Final = 0.1  # seconds an empty flow is skipped while the worker is busy with others
+LISTEN_READ_TIMEOUT: Final = 0.5  # the listener thread re-checks its stop flag this often
+STOP_MARGIN: Final = 0.5  # concurrent jobs get the grace period minus this before the worker exits
+
+EXIT_OK: Final = 0
+EXIT_DB_LOST: Final = 3
+EXIT_STUCK_HANDLER: Final = 5
+EXIT_LOST: Final = 6  # marked lost (heartbeat went stale): the supervisor replaces us under a new id
+
+_real_exit = os._exit  # the worker's own exits; handlers get a guarded os._exit (install_exit_guard)
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    index: int
+    worker_id: str
+    engine_id: str
+    dsn: str
+    application_name: str
+    flows: tuple[FlowConfig, ...]
+    engine: EngineConfig
+    sources: Mapping[str, Mapping[str, object]] = field(default_factory=dict)  # Settings.sources
+    report: Any = None  # the supervisor's IdleReport: this worker says when it has nothing to do
+    lease: Lease | None = None  # the supervisor's heartbeat lease of this slot (engine/liveness.py)
+
+
+class Wakeup:
+    """A self-pipe: set() from any thread or a signal handler; wait() in the main loop."""
+
+    def __init__(self) -> None:
+        self._r, self._w = os.pipe()
+        os.set_blocking(self._r, False)
+        os.set_blocking(self._w, False)
+
+    def set(self) -> None:
+        try:
+            os.write(self._w, b"\0")
+        except BlockingIOError:
+            pass  # already set
+
+    def wait(self, timeout: float) -> None:
+        select.select([self._r], [], [], max(timeout, 0.0))
+        try:
+            while os.read(self._r, 4096):
+                pass
+        except BlockingIOError:
+            pass
+
+
+def install_exit_guard(pid: int) -> None:
+    """A handler calling os._exit() in this process fails its job (HandlerExit) instead of killing the
+    worker mid-batch; a child it forked exits as asked."""
+    def guarded_exit(code: int) -> None:
+        if os.getpid() == pid:
+            raise HandlerExit(f"handler called os._exit({code})")
+        _real_exit(code)
+    os._exit = guarded_exit  # type: ignore[assignment]
+
+
+class Worker:
+    transient_errors = TRANSIENT_DB_ERRORS
+    exit_stuck_handler = EXIT_STUCK_HANDLER
+    exit_db_lost = EXIT_DB_LOST
+
+    def __init__(self, spec: WorkerSpec) -> None:
+        self.spec = spec
+        self.id = spec.worker_id
+        self.flows: list[FlowRuntime] = [load_flow(f) for f in spec.flows]
+        self.flow_names = [f.name for f in self.flows]
+        self.stopping = False
+        self.closing = False
+        self.exit_code = EXIT_OK
+        self.state = "starting"
+        self.telemetry = Telemetry()
+        self.pool: Any = None
+        self.queue: Any = None
+        self.jobs_done = 0
+        self.lost = False
+        self.base_log = log
+        self.log = ContextLogger(log, {"engine": spec.engine_id, "worker": self.id})
+        # Source databases: opened by the first handler that uses one, then kept for this process
+        # (threaded flows give each handler thread a registry of its own).
+        self.sources = SourceRegistry(spec.sources)
+        self.flow_sources = {f.name: self.sources.for_flow(f.name, f.config.sources) for f in self.flows}
+        self.wake = Wakeup()
+        self.inline: Any = None  # the inline batch in hand (executors.InlineBatch)
+        self.inline_lock = threading.Lock()
+        self.circuit = CircuitBreaker(self)
+        self.completer = Completer(self)
+        self.telemetry_thread = TelemetryThread(self)
+        self.monitor = Monitor(self)
+        self.executors: list[Any] = []
+        self._idle_reported = False
+        self._notified = False
+        self.listen_conn: psycopg.Connection[Any] | None = None
+
+    # -- lifecycle -----------------------------------------------------------------------------------
+
+    def run(self) -> int:
+        signal.signal(signal.SIGTERM, self._on_stop_signal)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides; a terminal ^C reaches it
+        signal.signal(signal.SIGALRM, on_alarm(self))
+        install_exit_guard(os.getpid())
+        engine = self.spec.engine
+        if self.spec.lease is not None:  # first: from now on nobody proving us alive stops us
+            WorkerGuard(self.spec.lease, lease_span(engine.stale_after, engine.heartbeat_interval),
+                        min(engine.heartbeat_interval / 2, GUARD_INTERVAL_CAP), self.id).start()
+        CHILD[0] = False  # we are the supervisor's fork; a fork of ours (by a handler) sets it again
+        extra = sum(f.per_worker for f in self.flows if f.mode == "threads" and (f.with_context or
+                                                                                f.config.transactional))
+        self.pool = db.open_pool(self.spec.dsn, application_name=self.spec.application_name,
+                                 min_size=1, max_size=max(self.spec.engine.pool_max, 2) + extra, name=self.id)
+        self.queue = Queue(pool=self.pool, check_schema=False)
+        self.with_db("register", lambda conn: store.worker_register(
+            conn, self.id, self.spec.engine_id, socket.gethostname(), os.getpid(), self.flow_names))
+        self.notify([encode_event("worker_started", engine=self.spec.engine_id, worker=self.id,
+                                  host=socket.gethostname(), pid=os.getpid(), flows=self.flow_names)])
+        self._connect_listener()
+        threading.Thread(target=self._listen_loop, name="listener", daemon=True).start()
+        for flow in self.flows:
+            executor = make_executor(self, flow, Producer(self, flow))
+            self.executors.append(executor)
+            if executor.concurrent:
+                executor.start()
+                if isinstance(executor, ThreadExecutor):  # asyncio jobs time out in their own task
+                    self.monitor.checks.append(executor.check)
+        if any(not e.concurrent for e in self.executors):
+            self.monitor.checks.append(inline_check(self))
+        if any(e.concurrent for e in self.executors):
+            self.completer.start()
+        self.telemetry_thread.start()
+        self.monitor.start()
+        self.log.info("worker started", extra={"flows": self.flow_names, "pid": os.getpid()})
+        code = EXIT_OK
+        try:
+            self._loop()
+            code = self.exit_code or (EXIT_LOST if self.lost else EXIT_OK)
+        except TRANSIENT_DB_ERRORS as exc:
+            self.log.error("database unreachable for %.0fs, worker exits: %s", DB_RETRY_SECONDS, exc)
+            code = EXIT_DB_LOST
+        finally:
+            self._shutdown(code)
+        return code
+
+    def _on_stop_signal(self, signum: int, frame: Any) -> None:
+        self.stopping = True
+        self.wake.set()
+
+    def request_stop(self, code: int = EXIT_OK) -> None:
+        if code and not self.exit_code:
+            self.exit_code = code
+        self.stopping = True
+        self.wake.set()
+
+    def hard_exit(self, code: int) -> None:
+        logging.shutdown()
+        _real_exit(code)
+
+    def exit_child(self) -> None:
+        """In a child a handler forked: the handler returned here, in a copy of the worker. Leave now."""
+        _real_exit(0)
+
+    def _shutdown(self, code: int) -> None:
+        self.stopping = True
+        deadline = time.monotonic() + max(self.spec.engine.grace_period - STOP_MARGIN, 0.0)
+        for executor in self.executors:
+            if executor.concurrent:
+                try:
+                    executor.stop(deadline)
+                except TRANSIENT_DB_ERRORS:
+                    pass  # the supervisor rescues
+        try:
+            self.completer.close()
+        except Exception as exc:
+            self.log.warning("could not ack on the way out (the supervisor rescues): %s", exc)
+        self.closing = True  # the telemetry thread stops before the pool closes
+        reason = "signal" if code == EXIT_OK else f"exit code {code}"
+        try:
+            try:
+                self.telemetry_thread.final_tick()
+            except psycopg.Error as exc:  # the last counters are lost; stopping cleanly matters more
+                if isinstance(exc, TRANSIENT_DB_ERRORS):
+                    raise
+                self.log.warning("last telemetry tick failed: %s", exc)
+            self.with_db("stopped", lambda conn: store.worker_stopped(conn, self.id), quick=True)
+            self.notify([encode_event("worker_stopped", engine=self.spec.engine_id, worker=self.id,
+                                      reason=reason)], quick=True)
+        except TRANSIENT_DB_ERRORS:
+            pass  # the supervisor marks us lost and rescues
+        self.log.info("worker stopped", extra={"jobs_done": self.jobs_done, "reason": reason})
+        self.sources.close()
+        # The listen connection is left to the process exit: closing it would wait for the listener
+        # thread's current read.
+        if self.pool is not None:
+            self.pool.close(timeout=2)
+
+    # -- database helpers ----------------------------------------------------------------------------
+
+    def db_retry(self, what: str) -> Retrying:
+        """Bounded retries of the engine's own statements on transient errors (restart, network)."""
+        def before_sleep(state: Any) -> None:
+            self.log.warning("database call %s failed, retrying: %s", what, state.outcome.exception())
+        return Retrying(
+            retry=retry_if_exception_type(TRANSIENT_DB_ERRORS),
+            wait=wait_exponential(multiplier=0.05, max=0.5),  # back within 0.5 s of the database's return
+            stop=stop_after_delay(DB_RETRY_SECONDS),
+            before_sleep=before_sleep,
+            reraise=True,
+        )
+
+    def with_db(self, what: str, action: Any, quick: bool = False) -> Any:
+        if quick:
+            with self.pool.connection(timeout=5) as conn:
+                return action(conn)
+        for attempt in self.db_retry(what):
+            with attempt:
+                with self.pool.connection() as conn:
+                    return action(conn)
+        return None  # pragma: no cover - Retrying re-raises
+
+    def queue_on(self, conn: psycopg.Connection[Any]) -> Queue:
+        return Queue(conn=conn, check_schema=False)
+
+    def notify(self, events: list[str], quick: bool = False) -> None:
+        if events:
+            self.with_db("notify", lambda conn: store.events_notify(conn, events), quick=quick)
+
+    # -- wake-ups ------------------------------------------------------------------------------------
+
+    def _connect_listener(self) -> None:
+        for attempt in self.db_retry("listen"):
+            with attempt:
+                if self.listen_conn is not None:
+                    self.listen_conn.close()
+                self.listen_conn = db.connect(self.spec.dsn, application_name=self.spec.application_name)
+                self.listen_conn.execute(f"LISTEN {ENQUEUED_CHANNEL}")
+
+    def _listen_loop(self) -> None:
+        """Reads notifications as they come, busy or idle, and wakes the main loop."""
+        while not self.closing:
+            try:
+                assert self.listen_conn is not None
+                for _ in self.listen_conn.notifies(timeout=LISTEN_READ_TIMEOUT):
+                    self._notified = True
+                    self.wake.set()
+            except TRANSIENT_DB_ERRORS as exc:
+                if self.closing:
+                    return
+                self.log.warning("listen connection lost, reconnecting: %s", exc)
+                time.sleep(0.1)
+                try:
+                    self._connect_listener()
+                except TRANSIENT_DB_ERRORS:
+                    self.request_stop(EXIT_DB_LOST)
+                    return
+                self._notified = True  # enqueues while we were away were not heard: look
+                self.wake.set()
+
+    # -- the loop ------------------------------------------------------------------------------------
+
+    def busy(self) -> None:
+        self.state = "busy"
+        if self._idle_reported:
+            self._idle_reported = False
+            if self.spec.report is not None:
+                self.spec.report.busy(self.spec.index)
+
+    def _loop(self) -> None:
+        """One claim per flow per round, so a deep backlog of one flow cannot starve the others. A flow
+        that had nothing is skipped for EMPTY_FLOW_RECHECK while others keep the worker busy."""
+        self.state = "idle"
+        executors = self.executors
+        recheck_at = [0.0] * len(executors)
+        while not self.stopping:
+            worked = False
+            now = time.monotonic()
+            for i, executor in enumerate(executors):
+                if self.stopping:
+                    break
+                if recheck_at[i] > now:
+                    continue
+                claimed = executor.step()
+                if claimed > 0:
+                    worked = True
+                elif claimed == 0:
+                    recheck_at[i] = now + EMPTY_FLOW_RECHECK
+            if worked or self.stopping:
+                continue
+            if any(e.concurrent and e.in_hand for e in executors):
+                self.wake.wait(EMPTY_FLOW_RECHECK)  # a job finishing below the low-water mark wakes us
+            else:
+                self._wait_for_work()
+            if self._notified or not any(e.concurrent and e.in_hand for e in executors):
+                self._notified = False
+                recheck_at = [0.0] * len(executors)
+
+    def _wait_for_work(self) -> None:
+        self.state = "idle"
+        if self.completer.pending:  # ack what finished before reporting idle (a drain waits on it)
+            self.completer.flush()
+            if self.completer.pending:  # the completer thread is writing its own flush
+                self.wake.wait(FLUSH_INTERVAL)
+                return
+        wait = self.spec.engine.poll_interval
+        try:
+            with self.pool.connection() as conn:
+                next_due = store.next_run_at(conn, self.flow_names)
+        except TRANSIENT_DB_ERRORS as exc:
+            self.log.warning("database call next_run_at failed: %s", exc)
+            self.wake.wait(0.1)
+            return
+        if next_due is not None:
+            wait = min(wait, max(next_due, 0.0))
+        if wait <= 0:
+            return
+        if not self._idle_reported and self.completer.pending == 0:
+            self._idle_reported = True
+            if self.spec.report is not None:
+                self.spec.report.idle(self.spec.index)
+        self.wake.wait(wait)
+
+    # -- after each ack ------------------------------------------------------------------------------
+
+    def after_ack(self, flow: FlowRuntime, ack: AckResult, failed: int, wait_ms: float, run_ms: float,
+                  samples: list[FailureSample], had_success: bool, trial: bool = False) -> None:
+        self.jobs_done += ack.completed
+        self.telemetry.record_batch(flow.name, ack.completed, failed, ack.dead_ids, wait_ms, run_ms, samples)
+        if ack.refused:
+            self.log.warning("acks refused: jobs were rescued from this worker", extra={
+                "flow": flow.name, "refused": ack.refused})
+        if ack.finished_runs:
+            self._fire_run_hooks(ack.finished_runs)
+        self.circuit.after_batch(flow, had_failures=bool(failed), had_success=had_success, trial=trial)
+
+    def _fire_run_hooks(self, run_ids: list[str]) -> None:
+        def finished(summary: RunSummary) -> None:
+            fields = summary.as_dict()
+            self.notify([encode_event("run_finished", engine=self.spec.engine_id, worker=self.id, **fields)])
+            self.log.info("run finished", extra=fields)
+
+        hooks = {f.name: f.on_complete for f in self.flows}
+        self.with_db("run hook", lambda conn: fire_run_hooks(conn, run_ids, hooks, self.log, finished))
+
+
+def worker_main(spec: WorkerSpec, log_format: str) -> None:
+    """Entry point of a forked worker process."""
+    from engine.logs import setup_logging
+
+    setup_logging(log_format)
+    _die_with_parent()
+    try:
+        code = Worker(spec).run()
+    except Exception:
+        log.exception("worker crashed", extra={"worker": spec.worker_id})
+        code = 1
+    logging.shutdown()
+    _real_exit(code)
+
+
+def _die_with_parent() -> None:
+    """If the supervisor is killed outright, workers get SIGTERM and drain instead of running on."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    if os.getppid() == 1:
+        os.kill(os.getpid(), signal.SIGTERM)
