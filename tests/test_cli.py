@@ -44,7 +44,7 @@ STATUS_HEADER = ["flow", "pending", "scheduled", "running", "completed", "dead",
 @pytest.fixture(autouse=True)
 def registered_flows(request: pytest.FixtureRequest) -> None:
     """The flows these tests enqueue to, registered as an engine would (enqueue refuses unknown flows)."""
-    register_flows_for(request, "a", "b", "alpha", "beta", "emails", "later", "reports", "status")
+    register_flows_for(request, "a", "b", "alpha", "beta", "bulk", "emails", "later", "reports", "status")
 
 
 def count(dsn: str, where: str = "true") -> int:
