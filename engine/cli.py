@@ -248,9 +248,19 @@ def _open_dev_console(dsn: str, settings: Settings, quit_after: float | None) ->
                  exit_on_sigterm=True)
 
 
+def _add_app_dir(app_dir: Path | None) -> None:
+    """--app-dir: where the flows' handler modules are imported from (forked workers inherit it)."""
+    if app_dir is None:
+        return
+    if not app_dir.is_dir():
+        raise ValidationError(f"--app-dir {app_dir}: not a directory")
+    sys.path.insert(0, str(app_dir.resolve()))
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from engine.supervisor import EngineOptions, run_engine
 
+    _add_app_dir(args.app_dir)
     return run_engine(_settings(args), EngineOptions(workers=args.workers, flows=args.flows, drain=args.drain))
 
 
@@ -348,6 +358,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, help="worker processes (default: config `workers`)")
     p.add_argument("--flows", help="comma-separated flows to serve (default: all configured)")
     p.add_argument("--drain", action="store_true", help="exit 0 once the flows have nothing pending or running")
+    p.add_argument("--app-dir", type=Path, help="directory to import handler modules from (put first on the "
+                                                "Python path); else install the app or set PYTHONPATH")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("console", parents=[common], help="the ops console: a terminal UI on the queue (same as `console`)")

@@ -5,6 +5,8 @@ from __future__ import annotations
 import importlib
 import inspect
 import logging
+import os
+import sys
 import traceback
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -25,6 +27,10 @@ def resolve(ref: str, what: str) -> Any:
     module_name, _, attr = ref.partition(":")
     try:
         module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name is not None and (module_name + ".").startswith(exc.name + "."):
+            raise ConfigError(f"{what} {ref!r}: cannot import {module_name!r}: {_not_on_path(exc.name)}") from None
+        raise ConfigError(f"{what} {ref!r}: cannot import {module_name!r}: {type(exc).__name__}: {exc}") from None
     except Exception as exc:  # any import-time failure of user code is a configuration error here
         raise ConfigError(f"{what} {ref!r}: cannot import {module_name!r}: {type(exc).__name__}: {exc}") from None
     try:
@@ -34,6 +40,15 @@ def resolve(ref: str, what: str) -> Any:
     except AttributeError:
         raise ConfigError(f"{what} {ref!r}: module {module_name!r} has no attribute {attr!r}") from None
     return target
+
+
+def _not_on_path(missing: str) -> str:
+    # The module itself is missing (not one it imports): the usual cause is the app not on sys.path,
+    # since the `engine` script's own directory is what Python searches first, not the current one.
+    cwd = os.getcwd()
+    where = "" if cwd in sys.path or "" in sys.path else f" (the current directory {cwd} is not on it)"
+    return (f"no module named {missing!r} on the Python path{where}; "
+            "install the app (pip install -e .), pass --app-dir DIR, or set PYTHONPATH=DIR")
 
 
 def wants_context(func: Callable[..., Any]) -> bool:

@@ -9,7 +9,6 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,10 +20,10 @@ from engine.embedded import make_temp_dir
 from engine.errors import ValidationError
 from engine.migrate import REQUIRED_SCHEMA_VERSION
 from engine.queue import Failure, Queue, validate_flow
+from support.cli import engine, ok, one_line_error
 from support.engines import wait_for
 from support.postgres import scalar
 
-REPO = Path(__file__).resolve().parent.parent
 UNREACHABLE_SOCKET = "host=/tmp/nonexistent-skiplock port=1 dbname=x"
 SECRET = "s3cretpw"
 SECRET_DSNS = [
@@ -39,38 +38,6 @@ STATUS_HEADER = ["flow", "pending", "scheduled", "running", "completed", "dead",
 
 # ---------------------------------------------------------------------------------------------
 # helpers
-
-
-def base_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SKIPLOCK")}
-    env["PYTHONPATH"] = f"{REPO}{os.pathsep}{env.get('PYTHONPATH', '')}"
-    env.update(extra)
-    return env
-
-
-def engine(*args: str, dsn: str | None = None, input: str | bytes = "", timeout: float = 60,
-           env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    """Run `engine *args` in a subprocess; `dsn` goes in SKIPLOCK_DSN. stdin is always given."""
-    full_env = base_env(**(env or {}))
-    if dsn is not None:
-        full_env["SKIPLOCK_DSN"] = dsn
-    return subprocess.run([sys.executable, "-m", "engine.cli", *args], env=full_env, input=input,
-                          capture_output=True, text=not isinstance(input, bytes), timeout=timeout, cwd=REPO)
-
-
-def ok(result: subprocess.CompletedProcess) -> str:
-    assert result.returncode == 0, (result.returncode, result.stdout, result.stderr)
-    assert result.stderr == ""
-    return result.stdout
-
-
-def one_line_error(result: subprocess.CompletedProcess, code: int = 2) -> str:
-    """Assert a failure reported as exactly one line on stderr, no traceback; returns that line."""
-    assert result.returncode == code, (result.returncode, result.stdout, result.stderr)
-    assert "Traceback" not in result.stderr and "Traceback" not in result.stdout
-    assert result.stderr.endswith("\n") and result.stderr.count("\n") == 1, result.stderr
-    assert result.stderr.startswith("engine: error: "), result.stderr
-    return result.stderr
 
 
 def count(dsn: str, where: str = "true") -> int:
