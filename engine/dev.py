@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from engine import db
-from engine.config import Settings, load_settings
+from engine.config import BUILTIN_FLOW_NAMES, Settings, load_settings
 from engine.embedded import EmbeddedPostgres, default_data_dir
 from engine.migrate import migrate
 from engine.queue import Queue
@@ -31,7 +31,7 @@ from engine.report import print_status
 from engine.supervisor import EngineOptions, run_engine
 
 DEMO_FEED_PER_SECOND = 200
-DEMO_FLOWS = "noop,sleep,flaky"
+DEMO_FLOWS = ",".join(BUILTIN_FLOW_NAMES)
 
 # Runs the console on the terminal until it quits: (dsn, settings, quit after seconds or None).
 # Given by the composition point (engine/cli.py), so this module never imports the console.
@@ -118,7 +118,7 @@ def run_dev(options: DevOptions, open_console: ConsoleOpener | None = None) -> i
         import importlib
 
         return int(importlib.import_module(f"engine.examples.{options.example}.dev").run_example(options))
-    settings = load_settings(options.config, env=options.env, dsn=options.dsn)
+    settings = load_settings(options.config, env=options.env, dsn=options.dsn, builtin_flows=True)
     server, dsn = database_for(settings.dsn, options.data_dir or default_data_dir())
     try:
         with db.connect(dsn) as conn:

@@ -29,7 +29,7 @@ import orjson
 import psycopg
 
 from engine import db, store
-from engine.config import FlowConfig, Settings, recorded_policy, resolve_dsn
+from engine.config import BUILTIN_FLOW_NAMES, FlowConfig, Settings, recorded_policy, resolve_dsn
 from engine.errors import ConfigError, SkiplockError
 from engine.handlers import load_flow
 from engine.logs import ContextLogger, setup_logging
@@ -282,14 +282,23 @@ class Supervisor:
         return code
 
 
+_BUILTIN_HINT: Final = (f"the built-in demo flows ({', '.join(BUILTIN_FLOW_NAMES)}) are served by `engine dev`, "
+                        "or where the config names them ([flows.noop])")
+
+
 def select_flows(settings: Settings, names: str | None) -> tuple[FlowConfig, ...]:
     if not names:
+        if not settings.flows:
+            where = f"in {settings.path}" if settings.path else "(no config file: pass --config or set SKIPLOCK_CONFIG)"
+            raise ConfigError(f"no flows configured {where}; add [flows.NAME] with handler = \"module:function\"")
         return tuple(settings.flows.values())
     chosen: list[FlowConfig] = []
     for name in (n.strip() for n in names.split(",") if n.strip()):
         validate_flow(name)
         if name not in settings.flows:
-            raise ConfigError(f"--flows: flow {name!r} is not configured (known: {', '.join(sorted(settings.flows))})")
+            known = ", ".join(sorted(settings.flows)) or "none"
+            hint = f"; {_BUILTIN_HINT}" if name in BUILTIN_FLOW_NAMES else ""
+            raise ConfigError(f"--flows: flow {name!r} is not configured (known: {known}){hint}")
         chosen.append(settings.flows[name])
     if not chosen:
         raise ConfigError("--flows: no flow named")

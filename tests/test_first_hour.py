@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from support.cli import engine, ok, one_line_error
@@ -41,3 +42,34 @@ def test_app_dir_must_be_a_directory(dsn: str, tmp_path: Path) -> None:
     config = write_app(tmp_path)
     line = one_line_error(engine("run", "--config", str(config), "--app-dir", "nope", dsn=dsn, cwd=tmp_path))
     assert line == "engine: error: --app-dir nope: not a directory\n"
+
+
+# 2. the built-in demo flows are served only where asked for
+
+
+def started_flows(stdout: str) -> list[str]:
+    starting = [json.loads(line) for line in stdout.splitlines() if '"engine starting"' in line]
+    assert len(starting) == 1, stdout
+    return starting[0]["flows"]
+
+
+def test_production_engine_serves_only_its_own_flows(dsn: str, tmp_path: Path) -> None:
+    config = write_app(tmp_path)
+    result = engine("run", "--config", str(config), "--drain", "--app-dir", str(tmp_path), dsn=dsn, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert started_flows(result.stdout) == ["hello"]
+    line = one_line_error(engine("run", "--config", str(config), "--flows", "noop", dsn=dsn))
+    assert line == ("engine: error: --flows: flow 'noop' is not configured (known: hello); the built-in demo "
+                    "flows (noop, sleep, flaky) are served by `engine dev`, or where the config names them "
+                    "([flows.noop])\n")
+    # named in the file (no handler needed), a built-in is served
+    config.write_text(APP_CONFIG + "[flows.noop]\n")
+    result = engine("run", "--config", str(config), "--drain", "--app-dir", str(tmp_path), dsn=dsn, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert started_flows(result.stdout) == ["hello", "noop"]
+
+
+def test_engine_run_without_flows_says_where_to_declare_them(dsn: str) -> None:
+    line = one_line_error(engine("run", "--drain", dsn=dsn))
+    assert line == ("engine: error: no flows configured (no config file: pass --config or set SKIPLOCK_CONFIG); "
+                    'add [flows.NAME] with handler = "module:function"\n')

@@ -124,7 +124,6 @@ def test_transactional_flow_option(tmp_path: Path) -> None:
     settings = load_settings(config, environ={})
     assert settings.flows["a"].transactional is True
     assert settings.flows["b"].transactional is False
-    assert settings.flows["noop"].transactional is False
     settings = load_settings(config, environ={"SKIPLOCK__FLOWS__B__TRANSACTIONAL": "true"})
     assert settings.flows["b"].transactional is True
     config.write_text('[flows.a]\nhandler = "m:f"\ntransactional = "yes"\n')
