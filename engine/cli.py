@@ -261,7 +261,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from engine.supervisor import EngineOptions, run_engine
 
     _add_app_dir(args.app_dir)
-    return run_engine(_settings(args), EngineOptions(workers=args.workers, flows=args.flows, drain=args.drain))
+    return run_engine(_settings(args), EngineOptions(workers=args.workers, flows=args.flows, drain=args.drain,
+                                                     wait_scheduled=args.wait_scheduled))
 
 
 def cmd_console(args: argparse.Namespace) -> int:
@@ -357,7 +358,10 @@ def build_parser() -> argparse.ArgumentParser:
                               "4 workers kept crashing")
     p.add_argument("--workers", type=int, help="worker processes (default: config `workers`)")
     p.add_argument("--flows", help="comma-separated flows to serve (default: all configured)")
-    p.add_argument("--drain", action="store_true", help="exit 0 once the flows have nothing pending or running")
+    p.add_argument("--drain", action="store_true",
+                   help="exit 0 once the flows have nothing due and nothing running; says what is scheduled for later")
+    p.add_argument("--wait-scheduled", action="store_true",
+                   help="with --drain: also wait for jobs scheduled for later (--delay, retry backoff)")
     p.add_argument("--app-dir", type=Path, help="directory to import handler modules from (put first on the "
                                                 "Python path); else install the app or set PYTHONPATH")
     p.set_defaults(func=cmd_run)

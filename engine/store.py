@@ -364,8 +364,25 @@ def purge_done(conn: Conn, retention: float, limit: int) -> int:
 
 
 def drain_remaining(conn: Conn, flows: list[str]) -> bool:
-    """True while any job of these flows is pending or running."""
+    """True while any job of these flows is pending (due or scheduled for later) or running."""
     return bool(_scalar(conn, Q.drain_remaining, {"flows": flows}))
+
+
+def drain_due(conn: Conn, flows: list[str]) -> bool:
+    """True while any job of these flows is running or due now."""
+    return bool(_scalar(conn, Q.drain_due, {"flows": flows}))
+
+
+@dataclass(frozen=True)
+class Scheduled:
+    flow: str
+    jobs: int
+    next_run_at: datetime
+
+
+def drain_scheduled(conn: Conn, flows: list[str]) -> list[Scheduled]:
+    """Per flow, the pending jobs scheduled for later and the earliest of them."""
+    return _rows(conn, Scheduled, Q.drain_scheduled, {"flows": flows})
 
 
 # ---------------------------------------------------------------------------------------------

@@ -72,6 +72,7 @@ class Supervisor:
     flows: tuple[FlowConfig, ...]
     workers: int
     drain: bool = False
+    wait_scheduled: bool = False  # with drain: also wait for jobs scheduled for later
     engine_id: str = field(default_factory=new_engine_id)
     slots: list[Slot] = field(default_factory=list)
     signals: int = 0
@@ -145,7 +146,7 @@ class Supervisor:
                 if self.drain and now >= next_drain_check:
                     next_drain_check = now + DRAIN_CHECK_INTERVAL
                     if self._drained():
-                        self.log.info("drain complete: nothing pending or running")
+                        self._report_drained()
                         return self._stop(EXIT_OK)
             except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
                 self.log.warning("supervisor database call failed (will retry): %s", exc)
@@ -252,8 +253,25 @@ class Supervisor:
         self._db(act)
 
     def _drained(self) -> bool:
+        """--drain: nothing due and nothing running (--wait-scheduled: nothing pending at all)."""
         names = [f.name for f in self.flows]
-        return not self._db(lambda conn: store.drain_remaining(conn, names))
+        remaining = store.drain_remaining if self.wait_scheduled else store.drain_due
+        return not self._db(lambda conn: remaining(conn, names))
+
+    def _report_drained(self) -> None:
+        if self.wait_scheduled:
+            self.log.info("drain complete: nothing pending or running")
+            return
+        later = self._db(lambda conn: store.drain_scheduled(conn, [f.name for f in self.flows]))
+        if not later:
+            self.log.info("drain complete: nothing due or running, nothing scheduled for later")
+            return
+        total = sum(s.jobs for s in later)
+        first = min(s.next_run_at for s in later)
+        self.log.info("drain complete: nothing due or running; %d job(s) scheduled for later, the first at %s "
+                      "(--wait-scheduled waits for them)", total, first.isoformat(timespec="seconds"),
+                      extra={"scheduled": {s.flow: s.jobs for s in later},
+                             "next_run_at": first.isoformat(timespec="seconds")})
 
     # -- stop ----------------------------------------------------------------------------------------
 
@@ -312,6 +330,7 @@ class EngineOptions:
     workers: int | None = None
     flows: str | None = None  # comma-separated names, as --flows; None: every configured flow
     drain: bool = False
+    wait_scheduled: bool = False  # with drain: jobs scheduled for later (delays, retry backoff) hold it too
 
 
 def run_engine(settings: Settings, options: EngineOptions) -> int:
@@ -320,7 +339,10 @@ def run_engine(settings: Settings, options: EngineOptions) -> int:
     workers = options.workers if options.workers is not None else settings.engine.workers
     if workers < 1:
         raise ConfigError("--workers must be at least 1")
-    supervisor = Supervisor(settings, resolve_dsn(settings), flows, workers, drain=options.drain)
+    if options.wait_scheduled and not options.drain:
+        raise ConfigError("--wait-scheduled goes with --drain")
+    supervisor = Supervisor(settings, resolve_dsn(settings), flows, workers, drain=options.drain,
+                            wait_scheduled=options.wait_scheduled)
     try:
         supervisor.prepare()
     except psycopg.OperationalError as exc:

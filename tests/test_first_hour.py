@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 from support.cli import engine, ok, one_line_error
@@ -73,3 +74,41 @@ def test_engine_run_without_flows_says_where_to_declare_them(dsn: str) -> None:
     line = one_line_error(engine("run", "--drain", dsn=dsn))
     assert line == ("engine: error: no flows configured (no config file: pass --config or set SKIPLOCK_CONFIG); "
                     'add [flows.NAME] with handler = "module:function"\n')
+
+
+# 3. --drain: nothing due and nothing running; --wait-scheduled waits for later jobs too
+
+
+def log_records(stdout: str) -> list[dict]:
+    return [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
+
+
+def test_drain_leaves_jobs_scheduled_for_later_and_says_so(dsn: str, tmp_path: Path) -> None:
+    config = write_app(tmp_path)
+    ok(engine("enqueue", "hello", "--payload", '{"name": "now"}', "--count", "2", dsn=dsn))
+    ok(engine("enqueue", "hello", "--payload", '{"name": "later"}', "--delay", "1h", dsn=dsn))
+    started = time.monotonic()
+    result = engine("run", "--config", str(config), "--drain", "--app-dir", str(tmp_path), dsn=dsn, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert time.monotonic() - started < 30
+    done = [r for r in log_records(result.stdout) if r["msg"].startswith("drain complete")]
+    assert len(done) == 1, result.stdout
+    assert done[0]["msg"].startswith("drain complete: nothing due or running; 1 job(s) scheduled for later, "
+                                     "the first at ")
+    assert done[0]["scheduled"] == {"hello": 1}
+    assert scalar(dsn, "SELECT count(*) FROM skiplock.jobs_done") == 2
+    assert scalar(dsn, "SELECT payload->>'name' FROM skiplock.jobs WHERE status = 'pending'") == "later"
+
+
+def test_wait_scheduled_drains_jobs_due_later_too(dsn: str, tmp_path: Path) -> None:
+    config = write_app(tmp_path)
+    ok(engine("enqueue", "hello", "--payload", '{"name": "soon"}', "--delay", "2s", dsn=dsn))
+    result = engine("run", "--config", str(config), "--drain", "--wait-scheduled", "--app-dir", str(tmp_path),
+                    dsn=dsn, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert [r["msg"] for r in log_records(result.stdout) if r["msg"].startswith("drain complete")] == [
+        "drain complete: nothing pending or running"]
+    assert scalar(dsn, "SELECT count(*) FROM skiplock.jobs") == 0
+    assert scalar(dsn, "SELECT payload->>'name' FROM skiplock.jobs_done") == "soon"
+    line = one_line_error(engine("run", "--config", str(config), "--wait-scheduled", dsn=dsn))
+    assert line == "engine: error: --wait-scheduled goes with --drain\n"

@@ -77,7 +77,9 @@ def run_example(options: DevOptions) -> int:
 
 
 def _run_engine(settings: Settings, options: DevOptions) -> int:
-    engine = start_engine_process(settings, EngineOptions(workers=options.workers, flows=FLOW, drain=True))
+    # wait_scheduled: the example's transient failures retry after a backoff, and belong to the run shown.
+    run = EngineOptions(workers=options.workers, flows=FLOW, drain=True, wait_scheduled=True)
+    engine = start_engine_process(settings, run)
     stop = stop_requested_by_signals()
     deadline = time.monotonic() + options.seconds if options.seconds else None
     print("engine running until the survey queue is drained; Ctrl-C stops", flush=True)
