@@ -17,7 +17,7 @@ from typing import Any
 import orjson
 import psycopg
 
-from engine import db
+from engine import __version__, db
 from engine.config import Settings, add_settings_arguments, load_settings, parse_duration, resolve_dsn
 from engine.embedded import default_data_dir
 from engine.errors import SkiplockError, ValidationError
@@ -280,6 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_settings_arguments(common)
 
     parser = argparse.ArgumentParser(prog="engine", description="skiplock: PostgreSQL work queue engine")
+    parser.add_argument("--version", action="version", version=f"skiplock {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("migrate", parents=[common], help="apply missing schema migrations")

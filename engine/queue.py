@@ -23,7 +23,7 @@ import orjson
 import psycopg
 from psycopg_pool import ConnectionPool
 
-from engine import db, store
+from engine import __version__, db, store
 from engine.redact import describe_error
 from engine.errors import DatabaseUnavailable, ValidationError
 from engine.migrate import REQUIRED_SCHEMA_VERSION, require_schema, schema_version
@@ -447,6 +447,7 @@ class Queue:
         with stale heartbeats, or the database slower than `slow_ms` to answer."""
         report: dict[str, Any] = {
             "status": "healthy",
+            "version": __version__,
             "databases": {},
             "queue_status": {},
             "workers": {},

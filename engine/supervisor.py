@@ -28,7 +28,7 @@ from typing import Any, Final
 import orjson
 import psycopg
 
-from engine import db, store
+from engine import __version__, db, store
 from engine.config import BUILTIN_FLOW_NAMES, FlowConfig, Settings, recorded_policy, resolve_dsn
 from engine.errors import ConfigError, SkiplockError
 from engine.handlers import load_flow
@@ -119,7 +119,7 @@ class Supervisor:
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
         self.log.info("engine starting", extra={"workers": self.workers, "flows": [f.name for f in self.flows],
-                                                "pid": os.getpid()})
+                                                "pid": os.getpid(), "version": __version__})
         for slot in self.slots:
             self._spawn(slot)
         engine = self.settings.engine

@@ -6,6 +6,7 @@ import json
 import time
 from pathlib import Path
 
+from engine import __version__
 from support.cli import engine, ok, one_line_error
 from support.postgres import scalar
 
@@ -112,3 +113,15 @@ def test_wait_scheduled_drains_jobs_due_later_too(dsn: str, tmp_path: Path) -> N
     assert scalar(dsn, "SELECT payload->>'name' FROM skiplock.jobs_done") == "soon"
     line = one_line_error(engine("run", "--config", str(config), "--wait-scheduled", dsn=dsn))
     assert line == "engine: error: --wait-scheduled goes with --drain\n"
+
+
+# 5. the version: engine --version, health --json, the engine's start line
+
+
+def test_version_everywhere(dsn: str, tmp_path: Path) -> None:
+    assert ok(engine("--version")) == f"skiplock {__version__}\n"
+    assert json.loads(ok(engine("health", "--json", dsn=dsn)))["version"] == __version__
+    config = write_app(tmp_path)
+    result = engine("run", "--config", str(config), "--drain", "--app-dir", str(tmp_path), dsn=dsn, timeout=120)
+    starting = [r for r in log_records(result.stdout) if r["msg"] == "engine starting"]
+    assert starting[0]["version"] == __version__
