@@ -871,7 +871,8 @@ def load_settings(
 def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
     """--dsn, --config and --env: where every command reads its settings from."""
     parser.add_argument("--dsn", help="PostgreSQL connection string (default: SKIPLOCK_DSN, then the config)")
-    parser.add_argument("--config", type=Path, help="config file (default: SKIPLOCK_CONFIG)")
+    parser.add_argument("--config", type=Path,
+                        help="config file (default: SKIPLOCK_CONFIG; ./config.toml is not read unless named)")
     parser.add_argument("--env", help="environment in the config file (default: SKIPLOCK_ENV)")
 
 
@@ -879,11 +880,13 @@ def resolve_dsn(settings: Settings) -> str:
     """--dsn, SKIPLOCK_DSN, the config file; else the `engine dev` cluster when it is running."""
     if settings.dsn:
         return settings.dsn
-    from engine.embedded import DEFAULT_DATABASE, SOCKET_PORT, SUPERUSER, default_data_dir  # lazily: starts nothing
+    from engine.embedded import running_dev_dsn  # lazily: starts nothing
 
-    socket_dir = default_data_dir()
-    if (socket_dir / f".s.PGSQL.{SOCKET_PORT}").exists():
-        return f"host={socket_dir} port={SOCKET_PORT} user={SUPERUSER} dbname={DEFAULT_DATABASE}"
-    raise ConfigError(
-        "no database configured: pass --dsn, set SKIPLOCK_DSN or `dsn` in the config, or start `engine dev`"
-    )
+    dev = running_dev_dsn()
+    if dev is not None:
+        return dev
+    message = ("no database configured: pass --dsn, set SKIPLOCK_DSN, set `dsn` in a config file named by "
+               "--config or SKIPLOCK_CONFIG, or start `engine dev`")
+    if settings.path is None and Path("config.toml").is_file():
+        message += "; ./config.toml is here but is read only when named (--config config.toml)"
+    raise ConfigError(message)

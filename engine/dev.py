@@ -24,7 +24,7 @@ from typing import Any
 
 from engine import db
 from engine.config import BUILTIN_FLOW_NAMES, Settings, load_settings
-from engine.embedded import EmbeddedPostgres, default_data_dir
+from engine.embedded import EmbeddedPostgres, default_data_dir, forget_dev_cluster, record_dev_cluster
 from engine.migrate import migrate
 from engine.queue import Queue
 from engine.report import print_status
@@ -103,7 +103,15 @@ def database_for(dsn: str | None, data_dir: Path) -> tuple[EmbeddedPostgres | No
         return None, dsn
     print(f"starting embedded PostgreSQL in {data_dir} ...", flush=True)
     server = EmbeddedPostgres(data_dir).start()
+    record_dev_cluster(server)
     return server, server.dsn()
+
+
+def stop_database(server: EmbeddedPostgres | None) -> None:
+    """Stop what database_for started, and stop naming it as the running dev cluster."""
+    if server is not None:
+        forget_dev_cluster(server)
+        server.stop()
 
 
 def print_status_of(settings: Settings, flow: str | None = None) -> None:
@@ -133,8 +141,7 @@ def run_dev(options: DevOptions, open_console: ConsoleOpener | None = None) -> i
             return 0
         return _run_with_engine(settings, options, open_console)
     finally:
-        if server is not None:
-            server.stop()
+        stop_database(server)
 
 
 def _run_with_engine(settings: Settings, options: DevOptions, open_console: ConsoleOpener | None) -> int:

@@ -3,11 +3,19 @@
 from __future__ import annotations
 
 import json
+import shutil
+import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from engine import __version__
-from support.cli import engine, ok, one_line_error
+from engine.embedded import SOCKET_PORT, default_data_dir, make_temp_dir
+from support.cli import base_env, engine, ok, one_line_error
+from support.engines import wait_for
 from support.postgres import scalar
 
 APP_CONFIG = """
@@ -125,3 +133,56 @@ def test_version_everywhere(dsn: str, tmp_path: Path) -> None:
     result = engine("run", "--config", str(config), "--drain", "--app-dir", str(tmp_path), dsn=dsn, timeout=120)
     starting = [r for r in log_records(result.stdout) if r["msg"] == "engine starting"]
     assert starting[0]["version"] == __version__
+
+
+# 6. ./config.toml is read only when named, and the message says so
+
+
+def no_dev_cluster_env(tmp_path: Path) -> dict[str, str]:
+    """A runtime dir of the test's own: no state file, so only a cluster in the default place is found."""
+    runtime = tmp_path / "runtime"
+    runtime.mkdir(exist_ok=True)
+    env = {"XDG_RUNTIME_DIR": str(runtime)}
+    if (default_data_dir() / f".s.PGSQL.{SOCKET_PORT}").exists():
+        pytest.skip(f"an `engine dev` cluster is running in {default_data_dir()}: every command would find it")
+    return env
+
+
+def test_no_database_names_the_config_flag_and_the_unread_config_here(tmp_path: Path) -> None:
+    env = no_dev_cluster_env(tmp_path)
+    (tmp_path / "config.toml").write_text('[global]\ndsn = "host=/nowhere dbname=x"\n')
+    line = one_line_error(engine("migrate", cwd=tmp_path, env=env))
+    assert line == ("engine: error: no database configured: pass --dsn, set SKIPLOCK_DSN, set `dsn` in a config "
+                    "file named by --config or SKIPLOCK_CONFIG, or start `engine dev`; ./config.toml is here but "
+                    "is read only when named (--config config.toml)\n")
+    (tmp_path / "config.toml").unlink()
+    assert one_line_error(engine("migrate", cwd=tmp_path, env=env)).endswith("or start `engine dev`\n")
+    assert "./config.toml is not read unless named" in " ".join(ok(engine("migrate", "--help")).split())
+
+
+# 7. `engine dev --data-dir X` is found by every other command
+
+
+def test_other_commands_find_a_dev_cluster_in_any_data_dir(tmp_path: Path) -> None:
+    env = no_dev_cluster_env(tmp_path)
+    base = make_temp_dir("skiplock-devstate-")
+    state = tmp_path / "runtime" / "skiplock" / "dev-cluster.json"
+    dev = subprocess.Popen([sys.executable, "-P", "-m", "engine.cli", "dev", "--no-console", "--jobs", "10",
+                            "--data-dir", str(base / "data"), "--seconds", "120"],
+                           env=base_env(**env), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT)
+    try:
+        wait_for(lambda: state.exists(), 60, message="engine dev to record its cluster")
+        assert json.loads(state.read_text())["data_dir"] == str(base / "data")
+        out = wait_for(lambda: (r := engine("status", env=env)).returncode == 0 and r.stdout, 30,
+                       message="engine status to attach to the dev cluster")
+        assert "noop" in out
+        dev.send_signal(signal.SIGINT)
+        assert dev.wait(60) == 0
+        assert not state.exists(), "a stopped dev cluster is no longer named"
+        assert one_line_error(engine("status", env=env)).startswith("engine: error: no database configured")
+    finally:
+        if dev.poll() is None:
+            dev.kill()
+            dev.wait()
+        shutil.rmtree(base, ignore_errors=True)

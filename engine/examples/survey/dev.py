@@ -19,7 +19,7 @@ from typing import Final
 
 from engine import db
 from engine.config import Settings, load_settings
-from engine.dev import (DevOptions, database_for, print_status_of, start_engine_process, stop_engine,
+from engine.dev import (DevOptions, database_for, print_status_of, start_engine_process, stop_database, stop_engine,
                         stop_requested_by_signals)
 from engine.embedded import default_data_dir
 from engine.migrate import migrate
@@ -72,8 +72,7 @@ def run_example(options: DevOptions) -> int:
         _print_outcome(dsn)
         return code
     finally:
-        if server is not None:
-            server.stop()
+        stop_database(server)
 
 
 def _run_engine(settings: Settings, options: DevOptions) -> int:
