@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import signal
 import subprocess
@@ -14,7 +15,8 @@ import pytest
 
 from engine import __version__
 from engine.embedded import SOCKET_PORT, default_data_dir, make_temp_dir
-from support.cli import base_env, engine, ok, one_line_error
+from engine.handlers import resolve
+from support.cli import REPO, base_env, engine, ok, one_line_error
 from support.engines import wait_for
 from support.postgres import scalar
 
@@ -186,3 +188,19 @@ def test_other_commands_find_a_dev_cluster_in_any_data_dir(tmp_path: Path) -> No
             dev.kill()
             dev.wait()
         shutil.rmtree(base, ignore_errors=True)
+
+
+# 8. the docs speak the user's words and name handlers that exist
+
+
+DOCS = [REPO / "README.md", REPO / "docs" / "configuration.md", REPO / "config.toml"]
+
+
+def test_docs_name_no_seeds_and_only_handlers_that_exist() -> None:
+    for path in DOCS:
+        text = path.read_text()
+        assert not re.search(r"\bseeds?\b", text, re.I), f"{path.name} speaks of seeds"
+        for ref in re.findall(r'(?:handler|on_complete) *= *"([^"]+)"', text):
+            if ref.startswith("myapp."):  # the README's own example app
+                continue
+            resolve(ref, f"{path.name}: handler")  # raises ConfigError naming the reference
