@@ -85,9 +85,9 @@ def _read_payload_lines(stream: Any) -> tuple[list[Any], list[str]]:
         if not line.strip():
             continue
         try:
-            payloads.append(orjson.loads(line))
+            payloads.append(orjson.loads(line.rstrip(b"\r\n")))  # without it a cut-off line ends "on line 2"
         except orjson.JSONDecodeError as exc:
-            raise ValidationError(f"line {number}: invalid JSON: {exc}") from None
+            raise ValidationError(f"line {number}, column {exc.colno}: invalid JSON: {exc.msg}") from None
         names.append(f"line {number}")
     return payloads, names
 
@@ -99,7 +99,8 @@ def cmd_enqueue(args: argparse.Namespace) -> int:
         try:
             payload = orjson.loads(args.payload)
         except orjson.JSONDecodeError as exc:
-            raise ValidationError(f"--payload: invalid JSON: {exc}") from None
+            at = f"column {exc.colno}" if exc.lineno == 1 else f"line {exc.lineno}, column {exc.colno}"
+            raise ValidationError(f"--payload, {at}: invalid JSON: {exc.msg}") from None
         payloads, names = [payload] * args.count, [f"--payload (copy {i + 1})" for i in range(args.count)]
     else:
         if args.count != 1:
@@ -142,7 +143,7 @@ def cmd_health(args: argparse.Namespace) -> int:
             line += f" ({database['response_time_ms']} ms)"
         if report["queue_status"]:
             qs = report["queue_status"]
-            line += f", {qs['pending_records']} pending, {qs['processing_records']} running, {qs['failed_records']} dead"
+            line += f", {qs['pending_records']} pending, {qs['processing_records']} claimed, {qs['failed_records']} dead"
         print(line)
         for reason in report["reasons"]:
             print(f"  - {reason}")

@@ -149,10 +149,13 @@ def _run_with_engine(settings: Settings, options: DevOptions, open_console: Cons
         return _run_with_console(settings, options, open_console)
     assert settings.dsn is not None
     dsn = settings.dsn
-    engine = start_engine_process(settings, EngineOptions(workers=options.workers, flows=DEMO_FLOWS))
+    # The engine's logs go to a file here too: on stdout they would interleave with the status tables.
+    log_path = _log_path(options)
+    engine = start_engine_process(settings, EngineOptions(workers=options.workers, flows=DEMO_FLOWS),
+                                  log_path=log_path)
     stop = stop_requested_by_signals()
     deadline = time.monotonic() + options.seconds if options.seconds else None
-    print("engine running; Ctrl-C stops (status every 5 s)", flush=True)
+    print(f"engine running; Ctrl-C stops (status every 5 s; the engine's log: {log_path})", flush=True)
     with Queue(dsn) as queue:
         next_status = time.monotonic() + 5.0
         while not stop["requested"] and engine.is_alive():
@@ -172,6 +175,10 @@ def _run_with_engine(settings: Settings, options: DevOptions, open_console: Cons
 
 # ---------------------------------------------------------------------------------------------
 # With the console
+
+
+def _log_path(options: DevOptions) -> str:
+    return str((options.data_dir or default_data_dir()).parent / "engine-dev.log")
 
 
 def _console_wanted(options: DevOptions) -> bool:
@@ -194,7 +201,7 @@ def _feed_demo_load(dsn: str, stop: threading.Event) -> None:
 def _run_with_console(settings: Settings, options: DevOptions, open_console: ConsoleOpener) -> int:
     assert settings.dsn is not None
     dsn = settings.dsn
-    log_path = str((options.data_dir or default_data_dir()).parent / "engine-dev.log")
+    log_path = _log_path(options)
     engine = start_engine_process(settings, EngineOptions(workers=options.workers, flows=DEMO_FLOWS),
                                   log_path=log_path)
     stop = threading.Event()

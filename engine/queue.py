@@ -472,9 +472,9 @@ class Queue:
                 else:
                     database["status"] = "healthy"
                     stale = store.workers_stale_count(conn, stale_after)
-                    live = store.workers_list(conn)
-                    report["workers"] = {"live": sum(1 for w in live if w["state"] not in ("stopped", "lost")),
-                                         "stale": stale}
+                    running = sum(1 for w in store.workers_list(conn) if w["state"] not in ("stopped", "lost"))
+                    # A stale worker is not live: each worker counts once, in one of the two.
+                    report["workers"] = {"live": max(running - stale, 0), "stale": stale}
         except (psycopg.Error, DatabaseUnavailable) as exc:
             report["reasons"].append(f"database unreachable: {describe_error(exc)}")
         if database["status"] == "healthy":

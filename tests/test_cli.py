@@ -33,7 +33,7 @@ SECRET_DSNS = [
 ]
 SCHEMA_MESSAGE = (f"engine: error: database schema is at version 0, this skiplock needs {REQUIRED_SCHEMA_VERSION}: "
                   "run `engine migrate`\n")
-STATUS_HEADER = ["flow", "pending", "scheduled", "running", "completed", "dead", "paused"]
+STATUS_HEADER = ["flow", "pending", "scheduled", "claimed", "completed", "dead", "paused"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -199,14 +199,15 @@ def test_enqueue_dedupe_key_needs_exactly_one_job(dsn: str) -> None:
 def test_enqueue_malformed_json_line_inserts_nothing(dsn: str) -> None:
     lines = '{"a": 1}\n{"b": 2}\n{bad json\n{"c": 3}\n'
     result = engine("enqueue", "emails", dsn=dsn, input=lines)
-    assert one_line_error(result).startswith("engine: error: line 3: invalid JSON")
+    assert one_line_error(result) == ("engine: error: line 3, column 2: invalid JSON: unexpected character, "
+                                      "expected a string key\n")
     assert result.stdout == ""
     assert count(dsn) == 0
 
 
 def test_enqueue_blank_lines_still_count_in_line_numbers(dsn: str) -> None:
     result = engine("enqueue", "emails", dsn=dsn, input='{"a": 1}\n\n\n{"b": \n')
-    assert one_line_error(result).startswith("engine: error: line 4: invalid JSON")
+    assert one_line_error(result) == "engine: error: line 4, column 7: invalid JSON: unexpected end of data\n"
     assert count(dsn) == 0
 
 
@@ -222,14 +223,17 @@ def test_enqueue_invalid_utf8_is_a_json_error_whatever_the_locale(dsn: str) -> N
                     env={"PYTHONIOENCODING": "utf-8:strict"})
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr.decode()
-    assert result.stderr.decode().startswith("engine: error: line 2: invalid JSON")
+    assert result.stderr.decode().startswith("engine: error: line 2, column 1: invalid JSON: str is not valid UTF-8")
     assert result.stderr.count(b"\n") == 1
     assert count(dsn) == 0
 
 
 def test_enqueue_bad_payload_option(dsn: str) -> None:
     result = engine("enqueue", "emails", "--payload", "{nope", dsn=dsn)
-    assert one_line_error(result).startswith("engine: error: --payload: invalid JSON")
+    assert one_line_error(result) == ("engine: error: --payload, column 2: invalid JSON: unexpected character, "
+                                      "expected a string key\n")
+    result = engine("enqueue", "emails", "--payload", '{"a":\n 1,,}', dsn=dsn)
+    assert one_line_error(result).startswith("engine: error: --payload, line 2, column 4: invalid JSON")
     result = engine("enqueue", "emails", "--payload", "[1]", "--count", "2", dsn=dsn)
     assert one_line_error(result) == "engine: error: --payload (copy 1): payload must be a JSON object, got list\n"
     assert count(dsn) == 0
@@ -330,7 +334,7 @@ def test_status_empty_queue(dsn: str) -> None:
 def test_health_healthy(dsn: str) -> None:
     ok(engine("enqueue", "emails", "--payload", "{}", "--count", "2", dsn=dsn))
     out = ok(engine("health", dsn=dsn))
-    assert re.fullmatch(r"healthy: database up \([0-9.]+ ms\), 2 pending, 0 running, 0 dead\n", out), out
+    assert re.fullmatch(r"healthy: database up \([0-9.]+ ms\), 2 pending, 0 claimed, 0 dead\n", out), out
     report = json.loads(ok(engine("health", "--json", dsn=dsn)))
     for key in ("status", "databases", "queue_status", "instance_info", "timestamp"):
         assert key in report
@@ -384,7 +388,7 @@ def test_health_degraded_on_stale_worker(dsn: str) -> None:
     assert result.returncode == 1
     report = json.loads(result.stdout)
     assert report["status"] == "degraded"
-    assert report["workers"] == {"live": 2, "stale": 1}
+    assert report["workers"] == {"live": 1, "stale": 1}  # each worker counted once
     # a stopped worker's old heartbeat is not a problem
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute("UPDATE skiplock.workers SET state = 'stopped' WHERE id = 'ghost:1'")
@@ -684,6 +688,9 @@ def test_dev_runs_the_engine_briefly(dev_dir: Path) -> None:
     assert result.returncode == 0, (result.stdout[-3000:], result.stderr[-3000:])
     assert "Traceback" not in result.stdout + result.stderr
     assert "engine running; Ctrl-C stops" in result.stdout
+    # off a terminal too, the engine's JSON logs go to engine-dev.log, not between the status tables
+    assert not [line for line in result.stdout.splitlines() if line.startswith("{")], result.stdout[-3000:]
+    assert '"engine starting"' in (dev_dir / "engine-dev.log").read_text()
     rows = status_rows(result.stdout)  # the final status table
     assert int(rows["noop"][3]) >= 200
     assert int(rows["TOTAL"][3]) >= 200
