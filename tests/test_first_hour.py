@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 import json
 import re
 import shutil
@@ -204,3 +205,19 @@ def test_docs_name_no_seeds_and_only_handlers_that_exist() -> None:
             if ref.startswith("myapp."):  # the README's own example app
                 continue
             resolve(ref, f"{path.name}: handler")  # raises ConfigError naming the reference
+
+
+# 11. the suite leaves no psqlODBC log files behind
+
+
+def test_psqlodbc_connections_of_the_suite_write_no_log_files(pg_server) -> None:
+    code = ("import os, pyodbc\n"
+            f"c = pyodbc.connect('Driver={{PostgreSQL Unicode}};Servername={pg_server.socket_dir};"
+            f"Port={pg_server.port};Database=postgres;UID=skiplock')\n"
+            "c.cursor().execute('SELECT 1').fetchall(); c.close(); print(os.getpid())\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    if "not installed" in result.stderr or "Can't open lib" in result.stderr:
+        pytest.skip("psqlODBC is not installed")
+    assert result.returncode == 0, result.stderr
+    pid = result.stdout.strip()
+    assert not glob.glob(f"/tmp/psqlodbc_*{pid}.log"), "the suite's ODBC config turns CommLog off"
