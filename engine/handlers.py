@@ -111,7 +111,7 @@ class JobContext:
     """What a handler taking two arguments receives next to the payload. Built only for such handlers."""
 
     __slots__ = ("job_id", "flow", "attempt", "max_attempts", "run_id", "worker_id", "log", "_enqueue",
-                 "sources", "_pg", "_pg_provider")
+                 "sources", "_pg", "_pg_provider", "cancelled")
 
     def __init__(self, job_id: int, flow: str, attempt: int, max_attempts: int, run_id: str | None,
                  worker_id: str, log: logging.LoggerAdapter[logging.Logger],
@@ -129,6 +129,9 @@ class JobContext:
         self.sources: Mapping[str, Any] = sources if sources is not None else {}
         self._pg: Any = None  # set on first use of .pg; the worker commits or rolls it back
         self._pg_provider = pg
+        # True once an operator asked to cancel this job while it runs (where the worker supports it):
+        # a long handler may check it and return early.
+        self.cancelled = False
 
     def source(self, name: str) -> Any:
         """`ctx.sources[name]`: one of the flow's declared source databases."""
