@@ -221,3 +221,18 @@ def test_psqlodbc_connections_of_the_suite_write_no_log_files(pg_server) -> None
     assert result.returncode == 0, result.stderr
     pid = result.stdout.strip()
     assert not glob.glob(f"/tmp/psqlodbc_*{pid}.log"), "the suite's ODBC config turns CommLog off"
+
+
+# 13. a headless engine loads no TUI module
+
+
+def test_engine_run_paths_load_no_console_dependency() -> None:
+    code = ("import sys\n"
+            "from engine.cli import build_parser\n"
+            "build_parser().parse_args(['run', '--drain'])\n"
+            "import engine.supervisor, engine.worker, engine.dev\n"
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'textual', 'rich', 'pygments', 'markdown_it'}))\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                            env=base_env())
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "[]\n"
