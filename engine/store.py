@@ -69,6 +69,15 @@ class RescueResult:
 
 
 @dataclass(frozen=True)
+class Scheduled:
+    """Pending jobs of a flow scheduled for later (what a drain leaves behind)."""
+
+    flow: str
+    jobs: int
+    next_run_at: datetime
+
+
+@dataclass(frozen=True)
 class Job:
     id: int
     flow: str
@@ -371,13 +380,6 @@ def drain_remaining(conn: Conn, flows: list[str]) -> bool:
 def drain_due(conn: Conn, flows: list[str]) -> bool:
     """True while any job of these flows is running or due now."""
     return bool(_scalar(conn, Q.drain_due, {"flows": flows}))
-
-
-@dataclass(frozen=True)
-class Scheduled:
-    flow: str
-    jobs: int
-    next_run_at: datetime
 
 
 def drain_scheduled(conn: Conn, flows: list[str]) -> list[Scheduled]:
