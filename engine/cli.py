@@ -18,7 +18,7 @@ from typing import Any
 import orjson
 import psycopg
 
-from engine import db
+from engine import __version__, db
 from engine.config import Settings, add_settings_arguments, load_settings, parse_duration, resolve_dsn
 from engine.embedded import default_data_dir
 from engine.errors import SkiplockError, ValidationError
@@ -87,9 +87,9 @@ def _read_payload_lines(stream: Any) -> tuple[list[Any], list[str]]:
         if not line.strip():
             continue
         try:
-            payloads.append(orjson.loads(line))
+            payloads.append(orjson.loads(line.rstrip(b"\r\n")))  # without it a cut-off line ends "on line 2"
         except orjson.JSONDecodeError as exc:
-            raise ValidationError(f"line {number}: invalid JSON: {exc}") from None
+            raise ValidationError(f"line {number}, column {exc.colno}: invalid JSON: {exc.msg}") from None
         names.append(f"line {number}")
     return payloads, names
 
@@ -105,7 +105,8 @@ def _payload_chunks(args: argparse.Namespace) -> Iterator[tuple[list[Any], list[
         try:
             payload = orjson.loads(args.payload)
         except orjson.JSONDecodeError as exc:
-            raise ValidationError(f"--payload: invalid JSON: {exc}") from None
+            at = f"column {exc.colno}" if exc.lineno == 1 else f"line {exc.lineno}, column {exc.colno}"
+            raise ValidationError(f"--payload, {at}: invalid JSON: {exc.msg}") from None
         if args.dedupe_key is not None and args.count != 1:
             raise ValidationError("--dedupe-key applies to exactly one job")
         for start in range(0, args.count, ENQUEUE_CHUNK):
@@ -169,7 +170,7 @@ def cmd_health(args: argparse.Namespace) -> int:
             line += f" ({database['response_time_ms']} ms)"
         if report["queue_status"]:
             qs = report["queue_status"]
-            line += f", {qs['pending_records']} pending, {qs['processing_records']} running, {qs['failed_records']} dead"
+            line += f", {qs['pending_records']} pending, {qs['processing_records']} claimed, {qs['failed_records']} dead"
         print(line)
         for reason in report["reasons"]:
             print(f"  - {reason}")
@@ -278,10 +279,21 @@ def _open_dev_console(dsn: str, settings: Settings, quit_after: float | None) ->
                  exit_on_sigterm=True)
 
 
+def _add_app_dir(app_dir: Path | None) -> None:
+    """--app-dir: where the flows' handler modules are imported from (forked workers inherit it)."""
+    if app_dir is None:
+        return
+    if not app_dir.is_dir():
+        raise ValidationError(f"--app-dir {app_dir}: not a directory")
+    sys.path.insert(0, str(app_dir.resolve()))
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from engine.supervisor import EngineOptions, run_engine
 
-    return run_engine(_settings(args), EngineOptions(workers=args.workers, flows=args.flows, drain=args.drain))
+    _add_app_dir(args.app_dir)
+    return run_engine(_settings(args), EngineOptions(workers=args.workers, flows=args.flows, drain=args.drain,
+                                                     wait_scheduled=args.wait_scheduled))
 
 
 def cmd_console(args: argparse.Namespace) -> int:
@@ -299,6 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_settings_arguments(common)
 
     parser = argparse.ArgumentParser(prog="engine", description="skiplock: PostgreSQL work queue engine")
+    parser.add_argument("--version", action="version", version=f"skiplock {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("migrate", parents=[common], help="apply missing schema migrations")
@@ -378,7 +391,12 @@ def build_parser() -> argparse.ArgumentParser:
                               "4 workers kept crashing")
     p.add_argument("--workers", type=int, help="worker processes (default: config `workers`)")
     p.add_argument("--flows", help="comma-separated flows to serve (default: all configured)")
-    p.add_argument("--drain", action="store_true", help="exit 0 once the flows have nothing pending or running")
+    p.add_argument("--drain", action="store_true",
+                   help="exit 0 once the flows have nothing due and nothing running; says what is scheduled for later")
+    p.add_argument("--wait-scheduled", action="store_true",
+                   help="with --drain: also wait for jobs scheduled for later (--delay, retry backoff)")
+    p.add_argument("--app-dir", type=Path, help="directory to import handler modules from (put first on the "
+                                                "Python path); else install the app or set PYTHONPATH")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("console", parents=[common], help="the ops console: a terminal UI on the queue (same as `console`)")

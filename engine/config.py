@@ -31,6 +31,7 @@ from engine.limits import INT4_MAX, MAX_DURATION_S, MAX_DURATION_TEXT, MAX_POOL_
 from engine.redact import secret_spans
 
 __all__ = [
+    "BUILTIN_FLOW_NAMES",
     "BackoffPolicy",
     "CircuitPolicy",
     "ConsoleConfig",
@@ -374,13 +375,15 @@ _KEY_HOMES: Final = (
     ("sources.NAME", _SOURCE_ALLOWED),
 )
 
-# Built-in flows behave as if these tables were in every file; a [flows.NAME] of the same name in the
-# file is merged over them key by key (so it may leave out `handler`).
+# Built-in demo flows: served by `engine dev` (load_settings(builtin_flows=True)) and where a file
+# names them; a [flows.NAME] of the same name is merged over them key by key (so it may leave out
+# `handler`: `[flows.noop]` alone serves the built-in noop). Production engines never serve them unasked.
 _BUILTIN_FLOWS: Final[dict[str, dict[str, object]]] = {
     "noop": {"handler": "engine.flows.builtin:noop", "batch_size": 500},
     "sleep": {"handler": "engine.flows.builtin:sleep"},
     "flaky": {"handler": "engine.flows.builtin:flaky"},
 }
+BUILTIN_FLOW_NAMES: Final = tuple(_BUILTIN_FLOWS)
 
 _OVERRIDE_PREFIX: Final = "SKIPLOCK__"
 
@@ -451,8 +454,9 @@ def _parse_env_value(raw: str) -> object:
 class _Loader:
     """Holds the file as flat tables ({table path: {key: raw value}}) plus where each value came from."""
 
-    def __init__(self, label: str, environ: Mapping[str, str]) -> None:
+    def __init__(self, label: str, environ: Mapping[str, str], builtin_flows: bool = False) -> None:
         self._label = label
+        self._builtin_flows = builtin_flows
         self._environ = environ
         self._tables: dict[_TablePath, dict[str, object]] = {}
         self._origins: dict[tuple[str, ...], str] = {}  # key path -> variable that set it
@@ -475,6 +479,8 @@ class _Loader:
         for name in self._add_named(("flows",), document.get("flows"), "flow", None):
             self._flows.append(name)
         for name, builtin in _BUILTIN_FLOWS.items():
+            if not (self._builtin_flows or name in self._flows):
+                continue
             table = self._tables.setdefault(("flows", name), {})
             for key, value in builtin.items():
                 table.setdefault(key, value)
@@ -882,16 +888,19 @@ def load_settings(
     env: str | None = None,
     environ: Mapping[str, str] | None = None,
     dsn: str | None = None,
+    *,
+    builtin_flows: bool = False,
 ) -> Settings:
     """Settings from `path` (else $SKIPLOCK_CONFIG, else defaults only) for environment `env` (else
     $SKIPLOCK_ENV, else none), with SKIPLOCK__... overrides from `environ` (default: os.environ).
-    The DSN is `dsn`, else $SKIPLOCK_DSN, else the file's, else None (embedded PostgreSQL)."""
+    The DSN is `dsn`, else $SKIPLOCK_DSN, else the file's, else None (embedded PostgreSQL).
+    `builtin_flows`: include the demo flows (noop, sleep, flaky) even where the file does not name them."""
     variables: Mapping[str, str] = os.environ if environ is None else environ
     # Empty values count as unset: compose files and CI often export VAR= to mean "nothing".
     chosen = str(path) if path is not None and str(path) else variables.get("SKIPLOCK_CONFIG") or None
     file_path = Path(chosen) if chosen else None
     label = chosen or ""
-    loader = _Loader(label, variables)
+    loader = _Loader(label, variables, builtin_flows)
     if file_path is not None:
         loader.add_document(_read_document(file_path, label))
     else:
@@ -908,7 +917,8 @@ def load_settings(
 def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
     """--dsn, --config and --env: where every command reads its settings from."""
     parser.add_argument("--dsn", help="PostgreSQL connection string (default: SKIPLOCK_DSN, then the config)")
-    parser.add_argument("--config", type=Path, help="config file (default: SKIPLOCK_CONFIG)")
+    parser.add_argument("--config", type=Path,
+                        help="config file (default: SKIPLOCK_CONFIG; ./config.toml is not read unless named)")
     parser.add_argument("--env", help="environment in the config file (default: SKIPLOCK_ENV)")
 
 
@@ -919,11 +929,13 @@ def resolve_dsn(settings: Settings) -> str:
         if problem is not None:
             raise ConfigError(f"the DSN (--dsn, SKIPLOCK_DSN or the config's dsn) is not valid UTF-8 ({problem})")
         return settings.dsn
-    from engine.embedded import DEFAULT_DATABASE, SOCKET_PORT, SUPERUSER, default_data_dir  # lazily: starts nothing
+    from engine.embedded import running_dev_dsn  # lazily: starts nothing
 
-    socket_dir = default_data_dir()
-    if (socket_dir / f".s.PGSQL.{SOCKET_PORT}").exists():
-        return f"host={socket_dir} port={SOCKET_PORT} user={SUPERUSER} dbname={DEFAULT_DATABASE}"
-    raise ConfigError(
-        "no database configured: pass --dsn, set SKIPLOCK_DSN or `dsn` in the config, or start `engine dev`"
-    )
+    dev = running_dev_dsn()
+    if dev is not None:
+        return dev
+    message = ("no database configured: pass --dsn, set SKIPLOCK_DSN, set `dsn` in a config file named by "
+               "--config or SKIPLOCK_CONFIG, or start `engine dev`")
+    if settings.path is None and Path("config.toml").is_file():
+        message += "; ./config.toml is here but is read only when named (--config config.toml)"
+    raise ConfigError(message)

@@ -22,7 +22,7 @@ import orjson
 import psycopg
 from psycopg_pool import ConnectionPool
 
-from engine import db, store
+from engine import __version__, db, store
 from engine.redact import describe_error
 from engine.errors import DatabaseUnavailable, ValidationError
 from engine.limits import INT4_MAX, INT8_MAX, MAX_DURATION_S, utf8_problem
@@ -483,6 +483,7 @@ class Queue:
         with stale heartbeats, or the database slower than `slow_ms` to answer."""
         report: dict[str, Any] = {
             "status": "healthy",
+            "version": __version__,
             "databases": {},
             "queue_status": {},
             "workers": {},
@@ -507,9 +508,9 @@ class Queue:
                 else:
                     database["status"] = "healthy"
                     stale = store.workers_stale_count(conn, stale_after)
-                    live = store.workers_list(conn)
-                    report["workers"] = {"live": sum(1 for w in live if w["state"] not in ("stopped", "lost")),
-                                         "stale": stale}
+                    running = sum(1 for w in store.workers_list(conn) if w["state"] not in ("stopped", "lost"))
+                    # A stale worker is not live: each worker counts once, in one of the two.
+                    report["workers"] = {"live": max(running - stale, 0), "stale": stale}
         except (psycopg.Error, DatabaseUnavailable) as exc:
             report["reasons"].append(f"database unreachable: {describe_error(exc)}")
         if database["status"] == "healthy":

@@ -69,6 +69,15 @@ class RescueResult:
 
 
 @dataclass(frozen=True)
+class Scheduled:
+    """Pending jobs of a flow scheduled for later (what a drain leaves behind)."""
+
+    flow: str
+    jobs: int
+    next_run_at: datetime
+
+
+@dataclass(frozen=True)
 class Job:
     id: int
     flow: str
@@ -372,8 +381,18 @@ def purge_done(conn: Conn, retention: float, limit: int) -> int:
 
 
 def drain_remaining(conn: Conn, flows: list[str]) -> bool:
-    """True while any job of these flows is pending or running."""
+    """True while any job of these flows is pending (due or scheduled for later) or running."""
     return bool(_scalar(conn, Q.drain_remaining, {"flows": flows}))
+
+
+def drain_due(conn: Conn, flows: list[str]) -> bool:
+    """True while any job of these flows is running or due now."""
+    return bool(_scalar(conn, Q.drain_due, {"flows": flows}))
+
+
+def drain_scheduled(conn: Conn, flows: list[str]) -> list[Scheduled]:
+    """Per flow, the pending jobs scheduled for later and the earliest of them."""
+    return _rows(conn, Scheduled, Q.drain_scheduled, {"flows": flows})
 
 
 # ---------------------------------------------------------------------------------------------

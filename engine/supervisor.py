@@ -36,8 +36,8 @@ from typing import Any, Final
 import orjson
 import psycopg
 
-from engine import db, store
-from engine.config import FlowConfig, Settings, recorded_policy, resolve_dsn
+from engine import __version__, db, store
+from engine.config import BUILTIN_FLOW_NAMES, FlowConfig, Settings, recorded_policy, resolve_dsn
 from engine.errors import ConfigError, SkiplockError
 from engine.handlers import load_flow
 from engine.hooks import HookRunner
@@ -121,6 +121,7 @@ class Supervisor:
     flows: tuple[FlowConfig, ...]
     workers: int
     drain: bool = False
+    wait_scheduled: bool = False  # with drain: also wait for jobs scheduled for later
     engine_id: str = field(default_factory=new_engine_id)
     slots: list[Slot] = field(default_factory=list)
     signals: int = 0
@@ -190,7 +191,7 @@ class Supervisor:
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
         self.log.info("engine starting", extra={"workers": self.workers, "flows": [f.name for f in self.flows],
-                                                "pid": os.getpid()})
+                                                "pid": os.getpid(), "version": __version__})
         self.liveness.start()
         for slot in self.slots:
             self._spawn(slot)
@@ -224,7 +225,7 @@ class Supervisor:
                 if self.drain and self.report.all_idle() and (reported or now >= next_drain_check):
                     next_drain_check = now + DRAIN_CHECK_INTERVAL
                     if self._drained():
-                        self.log.info("drain complete: nothing pending or running")
+                        self._report_drained()
                         return self._stop(EXIT_OK)
             except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
                 self.log.warning("supervisor database call failed (will retry): %s", exc)
@@ -350,8 +351,25 @@ class Supervisor:
         self._db(act)
 
     def _drained(self) -> bool:
+        """--drain: nothing due and nothing running (--wait-scheduled: nothing pending at all)."""
         names = [f.name for f in self.flows]
-        return not self._db(lambda conn: store.drain_remaining(conn, names))
+        remaining = store.drain_remaining if self.wait_scheduled else store.drain_due
+        return not self._db(lambda conn: remaining(conn, names))
+
+    def _report_drained(self) -> None:
+        if self.wait_scheduled:
+            self.log.info("drain complete: nothing pending or running")
+            return
+        later = self._db(lambda conn: store.drain_scheduled(conn, [f.name for f in self.flows]))
+        if not later:
+            self.log.info("drain complete: nothing due or running, nothing scheduled for later")
+            return
+        total = sum(s.jobs for s in later)
+        first = min(s.next_run_at for s in later)
+        self.log.info("drain complete: nothing due or running; %d job(s) scheduled for later, the first at %s "
+                      "(--wait-scheduled waits for them)", total, first.isoformat(timespec="seconds"),
+                      extra={"scheduled": {s.flow: s.jobs for s in later},
+                             "next_run_at": first.isoformat(timespec="seconds")})
 
     # -- stop ----------------------------------------------------------------------------------------
 
@@ -397,14 +415,23 @@ class Supervisor:
         return code
 
 
+_BUILTIN_HINT: Final = (f"the built-in demo flows ({', '.join(BUILTIN_FLOW_NAMES)}) are served by `engine dev`, "
+                        "or where the config names them ([flows.noop])")
+
+
 def select_flows(settings: Settings, names: str | None) -> tuple[FlowConfig, ...]:
     if not names:
+        if not settings.flows:
+            where = f"in {settings.path}" if settings.path else "(no config file: pass --config or set SKIPLOCK_CONFIG)"
+            raise ConfigError(f"no flows configured {where}; add [flows.NAME] with handler = \"module:function\"")
         return tuple(settings.flows.values())
     chosen: list[FlowConfig] = []
     for name in (n.strip() for n in names.split(",") if n.strip()):
         validate_flow(name)
         if name not in settings.flows:
-            raise ConfigError(f"--flows: flow {name!r} is not configured (known: {', '.join(sorted(settings.flows))})")
+            known = ", ".join(sorted(settings.flows)) or "none"
+            hint = f"; {_BUILTIN_HINT}" if name in BUILTIN_FLOW_NAMES else ""
+            raise ConfigError(f"--flows: flow {name!r} is not configured (known: {known}){hint}")
         chosen.append(settings.flows[name])
     if not chosen:
         raise ConfigError("--flows: no flow named")
@@ -418,15 +445,19 @@ class EngineOptions:
     workers: int | None = None
     flows: str | None = None  # comma-separated names, as --flows; None: every configured flow
     drain: bool = False
+    wait_scheduled: bool = False  # with drain: jobs scheduled for later (delays, retry backoff) hold it too
 
 
 def run_engine(settings: Settings, options: EngineOptions) -> int:
     setup_logging(settings.engine.log_format)
-    flows = select_flows(settings, options.flows)
     workers = options.workers if options.workers is not None else settings.engine.workers
     if not 1 <= workers <= MAX_WORKERS:
         raise ConfigError(f"--workers must be at least 1 and at most {MAX_WORKERS}, got {workers}")
-    supervisor = Supervisor(settings, resolve_dsn(settings), flows, workers, drain=options.drain)
+    if options.wait_scheduled and not options.drain:
+        raise ConfigError("--wait-scheduled goes with --drain")
+    flows = select_flows(settings, options.flows)  # after the option checks: they name what the user typed
+    supervisor = Supervisor(settings, resolve_dsn(settings), flows, workers, drain=options.drain,
+                            wait_scheduled=options.wait_scheduled)
     try:
         supervisor.prepare()
     except psycopg.OperationalError as exc:

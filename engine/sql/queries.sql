@@ -531,11 +531,29 @@ WHERE w.id = m.id AND w.state <> 'stopped'
 RETURNING w.id;
 
 -- name: drain_remaining
+-- `engine run --drain --wait-scheduled`: anything pending (due or later) or running.
 SELECT count(*) FROM (
     SELECT 1 FROM skiplock.jobs
     WHERE flow = ANY(%(flows)s::text[]) AND status IN ('pending', 'running')
     LIMIT 1
 ) AS any_left;
+
+-- name: drain_due
+-- `engine run --drain`: anything running or due now; jobs scheduled for later do not hold a drain.
+SELECT count(*) FROM (
+    SELECT 1 FROM skiplock.jobs
+    WHERE flow = ANY(%(flows)s::text[])
+      AND (status = 'running' OR (status = 'pending' AND run_at <= now()))
+    LIMIT 1
+) AS any_due;
+
+-- name: drain_scheduled
+-- What a drain leaves behind, read once when it ends.
+SELECT flow, count(*) AS jobs, min(run_at) AS next_run_at
+FROM skiplock.jobs
+WHERE flow = ANY(%(flows)s::text[]) AND status = 'pending' AND run_at > now()
+GROUP BY flow
+ORDER BY flow;
 
 -- ---------------------------------------------------------------------------------------------
 -- console
