@@ -24,16 +24,18 @@ def fire_run_hooks(
     hooks: Mapping[str, RunHook | None],
     log: logging.Logger | logging.LoggerAdapter[Any],
     on_finished: Callable[[RunSummary], None] | None = None,
+    claimer: str | None = None,
 ) -> list[RunSummary]:
     """Claim each finished run (exactly one caller wins it) and call its flow's hook.
 
     `hooks` maps a flow name to its on_complete callable; a run of a flow without one is still
     claimed. `on_finished` sees each claimed run before its hook (the worker sends run_finished
     there). A hook that raises is logged and does not stop the others. Returns the claimed runs.
+    `claimer` (store.run_claim_hook): give the same one when retrying after a lost connection.
     """
     claimed: list[RunSummary] = []
     for run_id in run_ids:
-        summary = store.run_claim_hook(conn, run_id)
+        summary = store.run_claim_hook(conn, run_id, claimer)
         if summary is None:
             continue
         claimed.append(summary)

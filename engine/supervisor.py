@@ -29,7 +29,7 @@ import orjson
 import psycopg
 
 from engine import db, store
-from engine.config import FlowConfig, Settings, recorded_policy, resolve_dsn
+from engine.config import EngineConfig, FlowConfig, Settings, recorded_policy, resolve_dsn
 from engine.errors import ConfigError, SkiplockError
 from engine.handlers import load_flow
 from engine.logs import ContextLogger, setup_logging
@@ -248,6 +248,9 @@ class Supervisor:
             purged = Queue(conn=conn, check_schema=False).purge_completed(self.settings.engine.retention)
             if purged:
                 self.log.info("purged completed jobs past retention", extra={"purged": purged})
+            counts = retention_pass(conn, self.settings.engine)
+            if any(counts.values()):
+                self.log.info("purged history past retention", extra=counts)
 
         self._db(act)
 
@@ -280,6 +283,28 @@ class Supervisor:
             code = EXIT_FORCED
         self.log.info("engine stopped", extra={"exit_code": code})
         return code
+
+
+RETENTION_SLICE: Final = 10_000
+
+
+def retention_pass(conn: psycopg.Connection[Any], engine: EngineConfig) -> dict[str, int]:
+    """Delete old workers, runs, per-minute history and receipts, each in bounded slices (autocommit:
+    one short transaction per slice). Returns how many rows of each went."""
+    def slices(purge: Any) -> int:
+        total = 0
+        while True:
+            deleted = purge()
+            total += deleted
+            if deleted < RETENTION_SLICE:
+                return total
+
+    return {
+        "workers": slices(lambda: store.purge_workers(conn, engine.worker_retention, RETENTION_SLICE)),
+        "runs": slices(lambda: store.purge_runs(conn, engine.retention, RETENTION_SLICE)),
+        "stats": slices(lambda: store.purge_stats(conn, engine.stats_retention, RETENTION_SLICE)),
+        "receipts": slices(lambda: store.purge_receipts(conn, RETENTION_SLICE)),
+    }
 
 
 def select_flows(settings: Settings, names: str | None) -> tuple[FlowConfig, ...]:
