@@ -10,8 +10,13 @@
 -- began before its handlers ran: finished_at, run_ms, the backoff's run_at, the error's `at`),
 -- claim_batch (a fleet-wide concurrency claim waits for claim_flow_lock inside its transaction:
 -- claimed_at, wait_ms), the enqueue statements (a producer may enqueue inside its own transaction, or
--- a handler through ctx.pg: a delay counts from the enqueue), and run_claim_hook. Cut-offs compared
--- with now() (stale heartbeats, retention, "due") stay: at worst a little conservative.
+-- a handler through ctx.pg: a delay counts from the enqueue), run_claim_hook, and rescue_jobs' stamps
+-- (its slices run inside the supervisor's rescue pass). Every other now() stays, checked one by one:
+-- it is in a statement sent alone in autocommit (worker_*, circuit_*, flows_*, stats_upsert's minute,
+-- release_batch, claim_release_token, console reads with their fixed reference time), in a short
+-- transaction of its own (Queue's dlq_retry, reset_failed, flow_set_paused), or it is a cut-off
+-- (stale heartbeats, retention purges, "due", runs_unfired): there now() is at worst a little
+-- conservative, and one value per statement keeps a statement's rows consistent.
 
 -- name: migrations_bootstrap
 CREATE SCHEMA IF NOT EXISTS skiplock;
@@ -252,11 +257,12 @@ WITH orphaned AS (
     UPDATE skiplock.jobs j
     SET status = CASE WHEN j.attempts >= skiplock.max_attempts_for(j.flow, j.max_attempts)
                       THEN 'dead' ELSE 'pending' END::skiplock.job_status,
-        finished_at = CASE WHEN j.attempts >= skiplock.max_attempts_for(j.flow, j.max_attempts) THEN now() END,
+        finished_at = CASE WHEN j.attempts >= skiplock.max_attempts_for(j.flow, j.max_attempts)
+                           THEN clock_timestamp() END,
         error_type = 'WorkerLost',
         error_message = 'worker ' || coalesce(j.claimed_by, '?') || ' stopped heartbeating while running this job',
         errors = skiplock.errors_append(j.errors, jsonb_build_object(
-            'attempt', j.attempts, 'at', now(), 'worker', j.claimed_by, 'type', 'WorkerLost',
+            'attempt', j.attempts, 'at', clock_timestamp(), 'worker', j.claimed_by, 'type', 'WorkerLost',
             'message', 'rescued: worker stopped heartbeating', 'traceback', NULL, 'permanent', false),
             %(errors_kept)s),
         claimed_by = NULL, claim_token = NULL, updated_at = now()
@@ -269,7 +275,7 @@ WITH orphaned AS (
     UPDATE skiplock.runs r
     SET dead = r.dead + d.dead,
         finished_at = CASE WHEN r.finished_at IS NULL AND r.completed + r.dead + d.dead >= r.total
-                           THEN now() ELSE r.finished_at END
+                           THEN clock_timestamp() ELSE r.finished_at END
     FROM (SELECT run_id, count(*) AS dead FROM rescued WHERE status = 'dead' AND run_id IS NOT NULL
           GROUP BY run_id) AS d
     WHERE r.id = d.run_id
