@@ -144,10 +144,12 @@ class EnqueueResult:
     replayed: bool = False  # the batch had committed before (a retry): counts are the first call's
 
 
-def _retry_safe(what: str, action: Any, retry_for: float = SAFE_RETRY_SECONDS) -> Any:
+def _retry_safe(what: str, action: Any, retry_for: float = SAFE_RETRY_SECONDS,
+                reached: Any = lambda: True) -> Any:
     """Run `action()` again on transient errors for up to `retry_for` s: only for actions whose
     retry cannot apply twice. Raises DatabaseUnavailable naming `what` when time runs out.
-    `retry_for` 0: one try, its error as it came."""
+    `retry_for` 0: one try, its error as it came. A failure to connect is retried only once
+    `reached()` (the database was reached before): a bad or unreachable DSN fails at once."""
     if retry_for <= 0:
         return action()
     deadline = time.monotonic() + retry_for
@@ -156,6 +158,8 @@ def _retry_safe(what: str, action: Any, retry_for: float = SAFE_RETRY_SECONDS) -
         try:
             return action()
         except TRANSIENT_ERRORS as exc:
+            if isinstance(exc, DatabaseUnavailable) and not reached():
+                raise
             if time.monotonic() + delay > deadline:
                 raise DatabaseUnavailable(f"{what} failed for {retry_for:g} s: {describe_error(exc)}") from None
             time.sleep(delay)
@@ -221,6 +225,7 @@ class Queue:
         # Retries need a fresh connection: not possible on a connection the caller gave (it may be
         # broken, or inside the caller's transaction).
         self._retry_for = SAFE_RETRY_SECONDS if conn is None else 0.0
+        self._reached = False  # connected once: a later failure to connect is a restart, retried
         if dsn is not None and pool_size > 0:
             self._pool = db.open_pool(dsn, application_name=application_name, max_size=pool_size)
 
@@ -242,6 +247,7 @@ class Queue:
     def connection(self) -> Iterator[psycopg.Connection[Any]]:
         if self._pool is not None:
             with self._pool.connection() as conn:
+                self._reached = True
                 self._check_schema(conn)
                 yield conn
             return
@@ -251,6 +257,7 @@ class Queue:
                 self._conn = db.connect(self._dsn, application_name=self._application_name)
             except (psycopg.OperationalError, psycopg.ProgrammingError) as exc:  # Programming: a malformed DSN
                 raise DatabaseUnavailable(describe_error(exc)) from None
+        self._reached = True
         self._check_schema(self._conn)
         yield self._conn
 
@@ -347,7 +354,8 @@ class Queue:
                 store.enqueue_receipt_record(conn, key, inserted, len(texts) - inserted)
             return EnqueueResult(inserted, len(texts) - inserted, key)
 
-        return _retry_safe(f"enqueue of batch {key!r} ({len(texts)} jobs of {flow})", attempt, self._retry_for)
+        return _retry_safe(f"enqueue of batch {key!r} ({len(texts)} jobs of {flow})", attempt, self._retry_for,
+                           lambda: self._reached)
 
     # -- hot path, for callers that run their own worker loop -------------------------------------
 
@@ -380,7 +388,8 @@ class Queue:
             with self.connection() as conn:
                 return ack_batch(conn, worker_id, token, done_ids, texts, failures, max_attempts, ack_id=key)
 
-        return _retry_safe(f"ack {key}", attempt, self._retry_for)
+        return _retry_safe(f"ack {key}", attempt, self._retry_for,
+                           lambda: self._reached)
 
     def release(self, worker_id: str, token: int, ids: Sequence[int]) -> int:
         with self.connection() as conn:

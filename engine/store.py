@@ -585,7 +585,7 @@ def run_claim_hook(conn: Conn, run_id: str, claimer: str | None = None) -> RunSu
     `claimer`: a token chosen before the first try and re-presented by retries (the ack id that
     finished the run, as text, or new_hook_claimer()): a retry after a try whose reply was lost gets
     the run back. With None, such a retry gets None and the hook never fires."""
-    rows = _rows(conn, RunSummary, Q.run_claim_hook, {"run_id": run_id, "claimer": claimer})
+    rows = _rows(conn, RunSummary, Q.run_claim_hook_by, {"run_id": run_id, "claimer": claimer})
     return rows[0] if rows else None
 
 

@@ -19,7 +19,7 @@ import pytest
 
 from engine.embedded import make_temp_dir
 from engine.errors import ValidationError
-from engine.migrate import KNOWN_MIGRATIONS, REQUIRED_SCHEMA_VERSION
+from engine.migrate import KNOWN_MIGRATIONS, REQUIRED_SCHEMA_VERSION, available_migrations
 from engine.queue import Failure, Queue, validate_flow
 from support.engines import wait_for
 from support.postgres import scalar
@@ -127,7 +127,8 @@ def status_of(dsn: str, job_id: int) -> str | None:
 
 
 def test_migrate_applies_then_is_up_to_date(empty_dsn: str) -> None:
-    assert ok(engine("migrate", dsn=empty_dsn)) == "applied 0001_initial\n"
+    assert ok(engine("migrate", dsn=empty_dsn)) == "".join(
+        f"applied {m.version:04d}_{m.name}\n" for m in available_migrations())
     assert scalar(empty_dsn, "SELECT count(*) FROM skiplock.schema_migrations") == len(KNOWN_MIGRATIONS)
     assert ok(engine("migrate", dsn=empty_dsn)) == "schema is up to date\n"
     # --dsn works as well as SKIPLOCK_DSN
@@ -694,7 +695,7 @@ def test_dev_no_engine(dev_dir: Path) -> None:
     result = engine("dev", "--no-engine", "--jobs", "50", "--data-dir", str(data), timeout=120)
     out = ok(result)
     lines = out.splitlines()
-    assert lines[:3] == [f"starting embedded PostgreSQL in {data} ...", "schema migrated (1 migration(s) applied)",
+    assert lines[:3] == [f"starting embedded PostgreSQL in {data} ...", f"schema migrated ({len(KNOWN_MIGRATIONS)} migration(s) applied)",
                          "enqueued demo jobs to noop, sleep and flaky"]
     rows = status_rows(out)
     assert rows["noop"][:2] == ["50", "0"]

@@ -200,3 +200,12 @@ def test_enqueue_many_on_a_callers_connection_does_not_retry(dsn: str, proxy: Tc
     with pytest.raises(psycopg.OperationalError):
         queue.enqueue_many("x", [{}])
     assert time.monotonic() - started < 5
+
+
+def test_enqueue_many_to_a_database_never_reached_fails_at_once(dsn: str, proxy: TcpProxy) -> None:
+    """Nothing can have committed, and a bad DSN must stay a quick one-line error."""
+    proxy.cut()
+    started = time.monotonic()
+    with Queue(proxy.dsn(dsn)) as queue, pytest.raises(DatabaseUnavailable):
+        queue.enqueue_many("x", [{}])
+    assert time.monotonic() - started < 5

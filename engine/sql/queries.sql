@@ -590,6 +590,13 @@ RETURNING name;
 INSERT INTO skiplock.flows (name) VALUES (%(flow)s) ON CONFLICT (name) DO NOTHING;
 
 -- name: run_claim_hook
+-- Without a claimer (a retry whose first try committed gets nothing): sent directly by the old
+-- engine/worker.py only. Delete when the worker package calls store.run_claim_hook.
+UPDATE skiplock.runs SET hook_fired_at = clock_timestamp()
+WHERE id = %(run_id)s AND finished_at IS NOT NULL AND hook_fired_at IS NULL
+RETURNING id AS run, flow, total, completed, dead;
+
+-- name: run_claim_hook_by
 -- Exactly one claimer gets the row back: it fires the run's on-complete hook. The claimer's token is
 -- recorded, so a retry that re-presents it (the first try committed, its reply was lost) gets the
 -- run back again instead of nothing. A NULL claimer can claim only an unclaimed run.
