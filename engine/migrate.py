@@ -28,7 +28,6 @@ from typing import Final
 
 import psycopg
 import psycopg.errors
-from packaging.version import InvalidVersion, Version
 
 from engine import store
 from engine.errors import ConfigError, SchemaOutdated
@@ -37,6 +36,7 @@ log = logging.getLogger("skiplock.migrate")
 
 _FILE_NAME: Final = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
 _DIRECTIVE: Final = re.compile(r"^--\s*skiplock:\s*(.*?)\s*$")
+_RELEASE: Final = re.compile(r"^\d+(\.\d+)*")  # the release numbers of a version: 0.2.0 of 0.2.0.dev1
 NO_TRANSACTION: Final = "no-transaction"
 MIN_CODE_VERSION: Final = "min-code-version"
 
@@ -53,6 +53,11 @@ def _code_version() -> str:
 
 
 CODE_VERSION: Final = _code_version()
+
+
+def _release(version: str) -> tuple[int, ...]:
+    match = _RELEASE.match(version)
+    return tuple(int(part) for part in match.group(0).split(".")) if match else (0,)
 
 
 @dataclass(frozen=True)
@@ -87,10 +92,8 @@ def _directives(path: Path, version: int, name: str) -> Migration:
         if words == [NO_TRANSACTION]:
             transactional = False
         elif len(words) == 2 and words[0] == MIN_CODE_VERSION:
-            try:
-                Version(words[1])
-            except InvalidVersion:
-                raise ConfigError(f"{path}:{number}: {MIN_CODE_VERSION} {words[1]!r} is not a version") from None
+            if not re.fullmatch(r"\d+(\.\d+)*", words[1]):
+                raise ConfigError(f"{path}:{number}: {MIN_CODE_VERSION} {words[1]!r} is not a version like 1.2.0")
             min_code = words[1]
         else:
             raise ConfigError(f"{path}:{number}: unknown directive {match.group(1)!r}: use "
@@ -210,9 +213,9 @@ def require_schema(conn: psycopg.Connection) -> None:
             f"database schema is at version {version}, this skiplock needs {REQUIRED_SCHEMA_VERSION}: "
             "run `engine migrate`"
         )
-    code = Version(CODE_VERSION)
+    code = _release(CODE_VERSION)
     for version, min_code, name in applied:
-        if min_code is not None and Version(min_code) > code:
+        if min_code is not None and _release(min_code) > code:
             raise SchemaOutdated(
                 f"database schema migration {version:04d}_{name} needs skiplock >= {min_code}; this is "
                 f"skiplock {CODE_VERSION}: upgrade skiplock to run against this database"
