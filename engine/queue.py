@@ -47,6 +47,11 @@ FLOW_NAME: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")  # fullmatch: 
 MAX_PAYLOAD_BYTES: Final = 1 << 20
 MAX_KEY_LENGTH: Final = 255
 PRIORITY_RANGE: Final = range(-32768, 32768)
+# The API's own retries of statements made safe by a key (enqueue_many's batch key, an ack id):
+# transient errors (a restart, a failover, a dropped connection) are retried for this long.
+TRANSIENT_ERRORS: Final = (psycopg.OperationalError, psycopg.InterfaceError, DatabaseUnavailable)
+SAFE_RETRY_SECONDS: Final = 30.0
+_RETRY_BACKOFF: Final = (0.1, 2.0)  # first delay, cap (doubling)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -154,6 +159,30 @@ class ClaimedJob(NamedTuple):
 class EnqueueResult:
     inserted: int
     skipped: int  # duplicates of an unfinished job with the same dedupe key
+    batch_key: str | None = None  # enqueue_many: the key its rows were recorded under
+    replayed: bool = False  # the batch had committed before (a retry): counts are the first call's
+
+
+def _retry_safe(what: str, action: Any, retry_for: float = SAFE_RETRY_SECONDS,
+                reached: Any = lambda: True) -> Any:
+    """Run `action()` again on transient errors for up to `retry_for` s: only for actions whose
+    retry cannot apply twice. Raises DatabaseUnavailable naming `what` when time runs out.
+    `retry_for` 0: one try, its error as it came. A failure to connect is retried only once
+    `reached()` (the database was reached before): a bad or unreachable DSN fails at once."""
+    if retry_for <= 0:
+        return action()
+    deadline = time.monotonic() + retry_for
+    delay, cap = _RETRY_BACKOFF
+    while True:
+        try:
+            return action()
+        except TRANSIENT_ERRORS as exc:
+            if isinstance(exc, DatabaseUnavailable) and not reached():
+                raise
+            if time.monotonic() + delay > deadline:
+                raise DatabaseUnavailable(f"{what} failed for {retry_for:g} s: {describe_error(exc)}") from None
+            time.sleep(delay)
+            delay = min(delay * 2, cap)
 
 
 @dataclass(frozen=True)
@@ -215,6 +244,10 @@ class Queue:
         self._owns = dsn is not None
         self._application_name = application_name
         self._schema_checked = not check_schema
+        # Retries need a fresh connection: not possible on a connection the caller gave (it may be
+        # broken, or inside the caller's transaction).
+        self._retry_for = SAFE_RETRY_SECONDS if conn is None else 0.0
+        self._reached = False  # connected once: a later failure to connect is a restart, retried
         if dsn is not None and pool_size > 0:
             self._pool = db.open_pool(dsn, application_name=application_name, max_size=pool_size)
 
@@ -236,6 +269,7 @@ class Queue:
     def connection(self) -> Iterator[psycopg.Connection[Any]]:
         if self._pool is not None:
             with self._pool.connection() as conn:
+                self._reached = True
                 self._check_schema(conn)
                 yield conn
             return
@@ -245,6 +279,7 @@ class Queue:
                 self._conn = db.connect(self._dsn, application_name=self._application_name)
             except (psycopg.OperationalError, psycopg.ProgrammingError) as exc:  # Programming: a malformed DSN
                 raise DatabaseUnavailable(describe_error(exc)) from None
+        self._reached = True
         self._check_schema(self._conn)
         yield self._conn
 
@@ -292,11 +327,19 @@ class Queue:
         run_id: str | None = None,
         dedupe_keys: Sequence[str | None] | None = None,
         item_names: Sequence[str] | None = None,
+        batch_key: str | None = None,
     ) -> EnqueueResult:
         """Enqueue many jobs of one flow in one transaction (COPY; unnest when dedupe keys are given).
 
         Every payload is validated before anything is sent: one bad item and nothing is inserted;
         the error names the item (`item_names[i]`, else "item i" counting from 0).
+
+        The batch is recorded under `batch_key` (default: a new key per call) in the same
+        transaction, so it is inserted at most once per key: on a transient error (restart,
+        dropped connection) this call retries by itself for SAFE_RETRY_SECONDS, and a retry of a
+        batch that had committed inserts nothing and returns the first outcome with
+        `replayed=True`. When retries run out it raises DatabaseUnavailable naming the key: call
+        again with that `batch_key` (within a day, ENQUEUE_RECEIPT_RETENTION) to retry safely.
         """
         validate_flow(flow)
         options = EnqueueOptions(priority, _delay_from(delay, run_at), max_attempts, run_id).validated()
@@ -308,19 +351,33 @@ class Queue:
                 raise ValidationError(f"{len(dedupe_keys)} dedupe keys for {len(texts)} payloads")
             for index, key in enumerate(dedupe_keys):
                 _validate_key(key, f"{item_names[index] if item_names else f'item {index}'}: dedupe key")
+        key = _validate_key(batch_key, "batch key") or uuid.uuid4().hex
         if not texts:
-            return EnqueueResult(0, 0)
-        with self.connection() as conn, conn.transaction():
-            if dedupe_keys is not None:
-                inserted = store.enqueue_many_dedupe(
-                    conn, flow, texts, list(dedupe_keys), priority=options.priority, delay=options.delay,
-                    max_attempts=options.max_attempts, run_id=options.run_id)
-            else:
-                inserted = store.enqueue_copy(conn, flow, texts, priority=options.priority, delay=options.delay,
-                                              max_attempts=options.max_attempts, run_id=options.run_id)
-            if options.run_id is not None and inserted:
-                store.run_add_jobs(conn, options.run_id, flow, inserted)
-        return EnqueueResult(inserted, len(texts) - inserted)
+            return EnqueueResult(0, 0, key)
+
+        def attempt() -> EnqueueResult:
+            with self.connection() as conn, conn.transaction():
+                if not store.enqueue_receipt_claim(conn, key, flow):
+                    receipt = store.enqueue_receipt_get(conn, key)
+                    assert receipt is not None  # the claim waited for its holder's commit
+                    if receipt.flow != flow:
+                        raise ValidationError(f"batch key {key!r} was used for flow {receipt.flow!r}, not {flow!r}")
+                    return EnqueueResult(receipt.inserted, receipt.skipped, key, replayed=True)
+                if dedupe_keys is not None:
+                    inserted = store.enqueue_many_dedupe(
+                        conn, flow, texts, list(dedupe_keys), priority=options.priority, delay=options.delay,
+                        max_attempts=options.max_attempts, run_id=options.run_id)
+                else:
+                    inserted = store.enqueue_copy(conn, flow, texts, priority=options.priority,
+                                                  delay=options.delay, max_attempts=options.max_attempts,
+                                                  run_id=options.run_id)
+                if options.run_id is not None and inserted:
+                    store.run_add_jobs(conn, options.run_id, flow, inserted)
+                store.enqueue_receipt_record(conn, key, inserted, len(texts) - inserted)
+            return EnqueueResult(inserted, len(texts) - inserted, key)
+
+        return _retry_safe(f"enqueue of batch {key!r} ({len(texts)} jobs of {flow})", attempt, self._retry_for,
+                           lambda: self._reached)
 
     # -- hot path, for callers that run their own worker loop -------------------------------------
 
@@ -340,10 +397,21 @@ class Queue:
         results: Sequence[Any] | None = None,
         failures: Sequence[Failure] = (),
         max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+        *,
+        ack_id: int | None = None,
     ) -> AckResult:
+        """Acknowledge a claimed batch. Retried by itself on transient errors under one ack id
+        (default: a new one per call; store.ack_batch), so a retry of an ack that had committed
+        returns the first outcome rather than reporting the jobs refused."""
         texts = None if results is None else [None if r is None else orjson.dumps(r).decode() for r in results]
-        with self.connection() as conn:
-            return ack_batch(conn, worker_id, token, done_ids, texts, failures, max_attempts)
+        key = ack_id if ack_id is not None else store.new_ack_id()
+
+        def attempt() -> AckResult:
+            with self.connection() as conn:
+                return ack_batch(conn, worker_id, token, done_ids, texts, failures, max_attempts, ack_id=key)
+
+        return _retry_safe(f"ack {key}", attempt, self._retry_for,
+                           lambda: self._reached)
 
     def heartbeat(self, worker_id: str) -> bool:
         """Keep a custom claim loop's jobs: renews `worker_id` (registering it on first use). Call it

@@ -37,7 +37,7 @@ import orjson
 import psycopg
 
 from engine import __version__, db, store
-from engine.config import BUILTIN_FLOW_NAMES, FlowConfig, Settings, recorded_policy, resolve_dsn
+from engine.config import BUILTIN_FLOW_NAMES, EngineConfig, FlowConfig, Settings, recorded_policy, resolve_dsn
 from engine.errors import ConfigError, SkiplockError
 from engine.handlers import load_flow
 from engine.hooks import HookRunner
@@ -347,6 +347,9 @@ class Supervisor:
             purged = Queue(conn=conn, check_schema=False).purge_completed(self.settings.engine.retention)
             if purged:
                 self.log.info("purged completed jobs past retention", extra={"purged": purged})
+            counts = retention_pass(conn, self.settings.engine)
+            if any(counts.values()):
+                self.log.info("purged history past retention", extra=counts)
 
         self._db(act)
 
@@ -417,6 +420,27 @@ class Supervisor:
 
 _BUILTIN_HINT: Final = (f"the built-in demo flows ({', '.join(BUILTIN_FLOW_NAMES)}) are served by `engine dev`, "
                         "or where the config names them ([flows.noop])")
+
+RETENTION_SLICE: Final = 10_000
+
+
+def retention_pass(conn: psycopg.Connection[Any], engine: EngineConfig) -> dict[str, int]:
+    """Delete old workers, runs, per-minute history and receipts, each in bounded slices (autocommit:
+    one short transaction per slice). Returns how many rows of each went."""
+    def slices(purge: Any) -> int:
+        total = 0
+        while True:
+            deleted = purge()
+            total += deleted
+            if deleted < RETENTION_SLICE:
+                return total
+
+    return {
+        "workers": slices(lambda: store.purge_workers(conn, engine.worker_retention, RETENTION_SLICE)),
+        "runs": slices(lambda: store.purge_runs(conn, engine.retention, RETENTION_SLICE)),
+        "stats": slices(lambda: store.purge_stats(conn, engine.stats_retention, RETENTION_SLICE)),
+        "receipts": slices(lambda: store.purge_receipts(conn, RETENTION_SLICE)),
+    }
 
 
 def select_flows(settings: Settings, names: str | None) -> tuple[FlowConfig, ...]:

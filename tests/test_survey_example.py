@@ -82,9 +82,11 @@ def test_survey_flow_end_to_end(dsn, surveyhub, start_engine):
                             "FROM skiplock.jobs WHERE status = 'dead'").fetchall()
         assert dead == [({"survey_id": MISSING}, 1, "SurveyNotFound",
                          f"survey {MISSING} does not exist in surveyhub", "true")]
-        # transactional = true in the example: each result was written in its job's ack transaction, so
-        # now() (the transaction's start) stamped both the result and the archived job alike.
-        together = conn.execute("SELECT count(*) FILTER (WHERE r.processed_at = d.finished_at), count(*) "
+        # transactional = true in the example: each result was written in its job's batch transaction,
+        # stamped with now() (the transaction's start, after the claim); the ack, the transaction's last
+        # statement, stamps finished_at with its own clock (clock_timestamp), so never before it.
+        together = conn.execute("SELECT count(*) FILTER (WHERE d.claimed_at <= r.processed_at"
+                                " AND r.processed_at <= d.finished_at), count(*) "
                                 "FROM survey_results r JOIN skiplock.jobs_done d ON d.id = r.job_id").fetchone()
         assert together == (len(submitted), len(submitted))
         assert conn.execute("SELECT completed, dead, finished_at IS NOT NULL FROM skiplock.runs "
