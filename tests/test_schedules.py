@@ -4,7 +4,11 @@ every second, two at once, through a restart."""
 
 from __future__ import annotations
 
+import json
+import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from datetime import datetime, timedelta, timezone
@@ -354,3 +358,76 @@ catch_up = "none"
     assert last_runs[0][-1] == none_runs[0][-1]  # both fired until the stop
     # The first pass after the restart: "last" fires the latest missed tick, "none" waits for the next.
     assert last_runs[1][0] == none_runs[1][0] - timedelta(seconds=1)
+
+
+# ---------------------------------------------------------------------------------------------
+# The CLI contract, through real subprocesses
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def engine_cli(dsn: str, *args: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SKIPLOCK")}
+    env["PYTHONPATH"] = f"{REPO}{os.pathsep}{env.get('PYTHONPATH', '')}"
+    env["SKIPLOCK_DSN"] = dsn
+    return subprocess.run([sys.executable, "-m", "engine.cli", *args], env=env, input="", capture_output=True,
+                          text=True, timeout=60, cwd=REPO)
+
+
+def ok_line(result: subprocess.CompletedProcess) -> str:
+    assert result.returncode == 0 and result.stderr == "", (result.returncode, result.stdout, result.stderr)
+    return result.stdout
+
+
+def error_line(result: subprocess.CompletedProcess) -> str:
+    assert result.returncode == 2, (result.returncode, result.stdout, result.stderr)
+    assert "Traceback" not in result.stderr and result.stderr.count("\n") == 1, result.stderr
+    return result.stderr
+
+
+def test_cli_schedule_commands(dsn):
+    assert ok_line(engine_cli(dsn, "schedule", "add", "nightly", "--flow", "noop", "--cron", "0 3 * * *",
+                              "--timezone", "Europe/Riga", "--payload", '{"kind": "full"}')) == \
+        "added schedule nightly: cron 0 3 * * * -> noop\n"
+    assert ok_line(engine_cli(dsn, "schedule", "add", "fast", "--flow", "sleep", "--every", "10s",
+                              "--catch-up", "none")) == "added schedule fast: every 10s -> sleep\n"
+    assert ok_line(engine_cli(dsn, "schedule", "pause", "fast")) == "paused schedule fast\n"
+    listed = json.loads(ok_line(engine_cli(dsn, "schedule", "list", "--json")))
+    assert [(s["name"], s["flow"], s["when"], s["state"], s["catch_up"], s["source"]) for s in listed] == [
+        ("fast", "sleep", "every 10s", "paused", "none", "runtime"),
+        ("nightly", "noop", "cron 0 3 * * *", "active", "last", "runtime")]
+    assert listed[1]["payload"] == {"kind": "full"} and listed[1]["timezone"] == "Europe/Riga"
+    lines = ok_line(engine_cli(dsn, "schedule", "list")).splitlines()
+    assert lines[0].split() == ["name", "flow", "when", "timezone", "state", "next", "(UTC)", "last", "fired",
+                                "(UTC)", "last", "job", "outcome", "source"]
+    assert lines[1].split()[:6] == ["fast", "sleep", "every", "10s", "UTC", "paused"]
+    assert ok_line(engine_cli(dsn, "schedule", "resume", "fast")) == "resumed schedule fast\n"
+    assert scalar(dsn, "SELECT paused FROM skiplock.schedules WHERE name = 'fast'") is False
+    out = ok_line(engine_cli(dsn, "schedule", "trigger", "nightly"))
+    job_id = int(out.removeprefix("triggered schedule nightly: job ").strip())
+    assert scalar(dsn, "SELECT payload->>'kind' FROM skiplock.jobs WHERE id = %s", (job_id,)) == "full"
+    lines = ok_line(engine_cli(dsn, "schedule", "list")).splitlines()
+    assert lines[2].split()[-3:] == [str(job_id), "pending", "runtime"]
+    assert ok_line(engine_cli(dsn, "schedule", "remove", "fast")) == "removed schedule fast\n"
+    assert scalar(dsn, "SELECT array_agg(name) FROM skiplock.schedules") == ["nightly"]
+    for action in ("list", "add", "remove", "pause", "resume", "trigger"):
+        assert action in ok_line(engine_cli(dsn, "schedule", "--help"))
+
+
+def test_cli_schedule_bad_input(dsn):
+    assert error_line(engine_cli(dsn, "schedule", "pause", "nope")) == \
+        "engine: error: unknown schedule 'nope' (known: none)\n"
+    assert error_line(engine_cli(dsn, "schedule", "add", "s", "--flow", "noop", "--cron", "0 3 * 13 *")) == \
+        "engine: error: schedule 's': bad cron expression '0 3 * 13 *': bad month field '13' at position 7\n"
+    assert error_line(engine_cli(dsn, "schedule", "add", "s", "--flow", "sigup", "--every", "5s")) == \
+        "engine: error: schedule 's': unknown flow 'sigup' (known: flaky, noop, sleep)\n"
+    assert error_line(engine_cli(dsn, "schedule", "add", "s", "--flow", "noop")) == \
+        "engine: error: give --cron EXPR or --every DURATION, exactly one\n"
+    assert error_line(engine_cli(dsn, "schedule", "add", "s", "--flow", "noop", "--every", "0.5s")) == \
+        "engine: error: schedule 's': period must be at least 1s, got 0.5s\n"
+    assert "invalid JSON" in error_line(engine_cli(dsn, "schedule", "add", "s", "--flow", "noop", "--every", "5s",
+                                                   "--payload", "{nope"))
+    ok_line(engine_cli(dsn, "schedule", "add", "s", "--flow", "noop", "--every", "5s"))
+    for action in ("trigger", "remove", "resume"):
+        assert error_line(engine_cli(dsn, "schedule", action, "t")) == "engine: error: unknown schedule 't' (known: s)\n"
+    assert scalar(dsn, "SELECT count(*) FROM skiplock.jobs") == 0
