@@ -711,7 +711,7 @@ def test_failures_title_says_what_is_listed_and_what_was_not_sampled(seeded):
 
 
 def test_dead_letter_age_advances_with_each_refresh(seeded):
-    from test_console_snapshots import FIXED_NOW
+    from support.console_seed import FIXED_NOW
 
     now = [FIXED_NOW.timestamp()]
     app = make_app(seeded, clock=lambda: now[0], refresh_interval=0.5)
