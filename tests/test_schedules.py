@@ -431,3 +431,15 @@ def test_cli_schedule_bad_input(dsn):
     for action in ("trigger", "remove", "resume"):
         assert error_line(engine_cli(dsn, "schedule", action, "t")) == "engine: error: unknown schedule 't' (known: s)\n"
     assert scalar(dsn, "SELECT count(*) FROM skiplock.jobs") == 0
+
+
+def test_every_schedule_key_has_help_and_is_documented():
+    import dataclasses
+
+    from engine.config import ScheduleConfig
+
+    docs = (REPO / "docs" / "configuration.md").read_text()
+    for f in dataclasses.fields(ScheduleConfig):
+        if "key" in f.metadata:
+            assert f.metadata["key"].help, f.name
+            assert f"| `{f.name}` |" in docs, f"{f.name} is not in docs/configuration.md"
