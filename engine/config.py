@@ -413,7 +413,6 @@ _KEY_HOMES: Final = (
     ("flows.NAME", _FLOW_ALLOWED),
     ("console", _CONSOLE_ALLOWED),
     ("sources.NAME", _SOURCE_ALLOWED),
-    ("schedules.NAME", _SCHEDULE_ALLOWED),
 )
 
 # Built-in flows behave as if these tables were in every file; a [flows.NAME] of the same name in the
