@@ -443,3 +443,13 @@ def test_every_schedule_key_has_help_and_is_documented():
         if "key" in f.metadata:
             assert f.metadata["key"].help, f.name
             assert f"| `{f.name}` |" in docs, f"{f.name} is not in docs/configuration.md"
+
+
+def test_ticks_due_while_paused_follow_catch_up_on_resume(queue: Queue, conn, dsn):
+    queue.add_schedule("s", "noop", every=1, catch_up="none", known_flows=["noop"])
+    set_row(conn, "s", "to_timestamp(floor(extract(epoch FROM now()))) - interval '5 seconds'", "now()")
+    queue.pause_schedule("s")
+    queue.resume_schedule("s")  # paused for a moment only: the five due ticks were still missed
+    result = schedules.run_pass(conn, stale_after=30)
+    assert result.fired == {} and result.skipped["s"] >= 5
+    assert scalar(dsn, "SELECT count(*) FROM skiplock.jobs") == 0

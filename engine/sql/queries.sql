@@ -678,6 +678,7 @@ VALUES (%(name)s, %(flow)s, %(cron)s, %(every_ms)s, %(payload)s::jsonb, %(timezo
 ON CONFLICT (name) DO UPDATE
 SET flow = EXCLUDED.flow, cron = EXCLUDED.cron, every_ms = EXCLUDED.every_ms, payload = EXCLUDED.payload,
     timezone = EXCLUDED.timezone, catch_up = EXCLUDED.catch_up, enabled = EXCLUDED.enabled, source = 'config',
+    checked_at = CASE WHEN EXCLUDED.enabled THEN s.checked_at END,  -- disabled: its ticks are missed
     next_at = CASE WHEN (s.cron, s.every_ms, s.timezone) IS NOT DISTINCT FROM
                         (EXCLUDED.cron, EXCLUDED.every_ms, EXCLUDED.timezone)
                    THEN s.next_at END,
@@ -698,7 +699,10 @@ RETURNING name;
 DELETE FROM skiplock.schedules WHERE name = %(name)s RETURNING name;
 
 -- name: schedule_set_paused
-UPDATE skiplock.schedules SET paused = %(paused)s, updated_at = now()
+-- Pausing forgets when a pass last looked: ticks due while paused are then missed, and catch_up
+-- decides on resume (rather than every one being fired late).
+UPDATE skiplock.schedules
+SET paused = %(paused)s, checked_at = CASE WHEN %(paused)s THEN NULL ELSE checked_at END, updated_at = now()
 WHERE name = %(name)s
 RETURNING name;
 
