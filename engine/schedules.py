@@ -27,7 +27,6 @@ epoch (every 10s fires at :00, :10, ...), so every engine computes the same tick
 
 from __future__ import annotations
 
-import logging
 import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -55,8 +54,6 @@ ALIASES: Final = {
 _FIELDS: Final = ("minute", "hour", "day-of-month", "month", "day-of-week")
 _UTC: Final = timezone.utc
 _EPOCH: Final = datetime(1970, 1, 1, tzinfo=_UTC)
-
-log = logging.getLogger("skiplock.schedules")
 
 
 class ScheduleError(ValueError):
