@@ -239,7 +239,7 @@ def decide(timing: Timing, catch_up: CatchUp, next_at: datetime | None, checked_
            now: datetime, stale_after: float) -> Decision:
     """The tick logic, a pure function of the row and `now` (the database's clock in the engine, any
     clock in a test)."""
-    if next_at is None:  # new, or its timing changed: start from the next tick
+    if next_at is None:  # no tick yet: start from the next one
         return Decision([], timing.next_after(now))
     if next_at > now:
         return Decision([], next_at)
@@ -307,7 +307,10 @@ def run_pass(conn: store.Conn, stale_after: float, on_error: Callable[[str, Exce
         for row in store.schedules_active(conn, ACTIVE_LIMIT):
             try:
                 timing = Timing(row.cron, row.every_ms, row.timezone)
-                decision = decide(timing, row.catch_up, row.next_at, row.checked_at, row.now, stale_after)
+                next_at, checked_at = row.next_at, row.checked_at
+                if next_at is None:  # added or retimed since the last pass: its first tick follows that moment
+                    next_at, checked_at = timing.next_after(row.since), row.since
+                decision = decide(timing, row.catch_up, next_at, checked_at, row.now, stale_after)
             except (ScheduleError, CronSimError, ZoneInfoNotFoundError, ValueError) as exc:
                 # A row written by hand or by an older version: report it, keep firing the others.
                 if on_error is not None:

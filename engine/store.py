@@ -152,6 +152,7 @@ class ActiveSchedule:
     catch_up: Literal["last", "none"]
     next_at: datetime | None
     checked_at: datetime | None
+    since: datetime  # last declared change (added, timing changed): a new timing starts from here
     now: datetime
 
 

@@ -13,7 +13,7 @@ CREATE TABLE skiplock.schedules (
     enabled         boolean NOT NULL DEFAULT true,   -- from the config (or `add`): the declared state
     paused          boolean NOT NULL DEFAULT false,  -- the operator's (`engine schedule pause`): never set by config
     source          text NOT NULL CHECK (source IN ('config', 'runtime')),
-    next_at         timestamptz,        -- the next tick to fire; NULL: the first tick after the next pass
+    next_at         timestamptz,        -- the next tick to fire; NULL: the first tick after updated_at
     checked_at      timestamptz,        -- the last pass that looked at it (a gap longer than stale_after is downtime)
     last_tick_at    timestamptz,        -- the last tick fired
     last_fired_at   timestamptz,        -- when a job was last enqueued for it (tick or trigger)

@@ -121,11 +121,11 @@ def set_row(conn: psycopg.Connection, name: str, next_at: str, checked_at: str) 
 
 def test_a_due_cron_tick_enqueues_one_job_with_its_time(queue: Queue, conn):
     queue.add_schedule("minutely", "noop", cron="* * * * *", payload={"report": "sales"}, known_flows=["noop"])
+    conn.execute("UPDATE skiplock.schedules SET updated_at = date_trunc('minute', now())")
+    added = scalar_conn(conn, "SELECT updated_at FROM skiplock.schedules")
     first = schedules.run_pass(conn, stale_after=30)
-    assert first.leader and not first.fired  # a new schedule starts at the next tick
-    next_at = scalar_conn(conn, "SELECT next_at FROM skiplock.schedules")
-    now = scalar_conn(conn, "SELECT now()")
-    assert next_at == Timing("* * * * *", None).next_after(now)
+    assert first.leader and not first.fired  # a new schedule starts at the tick after it was added
+    assert scalar_conn(conn, "SELECT next_at FROM skiplock.schedules") == added + timedelta(minutes=1)
     # The minute came: the tick is set in the table instead of waited for.
     set_row(conn, "minutely", "date_trunc('minute', now())", "now()")
     tick = scalar_conn(conn, "SELECT next_at FROM skiplock.schedules")
@@ -139,6 +139,14 @@ def test_a_due_cron_tick_enqueues_one_job_with_its_time(queue: Queue, conn):
     listed = queue.schedule("minutely")
     assert listed.next_at == tick + timedelta(minutes=1) and listed.last_tick_at == tick
     assert listed.last_job_id == job_id and listed.last_outcome == "pending" and listed.state == "active"
+
+
+def test_a_tick_between_add_and_the_first_pass_fires(queue: Queue, conn, dsn):
+    queue.add_schedule("s", "noop", every=5, known_flows=["noop"])
+    tick = scalar_conn(conn, "SELECT to_timestamp(floor(extract(epoch FROM now()) / 5) * 5)")
+    conn.execute("UPDATE skiplock.schedules SET updated_at = %s", (tick - timedelta(seconds=1),))
+    assert schedules.run_pass(conn, stale_after=30).fired == {"s": 1}
+    assert [r[0] for r in scheduled_jobs(dsn, "noop")] == [tick_iso(tick)]
 
 
 def scalar_conn(conn: psycopg.Connection, sql: str):

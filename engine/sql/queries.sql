@@ -628,7 +628,8 @@ SELECT pg_try_advisory_xact_lock(hashtext('skiplock.schedules'));
 
 -- name: schedules_active
 -- What the leader's pass looks at, with the database clock that decides every tick.
-SELECT s.name, s.cron, s.every_ms, s.timezone, s.catch_up, s.next_at, s.checked_at, now() AS now
+SELECT s.name, s.cron, s.every_ms, s.timezone, s.catch_up, s.next_at, s.checked_at, s.updated_at AS since,
+       now() AS now
 FROM skiplock.schedules s
 WHERE s.enabled AND NOT s.paused
 ORDER BY s.name
