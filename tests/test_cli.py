@@ -695,7 +695,8 @@ def test_dev_no_engine(dev_dir: Path) -> None:
     result = engine("dev", "--no-engine", "--jobs", "50", "--data-dir", str(data), timeout=120)
     out = ok(result)
     lines = out.splitlines()
-    assert lines[:3] == [f"starting embedded PostgreSQL in {data} ...", "schema migrated (1 migration(s) applied)",
+    assert lines[:3] == [f"starting embedded PostgreSQL in {data} ...",
+                         f"schema migrated ({REQUIRED_SCHEMA_VERSION} migration(s) applied)",
                          "enqueued demo jobs to noop, sleep and flaky"]
     rows = status_rows(out)
     assert rows["noop"][:2] == ["50", "0"]
