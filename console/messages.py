@@ -18,7 +18,7 @@ from typing import Any
 from textual.message import Message
 from textual.message_pump import MessagePump
 
-from console.data import DeadLetterPage, Snapshot
+from console.data import DeadLetterPage, SchedulePage, Snapshot
 from console.filters import Filter
 from engine.queue import DeadLetterFilter, Job
 
@@ -133,6 +133,24 @@ class SetFlowPaused(Intent):
 
 
 @dataclass
+class LoadSchedules(Intent):
+    """Read every schedule; answered with SchedulesLoaded or SchedulesFailed."""
+
+
+@dataclass
+class SetSchedulePaused(Intent):
+    name: str
+    paused: bool
+
+
+@dataclass
+class TriggerSchedule(Intent):
+    """Enqueue one job of the schedule now."""
+
+    name: str
+
+
+@dataclass
 class CycleWindow(Intent):
     """The chart's next time window."""
 
@@ -167,6 +185,16 @@ class DeadLettersChanged(Result):
     of events), so wait a moment before reading again."""
 
     soon: bool = False
+
+
+@dataclass
+class SchedulesLoaded(Result):
+    page: SchedulePage
+
+
+@dataclass
+class SchedulesFailed(Result):
+    error: str
 
 
 @dataclass

@@ -12,6 +12,7 @@ import itertools
 import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
+from datetime import timezone
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ from engine.migrate import migrate
 from engine.queue import DeadLetterFilter, Queue
 from engine.redact import describe_error, hide_secrets_in_process_title, redact_dsn, redact_text
 from engine.report import clip, print_json, print_status, print_table
+from engine.schedules import describe as describe_schedule
 
 EXIT_OK = 0
 EXIT_DEGRADED = 1
@@ -259,6 +261,100 @@ def cmd_dlq_analyze(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# -- schedules (engine/schedules.py) --------------------------------------------------------------
+
+
+def _stamp(value: Any) -> str:
+    return value.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M:%S") if value is not None else ""
+
+
+def cmd_schedule_list(args: argparse.Namespace) -> int:
+    with _queue(args) as queue:
+        found = queue.schedules()
+    if args.json:
+        print_json([s.to_dict() | {"when": describe_schedule(s.cron, s.every_ms)} for s in found])
+        return EXIT_OK
+    print_table(("name", "flow", "when", "timezone", "state", "next (UTC)", "last fired (UTC)", "last job", "outcome",
+                 "source"),
+                [(s.name, s.flow, describe_schedule(s.cron, s.every_ms), s.timezone, s.state,
+                  _stamp(s.next_at) if s.state == "active" else "", _stamp(s.last_fired_at),
+                  s.last_job_id or "", s.last_outcome or "", s.source) for s in found])
+    return EXIT_OK
+
+
+def cmd_schedule_add(args: argparse.Namespace) -> int:
+    if (args.cron is None) == (args.every is None):
+        raise ValidationError("give --cron EXPR or --every DURATION, exactly one")
+    payload: Any = {}
+    if args.payload is not None:
+        try:
+            payload = orjson.loads(args.payload)
+        except orjson.JSONDecodeError as exc:
+            raise ValidationError(f"--payload: invalid JSON: {exc}") from None
+        if not isinstance(payload, dict):
+            raise ValidationError(f"--payload must be a JSON object, got {type(payload).__name__}")
+    settings = _settings(args)
+    with Queue(resolve_dsn(settings), application_name=f"{settings.application_name}-cli") as queue:
+        added = queue.add_schedule(args.name, args.flow, cron=args.cron, every=args.every, payload=payload,
+                                   timezone=args.timezone, catch_up=args.catch_up, known_flows=settings.flows)
+    print(f"added schedule {added.name}: {describe_schedule(added.cron, added.every_ms)} -> {added.flow}")
+    return EXIT_OK
+
+
+def cmd_schedule_remove(args: argparse.Namespace) -> int:
+    with _queue(args) as queue:
+        queue.remove_schedule(args.name)
+    print(f"removed schedule {args.name}")
+    return EXIT_OK
+
+
+def cmd_schedule_pause(args: argparse.Namespace) -> int:
+    with _queue(args) as queue:
+        queue.pause_schedule(args.name)
+    print(f"paused schedule {args.name}")
+    return EXIT_OK
+
+
+def cmd_schedule_resume(args: argparse.Namespace) -> int:
+    with _queue(args) as queue:
+        queue.resume_schedule(args.name)
+    print(f"resumed schedule {args.name}")
+    return EXIT_OK
+
+
+def cmd_schedule_trigger(args: argparse.Namespace) -> int:
+    with _queue(args) as queue:
+        job_id = queue.trigger_schedule(args.name)
+    print(f"triggered schedule {args.name}: job {job_id}")
+    return EXIT_OK
+
+
+def _add_schedule_parser(sub: Any, common: argparse.ArgumentParser) -> None:
+    schedule = sub.add_parser("schedule", help="schedules: list, add, remove, pause, resume, trigger")
+    ssub = schedule.add_subparsers(dest="schedule_command", required=True, metavar="ACTION")
+    p = ssub.add_parser("list", parents=[common], help="every schedule: next tick, last fire, last job's outcome")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_schedule_list)
+    p = ssub.add_parser("add", parents=[common], help="add a schedule at run time (--cron or --every)")
+    p.add_argument("name")
+    p.add_argument("--flow", required=True, help="the flow each tick enqueues a job of")
+    p.add_argument("--cron", help='five fields ("*/5 * * * *") or an alias (@hourly, @daily, ...)')
+    p.add_argument("--every", type=_duration("--every"), help="a period, e.g. 10s, 5m (at least 1s)")
+    p.add_argument("--payload", help="the jobs' payload, a JSON object (each job also gets scheduled_at)")
+    p.add_argument("--timezone", default="UTC", help="IANA time zone the cron is read in (default UTC)")
+    p.add_argument("--catch-up", choices=["last", "none"], default="last",
+                   help="after downtime: enqueue the latest missed tick once (last, default) or none")
+    p.set_defaults(func=cmd_schedule_add)
+    for name, func, text in (("remove", cmd_schedule_remove, "delete a schedule (a config one returns at the "
+                                                               "next engine start)"),
+                             ("pause", cmd_schedule_pause, "stop firing (kept across engine restarts)"),
+                             ("resume", cmd_schedule_resume, "fire again; missed ticks follow catch_up"),
+                             ("trigger", cmd_schedule_trigger, "enqueue one job now (ticks unchanged)")):
+        p = ssub.add_parser(name, parents=[common], help=text)
+        p.add_argument("name")
+        p.set_defaults(func=func)
+
+
 # This module is the composition point: the only one under engine/ that may import the console,
 # and only inside functions, so a headless container never loads the TUI.
 
@@ -369,6 +465,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--flow")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_dlq_analyze)
+
+    _add_schedule_parser(sub, common)
 
     p = sub.add_parser("dev", parents=[common], help="embedded PostgreSQL, migrate, demo load: a first try")
     p.add_argument("--data-dir", type=Path, help=f"cluster directory (default {default_data_dir()})")

@@ -29,6 +29,7 @@ from typing import Any, Final, TypeVar
 from engine.errors import ConfigError
 from engine.limits import INT4_MAX, MAX_DURATION_S, MAX_DURATION_TEXT, MAX_POOL_SIZE, MAX_WORKERS, utf8_problem
 from engine.redact import secret_spans
+from engine.schedules import ScheduleError, ScheduleSpec, check_catch_up, check_every, check_payload, check_timezone, parse_cron
 
 __all__ = [
     "BUILTIN_FLOW_NAMES",
@@ -37,6 +38,7 @@ __all__ = [
     "ConsoleConfig",
     "EngineConfig",
     "FlowConfig",
+    "ScheduleConfig",
     "Settings",
     "add_settings_arguments",
     "load_settings",
@@ -231,6 +233,34 @@ _POSITIVE_DURATION: Final = _duration(positive=True)
 _DURATION: Final = _duration(positive=False)
 
 
+def _schedule_value(check: Callable[[Any], Any], text: bool = True) -> _Conv[Any]:
+    def convert(value: object, where: _Where) -> Any:
+        try:
+            return check(_text(value, where) if text else value)
+        except ScheduleError as exc:
+            raise ConfigError(f"{where}: {exc}") from None
+
+    return convert
+
+
+def _every(value: object, where: _Where) -> float:
+    seconds = parse_duration(value, str(where))
+    try:
+        check_every(seconds)
+    except ScheduleError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+    return seconds
+
+
+def _payload(value: object, where: _Where) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where} must be a table, got {_show(value)}")
+    try:
+        return check_payload(value)
+    except ScheduleError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+
+
 # --- the settings: each key declared once, its converter and help in the field's metadata ---------
 
 
@@ -316,6 +346,27 @@ class ConsoleConfig:
 
 
 @dataclass(frozen=True)
+class ScheduleConfig:
+    """[schedules.NAME]: a cron expression or a period that enqueues one job of `flow` per tick."""
+
+    name: str
+    flow: str = _key(_text, "the flow each tick enqueues a job of (a declared flow)")
+    cron: str | None = _key(_schedule_value(parse_cron), 'five-field cron expression or an alias such as '
+                            '"@hourly"; give cron or every', None)
+    every: float | None = _key(_every, "a period such as 10s or 5m (at least 1s); give cron or every", None)
+    payload: dict[str, Any] | None = _key(_payload, "the jobs' payload, a table; each job also gets scheduled_at",
+                                          None)
+    timezone: str = _key(_schedule_value(check_timezone), "IANA time zone the cron expression is read in", "UTC")
+    enabled: bool = _key(_bool, "false: declared, never fired", True)
+    catch_up: str = _key(_schedule_value(check_catch_up), '"last": after downtime enqueue the latest missed tick '
+                         'once; "none": skip missed ticks', "last")
+
+    def spec(self) -> ScheduleSpec:
+        return ScheduleSpec(self.name, self.flow, self.cron, self.every, dict(self.payload or {}), self.timezone,
+                            self.catch_up, self.enabled)  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
 class Settings:
     path: Path | None  # file it came from (None: defaults only)
     env: str | None  # selected environment
@@ -327,6 +378,7 @@ class Settings:
     # [sources.NAME] tables merged for the selected environment: connection_string (str, ${VAR}s
     # expanded), timeout (float seconds) and retries (int), each only when set.
     sources: dict[str, dict[str, object]]
+    schedules: dict[str, ScheduleConfig] = field(default_factory=dict)  # [schedules.NAME], top level only
 
 
 def _keys(cls: type) -> dict[str, _Key]:
@@ -356,6 +408,7 @@ _SUBTABLES: Final[dict[str, dict[str, _Conv[object]]]] = {
     name: _converters(key.table) for name, key in _keys(FlowConfig).items() if key.table is not None
 }
 _CONSOLE_KEYS: Final = _converters(ConsoleConfig)
+_SCHEDULE_KEYS: Final = _converters(ScheduleConfig)
 _SOURCE_KEYS: Final[dict[str, _Conv[object]]] = {
     "connection_string": _text,
     "timeout": _POSITIVE_DURATION,
@@ -367,7 +420,8 @@ _FLOW_ONLY_KEYS: Final = _converters(FlowConfig, flow_only=True)
 _FLOW_ALLOWED: Final = frozenset(_POLICY_KEYS) | frozenset(_SUBTABLES) | frozenset(_FLOW_ONLY_KEYS)
 _CONSOLE_ALLOWED: Final = frozenset(_CONSOLE_KEYS)
 _SOURCE_ALLOWED: Final = frozenset(_SOURCE_KEYS)
-_TOP_SECTIONS: Final = ("global", "flows", "console", "sources", "environments")
+_SCHEDULE_ALLOWED: Final = frozenset(_SCHEDULE_KEYS)
+_TOP_SECTIONS: Final = ("global", "flows", "console", "sources", "schedules", "environments")
 _ENV_SECTIONS: Final = ("global", "flows", "console", "sources")
 # For "unknown key" messages: where a key that is misplaced would be allowed.
 _KEY_HOMES: Final = (
@@ -401,6 +455,8 @@ def _allowed_keys(table: _TablePath) -> frozenset[str]:
         return _CONSOLE_ALLOWED
     if section == "flows":
         return _FLOW_ALLOWED
+    if section == "schedules":
+        return _SCHEDULE_ALLOWED
     return _SOURCE_ALLOWED
 
 
@@ -408,6 +464,8 @@ def _converter(table: _TablePath, key: str) -> _Conv[object]:
     shape = table[2:] if table[0] == "environments" else table
     if shape[0] == "sources":
         return _SOURCE_KEYS[key]  # its `timeout` is required-positive, unlike a flow's
+    if shape[0] == "schedules":
+        return _SCHEDULE_KEYS[key]
     for keys in (_ENGINE_KEYS, _POLICY_KEYS, _FLOW_ONLY_KEYS, _CONSOLE_KEYS):
         if key in keys:
             return keys[key]
@@ -464,6 +522,7 @@ class _Loader:
         self._origins: dict[tuple[str, ...], str] = {}  # key path -> variable that set it
         self._flows: list[str] = []
         self._sources: list[str] = []
+        self._schedules: list[str] = []
         self._envs: list[str] = []
 
     # reading the file
@@ -480,6 +539,8 @@ class _Loader:
             self._sources.append(name)
         for name in self._add_named(("flows",), document.get("flows"), "flow", None):
             self._flows.append(name)
+        for name in self._add_named(("schedules",), document.get("schedules"), "schedule", None):
+            self._schedules.append(name)
         for name, builtin in _BUILTIN_FLOWS.items():
             if not (self._builtin_flows or name in self._flows):
                 continue
@@ -589,10 +650,11 @@ class _Loader:
         section, rest = segments[0], segments[1:]
         if section in ("global", "console"):
             table = prefix + (section,)
-        elif section in ("flows", "sources"):
+        elif section in ("flows", "sources") or (section == "schedules" and not prefix):
             if not rest:
                 raise ConfigError(f"{variable}: names the table '{_dotted(prefix + (section,))}', not a key in it")
-            names, kind = (self._flows, "flow") if section == "flows" else (self._sources, "source")
+            names, kind = {"flows": (self._flows, "flow"), "sources": (self._sources, "source"),
+                           "schedules": (self._schedules, "schedule")}[section]
             table = prefix + (section, self._match_name(variable, prefix + (section,), rest[0], names, kind))
             rest = rest[1:]
         else:
@@ -655,10 +717,22 @@ class _Loader:
                             )
                 elif key == "sources" and isinstance(converted, tuple):
                     self._check_source_names(where, converted)
+            if len(table) == 2 and table[0] == "schedules":
+                self._check_schedule(table, body)
             if len(table) == 2 and table[0] == "flows" and "handler" not in body:
                 raise ConfigError(
                     f'{self._label}: {_dotted(table)} has no handler; add handler = "module:function"'
                 )
+
+    def _check_schedule(self, table: _TablePath, body: Mapping[str, object]) -> None:
+        if "flow" not in body:
+            raise ConfigError(f'{self._label}: {_dotted(table)} has no flow; add flow = "NAME"')
+        if ("cron" in body) == ("every" in body):
+            raise ConfigError(f"{self._label}: {_dotted(table)} needs exactly one of cron and every")
+        flow = body["flow"]
+        if flow not in self._flows:
+            where = self._where(table, "flow")
+            raise ConfigError(f"{where} names an unknown flow {_show(flow)} (declared: {', '.join(self._flows)})")
 
     def _validate_subtable(
         self, table: _TablePath, key: str, value: object, subkeys: dict[str, _Conv[object]]
@@ -837,6 +911,8 @@ class _Loader:
             console=self._console(env),
             flows={name: self._flow(env, name) for name in self._flows},
             sources={name: self._source(env, name) for name in self._sources},
+            schedules={name: self._read(ScheduleConfig, [("schedules", name)], name=name)
+                       for name in self._schedules},
         )
 
 

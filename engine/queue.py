@@ -35,12 +35,14 @@ from engine.store import (  # noqa: F401  (re-exported: engine/worker.py imports
     Job,
     JobStatus,
     RescueResult,
+    Schedule,
     ack_batch,
     claim_batch,
     new_claim_token,
     release_batch,
     rescue,
 )
+from engine.schedules import ScheduleError, ScheduleSpec, check_name
 from engine.telemetry import encode_event
 
 FLOW_NAME: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")  # fullmatch: "$" lets a final "\n" in
@@ -514,6 +516,74 @@ class Queue:
         with self.connection() as conn:
             return store.flows_list(conn)
 
+    # -- schedules (engine/schedules.py) -----------------------------------------------------------
+
+    def schedules(self) -> list[Schedule]:
+        """Every schedule, with its next tick, last fire and the last job's outcome."""
+        with self.connection() as conn:
+            return store.schedules_list(conn)
+
+    def schedule(self, name: str) -> Schedule:
+        """One schedule; ValidationError when there is none of that name."""
+        with self.connection() as conn:
+            found = store.schedules_list(conn, _schedule_name(name))
+            if not found:
+                raise self._unknown_schedule(conn, name)
+        return found[0]
+
+    def add_schedule(self, name: str, flow: str, *, cron: str | None = None, every: float | None = None,
+                     payload: Mapping[str, Any] | None = None, timezone: str = "UTC", catch_up: str = "last",
+                     enabled: bool = True, known_flows: Iterable[str] = ()) -> Schedule:
+        """Add a schedule at run time (`cron`: five fields or an @alias; `every`: seconds, at least 1).
+        The flow must be one an engine has recorded, or in `known_flows` (the CLI passes the config's).
+        Its first tick is the first one after the next schedule pass."""
+        validate_flow(flow)
+        try:
+            spec = ScheduleSpec(name, flow, cron, every, dict(payload or {}), timezone, catch_up,  # type: ignore[arg-type]
+                                enabled).validated()
+        except ScheduleError as exc:
+            raise ValidationError(f"schedule {name!r}: {exc}") from None
+        with self.connection() as conn, conn.transaction():
+            known = {row["name"] for row in store.flows_list(conn)} | set(known_flows)
+            if flow not in known:
+                raise ValidationError(f"schedule {name!r}: unknown flow {flow!r} "
+                                      f"(known: {', '.join(sorted(known)) or 'none yet: start an engine'})")
+            if not store.schedule_add(conn, spec.params()):
+                raise ValidationError(f"schedule {name!r} already exists (remove it first)")
+            return store.schedules_list(conn, name)[0]
+
+    def remove_schedule(self, name: str) -> None:
+        """Delete a schedule. A config schedule comes back when an engine with it in its config starts."""
+        with self.connection() as conn:
+            if not store.schedule_remove(conn, _schedule_name(name)):
+                raise self._unknown_schedule(conn, name)
+
+    def pause_schedule(self, name: str) -> None:
+        """Stop firing; ticks missed while paused follow the schedule's catch_up on resume."""
+        self._set_schedule_paused(name, True)
+
+    def resume_schedule(self, name: str) -> None:
+        self._set_schedule_paused(name, False)
+
+    def _set_schedule_paused(self, name: str, paused: bool) -> None:
+        with self.connection() as conn:
+            if not store.schedule_set_paused(conn, _schedule_name(name), paused):
+                raise self._unknown_schedule(conn, name)
+
+    def trigger_schedule(self, name: str) -> int:
+        """Enqueue one job of the schedule now (its own key); returns the job's id. Ticks are unchanged."""
+        with self.connection() as conn, conn.transaction():
+            job_id = store.schedule_trigger(conn, _schedule_name(name))
+            if job_id is None:
+                raise self._unknown_schedule(conn, name)
+        return job_id
+
+    @staticmethod
+    def _unknown_schedule(conn: psycopg.Connection[Any], name: str) -> ValidationError:
+        names = [s.name for s in store.schedules_list(conn, limit=50)]
+        return ValidationError(f"unknown schedule {name!r} (known: {', '.join(names) or 'none'})")
+
+
     # -- status and health -----------------------------------------------------------------------
 
     def get_queue_status(self, flow_name: str | None = None) -> dict[str, Any]:
@@ -610,6 +680,13 @@ class Queue:
             return store.workers_list(conn)
 
 
+
+
+def _schedule_name(name: object) -> str:
+    try:
+        return check_name(name)
+    except ScheduleError as exc:
+        raise ValidationError(str(exc)) from None
 
 
 def new_engine_id() -> str:

@@ -164,6 +164,47 @@ class LiveCounts:
     dead: int
 
 
+@dataclass(frozen=True)
+class ActiveSchedule:
+    """A schedule the leader's pass looks at, with the database's clock."""
+
+    name: str
+    cron: str | None
+    every_ms: int | None
+    timezone: str
+    catch_up: Literal["last", "none"]
+    next_at: datetime | None
+    checked_at: datetime | None
+    since: datetime  # last declared change (added, timing changed): a new timing starts from here
+    now: datetime
+
+
+@dataclass(frozen=True)
+class Schedule:
+    name: str
+    flow: str
+    cron: str | None
+    every_ms: int | None
+    payload: dict[str, Any]
+    timezone: str
+    catch_up: Literal["last", "none"]
+    enabled: bool  # declared (config or add)
+    paused: bool  # the operator's pause
+    source: Literal["config", "runtime"]
+    next_at: datetime | None
+    last_tick_at: datetime | None
+    last_fired_at: datetime | None
+    last_job_id: int | None
+    last_outcome: str | None  # the last job's status: pending, running, completed, dead, ..., gone
+
+    @property
+    def state(self) -> str:
+        return "paused" if self.paused else ("active" if self.enabled else "disabled")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in self.__dataclass_fields__} | {"state": self.state}
+
+
 def _rows(conn: Conn, cls: type[T], sql: str, params: Mapping[str, Any] | None = None) -> list[T]:
     with conn.cursor(row_factory=class_row(cls)) as cur:
         return cur.execute(sql, params).fetchall()
@@ -687,3 +728,58 @@ async def console_listen(conn: psycopg.AsyncConnection[Any]) -> None:
 
 async def health_ping_async(conn: psycopg.AsyncConnection[Any]) -> None:
     await conn.execute(Q.health_ping)
+
+
+# ---------------------------------------------------------------------------------------------
+# Schedules (engine/schedules.py decides the ticks; these send its statements)
+
+
+def schedule_leader(conn: Conn) -> bool:
+    """Inside a transaction: True when this engine runs the schedule pass until it ends."""
+    return bool(_scalar(conn, Q.schedule_leader))
+
+
+def schedules_active(conn: Conn, limit: int) -> list[ActiveSchedule]:
+    return _rows(conn, ActiveSchedule, Q.schedules_active, {"limit": limit})
+
+
+def schedule_fire(conn: Conn, name: str, expected: datetime | None, ticks: list[str], next_at: datetime,
+                  last_tick: datetime | None) -> tuple[bool, int]:
+    """(whether next_at was still `expected` and moved on, how many jobs were inserted)."""
+    row = conn.execute(Q.schedule_fire, {"name": name, "expected": expected, "ticks": ticks, "next_at": next_at,
+                                         "last_tick": last_tick}).fetchone()
+    assert row is not None
+    return bool(row[0]), int(row[1])
+
+
+def schedules_checked(conn: Conn, names: list[str]) -> None:
+    if names:
+        conn.execute(Q.schedules_checked, {"names": names})
+
+
+def schedule_upsert_config(conn: Conn, params: Mapping[str, Any]) -> None:
+    """`params`: ScheduleSpec.params() (name, flow, cron, every_ms, payload, timezone, catch_up, enabled)."""
+    conn.execute(Q.schedule_upsert_config, params)
+
+
+def schedule_add(conn: Conn, params: Mapping[str, Any]) -> bool:
+    """False when a schedule of that name exists."""
+    return conn.execute(Q.schedule_add, params).fetchone() is not None
+
+
+def schedule_remove(conn: Conn, name: str) -> bool:
+    return conn.execute(Q.schedule_remove, {"name": name}).fetchone() is not None
+
+
+def schedule_set_paused(conn: Conn, name: str, paused: bool) -> bool:
+    return conn.execute(Q.schedule_set_paused, {"name": name, "paused": paused}).fetchone() is not None
+
+
+def schedule_trigger(conn: Conn, name: str) -> int | None:
+    """The new job's id; None when there is no such schedule."""
+    job_id = _scalar(conn, Q.schedule_trigger, {"name": name})
+    return None if job_id is None else int(job_id)
+
+
+def schedules_list(conn: Conn, name: str | None = None, limit: int = 1000) -> list[Schedule]:
+    return _rows(conn, Schedule, Q.schedules_list, {"name": name, "limit": limit})

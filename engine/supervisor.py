@@ -36,7 +36,7 @@ from typing import Any, Final
 import orjson
 import psycopg
 
-from engine import __version__, db, store
+from engine import __version__, db, schedules, store
 from engine.config import BUILTIN_FLOW_NAMES, EngineConfig, FlowConfig, Settings, recorded_policy, resolve_dsn
 from engine.errors import ConfigError, SkiplockError
 from engine.handlers import load_flow
@@ -154,6 +154,7 @@ class Supervisor:
         def sync(conn: psycopg.Connection[Any]) -> None:
             require_schema(conn)
             store.flows_sync(conn, {flow.name: orjson.dumps(recorded_policy(flow)).decode() for flow in self.flows})
+            schedules.sync_config(conn, (s.spec() for s in self.settings.schedules.values()))
 
         self._db(sync)
 
@@ -199,6 +200,7 @@ class Supervisor:
         next_rescue = time.monotonic() + engine.rescue_interval
         next_drain_check = time.monotonic() + DRAIN_CHECK_INTERVAL
         next_retention = time.monotonic() + 5.0
+        next_schedules = time.monotonic()
         while not self.signals:
             sentinels: list[Any] = [s.process.sentinel for s in self.slots if s.process is not None]
             multiprocessing.connection.wait(sentinels + ([self.report] if self.drain else []), timeout=0.2)
@@ -216,6 +218,9 @@ class Supervisor:
                     if self._unreported_lost:
                         self._rescue_workers({})
                     self._rescue_pass()
+                if now >= next_schedules:
+                    next_schedules = now + schedules.PASS_INTERVAL
+                    self._schedule_pass()
                 if now >= next_retention:
                     next_retention = now + RETENTION_INTERVAL
                     self._retention_pass()
@@ -305,6 +310,15 @@ class Supervisor:
             self._fire_orphaned_run_hooks(conn)
 
         self._db(act)
+
+    def _schedule_pass(self) -> None:
+        """Fire due schedule ticks when this engine holds the schedule leader lock (engine/schedules.py)."""
+        def bad(name: str, exc: Exception) -> None:
+            self.log.error("schedule cannot be evaluated", extra={"schedule": name, "error": str(exc)})
+
+        result = self._db(lambda conn: schedules.run_pass(conn, self.settings.engine.stale_after, bad))
+        if result.skipped:  # downtime: say what catch_up dropped (fires alone are in the jobs table)
+            self.log.info("schedule ticks missed", extra={"fired": result.fired, "skipped": result.skipped})
 
     def _rescue_and_report(self, conn: psycopg.Connection[Any], events: list[str] | None = None) -> None:
         """The rescue commits first (store.rescue: its own short transactions); the stats, the

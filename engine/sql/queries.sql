@@ -812,3 +812,124 @@ EXPLAIN (FORMAT JSON) SELECT 1 FROM skiplock.jobs WHERE flow = %(flow)s AND stat
 -- name: console_listen
 -- The console's live feed: telemetry events, pause/resume from any operator included.
 LISTEN skiplock_events;
+
+-- schedules (engine/schedules.py) ----------------------------------------------------------------
+
+-- name: schedule_leader
+-- One engine at a time runs the schedule pass: the lock lasts for the pass's transaction. Its own
+-- lock, not rescue's, so a schedule pass never makes another engine skip its rescue pass.
+SELECT pg_try_advisory_xact_lock(hashtext('skiplock.schedules'));
+
+-- name: schedules_active
+-- What the leader's pass looks at, with the database clock that decides every tick.
+SELECT s.name, s.cron, s.every_ms, s.timezone, s.catch_up, s.next_at, s.checked_at, s.updated_at AS since,
+       now() AS now
+FROM skiplock.schedules s
+WHERE s.enabled AND NOT s.paused
+ORDER BY s.name
+LIMIT %(limit)s;
+
+-- name: schedule_fire
+-- Fires `ticks` (ISO texts) and moves next_at on, only if next_at is still what the pass read
+-- (compare-and-set): a second engine, a restart or a repeated pass cannot fire a tick twice. The
+-- dedupe key schedule:NAME:TICK also refuses a twin while the first job is unfinished.
+WITH due AS (
+    SELECT s.name, s.flow, s.payload FROM skiplock.schedules s
+    WHERE s.name = %(name)s AND s.next_at IS NOT DISTINCT FROM %(expected)s::timestamptz
+      AND s.enabled AND NOT s.paused
+    FOR UPDATE
+), fired AS (
+    INSERT INTO skiplock.jobs (flow, payload, dedupe_key)
+    SELECT due.flow, due.payload || jsonb_build_object('scheduled_at', t.tick),
+           'schedule:' || due.name || ':' || t.tick
+    FROM due, unnest(%(ticks)s::text[]) WITH ORDINALITY AS t(tick, n)
+    ORDER BY t.n
+    ON CONFLICT (flow, dedupe_key) WHERE dedupe_key IS NOT NULL AND status IN ('pending', 'running')
+    DO NOTHING
+    RETURNING id
+), advanced AS (
+    UPDATE skiplock.schedules s
+    SET next_at = %(next_at)s::timestamptz, checked_at = now(),
+        last_tick_at = coalesce(%(last_tick)s::timestamptz, s.last_tick_at),
+        last_fired_at = CASE WHEN EXISTS (SELECT 1 FROM fired) THEN now() ELSE s.last_fired_at END,
+        last_job_id = coalesce((SELECT max(id) FROM fired), s.last_job_id)
+    FROM due
+    WHERE s.name = due.name
+    RETURNING s.name
+)
+SELECT (SELECT count(*) FROM advanced)::int AS advanced, (SELECT count(*) FROM fired)::int AS fired;
+
+-- name: schedules_checked
+-- Schedules with nothing due: the pass saw them (a later gap is then downtime, not lateness).
+UPDATE skiplock.schedules SET checked_at = now()
+WHERE name = ANY(%(names)s::text[]) AND enabled AND NOT paused;
+
+-- name: schedule_upsert_config
+-- At engine start. The declared fields follow the config; `paused` (the operator's) is left as it
+-- is; a changed cron, period or time zone starts over from the next tick after now.
+INSERT INTO skiplock.schedules AS s (name, flow, cron, every_ms, payload, timezone, catch_up, enabled, source)
+VALUES (%(name)s, %(flow)s, %(cron)s, %(every_ms)s, %(payload)s::jsonb, %(timezone)s, %(catch_up)s,
+        %(enabled)s, 'config')
+ON CONFLICT (name) DO UPDATE
+SET flow = EXCLUDED.flow, cron = EXCLUDED.cron, every_ms = EXCLUDED.every_ms, payload = EXCLUDED.payload,
+    timezone = EXCLUDED.timezone, catch_up = EXCLUDED.catch_up, enabled = EXCLUDED.enabled, source = 'config',
+    checked_at = CASE WHEN EXCLUDED.enabled THEN s.checked_at END,  -- disabled: its ticks are missed
+    next_at = CASE WHEN (s.cron, s.every_ms, s.timezone) IS NOT DISTINCT FROM
+                        (EXCLUDED.cron, EXCLUDED.every_ms, EXCLUDED.timezone)
+                   THEN s.next_at END,
+    updated_at = CASE WHEN (s.flow, s.cron, s.every_ms, s.payload, s.timezone, s.catch_up, s.enabled, s.source)
+                           IS NOT DISTINCT FROM
+                           (EXCLUDED.flow, EXCLUDED.cron, EXCLUDED.every_ms, EXCLUDED.payload, EXCLUDED.timezone,
+                            EXCLUDED.catch_up, EXCLUDED.enabled, 'config')
+                      THEN s.updated_at ELSE now() END;
+
+-- name: schedule_add
+INSERT INTO skiplock.schedules (name, flow, cron, every_ms, payload, timezone, catch_up, enabled, source)
+VALUES (%(name)s, %(flow)s, %(cron)s, %(every_ms)s, %(payload)s::jsonb, %(timezone)s, %(catch_up)s,
+        %(enabled)s, 'runtime')
+ON CONFLICT (name) DO NOTHING
+RETURNING name;
+
+-- name: schedule_remove
+DELETE FROM skiplock.schedules WHERE name = %(name)s RETURNING name;
+
+-- name: schedule_set_paused
+-- Pausing forgets when a pass last looked: ticks due while paused are then missed, and catch_up
+-- decides on resume (rather than every one being fired late).
+UPDATE skiplock.schedules
+SET paused = %(paused)s, checked_at = CASE WHEN %(paused)s THEN NULL ELSE checked_at END, updated_at = now()
+WHERE name = %(name)s
+RETURNING name;
+
+-- name: schedule_trigger
+-- One job now, with its own key (schedule:NAME:trigger:NOW): the ticks are left as they are.
+WITH s AS (
+    SELECT name, flow, payload, to_char(now() AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"') AS at
+    FROM skiplock.schedules WHERE name = %(name)s
+    FOR UPDATE
+), fired AS (
+    INSERT INTO skiplock.jobs (flow, payload, dedupe_key)
+    SELECT s.flow, s.payload || jsonb_build_object('scheduled_at', s.at), 'schedule:' || s.name || ':trigger:' || s.at
+    FROM s
+    RETURNING id
+), marked AS (
+    UPDATE skiplock.schedules t SET last_fired_at = now(), last_job_id = (SELECT id FROM fired)
+    FROM s WHERE t.name = s.name
+    RETURNING t.name
+)
+SELECT id FROM fired;
+
+-- name: schedules_list
+-- The last job's outcome: its status while it is in the hot table, completed once archived, gone
+-- once purged (retention) or deleted.
+SELECT s.name, s.flow, s.cron, s.every_ms, s.payload, s.timezone, s.catch_up, s.enabled, s.paused, s.source,
+       s.next_at, s.last_tick_at, s.last_fired_at, s.last_job_id,
+       CASE WHEN s.last_job_id IS NULL THEN NULL
+            ELSE coalesce((SELECT j.status::text FROM skiplock.jobs j WHERE j.id = s.last_job_id),
+                          (SELECT 'completed' FROM skiplock.jobs_done d WHERE d.id = s.last_job_id LIMIT 1),
+                          'gone')
+       END AS last_outcome
+FROM skiplock.schedules s
+WHERE %(name)s::text IS NULL OR s.name = %(name)s
+ORDER BY s.name
+LIMIT %(limit)s;
