@@ -13,7 +13,8 @@ it posts an intent (open a job, load dead letters, retry, purge, pause) that bub
 handlers below, and the app posts the answer back to the screen that asked. Screens read data only:
 `LiveState`, the clock, the theme. The header is `console.status.header_text()`, a pure function.
 
-Screens are modes, each one key away: overview (1/o), failures (2/f), dead letters (3/d), jobs (4/b); the job
+Screens are modes, each one key away: overview (1/o), failures (2/f), dead letters (3/d), jobs (4/b),
+schedules (6/s); the job
 detail is pushed on top (Enter, or j and an id). `/` filters, `?` lists every key, ctrl+p opens the
 command palette, z freezes the display, ctrl+r refreshes now. Every binding has an id, so a keymap
 file can rebind it. In read-only mode (`--read-only` or `[console] read_only = true`) the actions that
@@ -45,9 +46,10 @@ from console.data import COUNT_CAP, DataSource
 from console.feed import Feed
 from console.messages import (ActionDone, ActionFinished, CancelJobs, ClearFailures, CycleWindow, DeadLettersChanged,
                               DeadLettersFailed, DeadLettersLoaded, FeedEvents, FeedStatus, Intent, JobLoaded,
-                              JobsFailed, JobsLoaded, LoadDeadLetters, LoadJob, LoadJobs, OpenJob, PurgeCancelled,
-                              PurgeJobs, PurgeMatching, RetryJobs, RetryMatching, SetFlowPaused, ShowDeadLetters,
-                              SnapshotFailed, SnapshotLoaded, UseFilter)
+                              JobsFailed, JobsLoaded, LoadDeadLetters, LoadJob, LoadJobs, LoadSchedules, OpenJob,
+                              PurgeCancelled, PurgeJobs, PurgeMatching, RetryJobs, RetryMatching, SchedulesFailed,
+                              SchedulesLoaded, SetFlowPaused, SetSchedulePaused, ShowDeadLetters, SnapshotFailed,
+                              SnapshotLoaded, TriggerSchedule, UseFilter)
 from console.screens.base import BaseScreen, ConsoleScreen
 from console.screens.dead_letters import DeadLettersScreen
 from console.screens.failures import FailuresScreen
@@ -55,6 +57,7 @@ from console.screens.job import JobScreen
 from console.screens.jobs import JobsScreen
 from console.screens.modals import HelpScreen, PromptScreen
 from console.screens.overview import OverviewScreen
+from console.screens.schedules import SchedulesScreen
 from console.state import WINDOWS, FailureRow, LiveState
 from console.status import Attachment, Colours, header_text, health
 from engine.errors import SkiplockError
@@ -64,7 +67,7 @@ from engine.redact import describe_error, redact_dsn
 # Actions that write to the database: hidden (check_action -> False) in read-only mode.
 WRITE_ACTIONS: Final = frozenset({"toggle_pause", "retry_one", "retry_selected", "retry_all", "purge_selected",
                                   "purge_older", "retry", "purge", "cancel_one", "cancel_matching", "retry_dead_matching",
-                                  "purge_matching"})
+                                  "purge_matching", "toggle_schedule", "trigger_schedule"})
 FLUSH_INTERVAL_S: Final = 0.5
 SOON_S: Final = 0.25  # an event that makes counts stale brings the next snapshot this close
 KEY_NAMES: Final = {"slash": "/", "question_mark": "?", "space": "space", "escape": "esc", "enter": "enter",
@@ -76,13 +79,15 @@ TABLE_KEYS: Final = (("↑ ↓ pgup pgdn home end", "move"), ("enter", "open the
 class ConsoleApp(App[None]):
     CSS_PATH = "console.tcss"
     TITLE = "skiplock console"
-    MODES = {"overview": OverviewScreen, "failures": FailuresScreen, "dead": DeadLettersScreen, "jobs": JobsScreen}
+    MODES = {"overview": OverviewScreen, "failures": FailuresScreen, "dead": DeadLettersScreen, "jobs": JobsScreen,
+             "schedules": SchedulesScreen}
     DEFAULT_MODE = "overview"
     BINDINGS = [
         Binding("1,o", "show('overview')", "Overview", id="skiplock.overview"),
         Binding("2,f", "show('failures')", "Failures", id="skiplock.failures"),
         Binding("3,d", "show('dead')", "Dead letters", id="skiplock.dead_letters"),
         Binding("4,b", "show('jobs')", "Jobs", id="skiplock.jobs"),
+        Binding("6,s", "show('schedules')", "Schedules", id="skiplock.schedules"),
         Binding("j", "open_job", "Job…", show=False, id="skiplock.job"),
         Binding("question_mark", "help", "Help", id="skiplock.help"),
         Binding("z", "freeze", "Freeze", id="skiplock.freeze"),
@@ -375,6 +380,7 @@ class ConsoleApp(App[None]):
             ("Overview", rows(OverviewScreen.BINDINGS)),
             ("Failures", rows(FailuresScreen.BINDINGS)),
             ("Dead letters", rows(DeadLettersScreen.BINDINGS)),
+            ("Schedules", rows(SchedulesScreen.BINDINGS)),
             ("Job", rows(JobScreen.BINDINGS)),
             ("Filter qualifiers", [("flow:NAME", "one flow"), ("error:TYPE", "one error type"),
                                    ("status:S", "paused/active/open (flows), dead/retrying (failures)"),
@@ -387,6 +393,7 @@ class ConsoleApp(App[None]):
         yield SystemCommand("Overview", "Throughput, flows, workers, runs (1)", lambda: self.action_show("overview"))
         yield SystemCommand("Failures", "Live feed of failed attempts (2)", lambda: self.action_show("failures"))
         yield SystemCommand("Dead letters", "Inspect, retry, purge (3)", lambda: self.action_show("dead"))
+        yield SystemCommand("Schedules", "Next fire, last job, pause, trigger (6)", lambda: self.action_show("schedules"))
         yield SystemCommand("Open job", "Job detail by id (j)", self.action_open_job)
         yield SystemCommand("Refresh now", "Read the tables again (ctrl+r)", self.action_refresh)
         yield SystemCommand("Freeze display" if not self.frozen else "Unfreeze display", "z", self.action_freeze)
@@ -451,6 +458,40 @@ class ConsoleApp(App[None]):
             self.call_from_thread(self.notify, f"job {message.job_id}: {describe_error(exc)}", severity="error")
             return
         _answer(message, JobLoaded(message.job_id, job))
+
+    @on(LoadSchedules)
+    def _on_load_schedules(self, message: LoadSchedules) -> None:
+        self._read_schedules(message)
+
+    @work(thread=True, exclusive=True, group="schedules", exit_on_error=False)
+    def _read_schedules(self, intent: LoadSchedules) -> None:
+        try:
+            answer: SchedulesLoaded | SchedulesFailed = SchedulesLoaded(self.data.schedules())
+        except (psycopg.Error, OSError) as exc:
+            answer = SchedulesFailed(describe_error(exc))
+        if not get_current_worker().is_cancelled:
+            _answer(intent, answer)
+
+    @on(SetSchedulePaused)
+    def _on_set_schedule_paused(self, message: SetSchedulePaused) -> None:
+        if self.read_only:
+            return
+        name, paused = message.name, message.paused
+
+        def call() -> list[Any]:
+            self.data.set_schedule_paused(name, paused)
+            return [name]
+
+        self._perform(message, f"{'paused' if paused else 'resumed'} schedule {name}:", call, None,
+                      unit="schedule changed")
+
+    @on(TriggerSchedule)
+    def _on_trigger_schedule(self, message: TriggerSchedule) -> None:
+        if self.read_only:
+            return
+        name = message.name
+        self._perform(message, f"triggered schedule {name}:", lambda: [self.data.trigger_schedule(name)], None,
+                      unit="job enqueued")
 
     # -- operator actions: each reports how many rows it changed ---------------------------------------------
 
@@ -565,7 +606,8 @@ def load_keymap(path: Path | None) -> dict[str, str]:
 def all_bindings() -> list[tuple[str, str, str]]:
     """(id, keys, description) of every binding, for --list-bindings."""
     found = []
-    for owner in (ConsoleApp, ConsoleScreen, OverviewScreen, FailuresScreen, DeadLettersScreen, JobScreen):
+    for owner in (ConsoleApp, ConsoleScreen, OverviewScreen, FailuresScreen, DeadLettersScreen, SchedulesScreen,
+                  JobScreen):
         for binding in owner.BINDINGS:
             if isinstance(binding, Binding) and binding.id:
                 found.append((binding.id, binding.key, binding.description))

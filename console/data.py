@@ -26,7 +26,7 @@ import orjson
 import psycopg
 
 from engine import db, store
-from engine.queue import CancelReport, DeadLetter, DeadLetterFilter, Job, JobFilter, JobSummary, Queue
+from engine.queue import CancelReport, DeadLetter, DeadLetterFilter, Job, JobFilter, JobSummary, Queue, Schedule
 
 APPLICATION_NAME: Final = "skiplock-console"
 COUNT_CAP: Final = 5_000  # exact counts up to this many rows per flow and state, then an estimate
@@ -175,6 +175,14 @@ class JobsPage:
     where: JobFilter
     now: float
     limit: int
+
+
+@dataclass(frozen=True)
+class SchedulePage:
+    """Every schedule (Queue.schedules()) and the reference time of its relative times."""
+
+    schedules: list[Schedule]
+    now: float
 
 
 # ---------------------------------------------------------------------------------------------
@@ -337,6 +345,13 @@ class DataSource:
 
         return self._reading(read)
 
+    def schedules(self) -> SchedulePage:
+        def read(conn: psycopg.Connection[Any]) -> SchedulePage:
+            now, _ = store.console_now(conn, self._reference())
+            return SchedulePage(Queue(conn=conn, check_schema=False).schedules(), now.timestamp())
+
+        return self._reading(read)
+
     # -- operator actions: every one returns the ids it changed -------------------------------------
 
     def cancel(self, ids: list[int]) -> CancelReport:
@@ -356,3 +371,9 @@ class DataSource:
 
     def set_paused(self, flow: str, paused: bool) -> None:
         self._writing(lambda queue: queue.pause(flow) if paused else queue.resume(flow))
+
+    def set_schedule_paused(self, name: str, paused: bool) -> None:
+        self._writing(lambda queue: queue.pause_schedule(name) if paused else queue.resume_schedule(name))
+
+    def trigger_schedule(self, name: str) -> int:
+        return self._writing(lambda queue: queue.trigger_schedule(name))

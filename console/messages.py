@@ -18,7 +18,7 @@ from typing import Any
 from textual.message import Message
 from textual.message_pump import MessagePump
 
-from console.data import DeadLetterPage, JobsPage, Snapshot
+from console.data import DeadLetterPage, JobsPage, SchedulePage, Snapshot
 from console.filters import Filter
 from engine.queue import DeadLetterFilter, Job, JobFilter
 
@@ -154,6 +154,24 @@ class SetFlowPaused(Intent):
 
 
 @dataclass
+class LoadSchedules(Intent):
+    """Read every schedule; answered with SchedulesLoaded or SchedulesFailed."""
+
+
+@dataclass
+class SetSchedulePaused(Intent):
+    name: str
+    paused: bool
+
+
+@dataclass
+class TriggerSchedule(Intent):
+    """Enqueue one job of the schedule now."""
+
+    name: str
+
+
+@dataclass
 class CycleWindow(Intent):
     """The chart's next time window."""
 
@@ -198,6 +216,16 @@ class JobsLoaded(Result):
 @dataclass
 class JobsFailed(Result):
     where: JobFilter
+    error: str
+
+
+@dataclass
+class SchedulesLoaded(Result):
+    page: SchedulePage
+
+
+@dataclass
+class SchedulesFailed(Result):
     error: str
 
 

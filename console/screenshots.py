@@ -1,6 +1,6 @@
 """Regenerate the README's console screenshots under live demo load.
 
-    python -m console.screenshots            # writes docs/img/console-{overview,failures,dead-letters,jobs}.svg
+    python -m console.screenshots            # writes docs/img/console-{overview,failures,dead-letters,jobs,schedules}.svg
     python -m console.screenshots --seconds 90 --out docs/img
 
 Starts a throwaway embedded PostgreSQL (or uses --dsn), migrates, runs two real `engine run`s with the
@@ -25,6 +25,7 @@ from pathlib import Path
 from console.app import ConsoleApp
 from console.screens.dead_letters import DeadLettersScreen
 from console.screens.jobs import JobsScreen
+from console.screens.schedules import SchedulesScreen
 from engine import db
 from engine.embedded import EmbeddedPostgres, make_temp_dir
 from engine.migrate import migrate
@@ -82,7 +83,23 @@ async def shoot(dsn: str, out: Path, seconds: float) -> list[Path]:
             await pilot.pause(0.1)
         await pilot.pause(0.5)
         saved.append(Path(app.save_screenshot("console-jobs.svg", str(out))))
+        await pilot.press("6")
+        while not (isinstance(app.screen, SchedulesScreen) and app.screen.page is not None):
+            await pilot.pause(0.1)
+        await pilot.pause(0.5)
+        saved.append(Path(app.save_screenshot("console-schedules.svg", str(out))))
     return saved
+
+
+def add_schedules(dsn: str) -> None:
+    """Schedules the engines fire during the demo, one of them paused."""
+    with Queue(dsn) as queue:
+        queue.add_schedule("heartbeat", "noop", every=5, payload={"ping": True}, known_flows=["noop"])
+        queue.add_schedule("flaky-probe", "flaky", every=15, payload={"fail": 0.5}, known_flows=["flaky"])
+        queue.add_schedule("nightly-import", "sleep", cron="0 3 * * *", timezone="Europe/Riga",
+                           payload={"seconds": 0.005}, known_flows=["sleep"])
+        queue.add_schedule("weekly-cleanup", "noop", cron="@weekly", known_flows=["noop"])
+        queue.pause_schedule("weekly-cleanup")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -104,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with db.connect(dsn) as conn:
             migrate(conn)
+        add_schedules(dsn)
         feeder = threading.Thread(target=feed, args=(dsn, stop), daemon=True)
         feeder.start()
         log = open((base or Path("/tmp")) / "screenshots-engine.log", "wb")

@@ -13,14 +13,15 @@ import itertools
 import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
+from datetime import timezone
 from pathlib import Path
 from typing import Any
 
 import orjson
 import psycopg
 
-from engine import db
-from engine.config import Settings, add_settings_arguments, load_settings, parse_duration, resolve_dsn
+from engine import __version__, db, store
+from engine.config import Settings, add_settings_arguments, load_settings, parse_duration, recorded_policy, resolve_dsn
 from engine.embedded import default_data_dir
 from engine.errors import JobFailed, SkiplockError, ValidationError, WaitTimeout
 from engine.limits import INT4_MAX, utf8_problem
@@ -29,6 +30,7 @@ from engine.queue import CANCEL_STATES, LIST_STATUSES, DeadLetterFilter, JobFilt
 from engine.redact import describe_error, hide_secrets_in_process_title, redact_dsn, redact_text
 from engine.report import clip, print_json, print_status, print_table
 from engine.store import Job
+from engine.schedules import describe as describe_schedule
 
 EXIT_OK = 0
 EXIT_DEGRADED = 1
@@ -75,11 +77,16 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     settings = _settings(args)
     with db.connect(resolve_dsn(settings), application_name=f"{settings.application_name}-migrate") as conn:
         applied = migrate(conn)
+        if settings.flows:  # deploying with the engines' config: their flows are known before they start
+            store.flows_sync(conn, {name: orjson.dumps(recorded_policy(flow)).decode()
+                                    for name, flow in settings.flows.items()})
     if applied:
         for migration in applied:
             print(f"applied {migration.version:04d}_{migration.name}")
     else:
         print("schema is up to date")
+    if settings.flows:
+        print(f"registered flows: {', '.join(sorted(settings.flows))}")
     return EXIT_OK
 
 
@@ -90,9 +97,9 @@ def _read_payload_lines(stream: Any) -> tuple[list[Any], list[str]]:
         if not line.strip():
             continue
         try:
-            payloads.append(orjson.loads(line))
+            payloads.append(orjson.loads(line.rstrip(b"\r\n")))  # without it a cut-off line ends "on line 2"
         except orjson.JSONDecodeError as exc:
-            raise ValidationError(f"line {number}: invalid JSON: {exc}") from None
+            raise ValidationError(f"line {number}, column {exc.colno}: invalid JSON: {exc.msg}") from None
         names.append(f"line {number}")
     return payloads, names
 
@@ -108,7 +115,8 @@ def _payload_chunks(args: argparse.Namespace) -> Iterator[tuple[list[Any], list[
         try:
             payload = orjson.loads(args.payload)
         except orjson.JSONDecodeError as exc:
-            raise ValidationError(f"--payload: invalid JSON: {exc}") from None
+            at = f"column {exc.colno}" if exc.lineno == 1 else f"line {exc.lineno}, column {exc.colno}"
+            raise ValidationError(f"--payload, {at}: invalid JSON: {exc.msg}") from None
         if args.dedupe_key is not None and args.count != 1:
             raise ValidationError("--dedupe-key applies to exactly one job")
         for start in range(0, args.count, ENQUEUE_CHUNK):
@@ -130,6 +138,7 @@ def cmd_enqueue(args: argparse.Namespace) -> int:
     _check_range("--max-attempts", args.max_attempts, 1, INT4_MAX)
     chunks = _payload_chunks(args)
     first = next(chunks)  # bad input is reported before connecting
+    settings = _settings(args)
     inserted = skipped = 0
     # One transaction for every chunk: a failure (or Ctrl-C) part way leaves nothing enqueued.
     with _queue(args) as queue, queue.connection() as conn, conn.transaction():
@@ -139,7 +148,8 @@ def cmd_enqueue(args: argparse.Namespace) -> int:
                 args.flow, payloads, priority=args.priority, delay=args.delay, run_id=args.run,
                 max_attempts=args.max_attempts, item_names=names,
                 dedupe_keys=[args.dedupe_key] if args.dedupe_key is not None else None,
-                allow_unknown_flow=args.allow_unknown_flow,
+                # A flow the config declares is the engines' own: known even before one has started.
+                allow_unknown_flow=args.allow_unknown_flow or args.flow in settings.flows,
             )
             inserted, skipped = inserted + result.inserted, skipped + result.skipped
     message = f"enqueued {inserted} job(s) to {args.flow}"
@@ -173,7 +183,7 @@ def cmd_health(args: argparse.Namespace) -> int:
             line += f" ({database['response_time_ms']} ms)"
         if report["queue_status"]:
             qs = report["queue_status"]
-            line += f", {qs['pending_records']} pending, {qs['processing_records']} running, {qs['failed_records']} dead"
+            line += f", {qs['pending_records']} pending, {qs['processing_records']} claimed, {qs['failed_records']} dead"
         print(line)
         for reason in report["reasons"]:
             print(f"  - {reason}")
@@ -384,6 +394,100 @@ def cmd_jobs_show(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# -- schedules (engine/schedules.py) --------------------------------------------------------------
+
+
+def _stamp(value: Any) -> str:
+    return value.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M:%S") if value is not None else ""
+
+
+def cmd_schedule_list(args: argparse.Namespace) -> int:
+    with _queue(args) as queue:
+        found = queue.schedules()
+    if args.json:
+        print_json([s.to_dict() | {"when": describe_schedule(s.cron, s.every_ms)} for s in found])
+        return EXIT_OK
+    print_table(("name", "flow", "when", "timezone", "state", "next (UTC)", "last fired (UTC)", "last job", "outcome",
+                 "source"),
+                [(s.name, s.flow, describe_schedule(s.cron, s.every_ms), s.timezone, s.state,
+                  _stamp(s.next_at) if s.state == "active" else "", _stamp(s.last_fired_at),
+                  s.last_job_id or "", s.last_outcome or "", s.source) for s in found])
+    return EXIT_OK
+
+
+def cmd_schedule_add(args: argparse.Namespace) -> int:
+    if (args.cron is None) == (args.every is None):
+        raise ValidationError("give --cron EXPR or --every DURATION, exactly one")
+    payload: Any = {}
+    if args.payload is not None:
+        try:
+            payload = orjson.loads(args.payload)
+        except orjson.JSONDecodeError as exc:
+            raise ValidationError(f"--payload: invalid JSON: {exc}") from None
+        if not isinstance(payload, dict):
+            raise ValidationError(f"--payload must be a JSON object, got {type(payload).__name__}")
+    settings = _settings(args)
+    with Queue(resolve_dsn(settings), application_name=f"{settings.application_name}-cli") as queue:
+        added = queue.add_schedule(args.name, args.flow, cron=args.cron, every=args.every, payload=payload,
+                                   timezone=args.timezone, catch_up=args.catch_up, known_flows=settings.flows)
+    print(f"added schedule {added.name}: {describe_schedule(added.cron, added.every_ms)} -> {added.flow}")
+    return EXIT_OK
+
+
+def cmd_schedule_remove(args: argparse.Namespace) -> int:
+    with _queue(args) as queue:
+        queue.remove_schedule(args.name)
+    print(f"removed schedule {args.name}")
+    return EXIT_OK
+
+
+def cmd_schedule_pause(args: argparse.Namespace) -> int:
+    with _queue(args) as queue:
+        queue.pause_schedule(args.name)
+    print(f"paused schedule {args.name}")
+    return EXIT_OK
+
+
+def cmd_schedule_resume(args: argparse.Namespace) -> int:
+    with _queue(args) as queue:
+        queue.resume_schedule(args.name)
+    print(f"resumed schedule {args.name}")
+    return EXIT_OK
+
+
+def cmd_schedule_trigger(args: argparse.Namespace) -> int:
+    with _queue(args) as queue:
+        job_id = queue.trigger_schedule(args.name)
+    print(f"triggered schedule {args.name}: job {job_id}")
+    return EXIT_OK
+
+
+def _add_schedule_parser(sub: Any, common: argparse.ArgumentParser) -> None:
+    schedule = sub.add_parser("schedule", help="schedules: list, add, remove, pause, resume, trigger")
+    ssub = schedule.add_subparsers(dest="schedule_command", required=True, metavar="ACTION")
+    p = ssub.add_parser("list", parents=[common], help="every schedule: next tick, last fire, last job's outcome")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_schedule_list)
+    p = ssub.add_parser("add", parents=[common], help="add a schedule at run time (--cron or --every)")
+    p.add_argument("name")
+    p.add_argument("--flow", required=True, help="the flow each tick enqueues a job of")
+    p.add_argument("--cron", help='five fields ("*/5 * * * *") or an alias (@hourly, @daily, ...)')
+    p.add_argument("--every", type=_duration("--every"), help="a period, e.g. 10s, 5m (at least 1s)")
+    p.add_argument("--payload", help="the jobs' payload, a JSON object (each job also gets scheduled_at)")
+    p.add_argument("--timezone", default="UTC", help="IANA time zone the cron is read in (default UTC)")
+    p.add_argument("--catch-up", choices=["last", "none"], default="last",
+                   help="after downtime: enqueue the latest missed tick once (last, default) or none")
+    p.set_defaults(func=cmd_schedule_add)
+    for name, func, text in (("remove", cmd_schedule_remove, "delete a schedule (a config one returns at the "
+                                                               "next engine start)"),
+                             ("pause", cmd_schedule_pause, "stop firing (kept across engine restarts)"),
+                             ("resume", cmd_schedule_resume, "fire again; missed ticks follow catch_up"),
+                             ("trigger", cmd_schedule_trigger, "enqueue one job now (ticks unchanged)")):
+        p = ssub.add_parser(name, parents=[common], help=text)
+        p.add_argument("name")
+        p.set_defaults(func=func)
+
+
 # This module is the composition point: the only one under engine/ that may import the console,
 # and only inside functions, so a headless container never loads the TUI.
 
@@ -404,10 +508,21 @@ def _open_dev_console(dsn: str, settings: Settings, quit_after: float | None) ->
                  exit_on_sigterm=True)
 
 
+def _add_app_dir(app_dir: Path | None) -> None:
+    """--app-dir: where the flows' handler modules are imported from (forked workers inherit it)."""
+    if app_dir is None:
+        return
+    if not app_dir.is_dir():
+        raise ValidationError(f"--app-dir {app_dir}: not a directory")
+    sys.path.insert(0, str(app_dir.resolve()))
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from engine.supervisor import EngineOptions, run_engine
 
-    return run_engine(_settings(args), EngineOptions(workers=args.workers, flows=args.flows, drain=args.drain))
+    _add_app_dir(args.app_dir)
+    return run_engine(_settings(args), EngineOptions(workers=args.workers, flows=args.flows, drain=args.drain,
+                                                     wait_scheduled=args.wait_scheduled))
 
 
 def cmd_console(args: argparse.Namespace) -> int:
@@ -425,6 +540,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_settings_arguments(common)
 
     parser = argparse.ArgumentParser(prog="engine", description="skiplock: PostgreSQL work queue engine")
+    parser.add_argument("--version", action="version", version=f"skiplock {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("migrate", parents=[common], help="apply missing schema migrations")
@@ -530,6 +646,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("id", type=int)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_jobs_show)
+    _add_schedule_parser(sub, common)
 
     p = sub.add_parser("dev", parents=[common], help="embedded PostgreSQL, migrate, demo load: a first try")
     p.add_argument("--data-dir", type=Path, help=f"cluster directory (default {default_data_dir()})")
@@ -552,7 +669,12 @@ def build_parser() -> argparse.ArgumentParser:
                               "4 workers kept crashing")
     p.add_argument("--workers", type=int, help="worker processes (default: config `workers`)")
     p.add_argument("--flows", help="comma-separated flows to serve (default: all configured)")
-    p.add_argument("--drain", action="store_true", help="exit 0 once the flows have nothing pending or running")
+    p.add_argument("--drain", action="store_true",
+                   help="exit 0 once the flows have nothing due and nothing running; says what is scheduled for later")
+    p.add_argument("--wait-scheduled", action="store_true",
+                   help="with --drain: also wait for jobs scheduled for later (--delay, retry backoff)")
+    p.add_argument("--app-dir", type=Path, help="directory to import handler modules from (put first on the "
+                                                "Python path); else install the app or set PYTHONPATH")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("console", parents=[common], help="the ops console: a terminal UI on the queue (same as `console`)")

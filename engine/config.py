@@ -29,13 +29,16 @@ from typing import Any, Final, TypeVar
 from engine.errors import ConfigError
 from engine.limits import INT4_MAX, MAX_DURATION_S, MAX_DURATION_TEXT, MAX_POOL_SIZE, MAX_WORKERS, utf8_problem
 from engine.redact import secret_spans
+from engine.schedules import ScheduleError, ScheduleSpec, check_catch_up, check_every, check_payload, check_timezone, parse_cron
 
 __all__ = [
+    "BUILTIN_FLOW_NAMES",
     "BackoffPolicy",
     "CircuitPolicy",
     "ConsoleConfig",
     "EngineConfig",
     "FlowConfig",
+    "ScheduleConfig",
     "Settings",
     "add_settings_arguments",
     "load_settings",
@@ -230,6 +233,34 @@ _POSITIVE_DURATION: Final = _duration(positive=True)
 _DURATION: Final = _duration(positive=False)
 
 
+def _schedule_value(check: Callable[[Any], Any], text: bool = True) -> _Conv[Any]:
+    def convert(value: object, where: _Where) -> Any:
+        try:
+            return check(_text(value, where) if text else value)
+        except ScheduleError as exc:
+            raise ConfigError(f"{where}: {exc}") from None
+
+    return convert
+
+
+def _every(value: object, where: _Where) -> float:
+    seconds = parse_duration(value, str(where))
+    try:
+        check_every(seconds)
+    except ScheduleError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+    return seconds
+
+
+def _payload(value: object, where: _Where) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where} must be a table, got {_show(value)}")
+    try:
+        return check_payload(value)
+    except ScheduleError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+
+
 # --- the settings: each key declared once, its converter and help in the field's metadata ---------
 
 
@@ -300,7 +331,9 @@ class EngineConfig:
     poll_interval: float = _key(_POSITIVE_DURATION, "fallback poll when no NOTIFY arrives", 5.0)
     grace_period: float = _key(_DURATION, "on SIGTERM, time to finish the batch in hand", 30.0)
     tick_interval: float = _key(_POSITIVE_DURATION, "telemetry tick", 1.0)
-    retention: float = _key(_DURATION, "how long completed jobs are kept", 7 * 86400.0)
+    retention: float = _key(_DURATION, "how long completed jobs and finished runs are kept", 7 * 86400.0)
+    worker_retention: float = _key(_DURATION, "how long rows of stopped or lost workers are kept", 86400.0)
+    stats_retention: float = _key(_DURATION, "how long per-minute history is kept", 7 * 86400.0)
     pool_min: int = _key(_int(0, MAX_POOL_SIZE), "connections each worker keeps open", 1)
     pool_max: int = _key(_int(1, MAX_POOL_SIZE), "connections each worker may open", 4)
     log_format: str = _key(_log_format, "auto | json | text", "auto")
@@ -310,6 +343,27 @@ class EngineConfig:
 class ConsoleConfig:
     read_only: bool = _key(_bool, "offer no action that writes", False)
     refresh_interval: float = _key(_POSITIVE_DURATION, "time between snapshots", 2.0)
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    """[schedules.NAME]: a cron expression or a period that enqueues one job of `flow` per tick."""
+
+    name: str
+    flow: str = _key(_text, "the flow each tick enqueues a job of (a declared flow)")
+    cron: str | None = _key(_schedule_value(parse_cron), 'five-field cron expression or an alias such as '
+                            '"@hourly"; give cron or every', None)
+    every: float | None = _key(_every, "a period such as 10s or 5m (at least 1s); give cron or every", None)
+    payload: dict[str, Any] | None = _key(_payload, "the jobs' payload, a table; each job also gets scheduled_at",
+                                          None)
+    timezone: str = _key(_schedule_value(check_timezone), "IANA time zone the cron expression is read in", "UTC")
+    enabled: bool = _key(_bool, "false: declared, never fired", True)
+    catch_up: str = _key(_schedule_value(check_catch_up), '"last": after downtime enqueue the latest missed tick '
+                         'once; "none": skip missed ticks', "last")
+
+    def spec(self) -> ScheduleSpec:
+        return ScheduleSpec(self.name, self.flow, self.cron, self.every, dict(self.payload or {}), self.timezone,
+                            self.catch_up, self.enabled)  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True)
@@ -324,6 +378,7 @@ class Settings:
     # [sources.NAME] tables merged for the selected environment: connection_string (str, ${VAR}s
     # expanded), timeout (float seconds) and retries (int), each only when set.
     sources: dict[str, dict[str, object]]
+    schedules: dict[str, ScheduleConfig] = field(default_factory=dict)  # [schedules.NAME], top level only
 
 
 def _keys(cls: type) -> dict[str, _Key]:
@@ -353,6 +408,7 @@ _SUBTABLES: Final[dict[str, dict[str, _Conv[object]]]] = {
     name: _converters(key.table) for name, key in _keys(FlowConfig).items() if key.table is not None
 }
 _CONSOLE_KEYS: Final = _converters(ConsoleConfig)
+_SCHEDULE_KEYS: Final = _converters(ScheduleConfig)
 _SOURCE_KEYS: Final[dict[str, _Conv[object]]] = {
     "connection_string": _text,
     "timeout": _POSITIVE_DURATION,
@@ -364,7 +420,8 @@ _FLOW_ONLY_KEYS: Final = _converters(FlowConfig, flow_only=True)
 _FLOW_ALLOWED: Final = frozenset(_POLICY_KEYS) | frozenset(_SUBTABLES) | frozenset(_FLOW_ONLY_KEYS)
 _CONSOLE_ALLOWED: Final = frozenset(_CONSOLE_KEYS)
 _SOURCE_ALLOWED: Final = frozenset(_SOURCE_KEYS)
-_TOP_SECTIONS: Final = ("global", "flows", "console", "sources", "environments")
+_SCHEDULE_ALLOWED: Final = frozenset(_SCHEDULE_KEYS)
+_TOP_SECTIONS: Final = ("global", "flows", "console", "sources", "schedules", "environments")
 _ENV_SECTIONS: Final = ("global", "flows", "console", "sources")
 # For "unknown key" messages: where a key that is misplaced would be allowed.
 _KEY_HOMES: Final = (
@@ -374,13 +431,15 @@ _KEY_HOMES: Final = (
     ("sources.NAME", _SOURCE_ALLOWED),
 )
 
-# Built-in flows behave as if these tables were in every file; a [flows.NAME] of the same name in the
-# file is merged over them key by key (so it may leave out `handler`).
+# Built-in demo flows: served by `engine dev` (load_settings(builtin_flows=True)) and where a file
+# names them; a [flows.NAME] of the same name is merged over them key by key (so it may leave out
+# `handler`: `[flows.noop]` alone serves the built-in noop). Production engines never serve them unasked.
 _BUILTIN_FLOWS: Final[dict[str, dict[str, object]]] = {
     "noop": {"handler": "engine.flows.builtin:noop", "batch_size": 500},
     "sleep": {"handler": "engine.flows.builtin:sleep"},
     "flaky": {"handler": "engine.flows.builtin:flaky"},
 }
+BUILTIN_FLOW_NAMES: Final = tuple(_BUILTIN_FLOWS)
 
 _OVERRIDE_PREFIX: Final = "SKIPLOCK__"
 
@@ -396,6 +455,8 @@ def _allowed_keys(table: _TablePath) -> frozenset[str]:
         return _CONSOLE_ALLOWED
     if section == "flows":
         return _FLOW_ALLOWED
+    if section == "schedules":
+        return _SCHEDULE_ALLOWED
     return _SOURCE_ALLOWED
 
 
@@ -403,6 +464,8 @@ def _converter(table: _TablePath, key: str) -> _Conv[object]:
     shape = table[2:] if table[0] == "environments" else table
     if shape[0] == "sources":
         return _SOURCE_KEYS[key]  # its `timeout` is required-positive, unlike a flow's
+    if shape[0] == "schedules":
+        return _SCHEDULE_KEYS[key]
     for keys in (_ENGINE_KEYS, _POLICY_KEYS, _FLOW_ONLY_KEYS, _CONSOLE_KEYS):
         if key in keys:
             return keys[key]
@@ -451,13 +514,15 @@ def _parse_env_value(raw: str) -> object:
 class _Loader:
     """Holds the file as flat tables ({table path: {key: raw value}}) plus where each value came from."""
 
-    def __init__(self, label: str, environ: Mapping[str, str]) -> None:
+    def __init__(self, label: str, environ: Mapping[str, str], builtin_flows: bool = False) -> None:
         self._label = label
+        self._builtin_flows = builtin_flows
         self._environ = environ
         self._tables: dict[_TablePath, dict[str, object]] = {}
         self._origins: dict[tuple[str, ...], str] = {}  # key path -> variable that set it
         self._flows: list[str] = []
         self._sources: list[str] = []
+        self._schedules: list[str] = []
         self._envs: list[str] = []
 
     # reading the file
@@ -474,7 +539,11 @@ class _Loader:
             self._sources.append(name)
         for name in self._add_named(("flows",), document.get("flows"), "flow", None):
             self._flows.append(name)
+        for name in self._add_named(("schedules",), document.get("schedules"), "schedule", None):
+            self._schedules.append(name)
         for name, builtin in _BUILTIN_FLOWS.items():
+            if not (self._builtin_flows or name in self._flows):
+                continue
             table = self._tables.setdefault(("flows", name), {})
             for key, value in builtin.items():
                 table.setdefault(key, value)
@@ -581,10 +650,11 @@ class _Loader:
         section, rest = segments[0], segments[1:]
         if section in ("global", "console"):
             table = prefix + (section,)
-        elif section in ("flows", "sources"):
+        elif section in ("flows", "sources") or (section == "schedules" and not prefix):
             if not rest:
                 raise ConfigError(f"{variable}: names the table '{_dotted(prefix + (section,))}', not a key in it")
-            names, kind = (self._flows, "flow") if section == "flows" else (self._sources, "source")
+            names, kind = {"flows": (self._flows, "flow"), "sources": (self._sources, "source"),
+                           "schedules": (self._schedules, "schedule")}[section]
             table = prefix + (section, self._match_name(variable, prefix + (section,), rest[0], names, kind))
             rest = rest[1:]
         else:
@@ -647,10 +717,22 @@ class _Loader:
                             )
                 elif key == "sources" and isinstance(converted, tuple):
                     self._check_source_names(where, converted)
+            if len(table) == 2 and table[0] == "schedules":
+                self._check_schedule(table, body)
             if len(table) == 2 and table[0] == "flows" and "handler" not in body:
                 raise ConfigError(
                     f'{self._label}: {_dotted(table)} has no handler; add handler = "module:function"'
                 )
+
+    def _check_schedule(self, table: _TablePath, body: Mapping[str, object]) -> None:
+        if "flow" not in body:
+            raise ConfigError(f'{self._label}: {_dotted(table)} has no flow; add flow = "NAME"')
+        if ("cron" in body) == ("every" in body):
+            raise ConfigError(f"{self._label}: {_dotted(table)} needs exactly one of cron and every")
+        flow = body["flow"]
+        if flow not in self._flows:
+            where = self._where(table, "flow")
+            raise ConfigError(f"{where} names an unknown flow {_show(flow)} (declared: {', '.join(self._flows)})")
 
     def _validate_subtable(
         self, table: _TablePath, key: str, value: object, subkeys: dict[str, _Conv[object]]
@@ -829,6 +911,8 @@ class _Loader:
             console=self._console(env),
             flows={name: self._flow(env, name) for name in self._flows},
             sources={name: self._source(env, name) for name in self._sources},
+            schedules={name: self._read(ScheduleConfig, [("schedules", name)], name=name)
+                       for name in self._schedules},
         )
 
 
@@ -882,16 +966,19 @@ def load_settings(
     env: str | None = None,
     environ: Mapping[str, str] | None = None,
     dsn: str | None = None,
+    *,
+    builtin_flows: bool = False,
 ) -> Settings:
     """Settings from `path` (else $SKIPLOCK_CONFIG, else defaults only) for environment `env` (else
     $SKIPLOCK_ENV, else none), with SKIPLOCK__... overrides from `environ` (default: os.environ).
-    The DSN is `dsn`, else $SKIPLOCK_DSN, else the file's, else None (embedded PostgreSQL)."""
+    The DSN is `dsn`, else $SKIPLOCK_DSN, else the file's, else None (embedded PostgreSQL).
+    `builtin_flows`: include the demo flows (noop, sleep, flaky) even where the file does not name them."""
     variables: Mapping[str, str] = os.environ if environ is None else environ
     # Empty values count as unset: compose files and CI often export VAR= to mean "nothing".
     chosen = str(path) if path is not None and str(path) else variables.get("SKIPLOCK_CONFIG") or None
     file_path = Path(chosen) if chosen else None
     label = chosen or ""
-    loader = _Loader(label, variables)
+    loader = _Loader(label, variables, builtin_flows)
     if file_path is not None:
         loader.add_document(_read_document(file_path, label))
     else:
@@ -908,7 +995,8 @@ def load_settings(
 def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
     """--dsn, --config and --env: where every command reads its settings from."""
     parser.add_argument("--dsn", help="PostgreSQL connection string (default: SKIPLOCK_DSN, then the config)")
-    parser.add_argument("--config", type=Path, help="config file (default: SKIPLOCK_CONFIG)")
+    parser.add_argument("--config", type=Path,
+                        help="config file (default: SKIPLOCK_CONFIG; ./config.toml is not read unless named)")
     parser.add_argument("--env", help="environment in the config file (default: SKIPLOCK_ENV)")
 
 
@@ -919,11 +1007,13 @@ def resolve_dsn(settings: Settings) -> str:
         if problem is not None:
             raise ConfigError(f"the DSN (--dsn, SKIPLOCK_DSN or the config's dsn) is not valid UTF-8 ({problem})")
         return settings.dsn
-    from engine.embedded import DEFAULT_DATABASE, SOCKET_PORT, SUPERUSER, default_data_dir  # lazily: starts nothing
+    from engine.embedded import running_dev_dsn  # lazily: starts nothing
 
-    socket_dir = default_data_dir()
-    if (socket_dir / f".s.PGSQL.{SOCKET_PORT}").exists():
-        return f"host={socket_dir} port={SOCKET_PORT} user={SUPERUSER} dbname={DEFAULT_DATABASE}"
-    raise ConfigError(
-        "no database configured: pass --dsn, set SKIPLOCK_DSN or `dsn` in the config, or start `engine dev`"
-    )
+    dev = running_dev_dsn()
+    if dev is not None:
+        return dev
+    message = ("no database configured: pass --dsn, set SKIPLOCK_DSN, set `dsn` in a config file named by "
+               "--config or SKIPLOCK_CONFIG, or start `engine dev`")
+    if settings.path is None and Path("config.toml").is_file():
+        message += "; ./config.toml is here but is read only when named (--config config.toml)"
+    raise ConfigError(message)

@@ -23,15 +23,15 @@ from pathlib import Path
 from typing import Any
 
 from engine import db
-from engine.config import Settings, load_settings
-from engine.embedded import EmbeddedPostgres, default_data_dir
+from engine.config import BUILTIN_FLOW_NAMES, Settings, load_settings
+from engine.embedded import EmbeddedPostgres, default_data_dir, forget_dev_cluster, record_dev_cluster
 from engine.migrate import migrate
 from engine.queue import Queue
 from engine.report import print_status
 from engine.supervisor import EngineOptions, run_engine
 
 DEMO_FEED_PER_SECOND = 200
-DEMO_FLOWS = "noop,sleep,flaky"
+DEMO_FLOWS = ",".join(BUILTIN_FLOW_NAMES)
 
 # Runs the console on the terminal until it quits: (dsn, settings, quit after seconds or None).
 # Given by the composition point (engine/cli.py), so this module never imports the console.
@@ -105,7 +105,15 @@ def database_for(dsn: str | None, data_dir: Path) -> tuple[EmbeddedPostgres | No
         return None, dsn
     print(f"starting embedded PostgreSQL in {data_dir} ...", flush=True)
     server = EmbeddedPostgres(data_dir).start()
+    record_dev_cluster(server)
     return server, server.dsn()
+
+
+def stop_database(server: EmbeddedPostgres | None) -> None:
+    """Stop what database_for started, and stop naming it as the running dev cluster."""
+    if server is not None:
+        forget_dev_cluster(server)
+        server.stop()
 
 
 def print_status_of(settings: Settings, flow: str | None = None) -> None:
@@ -120,7 +128,7 @@ def run_dev(options: DevOptions, open_console: ConsoleOpener | None = None) -> i
         import importlib
 
         return int(importlib.import_module(f"engine.examples.{options.example}.dev").run_example(options))
-    settings = load_settings(options.config, env=options.env, dsn=options.dsn)
+    settings = load_settings(options.config, env=options.env, dsn=options.dsn, builtin_flows=True)
     server, dsn = database_for(settings.dsn, options.data_dir or default_data_dir())
     try:
         with db.connect(dsn) as conn:
@@ -135,8 +143,7 @@ def run_dev(options: DevOptions, open_console: ConsoleOpener | None = None) -> i
             return 0
         return _run_with_engine(settings, options, open_console)
     finally:
-        if server is not None:
-            server.stop()
+        stop_database(server)
 
 
 def _run_with_engine(settings: Settings, options: DevOptions, open_console: ConsoleOpener | None) -> int:
@@ -144,10 +151,13 @@ def _run_with_engine(settings: Settings, options: DevOptions, open_console: Cons
         return _run_with_console(settings, options, open_console)
     assert settings.dsn is not None
     dsn = settings.dsn
-    engine = start_engine_process(settings, EngineOptions(workers=options.workers, flows=DEMO_FLOWS))
+    # The engine's logs go to a file here too: on stdout they would interleave with the status tables.
+    log_path = _log_path(options)
+    engine = start_engine_process(settings, EngineOptions(workers=options.workers, flows=DEMO_FLOWS),
+                                  log_path=log_path)
     stop = stop_requested_by_signals()
     deadline = time.monotonic() + options.seconds if options.seconds else None
-    print("engine running; Ctrl-C stops (status every 5 s)", flush=True)
+    print(f"engine running; Ctrl-C stops (status every 5 s; the engine's log: {log_path})", flush=True)
     with Queue(dsn) as queue:
         next_status = time.monotonic() + 5.0
         while not stop["requested"] and engine.is_alive():
@@ -168,6 +178,10 @@ def _run_with_engine(settings: Settings, options: DevOptions, open_console: Cons
 
 # ---------------------------------------------------------------------------------------------
 # With the console
+
+
+def _log_path(options: DevOptions) -> str:
+    return str((options.data_dir or default_data_dir()).parent / "engine-dev.log")
 
 
 def _console_wanted(options: DevOptions) -> bool:
@@ -191,7 +205,7 @@ def _feed_demo_load(dsn: str, stop: threading.Event) -> None:
 def _run_with_console(settings: Settings, options: DevOptions, open_console: ConsoleOpener) -> int:
     assert settings.dsn is not None
     dsn = settings.dsn
-    log_path = str((options.data_dir or default_data_dir()).parent / "engine-dev.log")
+    log_path = _log_path(options)
     engine = start_engine_process(settings, EngineOptions(workers=options.workers, flows=DEMO_FLOWS),
                                   log_path=log_path)
     stop = threading.Event()

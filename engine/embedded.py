@@ -14,6 +14,7 @@ from __future__ import annotations
 import ctypes
 import glob
 import importlib.util
+import json
 import os
 import pwd
 import shutil
@@ -162,6 +163,50 @@ def default_data_dir() -> Path:
         return Path("/var/tmp/skiplock/dev/pgdata")
     base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
     return Path(base) / "skiplock" / "pgdata"
+
+
+def dev_state_path() -> Path:
+    """The file naming the running `engine dev` cluster, so other commands find any --data-dir."""
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    base = Path(runtime) / "skiplock" if runtime else Path(tempfile.gettempdir()) / f"skiplock-{os.geteuid()}"
+    return base / "dev-cluster.json"
+
+
+def record_dev_cluster(server: "EmbeddedPostgres") -> None:
+    path = dev_state_path()
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    state = {"pid": os.getpid(), "data_dir": str(server.data_dir), "dsn": server.dsn()}
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(state))
+    tmp.replace(path)  # atomic: a reader never sees half a file
+
+
+def forget_dev_cluster(server: "EmbeddedPostgres") -> None:
+    """Remove the state file if it still names this process's cluster (another may have replaced it)."""
+    path = dev_state_path()
+    try:
+        state = json.loads(path.read_text())
+        if state.get("pid") == os.getpid() and state.get("data_dir") == str(server.data_dir):
+            path.unlink()
+    except (OSError, ValueError):
+        pass
+
+
+def running_dev_dsn() -> str | None:
+    """The DSN of the running `engine dev` cluster: the state file's, else one in the default data dir."""
+    try:
+        state = json.loads(dev_state_path().read_text())
+        os.kill(int(state["pid"]), 0)  # raises if that `engine dev` is gone
+        dsn = str(state["dsn"])
+        params = dict(part.split("=", 1) for part in dsn.split())
+        if (Path(params["host"]) / f".s.PGSQL.{params['port']}").exists():
+            return dsn
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    socket_dir = default_data_dir()
+    if (socket_dir / f".s.PGSQL.{SOCKET_PORT}").exists():
+        return f"host={socket_dir} port={SOCKET_PORT} user={SUPERUSER} dbname={DEFAULT_DATABASE}"
+    return None
 
 
 def make_temp_dir(prefix: str = "skiplock-") -> Path:

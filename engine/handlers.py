@@ -5,6 +5,8 @@ from __future__ import annotations
 import importlib
 import inspect
 import logging
+import os
+import sys
 import traceback
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -25,6 +27,10 @@ def resolve(ref: str, what: str) -> Any:
     module_name, _, attr = ref.partition(":")
     try:
         module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name is not None and (module_name + ".").startswith(exc.name + "."):
+            raise ConfigError(f"{what} {ref!r}: cannot import {module_name!r}: {_not_on_path(exc.name)}") from None
+        raise ConfigError(f"{what} {ref!r}: cannot import {module_name!r}: {type(exc).__name__}: {exc}") from None
     except Exception as exc:  # any import-time failure of user code is a configuration error here
         raise ConfigError(f"{what} {ref!r}: cannot import {module_name!r}: {type(exc).__name__}: {exc}") from None
     except SystemExit as exc:  # sys.exit() at import must not become the engine's exit code, unexplained
@@ -36,6 +42,15 @@ def resolve(ref: str, what: str) -> Any:
     except AttributeError:
         raise ConfigError(f"{what} {ref!r}: module {module_name!r} has no attribute {attr!r}") from None
     return target
+
+
+def _not_on_path(missing: str) -> str:
+    # The module itself is missing (not one it imports): the usual cause is the app not on sys.path,
+    # since the `engine` script's own directory is what Python searches first, not the current one.
+    cwd = os.getcwd()
+    where = "" if cwd in sys.path or "" in sys.path else f" (the current directory {cwd} is not on it)"
+    return (f"no module named {missing!r} on the Python path{where}; "
+            "install the app (pip install -e .), pass --app-dir DIR, or set PYTHONPATH=DIR")
 
 
 def wants_context(func: Callable[..., Any]) -> bool:
@@ -139,7 +154,7 @@ class JobContext:
     """What a handler taking two arguments receives next to the payload. Built only for such handlers."""
 
     __slots__ = ("job_id", "flow", "attempt", "max_attempts", "run_id", "worker_id", "log", "_enqueue",
-                 "sources", "_pg", "_pg_provider")
+                 "sources", "_pg", "_pg_provider", "cancelled")
 
     def __init__(self, job_id: int, flow: str, attempt: int, max_attempts: int, run_id: str | None,
                  worker_id: str, log: logging.LoggerAdapter[logging.Logger],
@@ -157,6 +172,9 @@ class JobContext:
         self.sources: Mapping[str, Any] = sources if sources is not None else {}
         self._pg: Any = None  # set on first use of .pg; the worker commits or rolls it back
         self._pg_provider = pg
+        # True once an operator asked to cancel this job while it runs (where the worker supports it):
+        # a long handler may check it and return early.
+        self.cancelled = False
 
     def source(self, name: str) -> Any:
         """`ctx.sources[name]`: one of the flow's declared source databases."""

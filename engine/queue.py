@@ -25,7 +25,7 @@ import orjson
 import psycopg
 from psycopg_pool import ConnectionPool
 
-from engine import db, store
+from engine import __version__, db, store
 from engine.redact import describe_error
 from engine.errors import (
     DatabaseUnavailable,
@@ -50,12 +50,14 @@ from engine.store import (  # noqa: F401  (re-exported: engine/worker.py imports
     JobStatus,
     JobSummary,
     RescueResult,
+    Schedule,
     ack_batch,
     claim_batch,
     new_claim_token,
     release_batch,
     rescue,
 )
+from engine.schedules import ScheduleError, ScheduleSpec, check_name
 from engine.telemetry import encode_event
 
 FLOW_NAME: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")  # fullmatch: "$" lets a final "\n" in
@@ -72,6 +74,12 @@ UNSERVED_CAP: Final = 1000
 # Flows are never deleted, so a flow once seen registered stays known: per database, for the life of
 # the process (a worker's follow-up enqueues pay the lookup once per flow, not once per job).
 _known_flows: set[tuple[str, ...]] = set()  # (host, port, database, flow)
+
+# The API's own retries of statements made safe by a key (enqueue_many's batch key, an ack id):
+# transient errors (a restart, a failover, a dropped connection) are retried for this long.
+TRANSIENT_ERRORS: Final = (psycopg.OperationalError, psycopg.InterfaceError, DatabaseUnavailable)
+SAFE_RETRY_SECONDS: Final = 30.0
+_RETRY_BACKOFF: Final = (0.1, 2.0)  # first delay, cap (doubling)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -287,6 +295,30 @@ class ClaimedJob(NamedTuple):
 class EnqueueResult:
     inserted: int
     skipped: int  # duplicates of an unfinished job with the same dedupe key
+    batch_key: str | None = None  # enqueue_many: the key its rows were recorded under
+    replayed: bool = False  # the batch had committed before (a retry): counts are the first call's
+
+
+def _retry_safe(what: str, action: Any, retry_for: float = SAFE_RETRY_SECONDS,
+                reached: Any = lambda: True) -> Any:
+    """Run `action()` again on transient errors for up to `retry_for` s: only for actions whose
+    retry cannot apply twice. Raises DatabaseUnavailable naming `what` when time runs out.
+    `retry_for` 0: one try, its error as it came. A failure to connect is retried only once
+    `reached()` (the database was reached before): a bad or unreachable DSN fails at once."""
+    if retry_for <= 0:
+        return action()
+    deadline = time.monotonic() + retry_for
+    delay, cap = _RETRY_BACKOFF
+    while True:
+        try:
+            return action()
+        except TRANSIENT_ERRORS as exc:
+            if isinstance(exc, DatabaseUnavailable) and not reached():
+                raise
+            if time.monotonic() + delay > deadline:
+                raise DatabaseUnavailable(f"{what} failed for {retry_for:g} s: {describe_error(exc)}") from None
+            time.sleep(delay)
+            delay = min(delay * 2, cap)
 
 
 @dataclass(frozen=True)
@@ -348,6 +380,10 @@ class Queue:
         self._owns = dsn is not None
         self._application_name = application_name
         self._schema_checked = not check_schema
+        # Retries need a fresh connection: not possible on a connection the caller gave (it may be
+        # broken, or inside the caller's transaction).
+        self._retry_for = SAFE_RETRY_SECONDS if conn is None else 0.0
+        self._reached = False  # connected once: a later failure to connect is a restart, retried
         if dsn is not None and pool_size > 0:
             self._pool = db.open_pool(dsn, application_name=application_name, max_size=pool_size)
 
@@ -369,6 +405,7 @@ class Queue:
     def connection(self) -> Iterator[psycopg.Connection[Any]]:
         if self._pool is not None:
             with self._pool.connection() as conn:
+                self._reached = True
                 self._check_schema(conn)
                 yield conn
             return
@@ -378,6 +415,7 @@ class Queue:
                 self._conn = db.connect(self._dsn, application_name=self._application_name)
             except (psycopg.OperationalError, psycopg.ProgrammingError) as exc:  # Programming: a malformed DSN
                 raise DatabaseUnavailable(describe_error(exc)) from None
+        self._reached = True
         self._check_schema(self._conn)
         yield self._conn
 
@@ -429,12 +467,20 @@ class Queue:
         dedupe_keys: Sequence[str | None] | None = None,
         item_names: Sequence[str] | None = None,
         allow_unknown_flow: bool = False,
+        batch_key: str | None = None,
     ) -> EnqueueResult:
         """Enqueue many jobs of one flow in one transaction (COPY; unnest when dedupe keys are given).
 
         Every payload is validated before anything is sent: one bad item and nothing is inserted;
         the error names the item (`item_names[i]`, else "item i" counting from 0). A flow no engine
         has registered is refused (UnknownFlow) unless `allow_unknown_flow`.
+
+        The batch is recorded under `batch_key` (default: a new key per call) in the same
+        transaction, so it is inserted at most once per key: on a transient error (restart,
+        dropped connection) this call retries by itself for SAFE_RETRY_SECONDS, and a retry of a
+        batch that had committed inserts nothing and returns the first outcome with
+        `replayed=True`. When retries run out it raises DatabaseUnavailable naming the key: call
+        again with that `batch_key` (within a day, ENQUEUE_RECEIPT_RETENTION) to retry safely.
         """
         validate_flow(flow)
         options = EnqueueOptions(priority, _delay_from(delay, run_at), max_attempts, run_id).validated()
@@ -446,20 +492,34 @@ class Queue:
                 raise ValidationError(f"{len(dedupe_keys)} dedupe keys for {len(texts)} payloads")
             for index, key in enumerate(dedupe_keys):
                 _validate_key(key, f"{item_names[index] if item_names else f'item {index}'}: dedupe key")
+        key = _validate_key(batch_key, "batch key") or uuid.uuid4().hex
         if not texts:
-            return EnqueueResult(0, 0)
-        with self.connection() as conn, conn.transaction():
-            _require_known_flow(conn, flow, allow_unknown_flow)
-            if dedupe_keys is not None:
-                inserted = store.enqueue_many_dedupe(
-                    conn, flow, texts, list(dedupe_keys), priority=options.priority, delay=options.delay,
-                    max_attempts=options.max_attempts, run_id=options.run_id)
-            else:
-                inserted = store.enqueue_copy(conn, flow, texts, priority=options.priority, delay=options.delay,
-                                              max_attempts=options.max_attempts, run_id=options.run_id)
-            if options.run_id is not None and inserted:
-                store.run_add_jobs(conn, options.run_id, flow, inserted)
-        return EnqueueResult(inserted, len(texts) - inserted)
+            return EnqueueResult(0, 0, key)
+
+        def attempt() -> EnqueueResult:
+            with self.connection() as conn, conn.transaction():
+                _require_known_flow(conn, flow, allow_unknown_flow)
+                if not store.enqueue_receipt_claim(conn, key, flow):
+                    receipt = store.enqueue_receipt_get(conn, key)
+                    assert receipt is not None  # the claim waited for its holder's commit
+                    if receipt.flow != flow:
+                        raise ValidationError(f"batch key {key!r} was used for flow {receipt.flow!r}, not {flow!r}")
+                    return EnqueueResult(receipt.inserted, receipt.skipped, key, replayed=True)
+                if dedupe_keys is not None:
+                    inserted = store.enqueue_many_dedupe(
+                        conn, flow, texts, list(dedupe_keys), priority=options.priority, delay=options.delay,
+                        max_attempts=options.max_attempts, run_id=options.run_id)
+                else:
+                    inserted = store.enqueue_copy(conn, flow, texts, priority=options.priority,
+                                                  delay=options.delay, max_attempts=options.max_attempts,
+                                                  run_id=options.run_id)
+                if options.run_id is not None and inserted:
+                    store.run_add_jobs(conn, options.run_id, flow, inserted)
+                store.enqueue_receipt_record(conn, key, inserted, len(texts) - inserted)
+            return EnqueueResult(inserted, len(texts) - inserted, key)
+
+        return _retry_safe(f"enqueue of batch {key!r} ({len(texts)} jobs of {flow})", attempt, self._retry_for,
+                           lambda: self._reached)
 
     # -- hot path, for callers that run their own worker loop -------------------------------------
 
@@ -479,10 +539,21 @@ class Queue:
         results: Sequence[Any] | None = None,
         failures: Sequence[Failure] = (),
         max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+        *,
+        ack_id: int | None = None,
     ) -> AckResult:
+        """Acknowledge a claimed batch. Retried by itself on transient errors under one ack id
+        (default: a new one per call; store.ack_batch), so a retry of an ack that had committed
+        returns the first outcome rather than reporting the jobs refused."""
         texts = None if results is None else [None if r is None else orjson.dumps(r).decode() for r in results]
-        with self.connection() as conn:
-            return ack_batch(conn, worker_id, token, done_ids, texts, failures, max_attempts)
+        key = ack_id if ack_id is not None else store.new_ack_id()
+
+        def attempt() -> AckResult:
+            with self.connection() as conn:
+                return ack_batch(conn, worker_id, token, done_ids, texts, failures, max_attempts, ack_id=key)
+
+        return _retry_safe(f"ack {key}", attempt, self._retry_for,
+                           lambda: self._reached)
 
     def heartbeat(self, worker_id: str) -> bool:
         """Keep a custom claim loop's jobs: renews `worker_id` (registering it on first use). Call it
@@ -676,6 +747,74 @@ class Queue:
         with self.connection() as conn:
             return store.flows_list(conn)
 
+    # -- schedules (engine/schedules.py) -----------------------------------------------------------
+
+    def schedules(self) -> list[Schedule]:
+        """Every schedule, with its next tick, last fire and the last job's outcome."""
+        with self.connection() as conn:
+            return store.schedules_list(conn)
+
+    def schedule(self, name: str) -> Schedule:
+        """One schedule; ValidationError when there is none of that name."""
+        with self.connection() as conn:
+            found = store.schedules_list(conn, _schedule_name(name))
+            if not found:
+                raise self._unknown_schedule(conn, name)
+        return found[0]
+
+    def add_schedule(self, name: str, flow: str, *, cron: str | None = None, every: float | None = None,
+                     payload: Mapping[str, Any] | None = None, timezone: str = "UTC", catch_up: str = "last",
+                     enabled: bool = True, known_flows: Iterable[str] = ()) -> Schedule:
+        """Add a schedule at run time (`cron`: five fields or an @alias; `every`: seconds, at least 1).
+        The flow must be one an engine has recorded, or in `known_flows` (the CLI passes the config's).
+        Its first tick is the first one after the next schedule pass."""
+        validate_flow(flow)
+        try:
+            spec = ScheduleSpec(name, flow, cron, every, dict(payload or {}), timezone, catch_up,  # type: ignore[arg-type]
+                                enabled).validated()
+        except ScheduleError as exc:
+            raise ValidationError(f"schedule {name!r}: {exc}") from None
+        with self.connection() as conn, conn.transaction():
+            known = {row["name"] for row in store.flows_list(conn)} | set(known_flows)
+            if flow not in known:
+                raise ValidationError(f"schedule {name!r}: unknown flow {flow!r} "
+                                      f"(known: {', '.join(sorted(known)) or 'none yet: start an engine'})")
+            if not store.schedule_add(conn, spec.params()):
+                raise ValidationError(f"schedule {name!r} already exists (remove it first)")
+            return store.schedules_list(conn, name)[0]
+
+    def remove_schedule(self, name: str) -> None:
+        """Delete a schedule. A config schedule comes back when an engine with it in its config starts."""
+        with self.connection() as conn:
+            if not store.schedule_remove(conn, _schedule_name(name)):
+                raise self._unknown_schedule(conn, name)
+
+    def pause_schedule(self, name: str) -> None:
+        """Stop firing; ticks missed while paused follow the schedule's catch_up on resume."""
+        self._set_schedule_paused(name, True)
+
+    def resume_schedule(self, name: str) -> None:
+        self._set_schedule_paused(name, False)
+
+    def _set_schedule_paused(self, name: str, paused: bool) -> None:
+        with self.connection() as conn:
+            if not store.schedule_set_paused(conn, _schedule_name(name), paused):
+                raise self._unknown_schedule(conn, name)
+
+    def trigger_schedule(self, name: str) -> int:
+        """Enqueue one job of the schedule now (its own key); returns the job's id. Ticks are unchanged."""
+        with self.connection() as conn, conn.transaction():
+            job_id = store.schedule_trigger(conn, _schedule_name(name))
+            if job_id is None:
+                raise self._unknown_schedule(conn, name)
+        return job_id
+
+    @staticmethod
+    def _unknown_schedule(conn: psycopg.Connection[Any], name: str) -> ValidationError:
+        names = [s.name for s in store.schedules_list(conn, limit=50)]
+        return ValidationError(f"unknown schedule {name!r} (known: {', '.join(names) or 'none'})")
+
+
     # -- status and health -----------------------------------------------------------------------
 
     def get_queue_status(self, flow_name: str | None = None) -> dict[str, Any]:
@@ -717,6 +856,7 @@ class Queue:
         `unserved_flows`: flow -> jobs, counted up to 1000), or the database slower than `slow_ms`."""
         report: dict[str, Any] = {
             "status": "healthy",
+            "version": __version__,
             "databases": {},
             "queue_status": {},
             "workers": {},
@@ -742,9 +882,9 @@ class Queue:
                 else:
                     database["status"] = "healthy"
                     stale = store.workers_stale_count(conn, stale_after)
-                    live = store.workers_list(conn)
-                    report["workers"] = {"live": sum(1 for w in live if w["state"] not in ("stopped", "lost")),
-                                         "stale": stale}
+                    running = sum(1 for w in store.workers_list(conn) if w["state"] not in ("stopped", "lost"))
+                    # A stale worker is not live: each worker counts once, in one of the two.
+                    report["workers"] = {"live": max(running - stale, 0), "stale": stale}
                     unserved = store.flows_unserved(conn, stale_after, UNSERVED_CAP)
                     report["unserved_flows"] = {u.flow: u.pending for u in unserved}
         except (psycopg.Error, DatabaseUnavailable) as exc:
@@ -783,6 +923,13 @@ class Queue:
             return store.workers_list(conn)
 
 
+
+
+def _schedule_name(name: object) -> str:
+    try:
+        return check_name(name)
+    except ScheduleError as exc:
+        raise ValidationError(str(exc)) from None
 
 
 def new_engine_id() -> str:

@@ -36,7 +36,8 @@ def print_status(queue: Queue, *, flow: str | None = None, as_json: bool = False
     rows.append(("TOTAL", status["pending_records"] - status["scheduled_records"], status["scheduled_records"],
                  status["processing_records"], status["completed_records"], status["failed_records"],
                  status["cancelled_records"], ""))
-    print_table(("flow", "pending", "scheduled", "running", "completed", "dead", "cancelled", "paused"), rows, out)
+    # "claimed", not "running": a worker claims a batch, so most of its claimed jobs wait their turn in it.
+    print_table(("flow", "pending", "scheduled", "claimed", "completed", "dead", "cancelled", "paused"), rows, out)
 
 
 def clip(text: str | None, width: int) -> str:

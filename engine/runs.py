@@ -1,7 +1,8 @@
 """Runs: firing a finished run's on-complete hook, once, from whichever process sees it first.
 
-The acking worker fires the hooks of the runs its ack finished; the supervisor's rescue pass fires
-those the worker never got to (it died in between). Both go through `fire_run_hooks`.
+The acking worker claims the runs its ack finished and fires their hooks here; the supervisor's
+rescue pass claims those a worker never got to (it died in between) with runs_claim_orphaned_hooks
+and fires them on hook threads (engine/hooks.py).
 """
 
 from __future__ import annotations
@@ -18,32 +19,41 @@ from engine.store import RunSummary
 RunHook = Callable[[str, dict[str, Any]], Any]
 
 
-def fire_run_hooks(
-    conn: psycopg.Connection[Any],
-    run_ids: Iterable[str],
-    hooks: Mapping[str, RunHook | None],
-    log: logging.Logger | logging.LoggerAdapter[Any],
-    on_finished: Callable[[RunSummary], None] | None = None,
-) -> list[RunSummary]:
-    """Claim each finished run (exactly one caller wins it) and call its flow's hook.
+def claim_finished_runs(conn: psycopg.Connection[Any], run_ids: Iterable[str],
+                        claimer: str | None = None) -> list[RunSummary]:
+    """Claim each finished run; exactly one caller wins each. Safe to retry as a whole with the same
+    `claimer` (store.run_claim_hook): the retry gets back the runs the lost try had claimed."""
+    return [summary for summary in (store.run_claim_hook(conn, run_id, claimer) for run_id in run_ids)
+            if summary is not None]
 
-    `hooks` maps a flow name to its on_complete callable; a run of a flow without one is still
-    claimed. `on_finished` sees each claimed run before its hook (the worker sends run_finished
-    there). A hook that raises is logged and does not stop the others. Returns the claimed runs.
-    """
-    claimed: list[RunSummary] = []
-    for run_id in run_ids:
-        summary = store.run_claim_hook(conn, run_id)
-        if summary is None:
-            continue
-        claimed.append(summary)
+
+def fire_claimed(claimed: Iterable[RunSummary], hooks: Mapping[str, RunHook | None],
+                 log: logging.Logger | logging.LoggerAdapter[Any],
+                 on_finished: Callable[[RunSummary], None] | None = None) -> None:
+    """Call each claimed run's flow hook (a run of a flow without one is skipped). `on_finished` sees
+    each run before its hook (the worker sends run_finished there). A hook that raises is logged and
+    does not stop the others. Kept apart from the claim so that a retried claim never fires twice."""
+    for summary in claimed:
         if on_finished is not None:
             on_finished(summary)
         hook = hooks.get(summary.flow)
         if hook is None:
             continue
         try:
-            hook(run_id, summary.as_dict())
+            hook(summary.run, summary.as_dict())
         except Exception:
-            log.exception("on_complete hook of run %s failed", run_id, extra={"run": run_id})
+            log.exception("on_complete hook of run %s failed", summary.run, extra={"run": summary.run})
+
+
+def fire_run_hooks(
+    conn: psycopg.Connection[Any],
+    run_ids: Iterable[str],
+    hooks: Mapping[str, RunHook | None],
+    log: logging.Logger | logging.LoggerAdapter[Any],
+    on_finished: Callable[[RunSummary], None] | None = None,
+    claimer: str | None = None,
+) -> list[RunSummary]:
+    """claim_finished_runs, then fire_claimed. Returns the claimed runs."""
+    claimed = claim_finished_runs(conn, run_ids, claimer)
+    fire_claimed(claimed, hooks, log, on_finished)
     return claimed

@@ -25,6 +25,13 @@ from engine.telemetry import FlowCounts
 
 DEFAULT_MAX_ATTEMPTS: Final = 5
 RESCUE_SLICE: Final = 10_000
+# A job's error history keeps its first attempt and this many of its last (skiplock.errors_append).
+ERRORS_KEPT: Final = 10
+# Receipts only serve retries: an ack's within its sender's retry window (the worker retries for a
+# minute; one receipt per batch, so at 500 batches/s ten minutes is 300,000 small rows), an enqueue
+# batch's within a producer's (a restart, a redeploy).
+ACK_RECEIPT_RETENTION: Final = 600.0
+ENQUEUE_RECEIPT_RETENTION: Final = 86400.0
 
 # As stored: a scheduled job is `pending` with a future run_at (the browser reports it as "scheduled").
 JobStatus = Literal["pending", "running", "completed", "dead", "cancelled"]
@@ -56,6 +63,13 @@ class AckResult:
 
 
 @dataclass(frozen=True)
+class EnqueueReceipt:
+    flow: str
+    inserted: int
+    skipped: int
+
+
+@dataclass(frozen=True)
 class RescueResult:
     lost_workers: list[str]
     rescued_by_flow: dict[str, int]
@@ -68,6 +82,15 @@ class RescueResult:
     @property
     def dead(self) -> int:
         return sum(self.dead_by_flow.values())
+
+
+@dataclass(frozen=True)
+class Scheduled:
+    """Pending jobs of a flow scheduled for later (what a drain leaves behind)."""
+
+    flow: str
+    jobs: int
+    next_run_at: datetime
 
 
 @dataclass(frozen=True)
@@ -204,6 +227,47 @@ class LiveCounts:
     dead: int
 
 
+@dataclass(frozen=True)
+class ActiveSchedule:
+    """A schedule the leader's pass looks at, with the database's clock."""
+
+    name: str
+    cron: str | None
+    every_ms: int | None
+    timezone: str
+    catch_up: Literal["last", "none"]
+    next_at: datetime | None
+    checked_at: datetime | None
+    since: datetime  # last declared change (added, timing changed): a new timing starts from here
+    now: datetime
+
+
+@dataclass(frozen=True)
+class Schedule:
+    name: str
+    flow: str
+    cron: str | None
+    every_ms: int | None
+    payload: dict[str, Any]
+    timezone: str
+    catch_up: Literal["last", "none"]
+    enabled: bool  # declared (config or add)
+    paused: bool  # the operator's pause
+    source: Literal["config", "runtime"]
+    next_at: datetime | None
+    last_tick_at: datetime | None
+    last_fired_at: datetime | None
+    last_job_id: int | None
+    last_outcome: str | None  # the last job's status: pending, running, completed, dead, ..., gone
+
+    @property
+    def state(self) -> str:
+        return "paused" if self.paused else ("active" if self.enabled else "disabled")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in self.__dataclass_fields__} | {"state": self.state}
+
+
 def _rows(conn: Conn, cls: type[T], sql: str, params: Mapping[str, Any] | None = None) -> list[T]:
     with conn.cursor(row_factory=class_row(cls)) as cur:
         return cur.execute(sql, params).fetchall()
@@ -239,8 +303,21 @@ def migrations_applied(conn: Conn) -> set[int]:
     return {row[0] for row in conn.execute(Q.migrations_applied)}
 
 
-def migrations_record(conn: Conn, version: int, name: str) -> None:
-    conn.execute(Q.migrations_record, {"version": version, "name": name})
+def migrations_record(conn: Conn, version: int, name: str, min_code_version: str | None = None) -> None:
+    conn.execute(Q.migrations_record, {"version": version, "name": name, "min_code_version": min_code_version})
+
+
+def migrations_lock_timeout(conn: Conn, seconds: float | None, *, local: bool) -> None:
+    """Set lock_timeout for this transaction (`local`) or the session; None: back to no limit."""
+    value = "0" if seconds is None else f"{max(1, int(seconds * 1000))}ms"
+    conn.execute(Q.migrations_lock_timeout, {"value": value, "local": local})
+
+
+def schema_migrations_detail(conn: Conn) -> list[tuple[int, str | None, str]]:
+    """(version, min_code_version, name) of every applied migration; [] before the first."""
+    if not _scalar(conn, Q.schema_migrations_exists):
+        return []
+    return [(int(v), m, n) for v, m, n in conn.execute(Q.schema_migrations_detail)]
 
 
 def schema_version(conn: Conn) -> int:
@@ -303,6 +380,21 @@ def enqueue_copy(conn: Conn, flow: str, payloads: list[str], *, priority: int, d
     return len(payloads)
 
 
+def enqueue_receipt_claim(conn: Conn, batch_key: str, flow: str) -> bool:
+    """In the batch's transaction, before its rows: False when the key is taken (the batch committed
+    before, or a concurrent one with the same key just did: this waited for it)."""
+    return conn.execute(Q.enqueue_receipt_claim, {"batch_key": batch_key, "flow": flow}).fetchone() is not None
+
+
+def enqueue_receipt_record(conn: Conn, batch_key: str, inserted: int, skipped: int) -> None:
+    conn.execute(Q.enqueue_receipt_record, {"batch_key": batch_key, "inserted": inserted, "skipped": skipped})
+
+
+def enqueue_receipt_get(conn: Conn, batch_key: str) -> EnqueueReceipt | None:
+    rows = _rows(conn, EnqueueReceipt, Q.enqueue_receipt_get, {"batch_key": batch_key})
+    return rows[0] if rows else None
+
+
 def run_add_jobs(conn: Conn, run_id: str, flow: str, count: int) -> None:
     conn.execute(Q.run_add_jobs, {"run_id": run_id, "flow": flow, "count": count})
 
@@ -316,6 +408,11 @@ def notify_enqueued(conn: Conn) -> None:
 
 
 def new_claim_token() -> int:
+    return secrets.randbits(63)
+
+
+def new_ack_id() -> int:
+    """An id for one ack, chosen before its first try and re-presented by every retry."""
     return secrets.randbits(63)
 
 
@@ -336,10 +433,22 @@ def ack_batch(
     results: Sequence[str | None] | None = None,
     failures: Sequence[Failure] = (),
     max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+    *,
+    ack_id: int | None = None,
 ) -> AckResult:
     """Acknowledge a claimed batch in one statement. `results` are JSON texts parallel to done_ids;
-    `max_attempts` is the flow's policy, for jobs enqueued without their own."""
+    `max_attempts` is the flow's policy, for jobs enqueued without their own.
+
+    `ack_id` (new_ack_id(), chosen once per ack, before the first try) makes retries recoverable:
+    the outcome is recorded with the ack, and a retry with the same id and the same arguments,
+    after a try whose reply was lost, returns the first try's outcome (completed, retried, dead_ids,
+    finished_runs; refused derived from them) instead of reporting everything refused. Without it,
+    a retried ack that had committed reports its jobs refused. Receipts live ACK_RECEIPT_RETENTION.
+    In a caller's transaction the receipt commits with it: after a lost COMMIT, ack_receipt_get
+    (ack_id) on a fresh connection tells whether it landed."""
     params: dict[str, Any] = {
+        "ack_id": ack_id,
+        "errors_kept": ERRORS_KEPT,
         "max_attempts": max_attempts,
         "worker": worker_id,
         "token": token,
@@ -354,9 +463,23 @@ def ack_batch(
     }
     row = conn.execute(Q.ack_batch, params).fetchone()
     assert row is not None
+    if not row[4]:  # a concurrent try with this ack id committed first: its outcome is the ack's
+        assert ack_id is not None
+        recorded = conn.execute(Q.ack_receipt_get, {"ack_id": ack_id}).fetchone()
+        assert recorded is not None
+        row = recorded
     completed, retried, dead_ids, finished_runs = int(row[0]), int(row[1]), list(row[2]), list(row[3])
     refused = len(done_ids) + len(failures) - completed - retried - len(dead_ids)
     return AckResult(completed, retried, dead_ids, finished_runs, refused)
+
+
+def ack_receipt_get(conn: Conn, ack_id: int, acked: int) -> AckResult | None:
+    """The recorded outcome of ack `ack_id` (which acked `acked` jobs), None if it never committed."""
+    row = conn.execute(Q.ack_receipt_get, {"ack_id": ack_id}).fetchone()
+    if row is None:
+        return None
+    completed, retried, dead_ids, finished_runs = int(row[0]), int(row[1]), list(row[2]), list(row[3])
+    return AckResult(completed, retried, dead_ids, finished_runs, acked - completed - retried - len(dead_ids))
 
 
 def release_batch(conn: Conn, worker_id: str, token: int, ids: Sequence[int]) -> int:
@@ -395,7 +518,8 @@ def rescue(conn: Conn, stale_after: float) -> RescueResult:
     dead: dict[str, int] = {}
     while True:
         with conn.transaction():
-            rows = conn.execute(Q.rescue_jobs, {"stale_after": stale_after, "limit": RESCUE_SLICE}).fetchall()
+            rows = conn.execute(Q.rescue_jobs, {"stale_after": stale_after, "limit": RESCUE_SLICE,
+                                                "errors_kept": ERRORS_KEPT}).fetchall()
         for flow, n_rescued, n_dead, _ in rows:
             rescued[flow] = rescued.get(flow, 0) + int(n_rescued)
             dead[flow] = dead.get(flow, 0) + int(n_dead)
@@ -434,9 +558,41 @@ def purge_done(conn: Conn, retention: float, limit: int) -> int:
     return conn.execute(Q.purge_done, {"retention": retention, "limit": limit}).rowcount
 
 
+def purge_workers(conn: Conn, retention: float, limit: int) -> int:
+    """One slice: worker rows stopped or lost more than `retention` s ago."""
+    return conn.execute(Q.purge_workers, {"retention": retention, "limit": limit}).rowcount
+
+
+def purge_runs(conn: Conn, retention: float, limit: int) -> int:
+    """One slice: runs finished more than `retention` s ago."""
+    return conn.execute(Q.purge_runs, {"retention": retention, "limit": limit}).rowcount
+
+
+def purge_stats(conn: Conn, retention: float, limit: int) -> int:
+    """One slice: stats_minute rows older than `retention` s."""
+    return conn.execute(Q.purge_stats, {"retention": retention, "limit": limit}).rowcount
+
+
+def purge_receipts(conn: Conn, limit: int) -> int:
+    """One slice of each kind of receipt past its retention; returns how many rows it deleted."""
+    return (conn.execute(Q.purge_ack_receipts, {"retention": ACK_RECEIPT_RETENTION, "limit": limit}).rowcount
+            + conn.execute(Q.purge_enqueue_receipts, {"retention": ENQUEUE_RECEIPT_RETENTION,
+                                                      "limit": limit}).rowcount)
+
+
 def drain_remaining(conn: Conn, flows: list[str]) -> bool:
-    """True while any job of these flows is pending or running."""
+    """True while any job of these flows is pending (due or scheduled for later) or running."""
     return bool(_scalar(conn, Q.drain_remaining, {"flows": flows}))
+
+
+def drain_due(conn: Conn, flows: list[str]) -> bool:
+    """True while any job of these flows is running or due now."""
+    return bool(_scalar(conn, Q.drain_due, {"flows": flows}))
+
+
+def drain_scheduled(conn: Conn, flows: list[str]) -> list[Scheduled]:
+    """Per flow, the pending jobs scheduled for later and the earliest of them."""
+    return _rows(conn, Scheduled, Q.drain_scheduled, {"flows": flows})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -631,15 +787,23 @@ def stats_upsert(conn: Conn, counts: Mapping[str, FlowCounts]) -> None:
         "wait_ms": [float(c.wait_ms_sum) for c in values], "run_ms": [float(c.run_ms_sum) for c in values]})
 
 
-def run_claim_hook(conn: Conn, run_id: str) -> RunSummary | None:
-    """Exactly one caller gets the finished run back: it fires the run's hook."""
-    rows = _rows(conn, RunSummary, Q.run_claim_hook, {"run_id": run_id})
+def run_claim_hook(conn: Conn, run_id: str, claimer: str | None = None) -> RunSummary | None:
+    """Exactly one claimer gets the finished run back: it fires the run's hook.
+
+    `claimer`: a token chosen before the first try and re-presented by retries (the ack id that
+    finished the run, as text, or new_hook_claimer()): a retry after a try whose reply was lost gets
+    the run back. With None, such a retry gets None and the hook never fires."""
+    rows = _rows(conn, RunSummary, Q.run_claim_hook, {"run_id": run_id, "claimer": claimer})
     return rows[0] if rows else None
 
 
 def runs_claim_orphaned_hooks(conn: Conn, flows: list[str]) -> list[RunSummary]:
     """Finished runs of `flows` whose hook nobody claimed: claimed now, for the caller to fire."""
     return _rows(conn, RunSummary, Q.runs_claim_orphaned_hooks, {"flows": flows})
+
+
+def new_hook_claimer() -> str:
+    return secrets.token_hex(16)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -692,3 +856,58 @@ async def console_listen(conn: psycopg.AsyncConnection[Any]) -> None:
 
 async def health_ping_async(conn: psycopg.AsyncConnection[Any]) -> None:
     await conn.execute(Q.health_ping)
+
+
+# ---------------------------------------------------------------------------------------------
+# Schedules (engine/schedules.py decides the ticks; these send its statements)
+
+
+def schedule_leader(conn: Conn) -> bool:
+    """Inside a transaction: True when this engine runs the schedule pass until it ends."""
+    return bool(_scalar(conn, Q.schedule_leader))
+
+
+def schedules_active(conn: Conn, limit: int) -> list[ActiveSchedule]:
+    return _rows(conn, ActiveSchedule, Q.schedules_active, {"limit": limit})
+
+
+def schedule_fire(conn: Conn, name: str, expected: datetime | None, ticks: list[str], next_at: datetime,
+                  last_tick: datetime | None) -> tuple[bool, int]:
+    """(whether next_at was still `expected` and moved on, how many jobs were inserted)."""
+    row = conn.execute(Q.schedule_fire, {"name": name, "expected": expected, "ticks": ticks, "next_at": next_at,
+                                         "last_tick": last_tick}).fetchone()
+    assert row is not None
+    return bool(row[0]), int(row[1])
+
+
+def schedules_checked(conn: Conn, names: list[str]) -> None:
+    if names:
+        conn.execute(Q.schedules_checked, {"names": names})
+
+
+def schedule_upsert_config(conn: Conn, params: Mapping[str, Any]) -> None:
+    """`params`: ScheduleSpec.params() (name, flow, cron, every_ms, payload, timezone, catch_up, enabled)."""
+    conn.execute(Q.schedule_upsert_config, params)
+
+
+def schedule_add(conn: Conn, params: Mapping[str, Any]) -> bool:
+    """False when a schedule of that name exists."""
+    return conn.execute(Q.schedule_add, params).fetchone() is not None
+
+
+def schedule_remove(conn: Conn, name: str) -> bool:
+    return conn.execute(Q.schedule_remove, {"name": name}).fetchone() is not None
+
+
+def schedule_set_paused(conn: Conn, name: str, paused: bool) -> bool:
+    return conn.execute(Q.schedule_set_paused, {"name": name, "paused": paused}).fetchone() is not None
+
+
+def schedule_trigger(conn: Conn, name: str) -> int | None:
+    """The new job's id; None when there is no such schedule."""
+    job_id = _scalar(conn, Q.schedule_trigger, {"name": name})
+    return None if job_id is None else int(job_id)
+
+
+def schedules_list(conn: Conn, name: str | None = None, limit: int = 1000) -> list[Schedule]:
+    return _rows(conn, Schedule, Q.schedules_list, {"name": name, "limit": limit})

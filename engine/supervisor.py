@@ -36,8 +36,8 @@ from typing import Any, Final
 import orjson
 import psycopg
 
-from engine import db, store
-from engine.config import FlowConfig, Settings, recorded_policy, resolve_dsn
+from engine import __version__, db, schedules, store
+from engine.config import BUILTIN_FLOW_NAMES, EngineConfig, FlowConfig, Settings, recorded_policy, resolve_dsn
 from engine.errors import ConfigError, SkiplockError
 from engine.handlers import load_flow
 from engine.hooks import HookRunner
@@ -121,6 +121,7 @@ class Supervisor:
     flows: tuple[FlowConfig, ...]
     workers: int
     drain: bool = False
+    wait_scheduled: bool = False  # with drain: also wait for jobs scheduled for later
     engine_id: str = field(default_factory=new_engine_id)
     slots: list[Slot] = field(default_factory=list)
     signals: int = 0
@@ -153,6 +154,7 @@ class Supervisor:
         def sync(conn: psycopg.Connection[Any]) -> None:
             require_schema(conn)
             store.flows_sync(conn, {flow.name: orjson.dumps(recorded_policy(flow)).decode() for flow in self.flows})
+            schedules.sync_config(conn, (s.spec() for s in self.settings.schedules.values()))
 
         self._db(sync)
 
@@ -190,7 +192,7 @@ class Supervisor:
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
         self.log.info("engine starting", extra={"workers": self.workers, "flows": [f.name for f in self.flows],
-                                                "pid": os.getpid()})
+                                                "pid": os.getpid(), "version": __version__})
         self.liveness.start()
         for slot in self.slots:
             self._spawn(slot)
@@ -198,6 +200,7 @@ class Supervisor:
         next_rescue = time.monotonic() + engine.rescue_interval
         next_drain_check = time.monotonic() + DRAIN_CHECK_INTERVAL
         next_retention = time.monotonic() + 5.0
+        next_schedules = time.monotonic()
         while not self.signals:
             sentinels: list[Any] = [s.process.sentinel for s in self.slots if s.process is not None]
             multiprocessing.connection.wait(sentinels + ([self.report] if self.drain else []), timeout=0.2)
@@ -215,6 +218,9 @@ class Supervisor:
                     if self._unreported_lost:
                         self._rescue_workers({})
                     self._rescue_pass()
+                if now >= next_schedules:
+                    next_schedules = now + schedules.PASS_INTERVAL
+                    self._schedule_pass()
                 if now >= next_retention:
                     next_retention = now + RETENTION_INTERVAL
                     self._retention_pass()
@@ -224,7 +230,7 @@ class Supervisor:
                 if self.drain and self.report.all_idle() and (reported or now >= next_drain_check):
                     next_drain_check = now + DRAIN_CHECK_INTERVAL
                     if self._drained():
-                        self.log.info("drain complete: nothing pending or running")
+                        self._report_drained()
                         return self._stop(EXIT_OK)
             except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
                 self.log.warning("supervisor database call failed (will retry): %s", exc)
@@ -305,6 +311,15 @@ class Supervisor:
 
         self._db(act)
 
+    def _schedule_pass(self) -> None:
+        """Fire due schedule ticks when this engine holds the schedule leader lock (engine/schedules.py)."""
+        def bad(name: str, exc: Exception) -> None:
+            self.log.error("schedule cannot be evaluated", extra={"schedule": name, "error": str(exc)})
+
+        result = self._db(lambda conn: schedules.run_pass(conn, self.settings.engine.stale_after, bad))
+        if result.skipped:  # downtime: say what catch_up dropped (fires alone are in the jobs table)
+            self.log.info("schedule ticks missed", extra={"fired": result.fired, "skipped": result.skipped})
+
     def _rescue_and_report(self, conn: psycopg.Connection[Any], events: list[str] | None = None) -> None:
         """The rescue commits first (store.rescue: its own short transactions); the stats, the
         notifications and the log come after it, each on its own, so none can undo it."""
@@ -346,12 +361,32 @@ class Supervisor:
             purged = Queue(conn=conn, check_schema=False).purge_completed(self.settings.engine.retention)
             if purged:
                 self.log.info("purged completed jobs past retention", extra={"purged": purged})
+            counts = retention_pass(conn, self.settings.engine)
+            if any(counts.values()):
+                self.log.info("purged history past retention", extra=counts)
 
         self._db(act)
 
     def _drained(self) -> bool:
+        """--drain: nothing due and nothing running (--wait-scheduled: nothing pending at all)."""
         names = [f.name for f in self.flows]
-        return not self._db(lambda conn: store.drain_remaining(conn, names))
+        remaining = store.drain_remaining if self.wait_scheduled else store.drain_due
+        return not self._db(lambda conn: remaining(conn, names))
+
+    def _report_drained(self) -> None:
+        if self.wait_scheduled:
+            self.log.info("drain complete: nothing pending or running")
+            return
+        later = self._db(lambda conn: store.drain_scheduled(conn, [f.name for f in self.flows]))
+        if not later:
+            self.log.info("drain complete: nothing due or running, nothing scheduled for later")
+            return
+        total = sum(s.jobs for s in later)
+        first = min(s.next_run_at for s in later)
+        self.log.info("drain complete: nothing due or running; %d job(s) scheduled for later, the first at %s "
+                      "(--wait-scheduled waits for them)", total, first.isoformat(timespec="seconds"),
+                      extra={"scheduled": {s.flow: s.jobs for s in later},
+                             "next_run_at": first.isoformat(timespec="seconds")})
 
     # -- stop ----------------------------------------------------------------------------------------
 
@@ -397,14 +432,44 @@ class Supervisor:
         return code
 
 
+_BUILTIN_HINT: Final = (f"the built-in demo flows ({', '.join(BUILTIN_FLOW_NAMES)}) are served by `engine dev`, "
+                        "or where the config names them ([flows.noop])")
+
+RETENTION_SLICE: Final = 10_000
+
+
+def retention_pass(conn: psycopg.Connection[Any], engine: EngineConfig) -> dict[str, int]:
+    """Delete old workers, runs, per-minute history and receipts, each in bounded slices (autocommit:
+    one short transaction per slice). Returns how many rows of each went."""
+    def slices(purge: Any) -> int:
+        total = 0
+        while True:
+            deleted = purge()
+            total += deleted
+            if deleted < RETENTION_SLICE:
+                return total
+
+    return {
+        "workers": slices(lambda: store.purge_workers(conn, engine.worker_retention, RETENTION_SLICE)),
+        "runs": slices(lambda: store.purge_runs(conn, engine.retention, RETENTION_SLICE)),
+        "stats": slices(lambda: store.purge_stats(conn, engine.stats_retention, RETENTION_SLICE)),
+        "receipts": slices(lambda: store.purge_receipts(conn, RETENTION_SLICE)),
+    }
+
+
 def select_flows(settings: Settings, names: str | None) -> tuple[FlowConfig, ...]:
     if not names:
+        if not settings.flows:
+            where = f"in {settings.path}" if settings.path else "(no config file: pass --config or set SKIPLOCK_CONFIG)"
+            raise ConfigError(f"no flows configured {where}; add [flows.NAME] with handler = \"module:function\"")
         return tuple(settings.flows.values())
     chosen: list[FlowConfig] = []
     for name in (n.strip() for n in names.split(",") if n.strip()):
         validate_flow(name)
         if name not in settings.flows:
-            raise ConfigError(f"--flows: flow {name!r} is not configured (known: {', '.join(sorted(settings.flows))})")
+            known = ", ".join(sorted(settings.flows)) or "none"
+            hint = f"; {_BUILTIN_HINT}" if name in BUILTIN_FLOW_NAMES else ""
+            raise ConfigError(f"--flows: flow {name!r} is not configured (known: {known}){hint}")
         chosen.append(settings.flows[name])
     if not chosen:
         raise ConfigError("--flows: no flow named")
@@ -418,15 +483,19 @@ class EngineOptions:
     workers: int | None = None
     flows: str | None = None  # comma-separated names, as --flows; None: every configured flow
     drain: bool = False
+    wait_scheduled: bool = False  # with drain: jobs scheduled for later (delays, retry backoff) hold it too
 
 
 def run_engine(settings: Settings, options: EngineOptions) -> int:
     setup_logging(settings.engine.log_format)
-    flows = select_flows(settings, options.flows)
     workers = options.workers if options.workers is not None else settings.engine.workers
     if not 1 <= workers <= MAX_WORKERS:
         raise ConfigError(f"--workers must be at least 1 and at most {MAX_WORKERS}, got {workers}")
-    supervisor = Supervisor(settings, resolve_dsn(settings), flows, workers, drain=options.drain)
+    if options.wait_scheduled and not options.drain:
+        raise ConfigError("--wait-scheduled goes with --drain")
+    flows = select_flows(settings, options.flows)  # after the option checks: they name what the user typed
+    supervisor = Supervisor(settings, resolve_dsn(settings), flows, workers, drain=options.drain,
+                            wait_scheduled=options.wait_scheduled)
     try:
         supervisor.prepare()
     except psycopg.OperationalError as exc:

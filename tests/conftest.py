@@ -3,6 +3,7 @@
 - support.postgres: the session's PostgreSQL, a fresh database per test (`dsn`, `empty_dsn`, `conn`,
   `queue`), `scalar()`.
 - support.engines: real `engine run` processes (`start_engine`), `wait_for()`.
+- support.odbc: psqlODBC's per-process log files off for the whole run (ODBCSYSINI).
 """
 
-pytest_plugins = ["support.postgres", "support.engines"]
+pytest_plugins = ["support.postgres", "support.engines", "support.odbc"]

@@ -19,7 +19,7 @@ import pytest
 
 from engine.embedded import make_temp_dir
 from engine.errors import ValidationError
-from engine.migrate import REQUIRED_SCHEMA_VERSION, available_migrations
+from engine.migrate import KNOWN_MIGRATIONS, REQUIRED_SCHEMA_VERSION, available_migrations
 from engine.queue import Failure, Queue, validate_flow
 from support.cli import REPO, base_env, engine, ok, one_line_error
 from support.engines import wait_for
@@ -34,7 +34,7 @@ SECRET_DSNS = [
 ]
 SCHEMA_MESSAGE = (f"engine: error: database schema is at version 0, this skiplock needs {REQUIRED_SCHEMA_VERSION}: "
                   "run `engine migrate`\n")
-STATUS_HEADER = ["flow", "pending", "scheduled", "running", "completed", "dead", "cancelled", "paused"]
+STATUS_HEADER = ["flow", "pending", "scheduled", "claimed", "completed", "dead", "cancelled", "paused"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -101,9 +101,9 @@ def status_of(dsn: str, job_id: int) -> str | None:
 
 
 def test_migrate_applies_then_is_up_to_date(empty_dsn: str) -> None:
-    applied = "".join(f"applied {m.version:04d}_{m.name}\n" for m in available_migrations())
-    assert ok(engine("migrate", dsn=empty_dsn)) == applied
-    assert scalar(empty_dsn, "SELECT count(*) FROM skiplock.schema_migrations") == REQUIRED_SCHEMA_VERSION
+    assert ok(engine("migrate", dsn=empty_dsn)) == "".join(
+        f"applied {m.version:04d}_{m.name}\n" for m in available_migrations())
+    assert scalar(empty_dsn, "SELECT count(*) FROM skiplock.schema_migrations") == len(KNOWN_MIGRATIONS)
     assert ok(engine("migrate", dsn=empty_dsn)) == "schema is up to date\n"
     # --dsn works as well as SKIPLOCK_DSN
     assert ok(engine("migrate", "--dsn", empty_dsn)) == "schema is up to date\n"
@@ -207,14 +207,15 @@ def test_enqueue_dedupe_key_needs_exactly_one_job(dsn: str) -> None:
 def test_enqueue_malformed_json_line_inserts_nothing(dsn: str) -> None:
     lines = '{"a": 1}\n{"b": 2}\n{bad json\n{"c": 3}\n'
     result = engine("enqueue", "emails", dsn=dsn, input=lines)
-    assert one_line_error(result).startswith("engine: error: line 3: invalid JSON")
+    assert one_line_error(result) == ("engine: error: line 3, column 2: invalid JSON: unexpected character, "
+                                      "expected a string key\n")
     assert result.stdout == ""
     assert count(dsn) == 0
 
 
 def test_enqueue_blank_lines_still_count_in_line_numbers(dsn: str) -> None:
     result = engine("enqueue", "emails", dsn=dsn, input='{"a": 1}\n\n\n{"b": \n')
-    assert one_line_error(result).startswith("engine: error: line 4: invalid JSON")
+    assert one_line_error(result) == "engine: error: line 4, column 7: invalid JSON: unexpected end of data\n"
     assert count(dsn) == 0
 
 
@@ -230,14 +231,17 @@ def test_enqueue_invalid_utf8_is_a_json_error_whatever_the_locale(dsn: str) -> N
                     env={"PYTHONIOENCODING": "utf-8:strict"})
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr.decode()
-    assert result.stderr.decode().startswith("engine: error: line 2: invalid JSON")
+    assert result.stderr.decode().startswith("engine: error: line 2, column 1: invalid JSON: str is not valid UTF-8")
     assert result.stderr.count(b"\n") == 1
     assert count(dsn) == 0
 
 
 def test_enqueue_bad_payload_option(dsn: str) -> None:
     result = engine("enqueue", "emails", "--payload", "{nope", dsn=dsn)
-    assert one_line_error(result).startswith("engine: error: --payload: invalid JSON")
+    assert one_line_error(result) == ("engine: error: --payload, column 2: invalid JSON: unexpected character, "
+                                      "expected a string key\n")
+    result = engine("enqueue", "emails", "--payload", '{"a":\n 1,,}', dsn=dsn)
+    assert one_line_error(result).startswith("engine: error: --payload, line 2, column 4: invalid JSON")
     result = engine("enqueue", "emails", "--payload", "[1]", "--count", "2", dsn=dsn)
     assert one_line_error(result) == "engine: error: --payload (copy 1): payload must be a JSON object, got list\n"
     assert count(dsn) == 0
@@ -347,7 +351,7 @@ def test_health_healthy(dsn: str) -> None:
     serving_worker(dsn, "emails")
     ok(engine("enqueue", "emails", "--payload", "{}", "--count", "2", dsn=dsn))
     out = ok(engine("health", dsn=dsn))
-    assert re.fullmatch(r"healthy: database up \([0-9.]+ ms\), 2 pending, 0 running, 0 dead\n", out), out
+    assert re.fullmatch(r"healthy: database up \([0-9.]+ ms\), 2 pending, 0 claimed, 0 dead\n", out), out
     report = json.loads(ok(engine("health", "--json", dsn=dsn)))
     for key in ("status", "databases", "queue_status", "instance_info", "timestamp"):
         assert key in report
@@ -401,7 +405,7 @@ def test_health_degraded_on_stale_worker(dsn: str) -> None:
     assert result.returncode == 1
     report = json.loads(result.stdout)
     assert report["status"] == "degraded"
-    assert report["workers"] == {"live": 2, "stale": 1}
+    assert report["workers"] == {"live": 1, "stale": 1}  # each worker counted once
     # a stopped worker's old heartbeat is not a problem
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute("UPDATE skiplock.workers SET state = 'stopped' WHERE id = 'ghost:1'")
@@ -679,7 +683,7 @@ def test_dev_no_engine(dev_dir: Path) -> None:
     result = engine("dev", "--no-engine", "--jobs", "50", "--data-dir", str(data), timeout=120)
     out = ok(result)
     lines = out.splitlines()
-    assert lines[:3] == [f"starting embedded PostgreSQL in {data} ...", f"schema migrated ({REQUIRED_SCHEMA_VERSION} migration(s) applied)",
+    assert lines[:3] == [f"starting embedded PostgreSQL in {data} ...", f"schema migrated ({len(KNOWN_MIGRATIONS)} migration(s) applied)",
                          "enqueued demo jobs to noop, sleep and flaky"]
     rows = status_rows(out)
     assert rows["noop"][:2] == ["50", "0"]
@@ -702,6 +706,9 @@ def test_dev_runs_the_engine_briefly(dev_dir: Path) -> None:
     assert result.returncode == 0, (result.stdout[-3000:], result.stderr[-3000:])
     assert "Traceback" not in result.stdout + result.stderr
     assert "engine running; Ctrl-C stops" in result.stdout
+    # off a terminal too, the engine's JSON logs go to engine-dev.log, not between the status tables
+    assert not [line for line in result.stdout.splitlines() if line.startswith("{")], result.stdout[-3000:]
+    assert '"engine starting"' in (dev_dir / "engine-dev.log").read_text()
     rows = status_rows(result.stdout)  # the final status table
     assert int(rows["noop"][3]) >= 200
     assert int(rows["TOTAL"][3]) >= 200
@@ -857,7 +864,7 @@ def test_handler_calling_sys_exit_at_import(dsn: str, tmp_path: Path) -> None:
 def test_no_password_in_ps_for_the_engine_and_its_workers(dsn: str, tmp_path: Path) -> None:
     secret_dsn = f"{dsn} password=Pw9ZqSecret"  # the test server trusts local users: the password is unused
     config = tmp_path / "config.toml"
-    config.write_text("[global]\nworkers = 2\n")
+    config.write_text("[global]\nworkers = 2\n[flows.noop]\n")  # the built-in noop flow, named
     process = subprocess.Popen([sys.executable, "-m", "engine.cli", "run", "--config", str(config), "--dsn", secret_dsn],
                                env=base_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO)
     try:

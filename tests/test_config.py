@@ -189,6 +189,7 @@ def test_false_disables_optional_keys_set_at_a_less_specific_level(tmp_path: Pat
         circuit = false
         timeout = false
         concurrency = false
+        [flows.noop]
         """,
     )
     settings = load(path)
@@ -314,8 +315,15 @@ def test_toml_syntax_error_names_file_and_tomllib_message(tmp_path: Path) -> Non
 # --- built-in flows ------------------------------------------------------------------------------
 
 
-def test_builtin_flows_exist_without_a_file() -> None:
-    flows = load(None).flows
+def test_builtin_flows_only_when_asked_or_named(tmp_path: Path) -> None:
+    assert load(None).flows == {}
+    path = write(tmp_path, '[flows.mine]\nhandler = "myapp.jobs:f"\n')
+    assert list(load(path).flows) == ["mine"]  # a production file: its own flows, no demo flows
+    assert list(load_settings(path, environ={}, builtin_flows=True).flows) == ["mine", "noop", "sleep", "flaky"]
+
+
+def test_builtin_flows_exist_without_a_file_when_asked() -> None:
+    flows = load_settings(None, environ={}, builtin_flows=True).flows
     assert {name: flow.handler for name, flow in flows.items()} == {
         "noop": "engine.flows.builtin:noop",
         "sleep": "engine.flows.builtin:sleep",
@@ -392,7 +400,7 @@ def test_override_flow_key_matches_flow_name_case_insensitively(tmp_path: Path) 
 
 
 def test_override_builtin_flow_not_in_file() -> None:
-    noop = load(None, environ={"SKIPLOCK__FLOWS__NOOP__MAX_ATTEMPTS": "9"}).flows["noop"]
+    noop = load_settings(None, environ={"SKIPLOCK__FLOWS__NOOP__MAX_ATTEMPTS": "9"}, builtin_flows=True).flows["noop"]
     assert (noop.handler, noop.batch_size, noop.max_attempts) == ("engine.flows.builtin:noop", 500, 9)
 
 

@@ -30,7 +30,7 @@ from console.screens.overview import OverviewScreen
 from console.state import LiveState
 from engine.sql import Q
 from engine.telemetry import encode_event
-from support.console_seed import failure_events, make_app, seed, wait_until
+from support.console_seed import FIXED_NOW, failure_events, make_app, seed, wait_until
 from support.postgres import scalar
 
 SIZE = (120, 40)
@@ -711,8 +711,6 @@ def test_failures_title_says_what_is_listed_and_what_was_not_sampled(seeded):
 
 
 def test_dead_letter_age_advances_with_each_refresh(seeded):
-    from support.console_seed import FIXED_NOW
-
     now = [FIXED_NOW.timestamp()]
     app = make_app(seeded, clock=lambda: now[0], refresh_interval=0.5)
 

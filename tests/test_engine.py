@@ -498,7 +498,8 @@ backoff = { base = "0.1s", cap = "0.1s", jitter = 0 }
     # enqueued without one (they get the API default of 5); see the report.
     enqueue(dsn, "stuck", [{"n": 0, "sleep": 30}], max_attempts=2)
     started = time.monotonic()
-    engine = start_engine(dsn, config, "--workers", "1", "--drain", env={"SKIPLOCK_TEST_RECORD": str(record)})
+    engine = start_engine(dsn, config, "--workers", "1", "--drain", "--wait-scheduled",
+                          env={"SKIPLOCK_TEST_RECORD": str(record)})
     assert engine.wait(30) == 0, tail(engine)
     assert time.monotonic() - started < 10, "the handler must be interrupted, not waited for"
     (status, attempts, error_type, errors), = rows(
@@ -518,7 +519,7 @@ max_attempts = 2
 backoff = { base = "0s", cap = "0.05s", jitter = 0 }
 """
     enqueue(dsn, "capped", [{"n": 0}])
-    engine = start_engine(dsn, config, "--workers", "1", "--drain",
+    engine = start_engine(dsn, config, "--workers", "1", "--drain", "--wait-scheduled",
                           env={"SKIPLOCK_TEST_RECORD": str(tmp_path / "record.txt")})
     assert engine.wait(30) == 0, tail(engine)
     assert rows(dsn, "SELECT status::text, attempts FROM skiplock.jobs") == [("dead", 2)]

@@ -112,7 +112,7 @@ def test_lost_batch_transaction_fails_the_batch_and_runs_it_again(dsn, start_eng
     with Queue(dsn) as queue:
         queue.enqueue_many("ctx_tx", [{"n": i, "kill": i == 3} for i in range(6)])
     config = CONFIG.replace("transactional = true\n", 'transactional = true\nbackoff = { base = "100ms" }\n')
-    engine = start_engine(dsn, config, "--workers", "1", "--flows", "ctx_tx", "--drain")
+    engine = start_engine(dsn, config, "--workers", "1", "--flows", "ctx_tx", "--drain", "--wait-scheduled")
     assert engine.wait(60) == 0, engine.log_path.read_text()[-3000:]
     done = _xmin_pairs(dsn, "ctx_tx")
     assert len(done) == 6 and all(r == a for _, r, a in done), done
@@ -130,7 +130,6 @@ def test_transactional_flow_option(tmp_path: Path) -> None:
     settings = load_settings(config, environ={})
     assert settings.flows["a"].transactional is True
     assert settings.flows["b"].transactional is False
-    assert settings.flows["noop"].transactional is False
     settings = load_settings(config, environ={"SKIPLOCK__FLOWS__B__TRANSACTIONAL": "true"})
     assert settings.flows["b"].transactional is True
     config.write_text('[flows.a]\nhandler = "m:f"\ntransactional = "yes"\n')

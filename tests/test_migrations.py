@@ -14,9 +14,10 @@ import pytest
 
 from engine import db
 from engine.errors import SchemaOutdated
-from engine.migrate import REQUIRED_SCHEMA_VERSION, available_migrations, migrate, schema_version
+from engine.migrate import KNOWN_MIGRATIONS, REQUIRED_SCHEMA_VERSION, available_migrations, migrate, schema_version
 from engine.queue import Queue
 from engine.sql import Q
+from support.postgres import register_flows
 
 PLACEHOLDER = re.compile(r"%\((\w+)\)s")
 EXPLAIN_PREFIX = re.compile(r"^\s*EXPLAIN\s*(\([^)]*\))?\s*", re.IGNORECASE)
@@ -24,7 +25,7 @@ EXPLAIN_PREFIX = re.compile(r"^\s*EXPLAIN\s*(\([^)]*\))?\s*", re.IGNORECASE)
 
 def test_migrate_applies_all_then_nothing(empty_dsn: str) -> None:
     expected = [m.version for m in available_migrations()]
-    assert expected == list(range(1, REQUIRED_SCHEMA_VERSION + 1))
+    assert expected == sorted(KNOWN_MIGRATIONS) and expected[-1] == REQUIRED_SCHEMA_VERSION
     with db.connect(empty_dsn) as conn:
         assert schema_version(conn) == 0
         assert [m.version for m in migrate(conn)] == expected
@@ -71,10 +72,10 @@ def test_concurrent_migrate_from_two_processes(empty_dsn: str) -> None:
         assert [p.exitcode for p in procs] == [0, 0]
         assert [o[0] for o in outcomes] == ["ok", "ok"], outcomes
         applied = sorted((o[1] for o in outcomes), key=len)
-        assert applied == [[], list(range(1, REQUIRED_SCHEMA_VERSION + 1))]
+        assert applied == [[], sorted(KNOWN_MIGRATIONS)]
         rows = conn.execute("SELECT version, count(*) FROM skiplock.schema_migrations GROUP BY version"
                             " ORDER BY version").fetchall()
-        assert rows == [(v, 1) for v in range(1, REQUIRED_SCHEMA_VERSION + 1)]
+        assert rows == [(v, 1) for v in sorted(KNOWN_MIGRATIONS)]
         assert schema_version(conn) == REQUIRED_SCHEMA_VERSION
 
 
@@ -185,3 +186,137 @@ def test_claim_plan_uses_the_claim_index(dsn: str, conn: psycopg.Connection) -> 
         assert not any(n["Node Type"] == "Sort" for n in nodes), "the index should give the claim order"
     # EXPLAIN without ANALYZE changed nothing
     assert conn.execute("SELECT count(*) FROM skiplock.jobs WHERE claimed_by = 'w-1'").fetchone() == (0,)
+
+
+# ---------------------------------------------------------------------------------------------
+# Migrations for a running fleet (issue 10 item 10): each test writes a migration of its own into a
+# test migrations directory next to copies of the shipped ones.
+
+
+def _with_extra(tmp_path: Any, name: str, text: str) -> Any:
+    import shutil
+
+    from engine.migrate import migrations_dir
+
+    directory = tmp_path / "migrations"
+    shutil.copytree(migrations_dir(), directory)
+    (directory / name).write_text(text)
+    return directory
+
+
+def test_migration_behind_an_open_batch_transaction_does_not_block_claims(empty_dsn: str, tmp_path: Any) -> None:
+    import threading
+
+    from engine import store
+
+    directory = _with_extra(tmp_path, "0009_probe.sql", "ALTER TABLE skiplock.jobs ADD COLUMN probe integer;\n")
+    with db.connect(empty_dsn) as conn:
+        migrate(conn)
+    register_flows(empty_dsn, "f")
+    with Queue(empty_dsn) as queue:
+        queue.enqueue_many("f", [{}] * 3)
+    holder = psycopg.connect(empty_dsn)  # an open batch transaction: its claimed rows are locked
+    assert len(holder.execute("SELECT id FROM skiplock.jobs FOR UPDATE").fetchall()) == 3
+    # Without lock_timeout a migration queued behind it would stop this claim until the holder ends.
+    claimer = db.connect(empty_dsn, statement_timeout_ms=3000)
+    outcome: list[Any] = []
+
+    def run() -> None:
+        try:
+            with db.connect(empty_dsn) as conn:
+                outcome.append([m.version for m in migrate(conn, directory, lock_timeout=0.3, retry_for=60)])
+        except Exception as exc:  # reported below
+            outcome.append(exc)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 2.5
+        slowest = 0.0
+        while time.monotonic() < deadline:
+            started = time.monotonic()
+            store.claim_batch(claimer, "f", "w-1", 10, store.new_claim_token())
+            slowest = max(slowest, time.monotonic() - started)
+            time.sleep(0.05)
+        assert slowest < 1.0, f"a claim waited {slowest:.2f} s behind the migration"
+        assert outcome == [] and 9 not in store.migrations_applied(claimer)
+    finally:
+        holder.commit()
+    thread.join(30)
+    assert outcome == [[9]]
+    assert claimer.execute("SELECT probe FROM skiplock.jobs LIMIT 1").fetchone() == (None,)
+    # Giving up after retry_for: the file is not recorded.
+    directory = _with_extra(tmp_path / "again", "0010_probe2.sql",
+                            "ALTER TABLE skiplock.jobs ADD COLUMN probe2 integer;\n")
+    (directory / "0009_probe.sql").write_text("ALTER TABLE skiplock.jobs ADD COLUMN probe integer;\n")
+    holder.execute("SELECT id FROM skiplock.jobs FOR UPDATE")
+    with db.connect(empty_dsn) as conn, pytest.raises(psycopg.errors.LockNotAvailable):
+        migrate(conn, directory, lock_timeout=0.1, retry_for=0.5)
+    holder.rollback()
+    assert 10 not in store.migrations_applied(claimer)
+    claimer.close()
+    holder.close()
+
+
+def test_a_no_transaction_migration_creates_an_index_concurrently(empty_dsn: str, tmp_path: Any) -> None:
+    directory = _with_extra(tmp_path, "0009_concurrent.sql", (
+        "-- An index built without blocking writes.\n"
+        "-- skiplock: no-transaction\n"
+        "\n"
+        "DROP INDEX CONCURRENTLY IF EXISTS skiplock.jobs_probe_idx;\n"
+        "CREATE INDEX CONCURRENTLY IF NOT EXISTS jobs_probe_idx\n"
+        "    ON skiplock.jobs (created_at);\n"
+        "-- a second statement\n"
+        "CREATE INDEX CONCURRENTLY IF NOT EXISTS jobs_probe2_idx ON skiplock.jobs (updated_at);\n"))
+    with db.connect(empty_dsn) as conn:
+        applied = migrate(conn, directory)
+        assert [m.version for m in applied][-1] == 9 and not applied[-1].transactional
+        valid = conn.execute("SELECT c.relname, i.indisvalid FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid"
+                             " WHERE c.relname LIKE 'jobs_probe%' ORDER BY 1").fetchall()
+        assert valid == [("jobs_probe2_idx", True), ("jobs_probe_idx", True)]
+        assert conn.execute("SHOW lock_timeout").fetchone() == ("0",)  # the session's setting is back
+        assert migrate(conn, directory) == []
+
+
+def test_old_code_refuses_a_schema_that_needs_newer_code(empty_dsn: str, tmp_path: Any) -> None:
+    import subprocess
+    import sys
+
+    from engine.migrate import CODE_VERSION, require_schema
+
+    directory = _with_extra(tmp_path, "0009_rename.sql", (
+        "-- Renames a column older engines read.\n"
+        "-- skiplock: min-code-version 99.0\n"
+        "ALTER TABLE skiplock.jobs RENAME COLUMN error_message TO last_error;\n"))
+    with db.connect(empty_dsn) as conn:
+        migrate(conn, directory)
+        assert conn.execute("SELECT min_code_version FROM skiplock.schema_migrations WHERE version = 9"
+                            ).fetchone() == ("99.0",)
+        message = (f"database schema migration 0009_rename needs skiplock >= 99.0; this is skiplock "
+                   f"{CODE_VERSION}: upgrade skiplock to run against this database")
+        with pytest.raises(SchemaOutdated) as info:
+            require_schema(conn)
+        assert str(info.value) == message
+    with Queue(empty_dsn) as queue, pytest.raises(SchemaOutdated, match="needs skiplock >= 99.0"):
+        queue.enqueue("f", {})
+    config = tmp_path / "config.toml"
+    config.write_text("[flows.noop]\n")  # a flow to serve: the schema check comes after the config's
+    result = subprocess.run([sys.executable, "-m", "engine.cli", "run", "--dsn", empty_dsn, "--config", str(config)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and result.stderr.strip().splitlines() == [f"engine: error: {message}"]
+
+
+def test_a_migration_for_older_code_is_accepted_and_directives_are_checked(empty_dsn: str, tmp_path: Any) -> None:
+    from engine.errors import ConfigError
+    from engine.migrate import require_schema
+
+    directory = _with_extra(tmp_path, "0009_add.sql", "-- skiplock: min-code-version 0.0.1\nSELECT 1;\n")
+    with db.connect(empty_dsn) as conn:
+        migrate(conn, directory)
+        require_schema(conn)
+    bad = _with_extra(tmp_path / "bad", "0009_bad.sql", "-- fine\n-- skiplock: no-transactions\nSELECT 1;\n")
+    with pytest.raises(ConfigError, match=r"0009_bad.sql:2: unknown directive 'no-transactions'"):
+        available_migrations(bad)
+    bad = _with_extra(tmp_path / "bad2", "0009_bad.sql", "-- skiplock: min-code-version soon\nSELECT 1;\n")
+    with pytest.raises(ConfigError, match=r"0009_bad.sql:1: min-code-version 'soon' is not a version"):
+        available_migrations(bad)

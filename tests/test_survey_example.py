@@ -88,9 +88,11 @@ def test_survey_flow_end_to_end(dsn, surveyhub, start_engine):
                             "FROM skiplock.jobs WHERE status = 'dead'").fetchall()
         assert dead == [({"survey_id": MISSING}, 1, "SurveyNotFound",
                          f"survey {MISSING} does not exist in surveyhub", "true")]
-        # transactional = true in the example: each result was written in its job's ack transaction, so
-        # now() (the transaction's start) stamped both the result and the archived job alike.
-        together = conn.execute("SELECT count(*) FILTER (WHERE r.processed_at = d.finished_at), count(*) "
+        # transactional = true in the example: each result was written in its job's batch transaction,
+        # stamped with now() (the transaction's start, after the claim); the ack, the transaction's last
+        # statement, stamps finished_at with its own clock (clock_timestamp), so never before it.
+        together = conn.execute("SELECT count(*) FILTER (WHERE d.claimed_at <= r.processed_at"
+                                " AND r.processed_at <= d.finished_at), count(*) "
                                 "FROM survey_results r JOIN skiplock.jobs_done d ON d.id = r.job_id").fetchone()
         assert together == (len(submitted), len(submitted))
         assert conn.execute("SELECT completed, dead, finished_at IS NOT NULL FROM skiplock.runs "
@@ -209,3 +211,36 @@ def test_engine_dev_runs_the_survey_example(dsn, tmp_path):
     assert "dead letters: 1" in result.stdout and "SurveyNotFound" in result.stdout
     submitted = int(result.stdout.split(" submitted)")[0].rsplit("(", 1)[1].split()[-1])
     assert scalar(dsn, "SELECT count(*) FROM survey_results") == submitted > 100
+
+
+# ---------------------------------------------------------------------------------------------
+# the handler tested as users test theirs: engine.testing
+
+
+def test_survey_handler_with_engine_testing(dsn, tmp_path, monkeypatch):
+    from engine.examples.survey.flow import SurveyNotFound, process_survey
+    from engine.testing import make_context, run_pending
+
+    odbc = sqlite_connection_string(tmp_path / "surveyhub.sqlite")
+    submitted = create_source_data(odbc, 6)
+    source = Source(SourceConfig("surveyhub", odbc))
+    with psycopg.connect(dsn) as conn:  # the test owns this connection and its transaction
+        create_results_table(conn)
+        ctx = make_context("survey", job_id=41, pg=conn, sources={"surveyhub": source})
+        want = score(source.query(ANSWERS_SQL, submitted[0]))
+        assert process_survey({"survey_id": submitted[0]}, ctx) == {"score": str(want.score), "band": want.band}
+        assert conn.execute("SELECT score, job_id FROM survey_results").fetchall() == [(want.score, 41)]
+        with pytest.raises(SurveyNotFound):
+            process_survey({"survey_id": MISSING}, make_context("survey", pg=conn, sources={"surveyhub": source}))
+        conn.commit()
+    source.close()
+
+    # The example's flow as the engine runs it, in-process: its config, its source, its dead letter.
+    monkeypatch.setenv("SURVEYHUB_ODBC", odbc)
+    with Queue(dsn) as queue:
+        enqueue_surveys(queue, [*submitted, MISSING])
+    outcomes = run_pending("survey", dsn=dsn, config=EXAMPLE_CONFIG)
+    assert sorted(o.payload["survey_id"] for o in outcomes if o.status == "completed") == submitted
+    [dead] = [o for o in outcomes if o.status == "dead"]
+    assert dead.payload == {"survey_id": MISSING} and isinstance(dead.error, SurveyNotFound)
+    assert scalar(dsn, "SELECT count(*) FROM survey_results") == len(submitted)

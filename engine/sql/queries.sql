@@ -2,6 +2,21 @@
 -- Parameters are psycopg named placeholders. Optional filters are written in SQL
 -- (`%(flow)s::text IS NULL OR flow = %(flow)s`), never assembled from strings.
 -- Every state change is guarded in its WHERE clause by the status it expects.
+--
+-- Clocks: now() is the time the transaction began. A statement sent alone in autocommit is its own
+-- transaction, so there now() is the statement's time and stays (cheaper, and one value for every row).
+-- Statements that may run late in a longer transaction use clock_timestamp() for the times that
+-- matter: ack_batch (a transactional flow's ack is the last statement of a batch transaction that
+-- began before its handlers ran: finished_at, run_ms, the backoff's run_at, the error's `at`),
+-- claim_batch (a fleet-wide concurrency claim waits for claim_flow_lock inside its transaction:
+-- claimed_at, wait_ms), the enqueue statements (a producer may enqueue inside its own transaction, or
+-- a handler through ctx.pg: a delay counts from the enqueue), run_claim_hook, and rescue_jobs' stamps
+-- (its slices run inside the supervisor's rescue pass). Every other now() stays, checked one by one:
+-- it is in a statement sent alone in autocommit (worker_*, circuit_*, flows_*, stats_upsert's minute,
+-- release_batch, claim_release_token, console reads with their fixed reference time), in a short
+-- transaction of its own (Queue's dlq_retry, reset_failed, flow_set_paused), or it is a cut-off
+-- (stale heartbeats, retention purges, "due", runs_claim_orphaned_hooks): there now() is at worst a little
+-- conservative, and one value per statement keeps a statement's rows consistent.
 
 -- name: migrations_bootstrap
 CREATE SCHEMA IF NOT EXISTS skiplock;
@@ -10,6 +25,8 @@ CREATE TABLE IF NOT EXISTS skiplock.schema_migrations (
     name        text NOT NULL,
     applied_at  timestamptz NOT NULL DEFAULT now()
 );
+-- The oldest skiplock release that may run on a schema with this migration (NULL: any).
+ALTER TABLE skiplock.schema_migrations ADD COLUMN IF NOT EXISTS min_code_version text;
 
 -- name: migrations_lock
 -- Session-level: held across the per-file transactions, so two engines cannot race.
@@ -22,7 +39,18 @@ SELECT pg_advisory_unlock(hashtext('skiplock.migrate'));
 SELECT version FROM skiplock.schema_migrations ORDER BY version;
 
 -- name: migrations_record
-INSERT INTO skiplock.schema_migrations (version, name) VALUES (%(version)s, %(name)s);
+INSERT INTO skiplock.schema_migrations (version, name, min_code_version)
+VALUES (%(version)s, %(name)s, %(min_code_version)s);
+
+-- name: migrations_lock_timeout
+-- A migration waiting for a lock blocks every statement queued behind it (a claim behind an ALTER
+-- waiting on an open batch transaction): give up after `value`, and retry. `local`: for this
+-- transaction only; else for the session (files that run outside a transaction).
+SELECT set_config('lock_timeout', %(value)s, %(local)s);
+
+-- name: schema_migrations_detail
+-- Read through to_jsonb so a schema_migrations table from before min_code_version still answers.
+SELECT m.version, to_jsonb(m) ->> 'min_code_version', m.name FROM skiplock.schema_migrations m ORDER BY m.version;
 
 -- name: schema_migrations_exists
 SELECT to_regclass('skiplock.schema_migrations') IS NOT NULL;
@@ -34,7 +62,7 @@ SELECT coalesce(max(version), 0) FROM skiplock.schema_migrations;
 -- name: enqueue_one
 WITH inserted AS (
     INSERT INTO skiplock.jobs (flow, payload, priority, run_at, max_attempts, run_id, dedupe_key)
-    VALUES (%(flow)s, %(payload)s::jsonb, %(priority)s, now() + make_interval(secs => %(delay)s),
+    VALUES (%(flow)s, %(payload)s::jsonb, %(priority)s, clock_timestamp() + make_interval(secs => %(delay)s),
             %(max_attempts)s, %(run_id)s, %(dedupe_key)s)
     ON CONFLICT (flow, dedupe_key) WHERE dedupe_key IS NOT NULL AND status IN ('pending', 'running')
     DO NOTHING
@@ -44,7 +72,7 @@ SELECT id FROM inserted;
 
 -- name: run_at_after
 -- COPY cannot call now(): the batch's run_at comes from the server clock, not the client's.
-SELECT (now() + make_interval(secs => %(delay)s))::text;
+SELECT (clock_timestamp() + make_interval(secs => %(delay)s))::text;
 
 -- name: notify_enqueued
 -- Wakes idle workers after a change that is not an INSERT (operator retry, resume).
@@ -56,11 +84,26 @@ COPY skiplock.jobs (flow, payload, priority, run_at, max_attempts, run_id) FROM 
 -- name: enqueue_many_dedupe
 -- With dedupe keys COPY cannot skip duplicates, so the batch goes through unnest and ON CONFLICT.
 INSERT INTO skiplock.jobs (flow, payload, priority, run_at, max_attempts, run_id, dedupe_key)
-SELECT %(flow)s, p.payload, %(priority)s, now() + make_interval(secs => %(delay)s), %(max_attempts)s,
+SELECT %(flow)s, p.payload, %(priority)s, clock_timestamp() + make_interval(secs => %(delay)s), %(max_attempts)s,
        %(run_id)s, p.dedupe_key
 FROM unnest(%(payloads)s::jsonb[], %(dedupe_keys)s::text[]) AS p(payload, dedupe_key)
 ON CONFLICT (flow, dedupe_key) WHERE dedupe_key IS NOT NULL AND status IN ('pending', 'running')
 DO NOTHING;
+
+-- name: enqueue_receipt_claim
+-- First statement of a keyed enqueue_many transaction. No row back: the key is taken (a batch that
+-- already committed, or one committing now: this waits for it), and enqueue_receipt_get tells what
+-- it inserted.
+INSERT INTO skiplock.enqueue_receipts (batch_key, flow) VALUES (%(batch_key)s, %(flow)s)
+ON CONFLICT (batch_key) DO NOTHING
+RETURNING batch_key;
+
+-- name: enqueue_receipt_record
+UPDATE skiplock.enqueue_receipts SET inserted = %(inserted)s, skipped = %(skipped)s
+WHERE batch_key = %(batch_key)s;
+
+-- name: enqueue_receipt_get
+SELECT flow, inserted, skipped FROM skiplock.enqueue_receipts WHERE batch_key = %(batch_key)s;
 
 -- name: run_add_jobs
 INSERT INTO skiplock.runs (id, flow, total) VALUES (%(run_id)s, %(flow)s, %(count)s)
@@ -83,23 +126,34 @@ WITH picked AS (
     FOR UPDATE SKIP LOCKED
 )
 UPDATE skiplock.jobs j
-SET status = 'running', claimed_by = %(worker)s, claim_token = %(token)s, claimed_at = now(),
+SET status = 'running', claimed_by = %(worker)s, claim_token = %(token)s, claimed_at = clock_timestamp(),
     attempts = j.attempts + 1, updated_at = now()
 -- `= ANY(ARRAY(...))`, not a join: a join on `picked` lets the planner hash-join a Seq Scan of
 -- jobs when the table is small (B=100 on a few thousand rows); this form always takes the pkey.
 WHERE j.id = ANY(ARRAY(SELECT id FROM picked))
 RETURNING j.id, j.payload, j.attempts, coalesce(j.max_attempts, %(max_attempts)s), j.run_id,
-          extract(epoch FROM now() - j.run_at)::float8 * 1000.0 AS wait_ms;
+          extract(epoch FROM j.claimed_at - j.run_at)::float8 * 1000.0 AS wait_ms;
 
 -- name: ack_batch
 -- The whole batch in one round trip. Fenced: only rows still running under this worker's claim
 -- token change, so a worker whose jobs were rescued and re-claimed changes nothing.
 -- Completed jobs leave the hot table for jobs_done. Failures go back to pending after their
 -- backoff, or to dead when permanent or out of attempts. Runs advance; the ack that ends a run
--- sees finished_at = now() (its own transaction's time), which makes it the last man standing.
+-- stamps finished_at with its own `ts`, which makes it the last man standing.
+-- `ts` is clock_timestamp(), not now(): in a transactional flow this is the last statement of a
+-- batch transaction that began before the handlers ran, and finished_at (run_ms) and the backoff
+-- count from here. One value for the whole ack.
+-- With an ack id, the outcome is recorded in ack_receipts in the same transaction; a retry with
+-- the same id (the first try committed, its reply was lost) changes nothing, being fenced, and
+-- returns the recorded outcome. `recorded` is false only when a concurrent first try committed
+-- the receipt while this one ran: the caller reads it with ack_receipt_get.
 -- The join on unnest() lets the planner probe the primary key once per acked id. (`id = ANY($1)`
 -- was measured 25% slower here: as a filter on a generic plan its array is searched linearly.)
-WITH done AS (
+WITH ts AS MATERIALIZED (
+    SELECT clock_timestamp() AS now
+), prior AS (
+    SELECT completed, retried, dead_ids, finished_runs FROM skiplock.ack_receipts WHERE id = %(ack_id)s
+), done AS (
     DELETE FROM skiplock.jobs j
     USING unnest(%(done_ids)s::bigint[], %(results)s::jsonb[]) AS d(id, result)
     WHERE j.id = d.id AND j.status = 'running'
@@ -108,28 +162,28 @@ WITH done AS (
               j.errors, d.result, j.run_id, j.created_at, j.claimed_at
 ), archived AS (
     INSERT INTO skiplock.jobs_done (id, flow, payload, priority, attempts, max_attempts, claimed_by,
-                                    errors, result, run_id, created_at, claimed_at)
+                                    errors, result, run_id, created_at, claimed_at, finished_at)
     SELECT id, flow, payload, priority, attempts, max_attempts, claimed_by, errors, result, run_id,
-           created_at, claimed_at
-    FROM done
+           created_at, claimed_at, ts.now
+    FROM done, ts
     RETURNING run_id
 ), failed AS (
     UPDATE skiplock.jobs j
     SET status = CASE WHEN f.permanent OR j.attempts >= coalesce(j.max_attempts, %(max_attempts)s)
                       THEN 'dead' ELSE 'pending' END::skiplock.job_status,
         run_at = CASE WHEN f.permanent OR j.attempts >= coalesce(j.max_attempts, %(max_attempts)s)
-                      THEN j.run_at ELSE now() + make_interval(secs => f.delay) END,
+                      THEN j.run_at ELSE ts.now + make_interval(secs => f.delay) END,
         finished_at = CASE WHEN f.permanent OR j.attempts >= coalesce(j.max_attempts, %(max_attempts)s)
-                           THEN now() END,
+                           THEN ts.now END,
         claimed_by = NULL, claim_token = NULL,
         error_type = f.error_type, error_message = f.message,
-        errors = j.errors || jsonb_build_array(jsonb_build_object(
-            'attempt', j.attempts, 'at', now(), 'worker', j.claimed_by, 'type', f.error_type,
-            'message', f.message, 'traceback', f.traceback, 'permanent', f.permanent)),
-        updated_at = now()
+        errors = skiplock.errors_append(j.errors, jsonb_build_object(
+            'attempt', j.attempts, 'at', ts.now, 'worker', j.claimed_by, 'type', f.error_type,
+            'message', f.message, 'traceback', f.traceback, 'permanent', f.permanent), %(errors_kept)s),
+        updated_at = ts.now
     FROM unnest(%(fail_ids)s::bigint[], %(permanent)s::boolean[], %(error_types)s::text[],
                 %(messages)s::text[], %(tracebacks)s::text[], %(delays)s::float8[])
-         AS f(id, permanent, error_type, message, traceback, delay)
+         AS f(id, permanent, error_type, message, traceback, delay), ts
     WHERE j.id = f.id AND j.status = 'running'
       AND j.claim_token = %(token)s AND j.claimed_by = %(worker)s
     RETURNING j.id, j.status, j.run_id
@@ -143,15 +197,30 @@ WITH done AS (
     UPDATE skiplock.runs r
     SET completed = r.completed + d.completed, dead = r.dead + d.dead,
         finished_at = CASE WHEN r.finished_at IS NULL AND r.completed + d.completed + r.dead + d.dead >= r.total
-                           THEN now() ELSE r.finished_at END
-    FROM run_delta d
+                           THEN ts.now ELSE r.finished_at END
+    FROM run_delta d, ts
     WHERE r.id = d.run_id
-    RETURNING r.id, r.finished_at = now() AS finished_now
+    RETURNING r.id, r.finished_at = ts.now AS finished_now
+), outcome AS (
+    SELECT (SELECT count(*) FROM archived)::int AS completed,
+           (SELECT count(*) FROM failed WHERE status = 'pending')::int AS retried,
+           (SELECT coalesce(array_agg(id), '{}') FROM failed WHERE status = 'dead') AS dead_ids,
+           (SELECT coalesce(array_agg(id), '{}') FROM run_progress WHERE finished_now) AS finished_runs
+), receipt AS (
+    INSERT INTO skiplock.ack_receipts (id, completed, retried, dead_ids, finished_runs, created_at)
+    SELECT %(ack_id)s, o.completed, o.retried, o.dead_ids, o.finished_runs, ts.now
+    FROM outcome o, ts
+    WHERE %(ack_id)s::bigint IS NOT NULL AND NOT EXISTS (SELECT 1 FROM prior)
+    ON CONFLICT (id) DO NOTHING
+    RETURNING id
 )
-SELECT (SELECT count(*) FROM archived) AS completed,
-       (SELECT count(*) FROM failed WHERE status = 'pending') AS retried,
-       (SELECT coalesce(array_agg(id), '{}') FROM failed WHERE status = 'dead') AS dead_ids,
-       (SELECT coalesce(array_agg(id), '{}') FROM run_progress WHERE finished_now) AS finished_runs;
+SELECT coalesce(p.completed, o.completed), coalesce(p.retried, o.retried), coalesce(p.dead_ids, o.dead_ids),
+       coalesce(p.finished_runs, o.finished_runs),
+       %(ack_id)s::bigint IS NULL OR p.completed IS NOT NULL OR EXISTS (SELECT 1 FROM receipt) AS recorded
+FROM outcome o LEFT JOIN prior p ON true;
+
+-- name: ack_receipt_get
+SELECT completed, retried, dead_ids, finished_runs FROM skiplock.ack_receipts WHERE id = %(ack_id)s;
 
 -- name: release_batch
 -- Graceful shutdown: give back claimed jobs that were never started, without burning an attempt.
@@ -192,12 +261,14 @@ WITH orphaned AS (
     UPDATE skiplock.jobs j
     SET status = CASE WHEN j.attempts >= skiplock.max_attempts_for(j.flow, j.max_attempts)
                       THEN 'dead' ELSE 'pending' END::skiplock.job_status,
-        finished_at = CASE WHEN j.attempts >= skiplock.max_attempts_for(j.flow, j.max_attempts) THEN now() END,
+        finished_at = CASE WHEN j.attempts >= skiplock.max_attempts_for(j.flow, j.max_attempts)
+                           THEN clock_timestamp() END,
         error_type = 'WorkerLost',
         error_message = 'worker ' || coalesce(j.claimed_by, '?') || ' ' || orphaned.reason || ' while running this job',
-        errors = j.errors || jsonb_build_array(jsonb_build_object(
-            'attempt', j.attempts, 'at', now(), 'worker', j.claimed_by, 'type', 'WorkerLost',
-            'message', 'rescued: worker ' || orphaned.reason, 'traceback', NULL, 'permanent', false)),
+        errors = skiplock.errors_append(j.errors, jsonb_build_object(
+            'attempt', j.attempts, 'at', clock_timestamp(), 'worker', j.claimed_by, 'type', 'WorkerLost',
+            'message', 'rescued: worker ' || orphaned.reason, 'traceback', NULL, 'permanent', false),
+            %(errors_kept)s),
         claimed_by = NULL, claim_token = NULL, updated_at = now()
     FROM orphaned
     WHERE j.id = orphaned.id
@@ -208,7 +279,7 @@ WITH orphaned AS (
     UPDATE skiplock.runs r
     SET dead = r.dead + d.dead,
         finished_at = CASE WHEN r.finished_at IS NULL AND r.completed + r.dead + d.dead >= r.total
-                           THEN now() ELSE r.finished_at END
+                           THEN clock_timestamp() ELSE r.finished_at END
     FROM (SELECT run_id, count(*) AS dead FROM rescued WHERE status = 'dead' AND run_id IS NOT NULL
           GROUP BY run_id) AS d
     WHERE r.id = d.run_id
@@ -333,6 +404,53 @@ WITH old AS (
 )
 DELETE FROM skiplock.jobs_done d USING old WHERE d.ctid = old.ctid;
 
+-- name: purge_workers
+-- Retention of worker rows (one per spawn): stopped or lost longer than `retention` ago, in bounded
+-- slices. A lost worker's row must outlive its jobs' rescue; `retention` is far longer than that.
+WITH old AS (
+    SELECT id FROM skiplock.workers
+    WHERE state IN ('stopped', 'lost') AND stopped_at < now() - make_interval(secs => %(retention)s)
+    LIMIT %(limit)s
+)
+DELETE FROM skiplock.workers w USING old WHERE w.id = old.id;
+
+-- name: purge_runs
+-- Retention of finished runs, in bounded slices. A run's jobs are all finished; an unfired hook
+-- that old is given up (runs_claim_orphaned_hooks looks at the last minutes' finishes in practice).
+WITH old AS (
+    SELECT id FROM skiplock.runs
+    WHERE finished_at < now() - make_interval(secs => %(retention)s)
+    LIMIT %(limit)s
+)
+DELETE FROM skiplock.runs r USING old WHERE r.id = old.id;
+
+-- name: purge_stats
+-- Retention of per-minute history, by the primary key's leading column, in bounded slices.
+WITH old AS (
+    SELECT minute, flow FROM skiplock.stats_minute
+    WHERE minute < now() - make_interval(secs => %(retention)s)
+    ORDER BY minute
+    LIMIT %(limit)s
+)
+DELETE FROM skiplock.stats_minute s USING old WHERE s.minute = old.minute AND s.flow = old.flow;
+
+-- name: purge_ack_receipts
+-- An ack receipt only serves the retries of its own ack (seconds to a minute).
+WITH old AS (
+    SELECT ctid FROM skiplock.ack_receipts
+    WHERE created_at < now() - make_interval(secs => %(retention)s)
+    LIMIT %(limit)s
+)
+DELETE FROM skiplock.ack_receipts a USING old WHERE a.ctid = old.ctid;
+
+-- name: purge_enqueue_receipts
+WITH old AS (
+    SELECT ctid FROM skiplock.enqueue_receipts
+    WHERE created_at < now() - make_interval(secs => %(retention)s)
+    LIMIT %(limit)s
+)
+DELETE FROM skiplock.enqueue_receipts e USING old WHERE e.ctid = old.ctid;
+
 -- name: status_live
 -- The hot table holds only unfinished jobs and dead letters, so this scan stays small.
 SELECT flow,
@@ -400,10 +518,15 @@ UPDATE skiplock.workers SET state = 'stopped', stopped_at = now(), heartbeat_at 
 WHERE id = %(id)s AND state <> 'lost';
 
 -- name: workers_list
+-- Live workers and those stopped or lost in the last hour. Two arms, each on its partial index
+-- (workers_live_idx, workers_stopped_idx): an OR of the two lets the planner scan every row ever
+-- spawned.
 SELECT id, engine_id, host, pid, flows, state, started_at, heartbeat_at, stopped_at, counters, pool,
        extract(epoch FROM now() - heartbeat_at)::float8 AS heartbeat_age
-FROM skiplock.workers
-WHERE state NOT IN ('stopped', 'lost') OR stopped_at > now() - interval '1 hour'
+FROM (SELECT * FROM skiplock.workers WHERE state NOT IN ('stopped', 'lost')
+      UNION ALL
+      SELECT * FROM skiplock.workers
+      WHERE state IN ('stopped', 'lost') AND stopped_at > now() - interval '1 hour') AS w
 ORDER BY started_at;
 
 -- name: workers_stale_count
@@ -496,12 +619,6 @@ RETURNING name;
 -- name: circuit_ensure_flow
 INSERT INTO skiplock.flows (name) VALUES (%(flow)s) ON CONFLICT (name) DO NOTHING;
 
--- name: run_claim_hook
--- Exactly one caller gets the row back: it fires the run's on-complete hook.
-UPDATE skiplock.runs SET hook_fired_at = now()
-WHERE id = %(run_id)s AND finished_at IS NOT NULL AND hook_fired_at IS NULL
-RETURNING id AS run, flow, total, completed, dead;
-
 -- name: runs_claim_orphaned_hooks
 -- Runs of the flows this engine serves that finished but whose hook was never claimed (the acking
 -- worker died in between): claimed here, each by one engine, which fires it.
@@ -513,6 +630,17 @@ WHERE id IN (SELECT id FROM skiplock.runs
              FOR UPDATE SKIP LOCKED)
   AND hook_fired_at IS NULL
 RETURNING id AS run, flow, total, completed, dead;
+
+-- name: run_claim_hook
+-- Exactly one claimer gets the row back: it fires the run's on-complete hook. The claimer's token is
+-- recorded, so a retry that re-presents it (the first try committed, its reply was lost) gets the
+-- run back again instead of nothing. A NULL claimer can claim only an unclaimed run.
+UPDATE skiplock.runs
+SET hook_fired_at = coalesce(hook_fired_at, clock_timestamp()), hook_claimed_by = %(claimer)s
+WHERE id = %(run_id)s AND finished_at IS NOT NULL
+  AND (hook_fired_at IS NULL OR (%(claimer)s::text IS NOT NULL AND hook_claimed_by = %(claimer)s))
+RETURNING id AS run, flow, total, completed, dead;
+
 
 -- name: rescue_leader
 -- One engine at a time runs the rescue pass. Session-level, so the pass's own statements commit one
@@ -533,11 +661,29 @@ WHERE w.id = m.id AND w.state <> 'stopped'
 RETURNING w.id;
 
 -- name: drain_remaining
+-- `engine run --drain --wait-scheduled`: anything pending (due or later) or running.
 SELECT count(*) FROM (
     SELECT 1 FROM skiplock.jobs
     WHERE flow = ANY(%(flows)s::text[]) AND status IN ('pending', 'running')
     LIMIT 1
 ) AS any_left;
+
+-- name: drain_due
+-- `engine run --drain`: anything running or due now; jobs scheduled for later do not hold a drain.
+SELECT count(*) FROM (
+    SELECT 1 FROM skiplock.jobs
+    WHERE flow = ANY(%(flows)s::text[])
+      AND (status = 'running' OR (status = 'pending' AND run_at <= now()))
+    LIMIT 1
+) AS any_due;
+
+-- name: drain_scheduled
+-- What a drain leaves behind, read once when it ends.
+SELECT flow, count(*) AS jobs, min(run_at) AS next_run_at
+FROM skiplock.jobs
+WHERE flow = ANY(%(flows)s::text[]) AND status = 'pending' AND run_at > now()
+GROUP BY flow
+ORDER BY flow;
 
 -- ---------------------------------------------------------------------------------------------
 -- Job control: cancel, wait, the job browser, known flows (issue 14)
@@ -842,13 +988,19 @@ FROM (
 GROUP BY flow;
 
 -- name: console_workers
--- Live workers, and those that stopped or were lost in the last 10 minutes.
+-- Live workers, and those that stopped or were lost in the last 10 minutes: two arms, each on its
+-- partial index (workers_live_idx, workers_stopped_idx), as in workers_list.
+WITH ref AS (
+    SELECT coalesce(%(now)s::timestamptz, now()) AS now
+)
 SELECT w.id, w.engine_id, w.host, w.pid, w.state, w.flows,
        extract(epoch FROM ref.now - w.started_at)::float8 AS uptime,
        extract(epoch FROM ref.now - w.heartbeat_at)::float8 AS heartbeat_age,
        w.counters, w.pool
-FROM skiplock.workers w, (SELECT coalesce(%(now)s::timestamptz, now()) AS now) ref
-WHERE w.state NOT IN ('stopped', 'lost') OR w.stopped_at > ref.now - interval '10 minutes'
+FROM (SELECT * FROM skiplock.workers WHERE state NOT IN ('stopped', 'lost')
+      UNION ALL
+      SELECT x.* FROM skiplock.workers x, ref
+      WHERE x.state IN ('stopped', 'lost') AND x.stopped_at > ref.now - interval '10 minutes') AS w, ref
 ORDER BY w.state IN ('stopped', 'lost'), w.host, w.pid, w.id
 LIMIT %(limit)s;
 
@@ -874,3 +1026,124 @@ EXPLAIN (FORMAT JSON) SELECT 1 FROM skiplock.jobs WHERE flow = %(flow)s AND stat
 -- name: console_listen
 -- The console's live feed: telemetry events, pause/resume from any operator included.
 LISTEN skiplock_events;
+
+-- schedules (engine/schedules.py) ----------------------------------------------------------------
+
+-- name: schedule_leader
+-- One engine at a time runs the schedule pass: the lock lasts for the pass's transaction. Its own
+-- lock, not rescue's, so a schedule pass never makes another engine skip its rescue pass.
+SELECT pg_try_advisory_xact_lock(hashtext('skiplock.schedules'));
+
+-- name: schedules_active
+-- What the leader's pass looks at, with the database clock that decides every tick.
+SELECT s.name, s.cron, s.every_ms, s.timezone, s.catch_up, s.next_at, s.checked_at, s.updated_at AS since,
+       now() AS now
+FROM skiplock.schedules s
+WHERE s.enabled AND NOT s.paused
+ORDER BY s.name
+LIMIT %(limit)s;
+
+-- name: schedule_fire
+-- Fires `ticks` (ISO texts) and moves next_at on, only if next_at is still what the pass read
+-- (compare-and-set): a second engine, a restart or a repeated pass cannot fire a tick twice. The
+-- dedupe key schedule:NAME:TICK also refuses a twin while the first job is unfinished.
+WITH due AS (
+    SELECT s.name, s.flow, s.payload FROM skiplock.schedules s
+    WHERE s.name = %(name)s AND s.next_at IS NOT DISTINCT FROM %(expected)s::timestamptz
+      AND s.enabled AND NOT s.paused
+    FOR UPDATE
+), fired AS (
+    INSERT INTO skiplock.jobs (flow, payload, dedupe_key)
+    SELECT due.flow, due.payload || jsonb_build_object('scheduled_at', t.tick),
+           'schedule:' || due.name || ':' || t.tick
+    FROM due, unnest(%(ticks)s::text[]) WITH ORDINALITY AS t(tick, n)
+    ORDER BY t.n
+    ON CONFLICT (flow, dedupe_key) WHERE dedupe_key IS NOT NULL AND status IN ('pending', 'running')
+    DO NOTHING
+    RETURNING id
+), advanced AS (
+    UPDATE skiplock.schedules s
+    SET next_at = %(next_at)s::timestamptz, checked_at = now(),
+        last_tick_at = coalesce(%(last_tick)s::timestamptz, s.last_tick_at),
+        last_fired_at = CASE WHEN EXISTS (SELECT 1 FROM fired) THEN now() ELSE s.last_fired_at END,
+        last_job_id = coalesce((SELECT max(id) FROM fired), s.last_job_id)
+    FROM due
+    WHERE s.name = due.name
+    RETURNING s.name
+)
+SELECT (SELECT count(*) FROM advanced)::int AS advanced, (SELECT count(*) FROM fired)::int AS fired;
+
+-- name: schedules_checked
+-- Schedules with nothing due: the pass saw them (a later gap is then downtime, not lateness).
+UPDATE skiplock.schedules SET checked_at = now()
+WHERE name = ANY(%(names)s::text[]) AND enabled AND NOT paused;
+
+-- name: schedule_upsert_config
+-- At engine start. The declared fields follow the config; `paused` (the operator's) is left as it
+-- is; a changed cron, period or time zone starts over from the next tick after now.
+INSERT INTO skiplock.schedules AS s (name, flow, cron, every_ms, payload, timezone, catch_up, enabled, source)
+VALUES (%(name)s, %(flow)s, %(cron)s, %(every_ms)s, %(payload)s::jsonb, %(timezone)s, %(catch_up)s,
+        %(enabled)s, 'config')
+ON CONFLICT (name) DO UPDATE
+SET flow = EXCLUDED.flow, cron = EXCLUDED.cron, every_ms = EXCLUDED.every_ms, payload = EXCLUDED.payload,
+    timezone = EXCLUDED.timezone, catch_up = EXCLUDED.catch_up, enabled = EXCLUDED.enabled, source = 'config',
+    checked_at = CASE WHEN EXCLUDED.enabled THEN s.checked_at END,  -- disabled: its ticks are missed
+    next_at = CASE WHEN (s.cron, s.every_ms, s.timezone) IS NOT DISTINCT FROM
+                        (EXCLUDED.cron, EXCLUDED.every_ms, EXCLUDED.timezone)
+                   THEN s.next_at END,
+    updated_at = CASE WHEN (s.flow, s.cron, s.every_ms, s.payload, s.timezone, s.catch_up, s.enabled, s.source)
+                           IS NOT DISTINCT FROM
+                           (EXCLUDED.flow, EXCLUDED.cron, EXCLUDED.every_ms, EXCLUDED.payload, EXCLUDED.timezone,
+                            EXCLUDED.catch_up, EXCLUDED.enabled, 'config')
+                      THEN s.updated_at ELSE now() END;
+
+-- name: schedule_add
+INSERT INTO skiplock.schedules (name, flow, cron, every_ms, payload, timezone, catch_up, enabled, source)
+VALUES (%(name)s, %(flow)s, %(cron)s, %(every_ms)s, %(payload)s::jsonb, %(timezone)s, %(catch_up)s,
+        %(enabled)s, 'runtime')
+ON CONFLICT (name) DO NOTHING
+RETURNING name;
+
+-- name: schedule_remove
+DELETE FROM skiplock.schedules WHERE name = %(name)s RETURNING name;
+
+-- name: schedule_set_paused
+-- Pausing forgets when a pass last looked: ticks due while paused are then missed, and catch_up
+-- decides on resume (rather than every one being fired late).
+UPDATE skiplock.schedules
+SET paused = %(paused)s, checked_at = CASE WHEN %(paused)s THEN NULL ELSE checked_at END, updated_at = now()
+WHERE name = %(name)s
+RETURNING name;
+
+-- name: schedule_trigger
+-- One job now, with its own key (schedule:NAME:trigger:NOW): the ticks are left as they are.
+WITH s AS (
+    SELECT name, flow, payload, to_char(now() AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"') AS at
+    FROM skiplock.schedules WHERE name = %(name)s
+    FOR UPDATE
+), fired AS (
+    INSERT INTO skiplock.jobs (flow, payload, dedupe_key)
+    SELECT s.flow, s.payload || jsonb_build_object('scheduled_at', s.at), 'schedule:' || s.name || ':trigger:' || s.at
+    FROM s
+    RETURNING id
+), marked AS (
+    UPDATE skiplock.schedules t SET last_fired_at = now(), last_job_id = (SELECT id FROM fired)
+    FROM s WHERE t.name = s.name
+    RETURNING t.name
+)
+SELECT id FROM fired;
+
+-- name: schedules_list
+-- The last job's outcome: its status while it is in the hot table, completed once archived, gone
+-- once purged (retention) or deleted.
+SELECT s.name, s.flow, s.cron, s.every_ms, s.payload, s.timezone, s.catch_up, s.enabled, s.paused, s.source,
+       s.next_at, s.last_tick_at, s.last_fired_at, s.last_job_id,
+       CASE WHEN s.last_job_id IS NULL THEN NULL
+            ELSE coalesce((SELECT j.status::text FROM skiplock.jobs j WHERE j.id = s.last_job_id),
+                          (SELECT 'completed' FROM skiplock.jobs_done d WHERE d.id = s.last_job_id LIMIT 1),
+                          'gone')
+       END AS last_outcome
+FROM skiplock.schedules s
+WHERE %(name)s::text IS NULL OR s.name = %(name)s
+ORDER BY s.name
+LIMIT %(limit)s;

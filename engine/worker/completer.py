@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 
 from engine.handlers import FlowRuntime
-from engine.store import Failure, ack_batch
+from engine.store import Failure, ack_batch, new_ack_id
 from engine.telemetry import FailureSample
 
 FLUSH_COUNT: Final = 200
@@ -135,7 +135,8 @@ class Completer:
         w = self.worker
         flow = group.flow
         results = group.results if any(r is not None for r in group.results) else None
+        ack_id = new_ack_id()  # once, outside the retries: a retry after a lost reply reads the first outcome
         ack = w.with_db("ack", lambda conn: ack_batch(conn, w.id, token, group.done_ids, results, group.failures,
-                                                      flow.config.max_attempts))
+                                                      flow.config.max_attempts, ack_id=ack_id))
         w.after_ack(flow, ack, len(group.failures), group.wait_ms, group.run_ms, group.samples,
                     had_success=bool(group.done_ids), trial=group.trial)

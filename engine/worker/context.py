@@ -21,7 +21,7 @@ from psycopg import pq
 from engine.handlers import FlowRuntime, JobContext, format_traceback
 from engine.logs import ContextLogger
 from engine.queue import Queue
-from engine.store import AckResult, Failure, ack_batch, release_batch
+from engine.store import AckResult, Failure, ack_batch, ack_receipt_get, new_ack_id, release_batch
 
 INERROR = pq.TransactionStatus.INERROR
 
@@ -144,8 +144,9 @@ class BatchTransaction:
         assert conn is not None
         max_attempts = self.flow.config.max_attempts
         ids = done_ids + [f.job_id for f in failures]
+        ack_id = new_ack_id()
         try:
-            ack = ack_batch(conn, w.id, token, done_ids, results, failures, max_attempts)
+            ack = ack_batch(conn, w.id, token, done_ids, results, failures, max_attempts, ack_id=ack_id)
             if ack.refused:
                 # Some of the batch was rescued from us: its writes must not land. Roll everything
                 # back and give back what we still hold; it runs again (the attempt is not counted).
@@ -156,9 +157,12 @@ class BatchTransaction:
             return ack
         except w.transient_errors as exc:
             self._end_batch(commit=False)
-            # The transaction is lost (or its COMMIT's outcome is unknown): every job of the batch fails
-            # as a transient error, on a fresh connection. Acks are fenced, so if the COMMIT did land,
-            # this changes nothing.
+            # The COMMIT's outcome is unknown: its receipt, read on a fresh connection, says whether the
+            # batch (writes and ack together) landed.
+            landed = w.with_db("ack receipt", lambda c: ack_receipt_get(c, ack_id, len(ids)))
+            if landed is not None:
+                return landed
+            # The transaction is lost: every job of the batch fails as a transient error.
             by_id = {r[0]: r for r in self.rows}
             text = str(exc).strip().splitlines()
             message = f"batch transaction lost before commit: {text[0] if text else type(exc).__name__}"

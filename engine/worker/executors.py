@@ -26,7 +26,7 @@ import psycopg
 from psycopg import pq
 
 from engine.handlers import FlowRuntime, JobContext, JobTimeout
-from engine.store import Failure, ack_batch, release_batch
+from engine.store import Failure, ack_batch, new_ack_id, release_batch
 from engine.sources import SourceRegistry
 from engine.telemetry import FailureSample
 from engine.worker.context import AsyncPg, BatchTransaction, PerJobPg, make_context, swallowed_error
@@ -206,8 +206,9 @@ class InlineExecutor:
             if tx is not None:
                 ack = tx.ack(token, done_ids, results, failures)
             else:
+                ack_id = new_ack_id()  # once, outside the retries: a retry reads the first outcome
                 ack = w.with_db("ack", lambda conn: ack_batch(conn, w.id, token, done_ids, results, failures,
-                                                              flow.config.max_attempts))
+                                                              flow.config.max_attempts, ack_id=ack_id))
         finally:
             w.inline = None
             if tx is not None:
@@ -302,8 +303,9 @@ class BatchExecutor(InlineExecutor):
             if tx is not None:
                 ack = tx.ack(token, done_ids, stored, failures)
             else:
+                ack_id = new_ack_id()  # once, outside the retries: a retry reads the first outcome
                 ack = w.with_db("ack", lambda conn: ack_batch(conn, w.id, token, done_ids, stored, failures,
-                                                              flow.config.max_attempts))
+                                                              flow.config.max_attempts, ack_id=ack_id))
         finally:
             w.inline = None
             if tx is not None:
@@ -375,8 +377,9 @@ def _hard_stop(worker: Any, batch: InlineBatch) -> None:
     worker.log.error("handler ignored its timeout; acking what finished and replacing this worker",
                      extra={"flow": flow.name, "job": stuck[0][0]})
     try:
+        ack_id = new_ack_id()
         ack = worker.with_db("ack", lambda conn: ack_batch(conn, worker.id, batch.token, done, results, failures,
-                                                           flow.config.max_attempts), quick=True)
+                                                           flow.config.max_attempts, ack_id=ack_id), quick=True)
         if rest:
             worker.with_db("release", lambda conn: release_batch(conn, worker.id, batch.token, rest), quick=True)
         worker.telemetry.record_batch(flow.name, ack.completed, len(failures), ack.dead_ids, 0.0, 0.0, [])

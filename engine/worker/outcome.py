@@ -32,11 +32,6 @@ class BatchResultError(Exception):
     """A batch handler returned something other than one outcome per job."""
 
 
-def redact(text: str) -> str:
-    """Stored error text goes through the project's redaction (one import to change when it moves)."""
-    return redact_text(text)
-
-
 def clean_text(text: str) -> str:
     """Text PostgreSQL can store: NUL is refused by text and jsonb, lone surrogates by UTF-8."""
     if "\x00" in text:
@@ -74,8 +69,8 @@ def describe(exc: BaseException) -> tuple[str, str, str | None]:
         trace: str | None = format_traceback(exc)
     except BaseException:
         trace = None
-    message = redact(clean_text(message or error_type))[:MESSAGE_CHARS]
-    return error_type, message, redact(clean_text(trace)) if trace is not None else None
+    message = redact_text(clean_text(message or error_type))[:MESSAGE_CHARS]
+    return error_type, message, redact_text(clean_text(trace)) if trace is not None else None
 
 
 def failure(flow: FlowRuntime, row: tuple[Any, ...], exc: BaseException) -> Failure:

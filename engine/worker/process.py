@@ -31,7 +31,7 @@ from engine.liveness import GUARD_INTERVAL_CAP, Lease, WorkerGuard, lease_span
 from engine.logs import ContextLogger
 from engine.queue import Queue
 from engine.store import AckResult
-from engine.runs import fire_run_hooks
+from engine.runs import claim_finished_runs, fire_claimed
 from engine.sources import SourceRegistry
 from engine.store import RunSummary
 from engine.telemetry import ENQUEUED_CHANNEL, FailureSample, Telemetry, encode_event
@@ -387,7 +387,9 @@ class Worker:
             self.log.info("run finished", extra=fields)
 
         hooks = {f.name: f.on_complete for f in self.flows}
-        self.with_db("run hook", lambda conn: fire_run_hooks(conn, run_ids, hooks, self.log, finished))
+        claimer = store.new_hook_claimer()  # once, outside the retries: a retried claim gets its runs back
+        claimed = self.with_db("run hook", lambda conn: claim_finished_runs(conn, run_ids, claimer))
+        fire_claimed(claimed, hooks, self.log, finished)
 
 
 def worker_main(spec: WorkerSpec, log_format: str) -> None:

@@ -1,4 +1,4 @@
-"""The `engine` command run as users run it: a subprocess, with the DSN in SKIPLOCK_DSN."""
+"""Running the `engine` command as users' scripts do: a real subprocess per call."""
 
 from __future__ import annotations
 
@@ -12,19 +12,23 @@ REPO = Path(__file__).resolve().parent.parent.parent
 
 def base_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("SKIPLOCK")}
-    env["PYTHONPATH"] = f"{REPO}{os.pathsep}{env.get('PYTHONPATH', '')}"
+    # No empty entry: it would put the current directory on sys.path.
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
     env.update(extra)
     return env
 
 
 def engine(*args: str, dsn: str | None = None, input: str | bytes = "", timeout: float = 60,
-           env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    """Run `engine *args` in a subprocess; `dsn` goes in SKIPLOCK_DSN. stdin is always given."""
+           env: dict[str, str] | None = None, cwd: Path | str = REPO) -> subprocess.CompletedProcess:
+    """Run `engine *args` in a subprocess; `dsn` goes in SKIPLOCK_DSN. stdin is always given.
+
+    `python -P`: like the installed `engine` script, the current directory is not on sys.path.
+    """
     full_env = base_env(**(env or {}))
     if dsn is not None:
         full_env["SKIPLOCK_DSN"] = dsn
-    return subprocess.run([sys.executable, "-m", "engine.cli", *args], env=full_env, input=input,
-                          capture_output=True, text=not isinstance(input, bytes), timeout=timeout, cwd=REPO)
+    return subprocess.run([sys.executable, "-P", "-m", "engine.cli", *args], env=full_env, input=input,
+                          capture_output=True, text=not isinstance(input, bytes), timeout=timeout, cwd=cwd)
 
 
 def ok(result: subprocess.CompletedProcess) -> str:

@@ -19,7 +19,7 @@ from typing import Final
 
 from engine import db
 from engine.config import Settings, load_settings
-from engine.dev import (DevOptions, database_for, print_status_of, start_engine_process, stop_engine,
+from engine.dev import (DevOptions, database_for, print_status_of, start_engine_process, stop_database, stop_engine,
                         stop_requested_by_signals)
 from engine.embedded import default_data_dir
 from engine.migrate import migrate
@@ -72,12 +72,13 @@ def run_example(options: DevOptions) -> int:
         _print_outcome(dsn)
         return code
     finally:
-        if server is not None:
-            server.stop()
+        stop_database(server)
 
 
 def _run_engine(settings: Settings, options: DevOptions) -> int:
-    engine = start_engine_process(settings, EngineOptions(workers=options.workers, flows=FLOW, drain=True))
+    # wait_scheduled: the example's transient failures retry after a backoff, and belong to the run shown.
+    run = EngineOptions(workers=options.workers, flows=FLOW, drain=True, wait_scheduled=True)
+    engine = start_engine_process(settings, run)
     stop = stop_requested_by_signals()
     deadline = time.monotonic() + options.seconds if options.seconds else None
     print("engine running until the survey queue is drained; Ctrl-C stops", flush=True)
