@@ -17,7 +17,7 @@ from support.postgres import register_flows_for, scalar
 @pytest.fixture(autouse=True)
 def registered_flows(request: pytest.FixtureRequest) -> None:
     """The flows these tests enqueue to, registered as an engine would (enqueue refuses unknown flows)."""
-    register_flows_for(request, "doomed", "plain")
+    register_flows_for(request, "ctx_follow_up", "doomed", "plain")
 
 RESULTS_DDL = "CREATE TABLE ctx_results (job_id bigint PRIMARY KEY, n integer NOT NULL, flow text NOT NULL, xact bigint)"
 CONFIG = """
