@@ -12,6 +12,7 @@ from datetime import datetime, tzinfo
 from rich.text import Text
 
 from console.state import LiveState
+from engine import __version__
 
 
 @dataclass(frozen=True)
@@ -72,7 +73,7 @@ def header_text(state: LiveState, where: Attachment, *, now: float, tz: tzinfo |
                 colours: Colours = Colours()) -> Text:
     """Line 1: where we are attached and how fresh the data is. Line 2: health, or the outage."""
     text = Text(no_wrap=True, overflow="ellipsis")
-    text.append("skiplock", style="bold")
+    text.append(f"skiplock {__version__}", style="bold")
     if where.read_only:
         text.append("  ")
         text.append(" READ-ONLY ", style=f"bold reverse {colours.accent}")

@@ -732,9 +732,10 @@ def circuit_close(conn: Conn, flow: str) -> bool:
     return conn.execute(Q.circuit_close, {"flow": flow}).fetchone() is not None
 
 
-def worker_register(conn: Conn, worker_id: str, engine_id: str, host: str, pid: int, flows: list[str]) -> None:
+def worker_register(conn: Conn, worker_id: str, engine_id: str, host: str, pid: int, flows: list[str],
+                    version: str) -> None:
     conn.execute(Q.worker_register, {"id": worker_id, "engine_id": engine_id, "host": host, "pid": pid,
-                                     "flows": flows})
+                                     "flows": flows, "version": version})
 
 
 def worker_report(conn: Conn, worker_id: str, state: str, counters: Any, pool: Any) -> bool:

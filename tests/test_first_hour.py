@@ -14,9 +14,12 @@ from pathlib import Path
 
 import pytest
 
+from console.state import LiveState
+from console.status import Attachment, header_text
 from engine import __version__
 from engine.embedded import SOCKET_PORT, default_data_dir, make_temp_dir
 from engine.handlers import resolve
+from engine.queue import Queue
 from support.cli import REPO, base_env, engine, ok, one_line_error
 from support.engines import wait_for
 from support.postgres import scalar
@@ -136,6 +139,11 @@ def test_version_everywhere(dsn: str, tmp_path: Path) -> None:
     result = engine("run", "--config", str(config), "--drain", "--app-dir", str(tmp_path), dsn=dsn, timeout=120)
     starting = [r for r in log_records(result.stdout) if r["msg"] == "engine starting"]
     assert starting[0]["version"] == __version__
+    with Queue(dsn) as queue:  # each worker's row says what it ran
+        versions = [w["version"] for w in queue.workers()]
+    assert versions and set(versions) == {__version__}, versions
+    header = str(header_text(LiveState(), Attachment("db"), now=0.0, tz=None))
+    assert header.startswith(f"skiplock {__version__}"), header
 
 
 # 6. ./config.toml is read only when named, and the message says so

@@ -480,9 +480,9 @@ ON CONFLICT (name) DO UPDATE SET paused = EXCLUDED.paused, updated_at = now();
 SELECT pg_notify('skiplock_events', %(payload)s);
 
 -- name: worker_register
-INSERT INTO skiplock.workers (id, engine_id, host, pid, flows, state)
-VALUES (%(id)s, %(engine_id)s, %(host)s, %(pid)s, %(flows)s, 'starting')
-ON CONFLICT (id) DO UPDATE SET state = 'starting', heartbeat_at = now(), stopped_at = NULL;
+INSERT INTO skiplock.workers (id, engine_id, host, pid, flows, state, version)
+VALUES (%(id)s, %(engine_id)s, %(host)s, %(pid)s, %(flows)s, 'starting', %(version)s)
+ON CONFLICT (id) DO UPDATE SET state = 'starting', heartbeat_at = now(), stopped_at = NULL, version = EXCLUDED.version;
 
 -- name: worker_report
 -- The worker's own tick: what it is doing. Its liveness (heartbeat_at) belongs to the supervisor
@@ -521,7 +521,7 @@ WHERE id = %(id)s AND state <> 'lost';
 -- Live workers and those stopped or lost in the last hour. Two arms, each on its partial index
 -- (workers_live_idx, workers_stopped_idx): an OR of the two lets the planner scan every row ever
 -- spawned.
-SELECT id, engine_id, host, pid, flows, state, started_at, heartbeat_at, stopped_at, counters, pool,
+SELECT id, engine_id, host, pid, flows, state, version, started_at, heartbeat_at, stopped_at, counters, pool,
        extract(epoch FROM now() - heartbeat_at)::float8 AS heartbeat_age
 FROM (SELECT * FROM skiplock.workers WHERE state NOT IN ('stopped', 'lost')
       UNION ALL

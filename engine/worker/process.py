@@ -24,7 +24,7 @@ from typing import Any, Final
 import psycopg
 from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_exponential
 
-from engine import db, store
+from engine import __version__, db, store
 from engine.config import EngineConfig, FlowConfig
 from engine.handlers import FlowRuntime, load_flow
 from engine.liveness import GUARD_INTERVAL_CAP, Lease, WorkerGuard, lease_span
@@ -160,7 +160,7 @@ class Worker:
                                  min_size=1, max_size=max(self.spec.engine.pool_max, 2) + extra, name=self.id)
         self.queue = Queue(pool=self.pool, check_schema=False)
         self.with_db("register", lambda conn: store.worker_register(
-            conn, self.id, self.spec.engine_id, socket.gethostname(), os.getpid(), self.flow_names))
+            conn, self.id, self.spec.engine_id, socket.gethostname(), os.getpid(), self.flow_names, __version__))
         self.notify([encode_event("worker_started", engine=self.spec.engine_id, worker=self.id,
                                   host=socket.gethostname(), pid=os.getpid(), flows=self.flow_names)])
         self._connect_listener()
