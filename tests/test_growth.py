@@ -94,7 +94,7 @@ def test_error_history_keeps_the_first_and_the_last_attempts(queue: Queue, conn:
     # The rescue path appends through the same cap.
     token = store.new_claim_token()
     assert store.claim_batch(conn, "f", "w-2", 1, token)
-    conn.execute(Q.worker_register, {"id": "w-2", "engine_id": "e", "host": "h", "pid": 1, "flows": ["f"]})
+    store.worker_register(conn, "w-2", "e", "h", 1, ["f"], version="test")
     store.worker_mark_lost(conn, {"w-2": "was killed by the test"})
     assert store.rescue(conn, 30.0).rescued == 1
     errors = one(conn, "SELECT errors FROM skiplock.jobs WHERE id = %s", (job_id,))

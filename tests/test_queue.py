@@ -17,6 +17,7 @@ import engine.queue as queue_module
 import engine.store as store_module
 from engine.errors import DatabaseUnavailable, ValidationError
 from engine.migrate import REQUIRED_SCHEMA_VERSION
+from engine import store
 from engine.queue import AckResult, Failure, Queue, ack_batch, claim_batch, new_claim_token
 from engine.sql import Q
 from support.postgres import register_flows
@@ -78,8 +79,7 @@ def make_due(conn: psycopg.Connection, *ids: int) -> None:
 
 
 def register_worker(conn: psycopg.Connection, worker_id: str, flows: tuple[str, ...] = ("f",)) -> None:
-    conn.execute(Q.worker_register,
-                 {"id": worker_id, "engine_id": "engine-1", "host": "host-1", "pid": 4242, "flows": list(flows)})
+    store.worker_register(conn, worker_id, "engine-1", "host-1", 4242, list(flows), version="test")
     beat = conn.execute(Q.worker_report,
                         {"id": worker_id, "state": "busy", "counters": Jsonb({"done": 0}), "pool": Jsonb({})})
     assert beat.fetchone() == (worker_id,)
