@@ -129,7 +129,7 @@ class Feeder(threading.Thread):
         payloads = [{"n": i} for i in range(FEED_BATCH)]
         with Queue(self.dsn) as queue:
             while not self.stop.is_set():
-                self.enqueued += queue.enqueue_many("drain", payloads).inserted
+                self.enqueued += queue.enqueue_many("drain", payloads, allow_unknown_flow=True).inserted
                 self.stop.wait(0.25)
 
 

@@ -172,7 +172,7 @@ def bulk_enqueue(dsn: str, jobs: int, flow: str = "noop") -> Rate:
             conn.execute("DELETE FROM skiplock.jobs WHERE flow = %s", (flow,))
             conn.execute("VACUUM skiplock.jobs")
         started = time.perf_counter()
-        result = queue.enqueue_many(flow, payloads)
+        result = queue.enqueue_many(flow, payloads, allow_unknown_flow=True)
         elapsed = time.perf_counter() - started
         with queue.connection() as conn:
             count = conn.execute("SELECT count(*) FROM skiplock.jobs WHERE flow = %s AND status = 'pending'",
@@ -358,7 +358,7 @@ class Engine:
         # full-page writes on first touch, no checkpoint in the middle of the timing.
         self.conn.execute("CHECKPOINT")
         for start in range(0, jobs, 100_000):
-            queue.enqueue_many(flow, _payloads(min(100_000, jobs - start), start))
+            queue.enqueue_many(flow, _payloads(min(100_000, jobs - start), start), allow_unknown_flow=True)
         self.vacuum()
         started = time.time()
         queue.resume(flow)
@@ -388,7 +388,7 @@ def engine_drain_end_to_end(dsn: str, jobs: int, workers: int, batch: int, workd
         conn.execute("DELETE FROM skiplock.jobs WHERE flow = 'noop'")
     with Queue(dsn) as queue:
         for start in range(0, jobs, 100_000):
-            queue.enqueue_many("noop", _payloads(min(100_000, jobs - start), start))
+            queue.enqueue_many("noop", _payloads(min(100_000, jobs - start), start), allow_unknown_flow=True)
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute("VACUUM ANALYZE skiplock.jobs")
         since = conn.execute("SELECT extract(epoch FROM now())::float8").fetchone()[0]
@@ -464,7 +464,7 @@ def _load_producer(dsn: str, flow: str, rate: float, seconds: float, backlog_cap
                    stop: Any, results: Any) -> None:
     tick = 0.01
     with Queue(dsn, application_name="skiplock-bench-load") as queue:
-        queue.enqueue_many(flow, [{"warm": 1}])  # connect and check the schema before the barrier
+        queue.enqueue_many(flow, [{"warm": 1}], allow_unknown_flow=True)  # connect and check the schema before the barrier
         ready.release()
         go.wait()
         started = next_tick = next_check = time.perf_counter()
@@ -485,7 +485,7 @@ def _load_producer(dsn: str, flow: str, rate: float, seconds: float, backlog_cap
                 if backlog > rate * backlog_cap:
                     skipped += n  # the engine is not keeping up: offered load is shed, not queued
                 else:
-                    queue.enqueue_many(flow, [{"bg": 1, "n": sent + k} for k in range(n)])
+                    queue.enqueue_many(flow, [{"bg": 1, "n": sent + k} for k in range(n)], allow_unknown_flow=True)
                     sent += n
             next_tick += tick
             time.sleep(max(0.0, next_tick - time.perf_counter()))
@@ -567,7 +567,7 @@ def latency_probes(engine: Engine, flow: str, rate: float, seconds: float) -> La
     interval = 1.0 / rate
     calls: list[tuple[float, float]] = []
     with Queue(engine.dsn, application_name="skiplock-bench-probe") as queue:
-        queue.enqueue(flow, {"warm": 1})  # connects and checks the schema outside the measurement
+        queue.enqueue(flow, {"warm": 1}, allow_unknown_flow=True)  # connects and checks the schema outside the measurement
         time.sleep(0.2)
         next_at = time.perf_counter()
         for i in range(count):
