@@ -18,10 +18,11 @@ from typing import Any
 import psycopg
 from psycopg import pq
 
-from engine.handlers import FlowRuntime, JobContext, format_traceback
+from engine.handlers import FlowRuntime, JobContext
 from engine.logs import ContextLogger
 from engine.queue import Queue
 from engine.store import AckResult, Failure, ack_batch, ack_receipt_get, new_ack_id, release_batch
+from engine.worker.outcome import MESSAGE_CHARS, describe
 
 INERROR = pq.TransactionStatus.INERROR
 
@@ -164,9 +165,10 @@ class BatchTransaction:
                 return landed
             # The transaction is lost: every job of the batch fails as a transient error.
             by_id = {r[0]: r for r in self.rows}
-            text = str(exc).strip().splitlines()
-            message = f"batch transaction lost before commit: {text[0] if text else type(exc).__name__}"
-            lost = [Failure(job_id, type(exc).__name__, message[:2000], format_traceback(exc), False,
+            # Stored and logged like any job error: the first line, sanitised and redacted (outcome.py).
+            error_type, first_line, trace = describe(exc)
+            message = f"batch transaction lost before commit: {first_line.splitlines()[0] if first_line else error_type}"
+            lost = [Failure(job_id, error_type, message[:MESSAGE_CHARS], trace, False,
                             self.flow.config.backoff.delay(by_id[job_id][2], random.random())) for job_id in ids]
             w.log.warning(message, extra={"flow": self.flow.name, "jobs": len(ids)})
             return w.with_db("ack", lambda c: ack_batch(c, w.id, token, [], None, lost, max_attempts))
