@@ -384,6 +384,9 @@ def cmd_jobs_show(args: argparse.Namespace) -> int:
         print(f"runs at {_age(job.run_at)}")
     if job.claimed_at is not None:
         print(f"last claimed {_age(job.claimed_at)} by {job.claimed_by}")
+    if job.progress is not None:
+        print(f"progress {job.progress:.0%}" + (f" {job.progress_message}" if job.progress_message else "")
+              + f" (reported {_age(job.progress_at)})")
     if job.cancel_requested_at is not None:
         print(f"cancel requested {_age(job.cancel_requested_at)}")
     if job.finished_at is not None and job.status in ("completed", "dead", "cancelled"):

@@ -320,6 +320,8 @@ class FlowConfig:
         recorded=True)
     batch: bool = _key(_bool, "the handler takes the whole claimed batch: handler(payloads) -> list", False,
                        recorded=True)
+    cancel_grace: float = _key(_DURATION, "after a running job's cancel request, how long the worker waits for "
+                               "its handler before it stops waiting and ends the job cancelled", 10.0)
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import math
+from datetime import timedelta
+from typing import Any
+
+from engine.limits import MAX_DURATION_S
+
 
 class SkiplockError(Exception):
     """Base of every error we raise deliberately; its message is meant for the user."""
@@ -53,7 +59,8 @@ class JobDead(JobFailed):
 
 
 class JobCancelled(JobFailed):
-    """Raised by `Queue.wait`: the job was cancelled."""
+    """Raised by `Queue.wait`: the job was cancelled. Also what `ctx.check_cancelled()` raises in a
+    handler whose running job an operator cancelled (the job ends cancelled, never retried)."""
 
     def __init__(self, job_id: int) -> None:
         super().__init__(job_id, f"job {job_id} was cancelled")
@@ -70,3 +77,17 @@ class WaitTimeout(SkiplockError):
 
 class UnknownFlow(ValidationError):
     """Enqueue to a flow no engine has registered (pass allow_unknown_flow=True to allow it)."""
+
+
+class Snooze(Exception):
+    """Raised by a handler: put the job back to pending for `delay` seconds (a number or a timedelta)
+    without counting an attempt or a failure. Its history gets an entry marked snoozed."""
+
+    def __init__(self, delay: float | Any = 0.0) -> None:
+        seconds = delay.total_seconds() if isinstance(delay, timedelta) else delay
+        if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not (
+                math.isfinite(seconds) and 0 <= seconds <= MAX_DURATION_S):
+            raise ValidationError(f"Snooze(delay): delay must be a finite number of seconds from 0 to "
+                                  f"{MAX_DURATION_S:g} (or a timedelta), got {delay!r}")
+        super().__init__(f"snoozed for {seconds:g}s")
+        self.delay = float(seconds)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import logging
+import math
 import os
 import sys
 import traceback
@@ -13,7 +14,8 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from engine.config import FlowConfig
-from engine.errors import ConfigError, PermanentError
+from engine.errors import ConfigError, JobCancelled, PermanentError, ValidationError
+from engine.limits import PROGRESS_MESSAGE_MAX, utf8_problem
 
 TRACEBACK_CHARS: Final = 8000
 
@@ -145,6 +147,22 @@ def execution_mode(config: FlowConfig, asynchronous: bool) -> tuple[str, int]:
     return ("threads" if per_worker > 1 else "inline"), per_worker
 
 
+def check_progress(fraction: Any, message: Any) -> tuple[float, str | None]:
+    """ctx.progress's arguments, or one ValidationError naming what is wrong."""
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not (
+            math.isfinite(fraction) and 0.0 <= fraction <= 1.0):
+        raise ValidationError(f"ctx.progress(fraction): fraction must be a finite number from 0 to 1, got {fraction!r}")
+    if message is not None:
+        if not isinstance(message, str):
+            raise ValidationError(f"ctx.progress(message): message must be a str or None, got {type(message).__name__}")
+        if len(message) > PROGRESS_MESSAGE_MAX:
+            raise ValidationError(f"ctx.progress(message): message is {len(message)} characters, "
+                                  f"at most {PROGRESS_MESSAGE_MAX}")
+        if "\x00" in message or utf8_problem(message):
+            raise ValidationError("ctx.progress(message): message holds a NUL or a character that is not UTF-8")
+    return float(fraction), message
+
+
 def format_traceback(exc: BaseException) -> str:
     text = "".join(traceback.format_exception(exc))
     return text if len(text) <= TRACEBACK_CHARS else "…" + text[-TRACEBACK_CHARS:]
@@ -154,7 +172,7 @@ class JobContext:
     """What a handler taking two arguments receives next to the payload. Built only for such handlers."""
 
     __slots__ = ("job_id", "flow", "attempt", "max_attempts", "run_id", "worker_id", "log", "_enqueue",
-                 "sources", "_pg", "_pg_provider", "cancelled")
+                 "sources", "_pg", "_pg_provider", "_cancelled", "_cancel_source", "_report", "_token")
 
     def __init__(self, job_id: int, flow: str, attempt: int, max_attempts: int, run_id: str | None,
                  worker_id: str, log: logging.LoggerAdapter[logging.Logger],
@@ -172,9 +190,36 @@ class JobContext:
         self.sources: Mapping[str, Any] = sources if sources is not None else {}
         self._pg: Any = None  # set on first use of .pg; the worker commits or rolls it back
         self._pg_provider = pg
-        # True once an operator asked to cancel this job while it runs (where the worker supports it):
-        # a long handler may check it and return early.
-        self.cancelled = False
+        # True once an operator asked to cancel this job while it runs (the worker learns of it within
+        # about a second): a long handler checks it, or calls check_cancelled(), and stops early.
+        self._cancelled = False
+        self._cancel_source: Callable[[int], bool] | None = None  # the worker's: is a cancel requested?
+        self._report: Callable[[int, int, float, str | None], None] | None = None  # the worker's progress sink
+        self._token = 0  # the claim's token: progress reports are fenced by it
+
+    @property
+    def cancelled(self) -> bool:
+        """True once an operator cancelled this job while it runs (read from the worker's requests)."""
+        if self._cancelled:
+            return True
+        source = self._cancel_source
+        return source is not None and source(self.job_id)
+
+    @cancelled.setter
+    def cancelled(self, value: bool) -> None:
+        self._cancelled = bool(value)
+
+    def check_cancelled(self) -> None:
+        """Raise JobCancelled if an operator cancelled this job: the job ends cancelled, never retried."""
+        if self.cancelled:
+            raise JobCancelled(self.job_id)
+
+    def progress(self, fraction: float, message: str | None = None) -> None:
+        """Report how far the job is (0..1) and what it does now. Cheap to call often: the worker keeps
+        the latest report per job and writes at most one per ~1 s (`engine jobs show`, the console)."""
+        fraction, message = check_progress(fraction, message)
+        if self._report is not None:
+            self._report(self.job_id, self._token, fraction, message)
 
     def source(self, name: str) -> Any:
         """`ctx.sources[name]`: one of the flow's declared source databases."""

@@ -15,6 +15,7 @@ MAX_DURATION_S: Final = 100 * 365 * 86400.0
 MAX_DURATION_TEXT: Final = "36500d"
 MAX_WORKERS: Final = 1024  # processes per engine
 MAX_POOL_SIZE: Final = 1000  # connections per worker (PostgreSQL's max_connections is far lower)
+PROGRESS_MESSAGE_MAX: Final = 200  # characters of a ctx.progress message (shown in one console cell)
 
 
 def utf8_problem(text: str) -> str | None:

@@ -17,6 +17,7 @@ import time
 import uuid
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+import dataclasses
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Final, NamedTuple
@@ -607,7 +608,14 @@ class Queue:
     def job(self, job_id: int) -> Job | None:
         _validate_id(job_id, "job id")
         with self.connection() as conn:
-            return store.job_get(conn, job_id)
+            job = store.job_get(conn, job_id)
+            if job is not None and job.status in ("running", "pending", "dead"):
+                progress = store.job_progress(conn, job_id)
+                if progress is not None:
+                    job = dataclasses.replace(job, progress=progress.progress,
+                                              progress_message=progress.progress_message,
+                                              progress_at=progress.progress_at)
+            return job
 
     def retry_dead(self, where: DeadLetterFilter) -> list[int]:
         """Dead jobs matching `where` go back to pending; returns their ids. Jobs no longer dead are

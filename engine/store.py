@@ -115,6 +115,10 @@ class Job:
     updated_at: datetime
     finished_at: datetime | None
     cancel_requested_at: datetime | None = None
+    # The current (or last) attempt's ctx.progress, read apart by Queue.job (store.job_progress).
+    progress: float | None = None
+    progress_message: str | None = None
+    progress_at: datetime | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in self.__dataclass_fields__}
@@ -643,6 +647,75 @@ def cancel_jobs(conn: Conn, *, ids: Sequence[int] | None, flow: str | None, run_
         runs += int(row[2])
         if len(row[0]) < CANCEL_SLICE and len(row[1]) < CANCEL_SLICE:
             return CancelResult(sorted(cancelled), sorted(requested), runs)
+
+
+# The worker's side of job control (rare paths, apart from ack_batch; engine/worker/control.py)
+
+CANCEL_CHECK_LIMIT: Final = 1000
+CANCELLED_MESSAGE: Final = "cancelled while running"
+
+
+@dataclass(frozen=True)
+class Progress:
+    progress: float
+    progress_message: str | None
+    progress_at: datetime
+
+
+@dataclass(frozen=True)
+class RunningJob:
+    """One row of the console's Running view."""
+
+    id: int
+    flow: str
+    claimed_by: str | None
+    claimed_at: datetime | None
+    attempts: int
+    max_attempts: int
+    run_id: str | None
+    progress: float | None
+    progress_message: str | None
+    cancel_requested_at: datetime | None
+
+
+def jobs_cancel_requested(conn: Conn, worker_id: str) -> list[tuple[int, int]]:
+    """(job id, claim token) of this worker's running jobs whose cancel was requested."""
+    return [(int(r[0]), int(r[1])) for r in
+            conn.execute(Q.jobs_cancel_requested, {"worker": worker_id, "limit": CANCEL_CHECK_LIMIT})]
+
+
+def ack_cancelled(conn: Conn, worker_id: str, token: int, ids: Sequence[int]) -> tuple[list[int], list[str]]:
+    """End these running jobs `cancelled` (fenced; only jobs with a cancel request): (ids, finished runs).
+    A retry after a lost reply finds nothing left to change; a run it finished has its hook fired by
+    the supervisor's orphaned-hook sweep."""
+    row = conn.execute(Q.ack_cancelled, {"worker": worker_id, "token": token, "ids": list(ids),
+                                         "message": CANCELLED_MESSAGE, "errors_kept": ERRORS_KEPT}).fetchone()
+    assert row is not None
+    return list(row[0]), list(row[1])
+
+
+def snooze_jobs(conn: Conn, worker_id: str, token: int, ids: Sequence[int], delays: Sequence[float]) -> list[int]:
+    """Back to pending after `delays` seconds, the attempt given back (fenced): the ids snoozed."""
+    return list(_scalar(conn, Q.snooze_jobs, {"worker": worker_id, "token": token, "ids": list(ids),
+                                              "delays": [float(d) for d in delays],
+                                              "errors_kept": ERRORS_KEPT}) or [])
+
+
+def jobs_progress_set(conn: Conn, worker_id: str, news: Mapping[int, tuple[int, float, str | None]]) -> None:
+    """`news`: job id -> (claim token, fraction, message), every job with a report since the last write."""
+    ids = list(news)
+    conn.execute(Q.jobs_progress_set, {"worker": worker_id, "ids": ids, "tokens": [news[i][0] for i in ids],
+                                       "fractions": [float(news[i][1]) for i in ids],
+                                       "messages": [news[i][2] for i in ids]})
+
+
+def job_progress(conn: Conn, job_id: int) -> Progress | None:
+    rows = _rows(conn, Progress, Q.job_progress, {"id": job_id})
+    return rows[0] if rows else None
+
+
+def jobs_running_now(conn: Conn, limit: int) -> list[RunningJob]:
+    return _rows(conn, RunningJob, Q.jobs_running_now, {"limit": limit})
 
 
 def job_states(conn: Conn, ids: Sequence[int]) -> dict[int, JobState]:

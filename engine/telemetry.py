@@ -41,6 +41,7 @@ import orjson
 
 EVENTS_CHANNEL: Final = "skiplock_events"
 ENQUEUED_CHANNEL: Final = "skiplock_enqueued"
+CANCEL_CHANNEL: Final = "skiplock_cancel"  # cancel_jobs: a running job's cancel was requested
 EVENT_VERSION: Final = 1
 MAX_EVENT_BYTES: Final = 7900
 FAILURE_SAMPLE: Final = 5

@@ -34,7 +34,8 @@ from typing import Any, Final, Literal
 import orjson
 import psycopg
 
-from engine import db
+from engine import db, store
+from engine.errors import Snooze
 from engine.config import FlowConfig, Settings, load_settings
 from engine.handlers import FlowRuntime, JobContext, load_flow
 from engine.queue import ClaimedJob, Failure, Queue
@@ -60,16 +61,19 @@ class Enqueued:
 
 class TestContext(JobContext):
     """A JobContext for a direct handler call: `ctx.enqueued` lists the follow-up jobs the handler asked
-    for (none is inserted), and `ctx.cancelled` may be set by the test."""
+    for (none is inserted), `ctx.progress_reports` the (fraction, message) of each `ctx.progress` call
+    (validated as the worker does), and `ctx.cancelled` may be set by the test."""
 
     __test__ = False  # not a pytest test class
-    __slots__ = ("enqueued",)
+    __slots__ = ("enqueued", "progress_reports")
 
     def __init__(self, job_id: int, flow: str, attempt: int, max_attempts: int, run_id: str | None,
                  log: logging.LoggerAdapter[logging.Logger], sources: Mapping[str, Any] | None,
                  pg: Callable[[], Any] | None) -> None:
         super().__init__(job_id, flow, attempt, max_attempts, run_id, "test-worker", log, self._capture, sources, pg)
         self.enqueued: list[Enqueued] = []
+        self.progress_reports: list[tuple[float, str | None]] = []
+        self._report = lambda _job, _token, fraction, message: self.progress_reports.append((fraction, message))
 
     def _capture(self, flow: str, payload: Mapping[str, Any], **options: Any) -> int:
         self.enqueued.append(Enqueued(flow, payload, options))
@@ -98,15 +102,18 @@ def make_context(flow: str = "test", *, job_id: int = 1, attempt: int = 1, max_a
 @dataclass(frozen=True)
 class JobOutcome:
     """What became of one job: `completed` (with the handler's `result`), `retry` (failed, pending
-    again after its backoff) or `dead` (permanent error, or attempts used up)."""
+    again after its backoff), `dead` (permanent error, or attempts used up) or `snoozed` (the handler
+    raised Snooze(delay): pending again after the delay, the attempt not counted; `error` is the
+    Snooze). `progress`: the job's ctx.progress reports, in order (each also written to the job's row)."""
 
     job_id: int
     flow: str
     attempt: int
     payload: Mapping[str, Any]
-    status: Literal["completed", "retry", "dead"]
+    status: Literal["completed", "retry", "dead", "snoozed"]
     result: Any = None
     error: BaseException | None = None
+    progress: tuple[tuple[float, str | None], ...] = ()
 
 
 def run_pending(flow: str | FlowConfig, *, dsn: str, config: Path | str | None = None, env: str | None = None,
@@ -151,22 +158,42 @@ def _run_claimed(flow: FlowRuntime, queue: Queue, worker_id: str, token: int, jo
     done: list[int] = []
     results: list[Any] = []
     failures: list[Failure] = []
-    ran: list[tuple[ClaimedJob, Any, BaseException | None]] = []
+    snoozed: list[tuple[int, float]] = []
+    ran: list[tuple[ClaimedJob, Any, BaseException | None, list[tuple[float, str | None]]]] = []
     for job in jobs:
+        reports: list[tuple[float, str | None]] = []
         ctx = _job_context(flow, job, worker_id, queue, dsn, sources) if flow.with_context else None
+        if ctx is not None:
+            ctx._token = token
+            ctx._report = _progress_writer(queue, worker_id, reports)
         ok, result, error = run_job(flow, job, ctx)
         if ok:
             done.append(job.id)
             results.append(result)
+        elif isinstance(error, Snooze):
+            snoozed.append((job.id, error.delay))
         else:
             assert error is not None
             failures.append(failure_of(flow, job, error))
-        ran.append((job, result, error))
+        ran.append((job, result, error, reports))
     ack = queue.ack(worker_id, token, done, results, failures, flow.config.max_attempts)
+    if snoozed:
+        with queue.connection() as conn:  # the worker's statement (engine/worker/control.py)
+            store.snooze_jobs(conn, worker_id, token, [i for i, _ in snoozed], [d for _, d in snoozed])
     dead = set(ack.dead_ids)
     return [JobOutcome(job.id, flow.name, job.attempts, job.payload,
-                       "completed" if error is None else "dead" if job.id in dead else "retry", result, error)
-            for job, result, error in ran]
+                       "completed" if error is None else "snoozed" if isinstance(error, Snooze)
+                       else "dead" if job.id in dead else "retry", result, error, tuple(reports))
+            for job, result, error, reports in ran]
+
+
+def _progress_writer(queue: Queue, worker_id: str, reports: list[tuple[float, str | None]]) -> Any:
+    """ctx.progress in run_pending: recorded, and written to the job's row at once (no throttle here)."""
+    def write(job_id: int, token: int, fraction: float, message: str | None) -> None:
+        reports.append((fraction, message))
+        with queue.connection() as conn:
+            store.jobs_progress_set(conn, worker_id, {job_id: (token, fraction, message)})
+    return write
 
 
 def _job_context(flow: FlowRuntime, job: ClaimedJob, worker_id: str, queue: Queue, dsn: str,

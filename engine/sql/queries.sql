@@ -743,6 +743,98 @@ SELECT (SELECT coalesce(array_agg(id ORDER BY id), '{}') FROM archived) AS cance
        (SELECT count(*) FROM run_progress) AS runs,
        (SELECT pg_notify('skiplock_cancel', '') WHERE EXISTS (SELECT 1 FROM requested));
 
+-- name: jobs_cancel_requested
+-- The worker's cancel check (on a skiplock_cancel wake-up and every ~1 s while it holds jobs): its
+-- running jobs with a cancel request, on jobs_cancel_requested_idx. Bounded; nearly always empty.
+SELECT id, claim_token FROM skiplock.jobs
+WHERE claimed_by = %(worker)s AND status = 'running' AND cancel_requested_at IS NOT NULL
+LIMIT %(limit)s;
+
+-- name: ack_cancelled
+-- A running job whose cancel was requested ends cancelled (rare path, apart from ack_batch): fenced
+-- by claim token like every ack, and only for jobs with a request. It leaves for jobs_done with an
+-- entry in its history; its run counts it as cancel_jobs does (out of `total`, into `cancelled`), so
+-- the last-man check is unchanged and the statement that ends a run stamps finished_at, once.
+WITH ts AS MATERIALIZED (
+    SELECT clock_timestamp() AS now
+), removed AS (
+    DELETE FROM skiplock.jobs j
+    WHERE j.id = ANY(%(ids)s::bigint[]) AND j.status = 'running' AND j.cancel_requested_at IS NOT NULL
+      AND j.claim_token = %(token)s AND j.claimed_by = %(worker)s
+    RETURNING j.id, j.flow, j.payload, j.priority, j.attempts, j.max_attempts, j.claimed_by, j.errors,
+              j.run_id, j.created_at, j.claimed_at
+), archived AS (
+    INSERT INTO skiplock.jobs_done (id, flow, payload, priority, attempts, max_attempts, claimed_by,
+                                    errors, result, run_id, created_at, claimed_at, finished_at, status)
+    SELECT r.id, r.flow, r.payload, r.priority, r.attempts, r.max_attempts, r.claimed_by,
+           skiplock.errors_append(r.errors, jsonb_build_object(
+               'attempt', r.attempts, 'at', ts.now, 'worker', r.claimed_by, 'type', 'JobCancelled',
+               'message', %(message)s::text, 'traceback', NULL, 'permanent', true, 'cancelled', true),
+               %(errors_kept)s),
+           NULL, r.run_id, r.created_at, r.claimed_at, ts.now, 'cancelled'
+    FROM removed r, ts
+    RETURNING id, run_id
+), run_progress AS (
+    UPDATE skiplock.runs r
+    SET total = r.total - d.n, cancelled = r.cancelled + d.n,
+        finished_at = CASE WHEN r.finished_at IS NULL AND r.completed + r.dead >= r.total - d.n
+                           THEN ts.now ELSE r.finished_at END
+    FROM (SELECT run_id, count(*) AS n FROM archived WHERE run_id IS NOT NULL GROUP BY run_id) AS d, ts
+    WHERE r.id = d.run_id
+    RETURNING r.id, r.finished_at = ts.now AS finished_now
+)
+SELECT (SELECT coalesce(array_agg(id ORDER BY id), '{}') FROM archived) AS cancelled,
+       (SELECT coalesce(array_agg(id ORDER BY id), '{}') FROM run_progress WHERE finished_now) AS finished_runs;
+
+-- name: snooze_jobs
+-- A handler raised Snooze(delay) (rare path, apart from ack_batch): back to pending at now + delay,
+-- fenced by claim token; the attempt is given back (a snooze is not a failure) and the history gets
+-- an entry marked snoozed. error_type/error_message (the last failure) stay as they were.
+WITH ts AS MATERIALIZED (
+    SELECT clock_timestamp() AS now
+), snoozed AS (
+    UPDATE skiplock.jobs j
+    SET status = 'pending', run_at = ts.now + make_interval(secs => s.delay),
+        attempts = greatest(j.attempts - 1, 0), claimed_by = NULL, claim_token = NULL, updated_at = ts.now,
+        errors = skiplock.errors_append(j.errors, jsonb_build_object(
+            'attempt', j.attempts, 'at', ts.now, 'worker', j.claimed_by, 'type', 'Snooze',
+            'message', 'snoozed for ' || s.delay::text || 's', 'traceback', NULL, 'permanent', false,
+            'snoozed', true, 'delay', s.delay), %(errors_kept)s)
+    FROM unnest(%(ids)s::bigint[], %(delays)s::float8[]) AS s(id, delay), ts
+    WHERE j.id = s.id AND j.status = 'running' AND j.claim_token = %(token)s AND j.claimed_by = %(worker)s
+    RETURNING j.id, s.delay
+)
+SELECT coalesce(array_agg(id ORDER BY id), '{}'),
+       (SELECT pg_notify('skiplock_enqueued', '') WHERE EXISTS (SELECT 1 FROM snoozed WHERE delay <= 0))
+FROM snoozed;
+
+-- name: jobs_progress_set
+-- The worker's coalesced progress reports, one statement for every job with news (~1/s at most),
+-- fenced by claim token: a report from an attempt that lost its job changes nothing.
+UPDATE skiplock.jobs j
+SET progress = p.fraction, progress_message = p.message, progress_at = now()
+FROM unnest(%(ids)s::bigint[], %(tokens)s::bigint[], %(fractions)s::float8[], %(messages)s::text[])
+     AS p(id, token, fraction, message)
+WHERE j.id = p.id AND j.status = 'running' AND j.claim_token = p.token AND j.claimed_by = %(worker)s;
+
+-- name: job_progress
+-- `jobs show` and the console's job detail: the progress of the job's current (or last) attempt.
+SELECT progress, progress_message, progress_at FROM skiplock.jobs
+WHERE id = %(id)s AND progress_at IS NOT NULL AND progress_at >= claimed_at;
+
+-- name: jobs_running_now
+-- The console's Running view: running jobs, longest running first, with their progress. Running
+-- jobs are bounded by workers x concurrency: a scan of jobs_running_idx and a top-N sort.
+SELECT j.id, j.flow, j.claimed_by, j.claimed_at, j.attempts,
+       skiplock.max_attempts_for(j.flow, j.max_attempts) AS max_attempts, j.run_id,
+       CASE WHEN j.progress_at >= j.claimed_at THEN j.progress END AS progress,
+       CASE WHEN j.progress_at >= j.claimed_at THEN j.progress_message END AS progress_message,
+       j.cancel_requested_at
+FROM skiplock.jobs j
+WHERE j.status = 'running'
+ORDER BY j.claimed_at, j.id
+LIMIT %(limit)s;
+
 -- name: job_states
 -- Where each of these jobs is now (the report of a cancel by id). jobs_done is found by its id BRIN.
 SELECT id, status::text AS status, cancel_requested_at IS NOT NULL AS cancel_requested

@@ -32,6 +32,8 @@ class _Group:
     results: list[str | None] = field(default_factory=list)
     failures: list[Failure] = field(default_factory=list)
     samples: list[FailureSample] = field(default_factory=list)
+    cancelled: list[int] = field(default_factory=list)  # rare paths, each its own fenced statement
+    snoozed: list[tuple[int, float]] = field(default_factory=list)
     wait_ms: float = 0.0
     run_ms: float = 0.0
 
@@ -88,6 +90,15 @@ class Completer:
             group.run_ms += run_ms
             flow.consecutive_failures += 1
 
+    def cancelled(self, flow: FlowRuntime, token: int, job_id: int, trial: bool = False) -> None:
+        """A job whose cancel was requested ended (or was no longer waited for): it ends cancelled."""
+        with self._cond:
+            self._group(flow, token, trial).cancelled.append(job_id)
+
+    def snoozed(self, flow: FlowRuntime, token: int, job_id: int, delay: float, trial: bool = False) -> None:
+        with self._cond:
+            self._group(flow, token, trial).snoozed.append((job_id, delay))
+
     def flush(self) -> None:
         """Write everything buffered now (shutdown, or before the worker reports itself idle)."""
         with self._cond:
@@ -134,6 +145,12 @@ class Completer:
     def _ack(self, token: int, group: _Group) -> None:
         w = self.worker
         flow = group.flow
+        if group.cancelled:
+            w.control.ack_cancelled(flow, token, group.cancelled)
+        if group.snoozed:
+            w.control.snooze(token, [i for i, _ in group.snoozed], [d for _, d in group.snoozed])
+        if not group.done_ids and not group.failures:
+            return
         results = group.results if any(r is not None for r in group.results) else None
         ack_id = new_ack_id()  # once, outside the retries: a retry after a lost reply reads the first outcome
         ack = w.with_db("ack", lambda conn: ack_batch(conn, w.id, token, group.done_ids, results, group.failures,

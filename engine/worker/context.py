@@ -32,12 +32,17 @@ def swallowed_error() -> RuntimeError:
 
 
 def make_context(worker: Any, flow: FlowRuntime, row: tuple[Any, ...], pg: Any, sources: Any = None,
-                 enqueue: Any = None) -> JobContext:
+                 enqueue: Any = None, token: int = 0) -> JobContext:
     adapter = ContextLogger(worker.base_log, {"engine": worker.spec.engine_id, "worker": worker.id,
                                               "flow": flow.name, "job": row[0], "run": row[4]})
-    return JobContext(row[0], flow.name, row[2], row[3], row[4], worker.id, adapter,
-                      enqueue or worker.queue.enqueue,
-                      sources if sources is not None else worker.flow_sources[flow.name], pg)
+    ctx = JobContext(row[0], flow.name, row[2], row[3], row[4], worker.id, adapter,
+                     enqueue or worker.queue.enqueue,
+                     sources if sources is not None else worker.flow_sources[flow.name], pg)
+    control = worker.control  # ctx.cancelled and ctx.progress go to the worker's job control
+    ctx._cancel_source = control.is_requested
+    ctx._report = control.report
+    ctx._token = token
+    return ctx
 
 
 class PerJobPg:

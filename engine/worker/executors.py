@@ -25,6 +25,7 @@ from typing import Any, Final
 import psycopg
 from psycopg import pq
 
+from engine.errors import JobCancelled, Snooze
 from engine.handlers import FlowRuntime, JobContext, JobTimeout
 from engine.store import Failure, ack_batch, new_ack_id, release_batch
 from engine.sources import SourceRegistry
@@ -33,6 +34,7 @@ from engine.worker.context import AsyncPg, BatchTransaction, PerJobPg, make_cont
 from engine.worker.outcome import BatchResultError, encode_result, failure, timeout_error
 
 HOLD_BOUND: Final = 2.0  # seconds a batch's unstarted jobs may wait behind the job that runs
+CANCEL_HARD_STOP: Final = 2.0  # after a forced cancel's SIGALRM, seconds before the inline hard stop
 ACTIVE: Final = pq.TransactionStatus.ACTIVE
 CHILD: Final = [False]  # set in a child forked by a handler: it must exit as soon as the handler returns
 
@@ -62,7 +64,7 @@ class InlineBatch:
     """The batch the main thread runs now: shared with the monitor thread and the SIGALRM handler."""
 
     __slots__ = ("flow", "rows", "token", "tx", "index", "end", "started", "hard_stop", "timed_out",
-                 "ctx", "done_ids", "results", "failures", "whole")
+                 "ctx", "done_ids", "results", "failures", "whole", "cancel_forced", "cancelled", "snoozed")
 
     def __init__(self, flow: FlowRuntime, rows: Any, token: int, tx: BatchTransaction | None,
                  whole: bool = False) -> None:
@@ -80,6 +82,9 @@ class InlineBatch:
         self.results: list[str | None] | None = None
         self.failures: list[Failure] = []
         self.whole = whole  # a batch handler: the batch is one call, nothing to release beside it
+        self.cancel_forced = 0  # the job id whose cancel_grace passed: SIGALRM raises JobCancelled in it
+        self.cancelled: list[int] = []  # ended cancelled (engine/worker/control.py): acked apart
+        self.snoozed: list[tuple[int, float]] = []  # raised Snooze(delay): put back apart
 
 
 class InlineExecutor:
@@ -90,6 +95,34 @@ class InlineExecutor:
         self.flow = flow
         self.producer = producer
         self.pg = PerJobPg(worker)
+
+    # job control (engine/worker/control.py)
+
+    def cancel(self, job_id: int, token: int) -> bool:
+        """Do we hold this job? (ctx.cancelled reads the worker's requests: nothing to set here.)"""
+        batch = self.worker.inline
+        return (batch is not None and batch.flow is self.flow and batch.token == token
+                and any(r[0] == job_id for r in batch.rows))
+
+    def force_cancel(self, job_id: int, token: int) -> None:
+        """cancel_grace passed: interrupt the handler as a timeout does (SIGALRM raises JobCancelled in
+        it); a handler that ignores that too meets the hard stop. A job not started yet ends cancelled
+        when the batch reaches it."""
+        w = self.worker
+        with w.inline_lock:
+            batch = w.inline
+            if batch is None or batch.flow is not self.flow or batch.token != token:
+                return
+            if batch.whole:
+                if not all(w.control.is_requested(r[0]) for r in batch.rows):
+                    return  # a batch call ends early only when all of its jobs are cancelled
+            elif batch.rows[batch.index][0] != job_id:
+                return
+            batch.cancel_forced = job_id
+            stop = time.monotonic() + CANCEL_HARD_STOP
+            if not batch.hard_stop or batch.hard_stop > stop:
+                batch.hard_stop = stop
+        signal.pthread_kill(threading.main_thread().ident or 0, signal.SIGALRM)
 
     def step(self) -> int:
         rows, token, trial = self.producer.claim(self.producer.inline_limit())
@@ -117,10 +150,10 @@ class InlineExecutor:
         back when it raises (in a transactional batch: its savepoint is released or rolled back)."""
         flow = self.flow
         if tx is None:
-            ctx = make_context(self.worker, flow, row, self.pg.provider)
+            ctx = make_context(self.worker, flow, row, self.pg.provider, token=batch.token)
             end = self.pg.end
         else:
-            ctx = make_context(self.worker, flow, row, tx.provider)
+            ctx = make_context(self.worker, flow, row, tx.provider, token=batch.token)
             ctx._enqueue = tx.enqueue(ctx)
             end = tx.end
         batch.ctx = ctx
@@ -133,7 +166,7 @@ class InlineExecutor:
             raise
         batch.ctx = None
         if ctx._pg is not None:
-            end(ctx._pg, not batch.timed_out)
+            end(ctx._pg, not batch.timed_out and not ctx.cancelled)  # a cancelled job's writes roll back
         return result
 
     def run(self, rows: Any, token: int, trial: bool) -> None:
@@ -153,6 +186,8 @@ class InlineExecutor:
         samples: list[FailureSample] = []
         stopped_at: int | None = None
         clock = time.monotonic
+        control = w.control
+        cancelled = batch.cancelled
         started = clock()
         w.inline = batch
         try:
@@ -165,6 +200,9 @@ class InlineExecutor:
                         break
                     batch.index = index
                     batch.started = clock()
+                if control.requests and row[0] in control.requests:
+                    cancelled.append(row[0])  # cancelled before it started: it never runs
+                    continue
                 try:
                     if timeout is not None:
                         self._arm(batch, timeout)
@@ -176,8 +214,13 @@ class InlineExecutor:
                     finally:
                         if timeout is not None:
                             self._disarm(batch)
+                        elif batch.hard_stop:
+                            batch.hard_stop = 0.0  # a forced cancel's hard stop, for this job only
                     if CHILD[0]:
                         w.exit_child()
+                    if control.requests and row[0] in control.requests:
+                        cancelled.append(row[0])  # returned after its cancel: it ends cancelled
+                        continue
                     if timeout is not None and batch.timed_out:
                         raise timeout_error(timeout)  # it caught its JobTimeout and went on: it fails all the same
                     if result is not None:
@@ -193,8 +236,14 @@ class InlineExecutor:
                 except BaseException as exc:  # every BaseException of a handler fails its job alone
                     if CHILD[0]:
                         w.exit_child()
+                    if control.requests and row[0] in control.requests:
+                        cancelled.append(row[0])
+                        continue
                     if timeout is not None and batch.timed_out and not isinstance(exc, JobTimeout):
                         exc = timeout_error(timeout)
+                    elif isinstance(exc, Snooze):
+                        batch.snoozed.append((row[0], exc.delay))
+                        continue
                     fail = failure(flow, row, exc)
                     failures.append(fail)
                     samples.append(FailureSample(row[0], row[2], row[3], fail.error_type, fail.message))
@@ -215,7 +264,8 @@ class InlineExecutor:
                 tx.close()
         if unstarted:
             w.with_db("release", lambda conn: release_batch(conn, w.id, token, unstarted))
-        ran = len(done_ids) + len(failures)
+        end_apart(w, flow, token, batch)
+        ran = len(done_ids) + len(failures) + len(batch.cancelled) + len(batch.snoozed)
         self.producer.observe(ran, run_s)
         w.after_ack(flow, ack, len(failures), sum(r[5] for r in rows[:ran]), run_s * 1000.0, samples,
                     had_success=bool(done_ids), trial=trial)
@@ -254,8 +304,9 @@ class BatchExecutor(InlineExecutor):
                     self._arm(batch, timeout)
                 try:
                     if flow.with_context:
-                        ctx = make_context(w, flow, rows[0], tx.provider if tx else self.pg.provider)
+                        ctx = make_context(w, flow, rows[0], tx.provider if tx else self.pg.provider, token=token)
                         ctx.job_id = None  # type: ignore[assignment]  # the batch's call: no single job
+                        _batch_control(ctx, w.control, rows)
                         if tx is not None:
                             ctx._enqueue = tx.enqueue(ctx)
                         batch.ctx = ctx
@@ -285,8 +336,15 @@ class BatchExecutor(InlineExecutor):
                 if CHILD[0]:
                     w.exit_child()
                 error = exc if not (timeout is not None and batch.timed_out) else timeout_error(timeout)
+            requests = w.control.requests
             for index, row in enumerate(rows):
                 item = error if error is not None else outcomes[index]
+                if requests and row[0] in requests:
+                    batch.cancelled.append(row[0])
+                    continue
+                if isinstance(item, Snooze):
+                    batch.snoozed.append((row[0], item.delay))
+                    continue
                 if isinstance(item, BaseException):
                     failures.append(failure(flow, row, item))
                     continue
@@ -310,6 +368,7 @@ class BatchExecutor(InlineExecutor):
             w.inline = None
             if tx is not None:
                 tx.close()
+        end_apart(w, flow, token, batch)
         flow.consecutive_failures = 0 if done_ids else flow.consecutive_failures + len(failures)
         samples = [FailureSample(f.job_id, 0, 0, f.error_type, f.message) for f in failures[:5]]
         w.after_ack(flow, ack, len(failures), sum(r[5] for r in rows), run_s * 1000.0, samples,
@@ -325,12 +384,35 @@ def on_alarm(worker: Any) -> Any:
         batch = worker.inline
         if batch is None:
             return
+        forced, batch.cancel_forced = batch.cancel_forced, 0
+        if forced:  # cancel_grace passed (InlineExecutor.force_cancel), not a timeout
+            if batch.whole or batch.rows[batch.index][0] == forced:
+                ctx = batch.ctx
+                if ctx is not None and _cancel_statement(ctx._pg):
+                    return
+                raise JobCancelled(forced)
+            return  # that job ended meanwhile
         batch.timed_out = True
         ctx = batch.ctx
         if ctx is not None and _cancel_statement(ctx._pg):
             return
         raise timeout_error(batch.flow.config.timeout)
     return handler
+
+
+def _batch_control(ctx: JobContext, control: Any, rows: Any) -> None:
+    """A batch handler's ctx: progress applies to every job of the batch; cancelled once all are."""
+    ids = [r[0] for r in rows]
+    ctx._cancel_source = lambda _: all(control.is_requested(i) for i in ids)
+    ctx._report = lambda _, token, fraction, message: [control.report(i, token, fraction, message) for i in ids]
+
+
+def end_apart(worker: Any, flow: FlowRuntime, token: int, batch: InlineBatch) -> None:
+    """The inline batch's cancelled and snoozed jobs, each kind one fenced statement (rare paths)."""
+    if batch.cancelled:
+        worker.control.ack_cancelled(flow, token, batch.cancelled)
+    if batch.snoozed:
+        worker.control.snooze(token, [i for i, _ in batch.snoozed], [d for _, d in batch.snoozed])
 
 
 def inline_check(worker: Any) -> Any:
@@ -373,7 +455,9 @@ def _hard_stop(worker: Any, batch: InlineBatch) -> None:
     if batch.tx is not None:  # the finished jobs' writes sit in the batch's open transaction: they run again
         rest += done + [f.job_id for f in failures]
         done, results, failures = [], None, []
-    failures += [failure(flow, row, timeout) for row in stuck]
+    requests = worker.control.requests
+    cancelled = [row[0] for row in stuck if requests and row[0] in requests]  # cancel_grace passed
+    failures += [failure(flow, row, timeout) for row in stuck if row[0] not in cancelled]
     worker.log.error("handler ignored its timeout; acking what finished and replacing this worker",
                      extra={"flow": flow.name, "job": stuck[0][0]})
     try:
@@ -382,6 +466,11 @@ def _hard_stop(worker: Any, batch: InlineBatch) -> None:
                                                            flow.config.max_attempts, ack_id=ack_id), quick=True)
         if rest:
             worker.with_db("release", lambda conn: release_batch(conn, worker.id, batch.token, rest), quick=True)
+        if batch.tx is None:
+            batch.cancelled += cancelled
+        else:  # the batch's earlier endings were rolled back with it: they run again (released above)
+            batch.cancelled, batch.snoozed = cancelled, []
+        end_apart(worker, flow, batch.token, batch)
         worker.telemetry.record_batch(flow.name, ack.completed, len(failures), ack.dead_ids, 0.0, 0.0, [])
         worker.telemetry_thread.final_tick()
     except Exception as exc:
@@ -470,6 +559,13 @@ class _ConcurrentBase:
         """Hand a finished job's outcome to the completer."""
         flow = self.flow
         completer = self.worker.completer
+        requests = self.worker.control.requests
+        if requests and row[0] in requests:  # whatever the handler did after the request
+            completer.cancelled(flow, token, row[0], trial)
+            return
+        if isinstance(exc, Snooze):
+            completer.snoozed(flow, token, row[0], exc.delay, trial)
+            return
         if exc is None:
             try:
                 text = encode_result(result) if result is not None else None
@@ -522,6 +618,11 @@ class ThreadExecutor(_ConcurrentBase):
                 if w.stopping:
                     self._give_back(row, token)
                     continue
+                requests = w.control.requests
+                if requests and row[0] in requests:  # cancelled while it waited for a thread
+                    w.completer.cancelled(self.flow, token, row[0], trial)
+                    self._finished()
+                    continue
                 self._run(slot, row, token, trial, sources)
                 if slot.state == ABANDONED:
                     return  # a new thread took this one's place
@@ -550,7 +651,7 @@ class ThreadExecutor(_ConcurrentBase):
             slot.ctx = slot.conn = None
         if flow.config.transactional:
             return self._run_in_transaction(slot, row, token, trial, sources, started)
-        ctx = make_context(w, flow, row, self.pg.provider, sources) if flow.with_context else None
+        ctx = make_context(w, flow, row, self.pg.provider, sources, token=token) if flow.with_context else None
         slot.ctx = ctx
         result: Any = None
         exc: BaseException | None = None
@@ -565,7 +666,7 @@ class ThreadExecutor(_ConcurrentBase):
             exc = timeout_error(timeout)
         if ctx is not None and ctx._pg is not None:
             try:
-                self.pg.end(ctx._pg, ok=mine and exc is None)
+                self.pg.end(ctx._pg, ok=mine and exc is None and not ctx.cancelled)
             except BaseException as error:
                 exc = exc or error
         if not mine:
@@ -587,7 +688,7 @@ class ThreadExecutor(_ConcurrentBase):
             tx = conn.transaction()
             tx.__enter__()
             try:
-                ctx = make_context(w, flow, row, lambda: conn, sources) if flow.with_context else None
+                ctx = make_context(w, flow, row, lambda: conn, sources, token=token) if flow.with_context else None
                 if ctx is not None:
                     ctx._enqueue = lambda flow_name, payload, **options: w.queue_on(conn).enqueue(
                         flow_name, payload, **options)
@@ -604,8 +705,8 @@ class ThreadExecutor(_ConcurrentBase):
                     exc = timeout_error(flow.config.timeout)
                 if mine and exc is None and conn.info.transaction_status == pq.TransactionStatus.INERROR:
                     exc = swallowed_error()
-                if not mine or exc is not None:
-                    raise psycopg.Rollback()
+                if not mine or exc is not None or w.control.is_requested(row[0]):
+                    raise psycopg.Rollback()  # failed, abandoned, snoozed or cancelled: no writes land
                 ack = ack_batch(conn, w.id, token, [row[0]], [text] if text is not None else None, [],
                                 flow.config.max_attempts)
                 if ack.refused:
@@ -631,8 +732,8 @@ class ThreadExecutor(_ConcurrentBase):
         run_s = time.monotonic() - started
         if ack is not None:
             w.after_ack(flow, ack, 0, row[5], run_s * 1000.0, [], had_success=True, trial=trial)
-        elif exc is not None:
-            self.worker.completer.failed(flow, token, row, failure(flow, row, exc), run_s * 1000.0, trial)
+        elif exc is not None or w.control.is_requested(row[0]):
+            self._complete(row, token, trial, None, exc, run_s)  # failed, snoozed or cancelled
         self._finished()
 
     def check(self, now: float) -> None:
@@ -643,28 +744,50 @@ class ThreadExecutor(_ConcurrentBase):
         for slot in list(self.slots):
             if not slot.deadline or now <= slot.deadline or slot.state != RUNNING:
                 continue
-            with slot.lock:
-                if slot.state != RUNNING:
-                    continue
-                slot.state = ABANDONED
-            # Inside a ctx.pg statement: cancel it on the server, so the thread comes back soon.
-            _cancel_statement(slot.conn if slot.conn is not None else (slot.ctx._pg if slot.ctx else None))
-            row = slot.row
+            if self._abandon(slot, now, cancelled=False):
+                return
+
+    def cancel(self, job_id: int, token: int) -> bool:
+        """Do we run this job? (ctx.cancelled reads the worker's requests: nothing to set here.)"""
+        return any(slot.state == RUNNING and slot.row is not None and slot.row[0] == job_id and slot.token == token
+                   for slot in list(self.slots))
+
+    def force_cancel(self, job_id: int, token: int) -> None:
+        """cancel_grace passed: abandon the job's thread as a timeout does; the job ends cancelled."""
+        for slot in list(self.slots):
+            if slot.state == RUNNING and slot.row is not None and slot.row[0] == job_id and slot.token == token:
+                self._abandon(slot, time.monotonic(), cancelled=True)
+                return
+
+    def _abandon(self, slot: _Slot, now: float, cancelled: bool) -> bool:
+        """Stop waiting for the slot's job (failed with JobTimeout, or cancelled) and replace its thread.
+        True when too many threads are stuck and the worker is stopping."""
+        with slot.lock:
+            if slot.state != RUNNING:
+                return False
+            slot.state = ABANDONED
+        # Inside a ctx.pg statement: cancel it on the server, so the thread comes back soon.
+        _cancel_statement(slot.conn if slot.conn is not None else (slot.ctx._pg if slot.ctx else None))
+        row = slot.row
+        if cancelled:
+            self.worker.completer.cancelled(self.flow, slot.token, row[0], slot.trial)
+        else:
             self.worker.completer.failed(self.flow, slot.token, row,
                                          failure(self.flow, row, timeout_error(self.flow.config.timeout)),
                                          (now - slot.started) * 1000.0, slot.trial)
-            with self._lock:
-                self.slots.remove(slot)
-                self.abandoned_alive += 1
-                too_many = self.abandoned_alive > self.max_abandoned
-            self._finished()
-            if too_many:
-                self.worker.log.error("too many handler threads stuck past their timeout; replacing this worker",
-                                      extra={"flow": self.flow.name, "stuck": self.abandoned_alive})
-                self.worker.request_stop(self.worker.exit_stuck_handler)
-                return
-            if not self.worker.stopping:
-                self._spawn()
+        with self._lock:
+            self.slots.remove(slot)
+            self.abandoned_alive += 1
+            too_many = self.abandoned_alive > self.max_abandoned
+        self._finished()
+        if too_many:
+            self.worker.log.error("too many handler threads stuck past their timeout; replacing this worker",
+                                  extra={"flow": self.flow.name, "stuck": self.abandoned_alive})
+            self.worker.request_stop(self.worker.exit_stuck_handler)
+            return True
+        if not self.worker.stopping:
+            self._spawn()
+        return False
 
     def stop(self, deadline: float) -> None:
         """Stop: take back what never started, let running jobs finish until `deadline`."""
@@ -695,7 +818,8 @@ class AsyncExecutor(_ConcurrentBase):
         self.thread = threading.Thread(target=self._run_loop, name=f"{flow.name}-loop", daemon=True)
         self.running = 0
         self._sem: asyncio.Semaphore | None = None
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self._tasks: dict[int, asyncio.Task[Any]] = {}  # by job id: a cancel request finds its task
+        self._abandoned: set[int] = set()  # cancelled jobs no longer waited for (loop thread only)
         self._apool: Any = None
         self._apool_lock: asyncio.Lock | None = None
 
@@ -712,10 +836,9 @@ class AsyncExecutor(_ConcurrentBase):
         self.loop.call_soon_threadsafe(self._start, rows, token, trial)
 
     def _start(self, rows: Any, token: int, trial: bool) -> None:
+        tasks = self._tasks
         for row in rows:
-            task = self.loop.create_task(self._job(row, token, trial))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            tasks[row[0]] = self.loop.create_task(self._job(row, token, trial))
 
     async def _pool(self) -> Any:
         if self._apool is None:
@@ -736,13 +859,24 @@ class AsyncExecutor(_ConcurrentBase):
         assert self._sem is not None
         w = self.worker
         flow = self.flow
-        async with self._sem:
+        try:
+            await self._sem.acquire()
+        except asyncio.CancelledError:
+            self._tasks.pop(row[0], None)
+            if not w.control.is_requested(row[0]):
+                raise
+            w.completer.cancelled(flow, token, row[0], trial)  # cancelled while it waited: it never runs
+            self._finished()
+            return
+        try:
             if w.stopping:
+                self._tasks.pop(row[0], None)
                 self._give_back(row, token)
                 return
             timeout = flow.config.timeout
             started = time.monotonic()
-            ctx = make_context(w, flow, row, lambda: AsyncPg(self._pool)) if flow.with_context else None
+            ctx = (make_context(w, flow, row, lambda: AsyncPg(self._pool), token=token) if flow.with_context
+                   else None)
             result: Any = None
             exc: BaseException | None = None
             try:
@@ -754,17 +888,54 @@ class AsyncExecutor(_ConcurrentBase):
             except BaseException as error:
                 if CHILD[0]:
                     w.exit_child()
+                if isinstance(error, asyncio.CancelledError):  # our cancel (control): the task goes on
+                    current = asyncio.current_task()
+                    if current is not None:
+                        current.uncancel()
                 timed_out = timeout and isinstance(error, TimeoutError) and time.monotonic() - started >= timeout
                 exc = timeout_error(timeout) if timed_out else error
             if CHILD[0]:
                 w.exit_child()
+            self._tasks.pop(row[0], None)
             if ctx is not None and ctx._pg is not None:
                 try:
-                    await ctx._pg.end(ok=exc is None)
+                    await ctx._pg.end(ok=exc is None and not ctx.cancelled)
                 except BaseException as error:
                     exc = exc or error
+            if self._abandoned and row[0] in self._abandoned:
+                self._abandoned.discard(row[0])  # ended cancelled at its cancel_grace already
+                return
             self._complete(row, token, trial, result, exc, time.monotonic() - started)
             self._finished()
+        finally:
+            self._sem.release()
+
+    # job control (engine/worker/control.py); called from the control thread
+
+    def cancel(self, job_id: int, token: int) -> bool:
+        """Cancel the job's task (CancelledError where it awaits). A job still waiting for a slot ends
+        cancelled without running; one that swallows the cancel is given cancel_grace."""
+        if job_id not in self._tasks:
+            return False
+        self.loop.call_soon_threadsafe(self._cancel_task, job_id)
+        return True
+
+    def _cancel_task(self, job_id: int) -> None:
+        task = self._tasks.get(job_id)
+        if task is not None and not task.done():
+            task.cancel()
+
+    def force_cancel(self, job_id: int, token: int) -> None:
+        self.loop.call_soon_threadsafe(self._abandon, job_id, token)
+
+    def _abandon(self, job_id: int, token: int) -> None:
+        """cancel_grace passed and the task still runs: end the job cancelled now and ignore the task's
+        end (its slot stays taken until it returns, as an abandoned thread's)."""
+        if self._tasks.pop(job_id, None) is None:
+            return  # it ended meanwhile
+        self._abandoned.add(job_id)
+        self.worker.completer.cancelled(self.flow, token, job_id, False)
+        self._finished()
 
     def stop(self, deadline: float) -> None:
         """Stop: jobs waiting for a slot are given back (released); running ones finish until deadline."""

@@ -34,9 +34,10 @@ from engine.store import AckResult
 from engine.runs import claim_finished_runs, fire_claimed
 from engine.sources import SourceRegistry
 from engine.store import RunSummary
-from engine.telemetry import ENQUEUED_CHANNEL, FailureSample, Telemetry, encode_event
+from engine.telemetry import CANCEL_CHANNEL, ENQUEUED_CHANNEL, FailureSample, Telemetry, encode_event
 from engine.worker.circuit import CircuitBreaker
 from engine.worker.completer import FLUSH_INTERVAL, Completer
+from engine.worker.control import Control
 from engine.worker.executors import CHILD, ThreadExecutor, inline_check, make_executor, on_alarm
 from engine.worker.heartbeat import Monitor, TelemetryThread
 from engine.worker.outcome import HandlerExit
@@ -135,6 +136,7 @@ class Worker:
         self.inline_lock = threading.Lock()
         self.circuit = CircuitBreaker(self)
         self.completer = Completer(self)
+        self.control = Control(self)  # cancel requests and progress reports (engine/worker/control.py)
         self.telemetry_thread = TelemetryThread(self)
         self.monitor = Monitor(self)
         self.executors: list[Any] = []
@@ -178,6 +180,7 @@ class Worker:
             self.completer.start()
         self.telemetry_thread.start()
         self.monitor.start()
+        self.control.start()
         self.log.info("worker started", extra={"flows": self.flow_names, "pid": os.getpid()})
         code = EXIT_OK
         try:
@@ -282,13 +285,17 @@ class Worker:
                     self.listen_conn.close()
                 self.listen_conn = db.connect(self.spec.dsn, application_name=self.spec.application_name)
                 self.listen_conn.execute(f"LISTEN {ENQUEUED_CHANNEL}")
+                self.listen_conn.execute(f"LISTEN {CANCEL_CHANNEL}")
 
     def _listen_loop(self) -> None:
         """Reads notifications as they come, busy or idle, and wakes the main loop."""
         while not self.closing:
             try:
                 assert self.listen_conn is not None
-                for _ in self.listen_conn.notifies(timeout=LISTEN_READ_TIMEOUT):
+                for note in self.listen_conn.notifies(timeout=LISTEN_READ_TIMEOUT):
+                    if note.channel == CANCEL_CHANNEL:
+                        self.control.wake()
+                        continue
                     self._notified = True
                     self.wake.set()
             except TRANSIENT_DB_ERRORS as exc:
@@ -303,6 +310,7 @@ class Worker:
                     return
                 self._notified = True  # enqueues while we were away were not heard: look
                 self.wake.set()
+                self.control.wake()  # and cancels: check now
 
     # -- the loop ------------------------------------------------------------------------------------
 
