@@ -14,7 +14,7 @@ handlers below, and the app posts the answer back to the screen that asked. Scre
 `LiveState`, the clock, the theme. The header is `console.status.header_text()`, a pure function.
 
 Screens are modes, each one key away: overview (1/o), failures (2/f), dead letters (3/d), jobs (4/b),
-schedules (6/s); the job
+running (5/w), schedules (6/s); the job
 detail is pushed on top (Enter, or j and an id). `/` filters, `?` lists every key, ctrl+p opens the
 command palette, z freezes the display, ctrl+r refreshes now. Every binding has an id, so a keymap
 file can rebind it. In read-only mode (`--read-only` or `[console] read_only = true`) the actions that
@@ -50,6 +50,7 @@ from console.messages import (ActionDone, ActionFinished, CancelJobs, ClearFailu
                               PurgeCancelled, PurgeJobs, PurgeMatching, RetryJobs, RetryMatching, SchedulesFailed,
                               SchedulesLoaded, SetFlowPaused, SetSchedulePaused, ShowDeadLetters, SnapshotFailed,
                               SnapshotLoaded, TriggerSchedule, UseFilter)
+from console.messages import CancelRunning, LoadRunning, RunningFailed, RunningLoaded
 from console.screens.base import BaseScreen, ConsoleScreen
 from console.screens.dead_letters import DeadLettersScreen
 from console.screens.failures import FailuresScreen
@@ -57,6 +58,7 @@ from console.screens.job import JobScreen
 from console.screens.jobs import JobsScreen
 from console.screens.modals import HelpScreen, PromptScreen
 from console.screens.overview import OverviewScreen
+from console.screens.running import RunningScreen
 from console.screens.schedules import SchedulesScreen
 from console.state import WINDOWS, FailureRow, LiveState
 from console.status import Attachment, Colours, header_text, health
@@ -67,7 +69,7 @@ from engine.redact import describe_error, redact_dsn
 # Actions that write to the database: hidden (check_action -> False) in read-only mode.
 WRITE_ACTIONS: Final = frozenset({"toggle_pause", "retry_one", "retry_selected", "retry_all", "purge_selected",
                                   "purge_older", "retry", "purge", "cancel_one", "cancel_matching", "retry_dead_matching",
-                                  "purge_matching", "toggle_schedule", "trigger_schedule"})
+                                  "purge_matching", "toggle_schedule", "trigger_schedule", "cancel_running"})
 FLUSH_INTERVAL_S: Final = 0.5
 SOON_S: Final = 0.25  # an event that makes counts stale brings the next snapshot this close
 KEY_NAMES: Final = {"slash": "/", "question_mark": "?", "space": "space", "escape": "esc", "enter": "enter",
@@ -80,13 +82,14 @@ class ConsoleApp(App[None]):
     CSS_PATH = "console.tcss"
     TITLE = "skiplock console"
     MODES = {"overview": OverviewScreen, "failures": FailuresScreen, "dead": DeadLettersScreen, "jobs": JobsScreen,
-             "schedules": SchedulesScreen}
+             "schedules": SchedulesScreen, "running": RunningScreen}
     DEFAULT_MODE = "overview"
     BINDINGS = [
         Binding("1,o", "show('overview')", "Overview", id="skiplock.overview"),
         Binding("2,f", "show('failures')", "Failures", id="skiplock.failures"),
         Binding("3,d", "show('dead')", "Dead letters", id="skiplock.dead_letters"),
         Binding("4,b", "show('jobs')", "Jobs", id="skiplock.jobs"),
+        Binding("5,w", "show('running')", "Running", id="skiplock.running"),
         Binding("6,s", "show('schedules')", "Schedules", id="skiplock.schedules"),
         Binding("j", "open_job", "Job…", show=False, id="skiplock.job"),
         Binding("question_mark", "help", "Help", id="skiplock.help"),
@@ -380,6 +383,7 @@ class ConsoleApp(App[None]):
             ("Overview", rows(OverviewScreen.BINDINGS)),
             ("Failures", rows(FailuresScreen.BINDINGS)),
             ("Dead letters", rows(DeadLettersScreen.BINDINGS)),
+            ("Running", rows(RunningScreen.BINDINGS)),
             ("Schedules", rows(SchedulesScreen.BINDINGS)),
             ("Job", rows(JobScreen.BINDINGS)),
             ("Filter qualifiers", [("flow:NAME", "one flow"), ("error:TYPE", "one error type"),
@@ -393,6 +397,7 @@ class ConsoleApp(App[None]):
         yield SystemCommand("Overview", "Throughput, flows, workers, runs (1)", lambda: self.action_show("overview"))
         yield SystemCommand("Failures", "Live feed of failed attempts (2)", lambda: self.action_show("failures"))
         yield SystemCommand("Dead letters", "Inspect, retry, purge (3)", lambda: self.action_show("dead"))
+        yield SystemCommand("Running", "Jobs running now, progress, cancel (5)", lambda: self.action_show("running"))
         yield SystemCommand("Schedules", "Next fire, last job, pause, trigger (6)", lambda: self.action_show("schedules"))
         yield SystemCommand("Open job", "Job detail by id (j)", self.action_open_job)
         yield SystemCommand("Refresh now", "Read the tables again (ctrl+r)", self.action_refresh)
@@ -534,6 +539,27 @@ class ConsoleApp(App[None]):
         ids = list(message.ids)
         self._perform(message, "cancelled", lambda: self.data.cancel(ids).cancelled, len(ids), unit="job(s)")
 
+    @on(LoadRunning)
+    def _on_load_running(self, message: LoadRunning) -> None:
+        self._read_running(message)
+
+    @work(thread=True, exclusive=True, group="running", exit_on_error=False)
+    def _read_running(self, intent: LoadRunning) -> None:
+        try:
+            answer: RunningLoaded | RunningFailed = RunningLoaded(self.data.running())
+        except (psycopg.Error, OSError) as exc:
+            answer = RunningFailed(describe_error(exc))
+        if not get_current_worker().is_cancelled:
+            _answer(intent, answer)
+
+    @on(CancelRunning)
+    def _on_cancel_running(self, message: CancelRunning) -> None:
+        if self.read_only:
+            return
+        ids = list(message.ids)
+        self._perform(message, "cancel requested for", lambda: self.data.cancel_running(ids).requested, len(ids),
+                      unit="running job(s)")
+
     @on(PurgeCancelled)
     def _on_purge_cancelled(self, message: PurgeCancelled) -> None:
         ids = list(message.ids)
@@ -607,7 +633,7 @@ def all_bindings() -> list[tuple[str, str, str]]:
     """(id, keys, description) of every binding, for --list-bindings."""
     found = []
     for owner in (ConsoleApp, ConsoleScreen, OverviewScreen, FailuresScreen, DeadLettersScreen, SchedulesScreen,
-                  JobScreen):
+                  RunningScreen, JobScreen):
         for binding in owner.BINDINGS:
             if isinstance(binding, Binding) and binding.id:
                 found.append((binding.id, binding.key, binding.description))

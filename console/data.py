@@ -26,7 +26,8 @@ import orjson
 import psycopg
 
 from engine import db, store
-from engine.queue import CancelReport, DeadLetter, DeadLetterFilter, Job, JobFilter, JobSummary, Queue, Schedule
+from engine.queue import (CancelReport, DeadLetter, DeadLetterFilter, Job, JobFilter, JobSummary, Queue, RunningJob,
+                          Schedule)
 
 APPLICATION_NAME: Final = "skiplock-console"
 COUNT_CAP: Final = 5_000  # exact counts up to this many rows per flow and state, then an estimate
@@ -173,6 +174,15 @@ class JobsPage:
 
     jobs: list[JobSummary]
     where: JobFilter
+    now: float
+    limit: int
+
+
+@dataclass(frozen=True)
+class RunningPage:
+    """The Running view: Queue.running(), at most `limit` rows, and the reference time of their ages."""
+
+    jobs: list[RunningJob]
     now: float
     limit: int
 
@@ -352,7 +362,18 @@ class DataSource:
 
         return self._reading(read)
 
+    def running(self, limit: int = JOBS_LIMIT) -> RunningPage:
+        def read(conn: psycopg.Connection[Any]) -> RunningPage:
+            now, _ = store.console_now(conn, self._reference())
+            return RunningPage(Queue(conn=conn, check_schema=False).running(limit), now.timestamp(), limit)
+
+        return self._reading(read)
+
     # -- operator actions: every one returns the ids it changed -------------------------------------
+
+    def cancel_running(self, ids: list[int]) -> CancelReport:
+        """Ask the workers running these jobs to stop them (they end cancelled within cancel_grace)."""
+        return self._writing(lambda queue: queue.cancel(ids, status="running"))
 
     def cancel(self, ids: list[int]) -> CancelReport:
         return self._writing(lambda queue: queue.cancel(ids, status=("pending", "scheduled")))

@@ -18,7 +18,7 @@ from typing import Any
 from textual.message import Message
 from textual.message_pump import MessagePump
 
-from console.data import DeadLetterPage, JobsPage, SchedulePage, Snapshot
+from console.data import DeadLetterPage, JobsPage, RunningPage, SchedulePage, Snapshot
 from console.filters import Filter
 from engine.queue import DeadLetterFilter, Job, JobFilter
 
@@ -141,6 +141,18 @@ class CancelJobs(Intent):
 
 
 @dataclass
+class LoadRunning(Intent):
+    """Read the jobs running now; answered with RunningLoaded or RunningFailed."""
+
+
+@dataclass
+class CancelRunning(Intent):
+    """Ask the workers running these jobs to cancel them (the SQL leaves jobs no longer running alone)."""
+
+    ids: list[int]
+
+
+@dataclass
 class PurgeCancelled(Intent):
     """Delete these cancelled jobs (the SQL leaves any other alone)."""
 
@@ -216,6 +228,16 @@ class JobsLoaded(Result):
 @dataclass
 class JobsFailed(Result):
     where: JobFilter
+    error: str
+
+
+@dataclass
+class RunningLoaded(Result):
+    page: RunningPage
+
+
+@dataclass
+class RunningFailed(Result):
     error: str
 
 

@@ -1,11 +1,12 @@
 """Regenerate the README's console screenshots under live demo load.
 
-    python -m console.screenshots            # writes docs/img/console-{overview,failures,dead-letters,jobs,schedules}.svg
+    python -m console.screenshots            # writes docs/img/console-{overview,failures,dead-letters,jobs,running,schedules}.svg
     python -m console.screenshots --seconds 90 --out docs/img
 
 Starts a throwaway embedded PostgreSQL (or uses --dsn), migrates, runs two real `engine run`s with the
 built-in `noop`, `flaky` and `sleep` flows, feeds it the `engine dev` demo load (retries and dead letters
-included) for `--seconds`, then drives the console headless with Textual's `run_test` and saves an SVG
+included) for `--seconds`, with a third engine running a few long jobs that report progress
+(engine/examples/long_job.py), then drives the console headless with Textual's `run_test` and saves an SVG
 of each screen with `App.save_screenshot`.
 """
 
@@ -25,6 +26,7 @@ from pathlib import Path
 from console.app import ConsoleApp
 from console.screens.dead_letters import DeadLettersScreen
 from console.screens.jobs import JobsScreen
+from console.screens.running import RunningScreen
 from console.screens.schedules import SchedulesScreen
 from engine import db
 from engine.embedded import EmbeddedPostgres, make_temp_dir
@@ -83,12 +85,42 @@ async def shoot(dsn: str, out: Path, seconds: float) -> list[Path]:
             await pilot.pause(0.1)
         await pilot.pause(0.5)
         saved.append(Path(app.save_screenshot("console-jobs.svg", str(out))))
+        await pilot.press("5")
+        while not (isinstance(app.screen, RunningScreen) and app.screen.page is not None):
+            await pilot.pause(0.1)
+        await pilot.press("slash")
+        app.screen.query_one("#filter").value = "flow:long_job"  # the long ones, not the blur of no-ops
+        await pilot.press("enter")
+        await pilot.pause(1.5)
+        saved.append(Path(app.save_screenshot("console-running.svg", str(out))))
         await pilot.press("6")
         while not (isinstance(app.screen, SchedulesScreen) and app.screen.page is not None):
             await pilot.pause(0.1)
         await pilot.pause(0.5)
         saved.append(Path(app.save_screenshot("console-schedules.svg", str(out))))
     return saved
+
+
+# The demo flows are served only by a config that names them (or `engine dev`).
+FLOWS = """
+[flows.noop]
+[flows.flaky]
+[flows.sleep]
+
+[flows.long_job]
+handler = "engine.examples.long_job:long_job"
+concurrency_per_worker = 8
+"""
+
+
+def add_long_jobs(dsn: str) -> None:
+    """Long jobs started at different times, each reporting progress at its own pace."""
+    with Queue(dsn) as queue:
+        for i, (steps, pause, what, delay) in enumerate([(600, 1.0, "page", 0), (2400, 0.25, "row batch", 5),
+                                                         (900, 1.0, "chunk", 20), (1200, 0.5, "file", 35),
+                                                         (300, 2.0, "report", 50)]):
+            queue.enqueue("long_job", {"steps": steps, "pause": pause, "what": what, "i": i}, delay=delay,
+                          run_id="nightly-export", allow_unknown_flow=True)
 
 
 def add_schedules(dsn: str) -> None:
@@ -122,14 +154,18 @@ def main(argv: list[str] | None = None) -> int:
         with db.connect(dsn) as conn:
             migrate(conn)
         add_schedules(dsn)
+        add_long_jobs(dsn)
         feeder = threading.Thread(target=feed, args=(dsn, stop), daemon=True)
         feeder.start()
         log = open((base or Path("/tmp")) / "screenshots-engine.log", "wb")
         env = {**os.environ, "SKIPLOCK_DSN": dsn}
-        # Two engines, as a fleet would have: the slow run on its own, so it does not hold up the others.
-        engines = [subprocess.Popen([sys.executable, "-m", "engine.cli", "run", "--workers", str(workers),
-                                     "--flows", flows], stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
-                   for workers, flows in ((2, "noop,flaky"), (1, "sleep"))]
+        config = (base or Path("/tmp")) / "screenshots-flows.toml"
+        config.write_text(FLOWS)
+        # Three engines, as a fleet would have: the slow run and the long jobs on their own.
+        engines = [subprocess.Popen([sys.executable, "-m", "engine.cli", "run", "--config", str(config), "--workers",
+                                     str(workers), "--flows", flows], stdout=log, stderr=subprocess.STDOUT, env=env,
+                                    cwd=REPO)
+                   for workers, flows in ((2, "noop,flaky"), (1, "sleep"), (1, "long_job"))]
         print(f"demo load for {args.seconds:.0f} s, the console attached ...", flush=True)
         for path in asyncio.run(shoot(dsn, args.out, args.seconds)):
             print(f"wrote {path}")

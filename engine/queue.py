@@ -51,6 +51,7 @@ from engine.store import (  # noqa: F401  (re-exported: engine/worker.py imports
     JobStatus,
     JobSummary,
     RescueResult,
+    RunningJob,
     Schedule,
     ack_batch,
     claim_batch,
@@ -713,6 +714,14 @@ class Queue:
     def _outcome(self, job_id: int) -> JobOutcome | None:
         with self.connection() as conn:
             return store.job_outcome(conn, job_id)
+
+    def running(self, limit: int = 500) -> list[RunningJob]:
+        """Jobs running now, longest running first: worker, claim time, attempt, the progress their
+        handlers reported (ctx.progress) and whether a cancel was requested. One bounded statement."""
+        if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_LIST_LIMIT:
+            raise ValidationError(f"limit {limit!r} must be an integer from 1 to {MAX_LIST_LIMIT}")
+        with self.connection() as conn:
+            return store.jobs_running_now(conn, limit)
 
     def list_jobs(self, where: JobFilter = JobFilter(), limit: int = 100) -> list[JobSummary]:
         """Jobs in any state, at most `limit`: each status is one bounded, index-backed statement

@@ -101,7 +101,8 @@ def test_cancel_of_running_job_records_the_request_only(queue: Queue, dsn: str) 
     # --status pending leaves running jobs alone
     queue.enqueue("f", {})
     assert queue.cancel(flow="f", status="pending").requested == []
-    # the worker part is later: today its ack still completes it
+    # A custom claim loop that never looks at the request still completes it with its ack (engine
+    # workers act on it: tests/test_job_control.py).
     assert queue.ack("w", token, [job_id]).completed == 1
 
 
@@ -378,6 +379,29 @@ def test_wait_cancel_and_health_plans_stay_on_indexes(big: psycopg.Connection) -
         seq = [n for n in _nodes(plan) if n["Node Type"] == "Seq Scan" and n.get("Relation Name") in
                ("jobs", "jobs_done")]
         assert seq == [], json.dumps(plan)
+
+
+def test_worker_job_control_plans_stay_on_indexes(big: psycopg.Connection) -> None:
+    """The worker's ~1 s cancel check rides its partial index (nearly empty), and the fenced endings
+    and progress writes probe the primary key, whatever the size of the hot table."""
+    big.execute("UPDATE skiplock.jobs SET claimed_by = 'w-' || (id % 50), claim_token = 7 WHERE status = 'running'")
+    job_id = big.execute("SELECT min(id) FROM skiplock.jobs WHERE status = 'running'").fetchone()[0]
+    big.execute("UPDATE skiplock.jobs SET cancel_requested_at = now() WHERE id = %s", (job_id,))
+    big.execute("ANALYZE skiplock.jobs")
+    common = {"worker": "w-1", "token": 7, "ids": [job_id], "errors_kept": 10}
+    for sql, params, index in (
+        (Q.jobs_cancel_requested, {"worker": "w-1", "limit": 1000}, {"jobs_cancel_requested_idx"}),
+        (Q.ack_cancelled, {**common, "message": "cancelled while running"}, {"jobs_pkey", "jobs_cancel_requested_idx"}),
+        (Q.snooze_jobs, {**common, "delays": [1.0]}, {"jobs_pkey"}),
+        (Q.jobs_progress_set, {"worker": "w-1", "ids": [job_id], "tokens": [7], "fractions": [0.5],
+                               "messages": [None]}, {"jobs_pkey"}),
+        (Q.job_progress, {"id": job_id}, {"jobs_pkey"}),
+    ):
+        plan = _plan(big, sql, params)
+        nodes = _nodes(plan)
+        seq = [n for n in nodes if n["Node Type"] == "Seq Scan" and n.get("Relation Name") in ("jobs", "jobs_done")]
+        assert seq == [], json.dumps(plan)
+        assert index & {n.get("Index Name") for n in nodes}, json.dumps(plan)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -40,6 +40,16 @@ def timeline(job: Job, now: float) -> list[tuple[float, str, str, str]]:
         when = _when(at)
         worker = entry.get("worker") or "?"
         attempt = int(entry.get("attempt") or 0)
+        if entry.get("snoozed"):  # Snooze(delay): the attempt was given back, the next one has its number
+            entries.append((when, "snoozed", f"attempt {attempt} on {worker}: back in {entry.get('delay')}s, "
+                            "no attempt counted", ""))
+            previous, last_at = attempt - 1, when
+            continue
+        if entry.get("cancelled"):
+            entries.append((when, "cancelled", f"attempt {attempt} on {worker}: stopped at an operator's request",
+                            ""))
+            previous, last_at = attempt, when
+            continue
         if previous and attempt <= previous:
             entries.append((last_at, OPERATOR_RETRY, _retried_detail(when_known=False), ""))
         previous, last_at = attempt, when
@@ -159,6 +169,13 @@ class JobScreen(BaseScreen):
             head.append(f"  ·  run {job.run_id}")
         if job.error_type:
             head.append(f"  ·  last error {job.error_type}: {fmt.clip(job.error_message, 60)}")
+        if job.status == "running" and job.cancel_requested_at is not None:
+            head.append("  ·  cancel requested", style=f"bold {theme.warning}")
+        if job.progress is not None:
+            head.append("  ·  progress ")
+            head.append(fmt.bar(round(job.progress * 1000), 1000, width=10))
+            if job.progress_message:
+                head.append(f"  {job.progress_message}")
         title.update(head)
         tz = self.console.tz
         lines = Text()

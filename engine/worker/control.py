@@ -84,9 +84,13 @@ class Control:
                     self._check()
                 wait = self._enforce()
             except w.transient_errors as exc:
+                if w.closing:
+                    return  # the pool closed under us on the way out
                 w.log.warning("cancel check / progress write failed (tried again in %.0fs): %s", CHECK_INTERVAL, exc)
                 wait = CHECK_INTERVAL
             except Exception as exc:  # never let job control take the worker down
+                if w.closing:
+                    return
                 w.log.error("job control pass failed: %s", exc)
                 wait = CHECK_INTERVAL
 
