@@ -27,6 +27,10 @@ encode_event trimmed a list to fit.
 
 Channel `skiplock_enqueued` carries an empty payload once per enqueue statement (a trigger) and
 after operator retries and resumes; workers LISTEN on it to wake up.
+
+Channel `skiplock_cancel` carries an empty payload once per cancel statement that asked running jobs
+to stop (cancel_jobs); workers LISTEN on it and re-read their jobs' requests from the table (they
+also do every second while they hold jobs, so a missed notification only delays a cancel).
 """
 
 from __future__ import annotations
@@ -41,7 +45,7 @@ import orjson
 
 EVENTS_CHANNEL: Final = "skiplock_events"
 ENQUEUED_CHANNEL: Final = "skiplock_enqueued"
-CANCEL_CHANNEL: Final = "skiplock_cancel"  # cancel_jobs: a running job's cancel was requested
+CANCEL_CHANNEL: Final = "skiplock_cancel"
 EVENT_VERSION: Final = 1
 MAX_EVENT_BYTES: Final = 7900
 FAILURE_SAMPLE: Final = 5

@@ -18,6 +18,7 @@ from textual.widgets import DataTable, Static
 
 from console.app import ConsoleApp
 from console.screens.job import JobScreen
+from console.screens.jobs import JobsScreen
 from console.screens.modals import ConfirmScreen
 from console.screens.running import RunningScreen
 from support.console_seed import FIXED_NOW, make_app, seed, wait_until
@@ -119,6 +120,24 @@ def test_cancel_a_running_job_from_the_running_view(seeded):
         app.last_action = None
         await pilot.press("c")
         assert app.screen is screen and app.last_action is None
+        # the Jobs view cancels a running job the same way
+        await pilot.press("4")
+        jobs = app.screen
+        assert isinstance(jobs, JobsScreen)
+        await wait_until(pilot, lambda: jobs.page is not None)
+        before = jobs.page
+        await pilot.press("slash")
+        jobs.query_one("#filter").value = "status:running payload.n:7"
+        await pilot.press("enter")
+        await wait_until(pilot, lambda: jobs.page is not before and jobs.page is not None
+                         and jobs.page.where == jobs.where() and len(jobs.page.jobs) == 1)
+        await pilot.press("c")
+        assert isinstance(app.screen, ConfirmScreen)
+        app.last_action = None
+        await pilot.press("y")
+        await wait_until(pilot, lambda: app.last_action is not None)
+        assert app.last_action == "cancel requested for 1 running job(s)"
+        assert scalar(seeded, "SELECT cancel_requested_at IS NOT NULL FROM skiplock.jobs WHERE id = 140007")
 
     run(app, scenario)
 

@@ -18,8 +18,8 @@ from textual.binding import Binding
 from textual.widgets import DataTable, Static
 
 from console import format as fmt
-from console.messages import (ActionDone, CancelJobs, JobsFailed, JobsLoaded, LoadJobs, OpenJob, PurgeCancelled,
-                              PurgeJobs, RetryJobs)
+from console.messages import (ActionDone, CancelJobs, CancelRunning, JobsFailed, JobsLoaded, LoadJobs, OpenJob,
+                              PurgeCancelled, PurgeJobs, RetryJobs)
 from console.data import JobsPage
 from console.screens.base import ConsoleScreen
 from console.screens.modals import ConfirmScreen
@@ -196,8 +196,13 @@ class JobsScreen(ConsoleScreen):
 
     def action_cancel_one(self) -> None:
         job = self.current()
+        if job is not None and job.status == "running" and job.cancel_requested_at is None:
+            self._confirm("Cancel running job", f"Cancel job {job.id} ({job.flow}), running on {job.claimed_by}?\n"
+                          "Its worker stops it (cancel_grace) and it ends cancelled, never retried.", "Cancel job",
+                          lambda: self.ask(CancelRunning([job.id])))
+            return
         if job is None or job.status not in WAITING:
-            self.notify("only a pending or scheduled job can be cancelled here", severity="warning")
+            self.notify("only a pending, scheduled or running job can be cancelled", severity="warning")
             return
         self._confirm("Cancel job", f"Cancel job {job.id} ({job.flow}, {job.status})?\nIt will never run.",
                       "Cancel job", lambda: self.ask(CancelJobs([job.id])))
