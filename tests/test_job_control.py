@@ -41,6 +41,7 @@ def started(path: Path, n: int) -> tuple[int, float] | None:
 # mode: (handler, extra flow keys, quick handler, how the cancel is asked)
 CASES = {
     "asyncio": ("async_wait", (), "async_quick", "cancel"),
+    "asyncio-uncooperative": ("async_swallow", (), "async_quick", "cancel"),
     "inline-cooperative": ("cooperative", (), "quick", "cancel"),
     "inline-uncooperative": ("stubborn", (), "quick", "cancel"),
     "threads-uncooperative": ("stubborn", ("concurrency_per_worker = 2",), "quick", "cancel"),
@@ -61,7 +62,7 @@ def test_cancel_of_a_running_job_ends_it_cancelled_and_the_worker_keeps_serving(
         queue.enqueue("fast", {"n": 2}, run_id="r1")
         wait_for(lambda: started(timed, 1), 20, message=f"the slow job to start\n{tail(eng)}")
         wait_for(lambda: status_of(dsn, job_id) == "running", 5, message="the slow job running")
-        if handler != "stubborn":  # progress reported by the handler reaches `engine jobs show`
+        if handler not in ("stubborn", "async_swallow"):  # the handler's progress reaches `jobs show`
             wait_for(lambda: queue.job(job_id).progress is not None, 5, message="progress written")
             job = queue.job(job_id)
             assert (job.progress, job.progress_message) == ((0.25, "step 1 of 4") if handler == "cooperative"
@@ -93,8 +94,8 @@ def test_cancel_of_a_running_job_ends_it_cancelled_and_the_worker_keeps_serving(
         assert rows(dsn, "SELECT total, completed, dead, cancelled, finished_at IS NOT NULL FROM skiplock.runs "
                          "WHERE id = 'r1'") == [(1, 1, 0, 1, True)]
         events = {e for m, _, e, _ in read_events(str(timed)) if m == 1}
-        if case == "asyncio":
-            assert "task-cancelled" in events
+        if handler.startswith("async"):
+            assert "task-cancelled" in events and "end" not in events
         if handler == "cooperative":
             assert "saw-cancel" in events and "end" not in events
         # Cancelling it again: nothing changes, and the report says why.
@@ -106,27 +107,28 @@ def test_cancel_of_a_running_job_ends_it_cancelled_and_the_worker_keeps_serving(
 
 
 def test_snooze_does_not_burn_an_attempt_in_any_executor(dsn: str, start_engine, tmp_path: Path) -> None:
-    """Three snoozes with max_attempts = 1, then success: inline, threads and asyncio flows."""
+    """Three snoozes with max_attempts = 1, then success: inline, threads, asyncio and batch flows."""
     timed = tmp_path / "timed.txt"
     config = (BASE + flow("s_inline", "snooze_thrice", "max_attempts = 1")
               + flow("s_threads", "snooze_thrice", "max_attempts = 1", "concurrency_per_worker = 2")
-              + flow("s_async", "async_snooze_thrice", "max_attempts = 1"))
-    names = ("s_inline", "s_threads", "s_async")
+              + flow("s_async", "async_snooze_thrice", "max_attempts = 1")
+              + flow("s_batch", "batch_snooze_thrice", "max_attempts = 1", "batch = true"))
+    names = ("s_inline", "s_threads", "s_async", "s_batch")
     register_flows(dsn, *names)
     with Queue(dsn) as queue:
         ids = {name: queue.enqueue(name, {"n": i}) for i, name in enumerate(names)}
     eng = start_engine(dsn, config, "--workers", "1", env={"SKIPLOCK_TEST_TIMED": str(timed)})
-    wait_for(lambda: scalar(dsn, "SELECT count(*) FROM skiplock.jobs_done") == 3, 20,
-             message=f"three snoozed jobs to complete\n{tail(eng)}")
+    wait_for(lambda: scalar(dsn, "SELECT count(*) FROM skiplock.jobs_done") == 4, 20,
+             message=f"four snoozed jobs to complete\n{tail(eng)}")
     for name, job_id in ids.items():
         [(status, attempts, result, history)] = rows(
             dsn, "SELECT status, attempts, result, errors FROM skiplock.jobs_done WHERE id = %s", (job_id,))
         assert (status, attempts, result) == ("completed", 1, {"snoozes": 3, "attempt": 1}), name
         assert [e["snoozed"] for e in history] == [True, True, True] and [e["attempt"] for e in history] == [1, 1, 1]
     runs = [(n, e) for n, _, e, _ in read_events(str(timed))]
-    assert sorted(runs) == sorted((i, f"run-{k}") for i in range(3) for k in range(4))
+    assert sorted(runs) == sorted((i, f"run-{k}") for i in range(4) for k in range(4))
     # No failure counted in the per-minute stats (the telemetry ticks every 0.25 s here).
-    wait_for(lambda: scalar(dsn, "SELECT coalesce(sum(completed), 0) FROM skiplock.stats_minute") == 3, 5,
+    wait_for(lambda: scalar(dsn, "SELECT coalesce(sum(completed), 0) FROM skiplock.stats_minute") == 4, 5,
              message="stats of the completions")
     assert scalar(dsn, "SELECT coalesce(sum(failed) + sum(dead), 0) FROM skiplock.stats_minute") == 0
     eng.stop()

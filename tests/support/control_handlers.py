@@ -94,3 +94,29 @@ async def async_snooze_thrice(payload: dict[str, Any], ctx: Any) -> dict[str, in
     if done < 3:
         raise Snooze(0.1)
     return {"snoozes": done, "attempt": ctx.attempt}
+
+
+async def async_swallow(payload: dict[str, Any]) -> str:
+    """Swallows its task's cancel and keeps waiting: the worker must stop waiting at cancel_grace."""
+    _line(payload, "start")
+    deadline = time.monotonic() + payload.get("sleep", 30)
+    while time.monotonic() < deadline:
+        try:
+            await asyncio.sleep(0.05)
+        except asyncio.CancelledError:
+            _line(payload, "task-cancelled")
+    _line(payload, "end")
+    return "ignored the cancel"
+
+
+def batch_snooze_thrice(payloads: list[dict[str, Any]], ctx: Any) -> list[Any]:
+    """A batch handler: each job snoozes until it has three snoozes, then succeeds."""
+    out: list[Any] = []
+    for payload in payloads:
+        row = ctx.pg.execute("SELECT count(*) FROM skiplock.jobs j, jsonb_array_elements(j.errors) e "
+                             "WHERE (j.payload ->> 'n')::int = %s AND (e ->> 'snoozed')::boolean",
+                             (payload["n"],)).fetchone()
+        done = int(row[0])
+        _line(payload, f"run-{done}")
+        out.append(Snooze(0.1) if done < 3 else {"snoozes": done, "attempt": 1})
+    return out
