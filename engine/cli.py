@@ -606,8 +606,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("cancel", parents=[common], help="cancel jobs: pending/scheduled now, running on request",
                        description="Pending and scheduled jobs end `cancelled` at once and never run; a running "
-                                   "job's cancel is recorded for its worker (reported as requested). Jobs that "
-                                   "already ended are left alone and reported.",
+                                   "job's cancel is requested (reported as requested): its worker stops it and it ends "
+                                   "`cancelled` within the flow's cancel_grace. Jobs that already ended are left "
+                                   "alone and reported.",
                        epilog="exit codes: 0 at least one job cancelled or its cancel requested; 1 nothing "
                               "changed (every job had already ended, was not found, or nothing matched); "
                               "2 bad input")

@@ -650,7 +650,8 @@ class Queue:
                status: str | Sequence[str] | None = None) -> CancelReport:
         """Cancel jobs by id, or every job of a flow or of a run (narrowed by `status`: pending,
         scheduled, running; default all three). Pending and scheduled jobs end `cancelled` at once and
-        never run; a running job's cancel is recorded (`requested`) for its worker. Guarded by status:
+        never run; a running job's cancel is requested (`requested`): its worker stops it and it ends
+        cancelled within the flow's cancel_grace. Guarded by status:
         a job that already ended is left alone and, when cancelled by id, listed in `unchanged`."""
         if (ids is None) == (flow is None and run_id is None):
             raise ValidationError("cancel takes job ids, or --flow and/or --run (not both ids and a selector)")
