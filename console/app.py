@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import os
 import time
-import tomllib
 from collections.abc import Callable, Iterable
 from datetime import datetime, tzinfo
 from pathlib import Path
@@ -60,6 +59,7 @@ from console.screens.overview import OverviewScreen
 from console.screens.schedules import SchedulesScreen
 from console.state import WINDOWS, FailureRow, LiveState
 from console.status import Attachment, Colours, header_text, health
+from engine.config import read_toml_document
 from engine.errors import SkiplockError
 from engine.queue import DeadLetterFilter
 from engine.redact import describe_error, redact_dsn
@@ -593,10 +593,7 @@ def load_keymap(path: Path | None) -> dict[str, str]:
         path = base / "skiplock" / "keymap.toml"
         if not path.exists():
             return {}
-    try:
-        document = tomllib.loads(path.read_text())
-    except (OSError, tomllib.TOMLDecodeError) as exc:
-        raise SkiplockError(f"{path}: cannot read keymap: {exc}") from None
+    document = read_toml_document(path, str(path), "keymap file")  # regular file, size-bounded, as config
     table = document.get("keymap", {})
     if not isinstance(table, dict) or not all(isinstance(v, str) for v in table.values()):
         raise SkiplockError(f"{path}: [keymap] must map binding ids to key strings, e.g. \"skiplock.dead_letters\" = \"3,d\"")
