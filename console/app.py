@@ -59,6 +59,7 @@ from console.screens.overview import OverviewScreen
 from console.screens.schedules import SchedulesScreen
 from console.state import WINDOWS, FailureRow, LiveState
 from console.status import Attachment, Colours, header_text, health
+from engine import roles
 from engine.config import read_toml_document
 from engine.errors import SkiplockError
 from engine.queue import DeadLetterFilter
@@ -183,6 +184,8 @@ class ConsoleApp(App[None]):
             snapshot = self.data.snapshot()
         except psycopg.errors.UndefinedTable:
             self.post_message(SnapshotFailed("no skiplock schema in this database: run `engine migrate`"))
+        except psycopg.errors.InsufficientPrivilege as exc:  # names the role to grant (engine/roles.py)
+            self.post_message(SnapshotFailed(roles.explain(exc, "console", self.dsn)))
         except (psycopg.Error, OSError) as exc:
             self.post_message(SnapshotFailed(describe_error(exc)))
         except Exception as exc:  # never let a bad row take the console down: show it instead
@@ -557,6 +560,10 @@ class ConsoleApp(App[None]):
         """Run an operator action in a thread; report what it changed (the Queue methods return ids)."""
         try:
             changed = call()
+        except psycopg.errors.InsufficientPrivilege as exc:  # names the role to grant (engine/roles.py)
+            self.post_message(ActionFinished(intent, f"{verb} failed: {roles.explain(exc, 'console actions', self.dsn)}",
+                                             [], error=True))
+            return
         except (psycopg.Error, SkiplockError, OSError) as exc:
             error = describe_error(exc) if isinstance(exc, psycopg.Error) else str(exc)
             self.post_message(ActionFinished(intent, f"{verb} failed: {error}", [], error=True))

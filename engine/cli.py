@@ -20,7 +20,7 @@ from typing import Any
 import orjson
 import psycopg
 
-from engine import __version__, db, store
+from engine import __version__, db, roles, store
 from engine.config import Settings, add_settings_arguments, load_settings, parse_duration, recorded_policy, resolve_dsn
 from engine.embedded import default_data_dir
 from engine.errors import JobFailed, SkiplockError, ValidationError, WaitTimeout
@@ -695,10 +695,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args))
     except SkiplockError as exc:
         return _fail(str(exc), getattr(args, "dsn", None))
+    except psycopg.errors.InsufficientPrivilege as exc:
+        return _fail(_denied(args, exc), getattr(args, "dsn", None))
     except psycopg.Error as exc:
         return _fail(f"database: {describe_error(exc)}", getattr(args, "dsn", None))
     except KeyboardInterrupt:
         return 130
+
+
+def _command_name(args: argparse.Namespace) -> str:
+    """The subcommand as typed ("dlq retry"), from its handler's name (cmd_dlq_retry)."""
+    return args.func.__name__.removeprefix("cmd_").replace("_", " ")
+
+
+def _denied(args: argparse.Namespace, exc: psycopg.Error) -> str:
+    """A permission error names the command, what the login role lacks and the role to grant."""
+    try:
+        dsn: str | None = resolve_dsn(_settings(args))
+    except SkiplockError:
+        dsn = None
+    return roles.explain(exc, _command_name(args), dsn)
 
 
 _POSITIONALS = frozenset({"flow", "id", "ids"})

@@ -70,3 +70,7 @@ class WaitTimeout(SkiplockError):
 
 class UnknownFlow(ValidationError):
     """Enqueue to a flow no engine has registered (pass allow_unknown_flow=True to allow it)."""
+
+
+class PrivilegeMissing(SkiplockError):
+    """The login role lacks privileges the command's role (engine/roles.py) has; names the GRANT."""
