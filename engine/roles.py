@@ -20,8 +20,8 @@ OPERATOR: Final = "skiplock_operator"
 VIEWER: Final = "skiplock_viewer"
 ROLES: Final = (ENGINE, OPERATOR, VIEWER)
 
-# The least role each `engine` command needs (as the CLI names them: "dlq retry"). Commands not named
-# here: OPERATOR when they write, which is what a permission error means for a command that reads.
+# The least role each `engine` command needs, as the CLI names them ("dlq retry"); a command not named
+# here is taken to need OPERATOR. Commands of the schema's owner are OWNER_COMMANDS.
 COMMAND_ROLES: Final = {
     "run": ENGINE,
     "enqueue": OPERATOR, "pause": OPERATOR, "resume": OPERATOR, "cancel": OPERATOR,
@@ -32,10 +32,13 @@ COMMAND_ROLES: Final = {
     "status": VIEWER, "health": VIEWER, "wait": VIEWER, "console": VIEWER,
     "dlq list": VIEWER, "dlq show": VIEWER, "dlq analyze": VIEWER,
     "jobs list": VIEWER, "jobs show": VIEWER, "schedule list": VIEWER,
+    "engines": VIEWER, "explain": VIEWER, "runs show": VIEWER,
+    "runs seal": OPERATOR, "scale": OPERATOR, "drain": OPERATOR, "stop": OPERATOR,
 }
+OWNER_COMMANDS: Final = frozenset({"migrate", "dev"})
 
-# PostgreSQL's "permission denied for table jobs" (also sequence, schema, function).
-_DENIED: Final = re.compile(r"permission denied for (table|sequence|relation|schema|function) \"?([\w.]+)\"?")
+# PostgreSQL's "permission denied for table jobs" (also sequence, schema, function, database).
+_DENIED: Final = re.compile(r"permission denied for (table|sequence|relation|schema|function|database) \"?([\w.]+)\"?")
 
 
 def role_for(command: str) -> str:
@@ -44,6 +47,10 @@ def role_for(command: str) -> str:
 
 def denied_message(command: str, login: str | None, missing: list[str], detail: str = "") -> str:
     """One line: the command, what this login role lacks, and the fix."""
+    if command in OWNER_COMMANDS:
+        return (f"{command}: permission denied ({detail}): run it as the owner of the skiplock schema (a role "
+                "with CREATE on the database; CREATEROLE too the first time, for migration 20's roles); "
+                f"{', '.join(ROLES)} cannot migrate")
     role = role_for(command)
     who = f'login role "{login}"' if login else "this login role"
     by_object: dict[str, list[str]] = {}
@@ -57,14 +64,10 @@ def denied_message(command: str, login: str | None, missing: list[str], detail: 
     return f"{command}: permission denied: {what}; it needs role {role}: GRANT {role} TO {grantee};"
 
 
-def missing_for(conn: psycopg.Connection, role: str, relation: str | None = None) -> list[str]:
-    return store.privileges_missing(conn, role, relation)
-
-
 def require(conn: psycopg.Connection, command: str) -> None:
     """Refuse up front, in one line, a command whose login role lacks something its role may do
     (`engine run` checks before it forks a worker that would fail in a crash loop)."""
-    missing = missing_for(conn, role_for(command))
+    missing = store.privileges_missing(conn, role_for(command))
     if missing:
         raise PrivilegeMissing(denied_message(command, conn.info.user, missing))
 
@@ -78,11 +81,11 @@ def explain(exc: psycopg.Error, command: str, dsn: str | None) -> str:
     relation = found.group(2).rsplit(".", 1)[-1] if found and found.group(1) in ("table", "sequence", "relation") \
         else None
     login, missing = None, []
-    if dsn is not None:
+    if dsn is not None and command not in OWNER_COMMANDS:
         try:
             with psycopg.connect(dsn, autocommit=True, connect_timeout=5) as conn:
                 login = conn.info.user
-                missing = missing_for(conn, role_for(command), relation)
+                missing = store.privileges_missing(conn, role_for(command), relation)
         except psycopg.Error:
             pass  # the message below still names the command, the error and the role
     return denied_message(command, login, missing, detail)

@@ -18,6 +18,8 @@ from console.app import ConsoleApp
 from console.messages import RetryJobs
 from engine import db, roles, store
 from engine.cli import main
+from engine.errors import PrivilegeMissing
+from engine.queue import Queue
 from engine.embedded import EmbeddedPostgres
 from engine.migrate import migrate, migrations_dir
 from support.cli import REPO, base_env, engine, ok, one_line_error
@@ -108,18 +110,28 @@ def test_roles_are_nologin_and_the_migration_runs_again(dsn: str, empty_dsn: str
 # Each role runs exactly its commands
 
 
-def test_engine_role_runs_the_engine_and_others_are_refused(dsn: str, logins: dict[str, str], tmp_path: Path) -> None:
+def test_engine_role_runs_the_engine_and_others_are_refused(dsn: str, logins: dict[str, str], tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
     config = tmp_path / "config.toml"
     config.write_text("[global]\nworkers = 1\n[flows.noop]\n")  # the built-in noop flow, named
     register_flows(dsn, "noop")
-    ok(engine("enqueue", "noop", "--payload", "{}", "--count", "3", dsn=dsn))
+    with Queue(dsn) as queue:
+        queue.enqueue_many("noop", [{}] * 3)
     ok(engine("run", "--config", str(config), "--drain", dsn=as_login(dsn, logins["engine"]), timeout=120))
     assert scalar(dsn, "SELECT count(*) FROM skiplock.jobs_done") == 3
-    for kind in ("operator", "viewer"):
-        line = one_line_error(engine("run", "--config", str(config), "--drain", dsn=as_login(dsn, logins[kind])))
-        assert line.startswith(denied("run", logins[kind], roles.ENGINE)), line
-        assert "SELECT, INSERT, UPDATE, DELETE on skiplock.ack_receipts; " in line and line.endswith(f'GRANT skiplock_engine TO "{logins[kind]}";\n'), line
+    line = one_line_error(engine("run", "--config", str(config), "--drain", dsn=as_login(dsn, logins["operator"])))
+    assert line.startswith(denied("run", logins["operator"], roles.ENGINE)), line
+    assert "SELECT, INSERT, UPDATE, DELETE on skiplock.ack_receipts; " in line, line
+    assert line.endswith(f'GRANT skiplock_engine TO "{logins["operator"]}";\n'), line
+    with db.connect(as_login(dsn, logins["viewer"])) as conn:  # the same check, for the viewer
+        with pytest.raises(PrivilegeMissing) as refused:
+            roles.require(conn, "run")
+    assert str(refused.value).startswith(f'run: permission denied: login role "{logins["viewer"]}" lacks ')
     assert scalar(dsn, "SELECT count(*) FROM skiplock.workers WHERE state <> 'stopped'") == 0
+    # no skiplock role migrates: that stays with the schema's owner
+    line = cli_refused(capsys, "migrate", dsn=as_login(dsn, logins["engine"]))
+    assert line.startswith("engine: error: migrate: permission denied (permission denied for database "), line
+    assert "run it as the owner of the skiplock schema" in line, line
 
 
 def test_operator_role_runs_the_operator_commands(dsn: str, logins: dict[str, str],
