@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,7 +20,7 @@ from engine.errors import PrivilegeMissing
 from engine.queue import Queue
 from engine.embedded import EmbeddedPostgres
 from engine.migrate import migrate, migrations_dir
-from support.cli import REPO, base_env, engine, ok, one_line_error
+from support.cli import engine, ok, one_line_error
 from support.console_seed import wait_until
 from support.postgres import register_flows, scalar
 
