@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import os
 import time
-import tomllib
 from collections.abc import Callable, Iterable
 from datetime import datetime, tzinfo
 from pathlib import Path
@@ -62,6 +61,8 @@ from console.screens.running import RunningScreen
 from console.screens.schedules import SchedulesScreen
 from console.state import WINDOWS, FailureRow, LiveState
 from console.status import Attachment, Colours, header_text, health
+from engine import roles
+from engine.config import read_toml_document
 from engine.errors import SkiplockError
 from engine.queue import DeadLetterFilter
 from engine.redact import describe_error, redact_dsn
@@ -186,6 +187,8 @@ class ConsoleApp(App[None]):
             snapshot = self.data.snapshot()
         except psycopg.errors.UndefinedTable:
             self.post_message(SnapshotFailed("no skiplock schema in this database: run `engine migrate`"))
+        except psycopg.errors.InsufficientPrivilege as exc:  # names the role to grant (engine/roles.py)
+            self.post_message(SnapshotFailed(roles.explain(exc, "console", self.dsn)))
         except (psycopg.Error, OSError) as exc:
             self.post_message(SnapshotFailed(describe_error(exc)))
         except Exception as exc:  # never let a bad row take the console down: show it instead
@@ -583,6 +586,10 @@ class ConsoleApp(App[None]):
         """Run an operator action in a thread; report what it changed (the Queue methods return ids)."""
         try:
             changed = call()
+        except psycopg.errors.InsufficientPrivilege as exc:  # names the role to grant (engine/roles.py)
+            self.post_message(ActionFinished(intent, f"{verb} failed: {roles.explain(exc, 'console actions', self.dsn)}",
+                                             [], error=True))
+            return
         except (psycopg.Error, SkiplockError, OSError) as exc:
             error = describe_error(exc) if isinstance(exc, psycopg.Error) else str(exc)
             self.post_message(ActionFinished(intent, f"{verb} failed: {error}", [], error=True))
@@ -619,10 +626,7 @@ def load_keymap(path: Path | None) -> dict[str, str]:
         path = base / "skiplock" / "keymap.toml"
         if not path.exists():
             return {}
-    try:
-        document = tomllib.loads(path.read_text())
-    except (OSError, tomllib.TOMLDecodeError) as exc:
-        raise SkiplockError(f"{path}: cannot read keymap: {exc}") from None
+    document = read_toml_document(path, str(path), "keymap file")  # regular file, size-bounded, as config
     table = document.get("keymap", {})
     if not isinstance(table, dict) or not all(isinstance(v, str) for v in table.values()):
         raise SkiplockError(f"{path}: [keymap] must map binding ids to key strings, e.g. \"skiplock.dead_letters\" = \"3,d\"")

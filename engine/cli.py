@@ -20,12 +20,13 @@ from typing import Any
 import orjson
 import psycopg
 
-from engine import __version__, db, store
+from engine import __version__, db, roles, store
 from engine.config import Settings, add_settings_arguments, load_settings, parse_duration, recorded_policy, resolve_dsn
 from engine.embedded import default_data_dir
 from engine.errors import JobFailed, SkiplockError, ValidationError, WaitTimeout
 from engine.limits import INT4_MAX, utf8_problem
 from engine.migrate import migrate
+from engine.payloads import loads_exact
 from engine.queue import CANCEL_STATES, LIST_STATUSES, DeadLetterFilter, JobFilter, Queue
 from engine.redact import describe_error, hide_secrets_in_process_title, redact_dsn, redact_text
 from engine.report import clip, print_json, print_status, print_table
@@ -97,7 +98,7 @@ def _read_payload_lines(stream: Any) -> tuple[list[Any], list[str]]:
         if not line.strip():
             continue
         try:
-            payloads.append(orjson.loads(line.rstrip(b"\r\n")))  # without it a cut-off line ends "on line 2"
+            payloads.append(loads_exact(line.rstrip(b"\r\n")))  # without it a cut-off line ends "on line 2"
         except orjson.JSONDecodeError as exc:
             raise ValidationError(f"line {number}, column {exc.colno}: invalid JSON: {exc.msg}") from None
         names.append(f"line {number}")
@@ -113,7 +114,7 @@ def _payload_chunks(args: argparse.Namespace) -> Iterator[tuple[list[Any], list[
         raise ValidationError(f"--count {args.count} must be at least 1")
     if args.payload is not None:
         try:
-            payload = orjson.loads(args.payload)
+            payload = loads_exact(args.payload)
         except orjson.JSONDecodeError as exc:
             at = f"column {exc.colno}" if exc.lineno == 1 else f"line {exc.lineno}, column {exc.colno}"
             raise ValidationError(f"--payload, {at}: invalid JSON: {exc.msg}") from None
@@ -337,7 +338,7 @@ def _where(items: list[str] | None) -> dict[str, object] | None:
         if not sep or not key:
             raise ValidationError(f"--where {item!r}: use KEY=VALUE, e.g. --where customer=42")
         try:
-            found[key] = orjson.loads(text)  # 42, true, "42", {"a": 1}
+            found[key] = loads_exact(text)  # 42, true, "42", {"a": 1}
         except orjson.JSONDecodeError:
             found[key] = text  # a bare word is a string
     return found
@@ -424,7 +425,7 @@ def cmd_schedule_add(args: argparse.Namespace) -> int:
     payload: Any = {}
     if args.payload is not None:
         try:
-            payload = orjson.loads(args.payload)
+            payload = loads_exact(args.payload)
         except orjson.JSONDecodeError as exc:
             raise ValidationError(f"--payload: invalid JSON: {exc}") from None
         if not isinstance(payload, dict):
@@ -698,10 +699,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args))
     except SkiplockError as exc:
         return _fail(str(exc), getattr(args, "dsn", None))
+    except psycopg.errors.InsufficientPrivilege as exc:
+        return _fail(_denied(args, exc), getattr(args, "dsn", None))
     except psycopg.Error as exc:
         return _fail(f"database: {describe_error(exc)}", getattr(args, "dsn", None))
     except KeyboardInterrupt:
         return 130
+
+
+def _command_name(args: argparse.Namespace) -> str:
+    """The subcommand as typed ("dlq retry"), from its handler's name (cmd_dlq_retry)."""
+    return args.func.__name__.removeprefix("cmd_").replace("_", " ")
+
+
+def _denied(args: argparse.Namespace, exc: psycopg.Error) -> str:
+    """A permission error names the command, what the login role lacks and the role to grant."""
+    try:
+        dsn: str | None = resolve_dsn(_settings(args))
+    except SkiplockError:
+        dsn = None
+    return roles.explain(exc, _command_name(args), dsn)
 
 
 _POSITIONALS = frozenset({"flow", "id", "ids"})

@@ -922,7 +922,12 @@ MAX_CONFIG_BYTES: Final = 1 << 20
 
 
 def _read_document(path: Path, label: str) -> dict[str, object]:
-    data = read_small_file(path, label, "config file", MAX_CONFIG_BYTES)
+    return read_toml_document(path, label, "config file")
+
+
+def read_toml_document(path: Path, label: str, kind: str) -> dict[str, object]:
+    """A TOML file read as config files are: regular, at most MAX_CONFIG_BYTES, UTF-8; errors name `label`."""
+    data = read_small_file(path, label, kind, MAX_CONFIG_BYTES)
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:

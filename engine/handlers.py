@@ -55,6 +55,30 @@ def _not_on_path(missing: str) -> str:
             "install the app (pip install -e .), pass --app-dir DIR, or set PYTHONPATH=DIR")
 
 
+def handler_problem(obj: object) -> str | None:
+    """Why `obj` cannot be a handler, or None. A class (`engine.queue:Queue`) would be instantiated
+    with the payload and a C built-in (`os:system`) was never written for one: both are mistakes."""
+    if isinstance(obj, type):
+        return "is a class, not a function"
+    if inspect.ismodule(obj):
+        return "is a module, not a function"
+    if inspect.isbuiltin(obj):
+        return "is a built-in function, not one written as a handler"
+    if not callable(obj):
+        return f"is not callable (an object of type {type(obj).__name__})"
+    try:
+        signature = inspect.signature(obj)
+    except (TypeError, ValueError):  # no signature to inspect: let the call decide
+        return None
+    for args in ((None,), (None, None)):
+        try:
+            signature.bind(*args)
+            return None
+        except TypeError:
+            continue
+    return f"takes ({', '.join(signature.parameters)}), neither (payload) nor (payload, ctx)"
+
+
 def wants_context(func: Callable[..., Any]) -> bool:
     """A handler takes (payload) or (payload, ctx)."""
     try:
@@ -92,8 +116,10 @@ class FlowRuntime:
 
 def load_flow(config: FlowConfig) -> FlowRuntime:
     handler = resolve(config.handler, f"flow {config.name}: handler")
-    if not callable(handler):
-        raise ConfigError(f"flow {config.name}: handler {config.handler!r} is not callable")
+    problem = handler_problem(handler)
+    if problem is not None:
+        raise ConfigError(f"flow {config.name}: handler {config.handler!r} {problem}; "
+                          "a handler is a def or async def taking (payload) or (payload, ctx)")
     classes: list[type[BaseException]] = []
     names: set[str] = set()
     for ref in config.permanent_errors:

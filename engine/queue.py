@@ -38,6 +38,7 @@ from engine.errors import (
     WaitTimeout,
 )
 from engine.limits import INT4_MAX, INT8_MAX, MAX_DURATION_S, utf8_problem
+from engine.payloads import MAX_PAYLOAD_BYTES, encode_payload  # noqa: F401  (re-exported)
 from engine.migrate import REQUIRED_SCHEMA_VERSION, require_schema, schema_version
 from engine.store import (  # noqa: F401  (re-exported: engine/worker.py imports them from here)
     DEFAULT_MAX_ATTEMPTS,
@@ -63,7 +64,6 @@ from engine.schedules import ScheduleError, ScheduleSpec, check_name
 from engine.telemetry import encode_event
 
 FLOW_NAME: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")  # fullmatch: "$" lets a final "\n" in
-MAX_PAYLOAD_BYTES: Final = 1 << 20
 MAX_KEY_LENGTH: Final = 255
 PRIORITY_RANGE: Final = range(-32768, 32768)
 CANCEL_STATES: Final = ("pending", "scheduled", "running")
@@ -123,21 +123,6 @@ def _validate_seconds(value: object, what: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= MAX_DURATION_S:
         raise ValidationError(f"{what} {value!r} must be a number of seconds from 0 to {MAX_DURATION_S:.0f}")
     return float(value)
-
-
-def encode_payload(payload: object, where: str) -> str:
-    """orjson-encode a payload; it must be a JSON object. `where` names the item in errors."""
-    if not isinstance(payload, Mapping):
-        raise ValidationError(f"{where}: payload must be a JSON object, got {type(payload).__name__}")
-    try:
-        text = orjson.dumps(payload).decode()
-    except TypeError as exc:
-        raise ValidationError(f"{where}: payload is not JSON-serialisable: {exc}") from None
-    if len(text) > MAX_PAYLOAD_BYTES:
-        raise ValidationError(f"{where}: payload is {len(text)} bytes, more than the {MAX_PAYLOAD_BYTES} allowed")
-    if "\\u0000" in text:
-        raise ValidationError(f"{where}: payload contains a NUL character, which PostgreSQL jsonb cannot store")
-    return text
 
 
 @dataclass(frozen=True)

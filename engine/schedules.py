@@ -38,6 +38,8 @@ import orjson
 from cronsim import CronSim, CronSimError
 
 from engine import store
+from engine.errors import ValidationError
+from engine.payloads import encode_payload
 
 CatchUp = Literal["last", "none"]
 CATCH_UP: Final = ("last", "none")
@@ -65,7 +67,7 @@ class ScheduleError(ValueError):
 
 
 def check_name(name: object) -> str:
-    if not isinstance(name, str) or not SCHEDULE_NAME.match(name):
+    if not isinstance(name, str) or not SCHEDULE_NAME.fullmatch(name):
         raise ScheduleError(f"schedule name {name!r} is invalid: use 1-63 letters, digits, '_', '.', '-', "
                             "starting with a letter or digit")
     return name
@@ -122,9 +124,9 @@ def check_payload(payload: object) -> dict[str, Any]:
     if TICK_KEY in payload:
         raise ScheduleError(f"payload must not set {TICK_KEY!r}: each job gets the tick's time there")
     try:
-        orjson.dumps(payload)
-    except TypeError as exc:
-        raise ScheduleError(f"payload is not JSON-serialisable: {exc}") from None
+        encode_payload(payload, "schedule")
+    except ValidationError as exc:  # the payload rules every enqueue follows
+        raise ScheduleError(str(exc).removeprefix("schedule: ")) from None
     return dict(payload)
 
 

@@ -985,3 +985,17 @@ def schedule_trigger(conn: Conn, name: str) -> int | None:
 
 def schedules_list(conn: Conn, name: str | None = None, limit: int = 1000) -> list[Schedule]:
     return _rows(conn, Schedule, Q.schedules_list, {"name": name, "limit": limit})
+
+
+# ---------------------------------------------------------------------------------------------
+# Roles (migration 0020, engine/roles.py)
+
+
+def privileges_missing(conn: Conn, role: str, relation: str | None = None) -> list[str]:
+    """What `role` may do that the current login role may not ("UPDATE on skiplock.jobs", ...)."""
+    return [row[0] for row in conn.execute(Q.privileges_missing, {"role": role, "relation": relation})]
+
+
+def privileges_ungranted_tables(conn: Conn) -> list[str]:
+    """Tables of the skiplock schema on which no skiplock role holds any privilege."""
+    return [row[0] for row in conn.execute(Q.privileges_ungranted_tables)]

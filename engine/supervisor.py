@@ -36,7 +36,7 @@ from typing import Any, Final
 import orjson
 import psycopg
 
-from engine import __version__, db, schedules, store
+from engine import __version__, db, roles, schedules, store
 from engine.config import BUILTIN_FLOW_NAMES, EngineConfig, FlowConfig, Settings, recorded_policy, resolve_dsn
 from engine.errors import ConfigError, SkiplockError
 from engine.handlers import load_flow
@@ -153,6 +153,7 @@ class Supervisor:
 
         def sync(conn: psycopg.Connection[Any]) -> None:
             require_schema(conn)
+            roles.require(conn, "run")  # one line now, not workers failing in a crash loop later
             store.flows_sync(conn, {flow.name: orjson.dumps(recorded_policy(flow)).decode() for flow in self.flows})
             schedules.sync_config(conn, (s.spec() for s in self.settings.schedules.values()))
 

@@ -7,6 +7,7 @@ import os
 import pwd
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import textwrap
@@ -108,14 +109,61 @@ def test_server_answers_on_its_unix_socket(base: Path) -> None:
             assert conn.execute("SELECT count(*) FROM pg_database WHERE datname = 'skiplock'").fetchone() == (1,)
 
 
-def test_server_with_tcp_listens_on_loopback(base: Path) -> None:
-    with EmbeddedPostgres(base / "data", tcp=True) as server:
+def test_tcp_on_loopback_needs_the_generated_password_and_files_are_private(base: Path) -> None:
+    """Issue 11 item 3: no trust authentication over TCP; the password is in a 0600 file beside the data
+    directory (named by the DSN, never in it); data files 0600, directories 0700, the log 0600."""
+    with EmbeddedPostgres(base / "data", tcp=True, settings={"fsync": "off"}) as server:
         assert server.port != 5432 and 0 < server.port < 65536
-        assert server.dsn("postgres") == f"host=127.0.0.1 port={server.port} user={SUPERUSER} dbname=postgres"
+        passfile = base / "data.pgpass"
+        assert server.dsn("postgres") == (f"host=127.0.0.1 port={server.port} user={SUPERUSER} dbname=postgres "
+                                          f"passfile={passfile}")
         with psycopg.connect(server.dsn(), autocommit=True) as conn:
             row = conn.execute("SELECT host(inet_server_addr()), inet_server_port(), "
                                "current_setting('listen_addresses')").fetchone()
+            conn.execute("CREATE TABLE t AS SELECT 1 AS x")
+            conn.execute("CHECKPOINT")
         assert row == ("127.0.0.1", server.port, "127.0.0.1")
+        password = passfile.read_text().strip().rsplit(":", 1)[1]
+        assert len(password) >= 32
+        assert_refused_without_password(server.port)
+        plain = f"host=127.0.0.1 port={server.port} dbname=postgres"
+        with psycopg.connect(f"{plain} user={SUPERUSER} password={password} passfile=/dev/null") as conn:
+            assert conn.execute("SELECT current_user").fetchone() == (SUPERUSER,)
+        with psycopg.connect(server.socket_dsn("postgres")) as conn:  # the socket in the 0700 data dir: trusted
+            rules = conn.execute("SELECT type, auth_method FROM pg_hba_file_rules ORDER BY line_number").fetchall()
+        assert rules == [("local", "trust"), ("host", "scram-sha-256"), ("host", "scram-sha-256")]
+        assert password not in server.dsn() and password not in server.log_tail(100_000)
+        assert loose_modes(base) == []
+
+    # A cluster from an older version (initdb --auth=trust) gets the rules back at start; a restart
+    # keeps the password, so clients' password files stay valid.
+    (base / "data" / "pg_hba.conf").write_text("local all all trust\nhost all all 127.0.0.1/32 trust\n")
+    with EmbeddedPostgres(base / "data", tcp=True) as again:
+        assert_refused_without_password(again.port)
+        assert again.password_file.read_text().strip().endswith(password)
+        with psycopg.connect(again.dsn("postgres")) as conn:
+            assert conn.execute("SELECT 1").fetchone() == (1,)
+
+
+def assert_refused_without_password(port: int) -> None:
+    plain = f"host=127.0.0.1 port={port} dbname=postgres passfile=/dev/null"
+    for user, extra in ((SUPERUSER, ""), (SUPERUSER, " password=wrong"), ("postgres", "")):
+        with pytest.raises(psycopg.OperationalError, match="password authentication failed|no password supplied"):
+            psycopg.connect(f"{plain} user={user}{extra}", connect_timeout=5).close()
+
+
+def loose_modes(base: Path) -> list[tuple[str, str]]:
+    """Files under `base` readable or writable by group or others (symlinks aside)."""
+    loose = []
+    for root, dirs, files in os.walk(base / "data"):
+        for name in dirs + files:
+            info = (Path(root) / name).lstat()
+            if not stat.S_ISLNK(info.st_mode) and stat.S_IMODE(info.st_mode) & 0o077:
+                loose.append((str(Path(root) / name), oct(stat.S_IMODE(info.st_mode))))
+    for path in (base / "data", base / "data.log", base / "data.pgpass"):
+        if stat.S_IMODE(path.stat().st_mode) & 0o077:
+            loose.append((str(path), oct(stat.S_IMODE(path.stat().st_mode))))
+    return loose
 
 
 CHILD = textwrap.dedent("""
@@ -174,3 +222,62 @@ def test_data_dir_under_private_directory_is_refused_as_root(base: Path) -> None
         "choose a directory outside it (e.g. under /var/tmp)")
     assert not (private / "data").exists()  # refused before initdb
     assert server.process is None
+
+
+# ---------------------------------------------------------------------------------------------
+# The shared directory (/var/tmp/skiplock as root): checked before use (issue 11 item 3)
+
+
+@pytest.fixture
+def shared(base: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A stand-in for /var/tmp/skiplock (the real one is shared with other test runs on this machine)."""
+    root = base / "shared"
+    monkeypatch.setattr(embedded, "SHARED_ROOT", root)
+    return root
+
+
+def test_shared_directories_are_created_private_and_checked(shared: Path) -> None:
+    made = embedded.own_directory(shared / "binaries", 0o755, shared)
+    assert made == shared / "binaries"
+    for path in (shared, made):
+        info = path.lstat()
+        assert stat.S_ISDIR(info.st_mode) and info.st_uid == os.geteuid() and stat.S_IMODE(info.st_mode) == 0o755
+    embedded.own_directory(shared / "binaries", 0o755, shared)  # existing and ours: fine
+
+
+@pytest.mark.parametrize("fault", ["symlink", "other owner", "world-writable", "file"])
+def test_a_planted_shared_directory_is_refused(shared: Path, base: Path, fault: str) -> None:
+    attacker = base / "attacker"
+    attacker.mkdir()
+    shared.mkdir()
+    target = shared / "binaries"
+    if fault == "symlink":
+        target.symlink_to(attacker)
+        message = f"{target} is a symlink; refusing to use it (remove it, or choose another directory)"
+    elif fault == "other owner":
+        target.mkdir()
+        os.chown(target, 65534, 65534)
+        message = (f"{target} is owned by uid 65534, not by uid {os.geteuid()} running this; "
+                   "refusing to use it (remove it, or choose another directory)")
+    elif fault == "world-writable":
+        target.mkdir()
+        target.chmod(0o777)
+        message = f"{target} is writable by other users (mode 0o777); refusing to use it (chmod go-w it, or remove it)"
+    else:
+        target.write_text("")
+        message = f"{target} is not a directory; refusing to use it"
+    with pytest.raises(ConfigError) as error:
+        embedded.own_directory(target, 0o755, shared)
+    assert str(error.value) == message
+    assert list(attacker.iterdir()) == []  # nothing was put where the planted path points
+
+
+def test_the_shared_root_itself_as_a_symlink_refuses_the_dev_data_dir(shared: Path, base: Path) -> None:
+    attacker = base / "attacker"
+    attacker.mkdir()
+    shared.symlink_to(attacker)
+    server = EmbeddedPostgres(shared / "dev" / "pgdata")
+    with pytest.raises(ConfigError) as error:
+        server.start()
+    assert str(error.value) == f"{shared} is a symlink; refusing to use it (remove it, or choose another directory)"
+    assert list(attacker.iterdir()) == [] and server.process is None

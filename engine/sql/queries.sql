@@ -1239,3 +1239,44 @@ FROM skiplock.schedules s
 WHERE %(name)s::text IS NULL OR s.name = %(name)s
 ORDER BY s.name
 LIMIT %(limit)s;
+
+-- name: privileges_missing
+-- Roles (migration 0020): what `role` may do on the skiplock schema, its tables and sequences that the
+-- current login role may not (counting privileges held through role membership), one "PRIV on OBJECT"
+-- per row. `relation` NULL: every table and sequence; else only that one (the one an error named).
+SELECT 'USAGE on schema skiplock' AS missing
+WHERE %(relation)s::text IS NULL
+  AND has_schema_privilege(%(role)s, 'skiplock', 'USAGE') AND NOT has_schema_privilege('skiplock', 'USAGE')
+UNION ALL
+SELECT missing FROM (
+    SELECT p.privilege || ' on skiplock.' || c.relname AS missing, c.relname, p.ord
+    FROM pg_class c
+    JOIN pg_namespace n ON n.oid = c.relnamespace AND n.nspname = 'skiplock'
+    CROSS JOIN unnest(ARRAY['SELECT', 'INSERT', 'UPDATE', 'DELETE']) WITH ORDINALITY AS p(privilege, ord)
+    WHERE (%(relation)s::text IS NULL OR c.relname = %(relation)s)
+      AND CASE WHEN c.relkind IN ('r', 'p')  -- CASE: the privilege functions see only these relations
+               THEN has_table_privilege(%(role)s, c.oid, p.privilege) AND NOT has_table_privilege(c.oid, p.privilege)
+               ELSE false END
+    UNION ALL
+    SELECT 'USAGE on sequence skiplock.' || c.relname, c.relname, 0
+    FROM pg_class c
+    JOIN pg_namespace n ON n.oid = c.relnamespace AND n.nspname = 'skiplock'
+    WHERE (%(relation)s::text IS NULL OR c.relname = %(relation)s)
+      AND CASE WHEN c.relkind = 'S'
+               THEN has_sequence_privilege(%(role)s, c.oid, 'USAGE') AND NOT has_sequence_privilege(c.oid, 'USAGE')
+               ELSE false END
+    ORDER BY relname, ord
+) t;
+
+-- name: privileges_ungranted_tables
+-- Tables of the skiplock schema on which none of the three roles holds any privilege: a migration
+-- that forgot to decide (tests/test_roles.py).
+SELECT c.relname
+FROM pg_class c
+JOIN pg_namespace n ON n.oid = c.relnamespace AND n.nspname = 'skiplock'
+WHERE c.relkind IN ('r', 'p')
+  AND NOT EXISTS (
+      SELECT FROM unnest(ARRAY['skiplock_engine', 'skiplock_operator', 'skiplock_viewer']) AS r(role_name)
+      CROSS JOIN unnest(ARRAY['SELECT', 'INSERT', 'UPDATE', 'DELETE']) AS p(privilege)
+      WHERE has_table_privilege(r.role_name, c.oid, p.privilege))
+ORDER BY c.relname;
