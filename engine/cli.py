@@ -24,6 +24,7 @@ from engine import __version__, db, store
 from engine.config import Settings, add_settings_arguments, load_settings, parse_duration, recorded_policy, resolve_dsn
 from engine.embedded import default_data_dir
 from engine.errors import JobFailed, SkiplockError, ValidationError, WaitTimeout
+from engine.health import Thresholds
 from engine.limits import INT4_MAX, utf8_problem
 from engine.migrate import migrate
 from engine.queue import CANCEL_STATES, LIST_STATUSES, DeadLetterFilter, JobFilter, Queue
@@ -173,7 +174,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_health(args: argparse.Namespace) -> int:
     settings = _settings(args)
     with Queue(resolve_dsn(settings), application_name=f"{settings.application_name}-cli") as queue:
-        report = queue.health_check(stale_after=settings.engine.stale_after)
+        report = queue.health_check(thresholds=Thresholds.from_engine(settings.engine))
     if args.json:
         print_json(report)
     else:
