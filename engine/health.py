@@ -122,7 +122,7 @@ def _stale(f: Facts, t: Thresholds) -> str | None:
 
 
 def _lost(f: Facts, t: Thresholds) -> str | None:
-    return f"{f.lost_workers} worker(s) lost in the last {LOST_WINDOW_TEXT}" if f.lost_workers else None
+    return f"{f.lost_workers} lost worker(s) in the last {LOST_WINDOW_TEXT}" if f.lost_workers else None
 
 
 def _circuits(f: Facts, t: Thresholds) -> str | None:

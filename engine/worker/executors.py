@@ -197,7 +197,7 @@ class InlineExecutor:
                         exc = timeout_error(timeout)
                     fail = failure(flow, row, exc)
                     failures.append(fail)
-                    samples.append(FailureSample(row[0], row[2], row[3], fail.error_type, fail.message))
+                    samples.append(FailureSample(row[0], row[2], row[3], fail.error_type, fail.message, row[4]))
                     flow.consecutive_failures += 1
             run_s = clock() - started
             with lock:
@@ -244,6 +244,7 @@ class BatchExecutor(InlineExecutor):
         done_ids: list[int] = []
         results: list[str | None] = []
         failures: list[Failure] = []
+        failed_rows: list[Any] = []
         started = time.monotonic()
         w.inline = batch
         outcomes: Any = None
@@ -289,11 +290,13 @@ class BatchExecutor(InlineExecutor):
                 item = error if error is not None else outcomes[index]
                 if isinstance(item, BaseException):
                     failures.append(failure(flow, row, item))
+                    failed_rows.append(row)
                     continue
                 try:
                     text = encode_result(item) if item is not None else None
                 except Exception as exc:
                     failures.append(failure(flow, row, exc))
+                    failed_rows.append(row)
                     continue
                 done_ids.append(row[0])
                 results.append(text)
@@ -311,7 +314,8 @@ class BatchExecutor(InlineExecutor):
             if tx is not None:
                 tx.close()
         flow.consecutive_failures = 0 if done_ids else flow.consecutive_failures + len(failures)
-        samples = [FailureSample(f.job_id, 0, 0, f.error_type, f.message) for f in failures[:5]]
+        samples = [FailureSample(f.job_id, r[2], r[3], f.error_type, f.message, r[4])
+                   for f, r in zip(failures, failed_rows)]
         w.after_ack(flow, ack, len(failures), sum(r[5] for r in rows), run_s * 1000.0, samples,
                     had_success=bool(done_ids), trial=trial)
 

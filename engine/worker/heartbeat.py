@@ -64,6 +64,7 @@ class TelemetryThread:
     def _send_tick(self) -> None:
         w = self.worker
         buffer = w.telemetry.take()
+        w.failure_log.flush()
         events = tick_events(buffer, w.spec.engine_id, w.id)
         with w.pool.connection(timeout=5) as conn:
             with conn.transaction():

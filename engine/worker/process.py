@@ -34,6 +34,7 @@ from engine.store import AckResult
 from engine.runs import claim_finished_runs, fire_claimed
 from engine.sources import SourceRegistry
 from engine.store import RunSummary
+from engine.failure_log import FailureLog
 from engine.telemetry import ENQUEUED_CHANNEL, FailureSample, Telemetry, encode_event
 from engine.worker.circuit import CircuitBreaker
 from engine.worker.completer import FLUSH_INTERVAL, Completer
@@ -126,6 +127,7 @@ class Worker:
         self.lost = False
         self.base_log = log
         self.log = ContextLogger(log, {"engine": spec.engine_id, "worker": self.id})
+        self.failure_log = FailureLog(self.log)
         # Source databases: opened by the first handler that uses one, then kept for this process
         # (threaded flows give each handler thread a registry of its own).
         self.sources = SourceRegistry(spec.sources)
@@ -373,6 +375,8 @@ class Worker:
                   samples: list[FailureSample], had_success: bool, trial: bool = False) -> None:
         self.jobs_done += ack.completed
         self.telemetry.record_batch(flow.name, ack.completed, failed, ack.dead_ids, wait_ms, run_ms, samples)
+        if failed:
+            self.failure_log.failed(flow.name, samples, ack.dead_ids)
         if ack.refused:
             self.log.warning("acks refused: jobs were rescued from this worker", extra={
                 "flow": flow.name, "refused": ack.refused})
