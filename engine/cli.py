@@ -523,7 +523,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     _add_app_dir(args.app_dir)
     return run_engine(_settings(args), EngineOptions(workers=args.workers, flows=args.flows, drain=args.drain,
-                                                     wait_scheduled=args.wait_scheduled))
+                                                     wait_scheduled=args.wait_scheduled,
+                                                     metrics_port=args.metrics_port))
 
 
 def cmd_console(args: argparse.Namespace) -> int:
@@ -676,6 +677,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --drain: also wait for jobs scheduled for later (--delay, retry backoff)")
     p.add_argument("--app-dir", type=Path, help="directory to import handler modules from (put first on the "
                                                 "Python path); else install the app or set PYTHONPATH")
+    p.add_argument("--metrics-port", type=int, metavar="PORT",
+                   help="serve Prometheus /metrics, /healthz and /readyz on this port (config `metrics_port`; "
+                        "address: `metrics_host`, default 127.0.0.1; 0: any free port, logged)")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("console", parents=[common], help="the ops console: a terminal UI on the queue (same as `console`)")
