@@ -167,3 +167,51 @@ def test_metrics_port_in_use_is_one_line(dsn: str, start_engine: Any) -> None:
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == ["engine: error: --metrics-port must be from 0 to 65535, got 70000"], \
         result.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# failure log lines
+
+STORM = BASE + """
+[flows.storm]
+handler = "support.metrics_handlers:mixed"
+batch_size = 100
+max_attempts = 2
+backoff = { base = "0s", jitter = 0 }
+"""
+
+
+def test_failure_lines_counted_redacted_and_rate_limited(dsn: str, start_engine: Any) -> None:
+    """30 jobs fail twice (60 attempts, 30 dead letters) on one worker: the burst is logged, one line
+    each, the rest is counted in later lines, and every attempt is accounted for."""
+    register_flows(dsn, "storm")
+    ok(engine("enqueue", "storm", "--payload", json.dumps({"kind": "transient"}), "--count", "30", dsn=dsn))
+    process = start_engine(dsn, STORM, "--workers", "1")
+    wait_for(lambda: json.loads(ok(engine("status", "--json", dsn=dsn)))["by_flow"]["storm"]["failed"] == 30,
+             60, 0.2, message=f"30 dead letters: {tail(process)}")
+
+    def lines() -> tuple[list[dict], list[dict], list[dict]]:
+        all_lines = process.log_lines()
+        failed = [x for x in all_lines if x.get("flow") == "storm" and " failed (attempt " in x.get("msg", "")]
+        dead = [x for x in all_lines if x.get("flow") == "storm" and " dead letter (attempt " in x.get("msg", "")]
+        summary = [x for x in all_lines if x.get("flow") == "storm" and "not logged (rate limit)" in x.get("msg", "")]
+        return failed, dead, summary
+
+    def accounted() -> bool:
+        failed, dead, summary = lines()
+        suppressed = sum(x.get("suppressed", 0) for x in failed + dead + summary)
+        return len(failed) + len(dead) + suppressed == 60
+
+    wait_for(accounted, 15, 0.3, message="every failed attempt logged or counted as suppressed")
+    failed, dead, summary = lines()
+    assert 10 <= len(failed) + len(dead) < 60, (len(failed), len(dead))  # the burst, then the rate
+    assert summary, "the suppressed count has a line of its own once the storm is over"
+    assert all(x["level"] == "warning" and x["attempt"] == 1 and x["max_attempts"] == 2 for x in failed)
+    assert all(x["level"] == "error" and x["attempt"] == 2 for x in dead)
+    first = (failed or dead)[0]
+    assert first["error_type"] == "ValueError" and isinstance(first["job"], int) and "run" in first
+    assert "attempt 1 of 2" in first["msg"] or "attempt 2 of 2" in first["msg"]
+    assert first["msg"].endswith("ValueError: upstream refused postgresql://app:***@db/x job None"), first["msg"]
+    text = process.log_path.read_text()
+    assert "hunter2" not in text and "second line" not in text
+

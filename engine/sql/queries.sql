@@ -907,13 +907,13 @@ LIMIT 50;
 WITH ref AS (
     SELECT coalesce(%(now)s::timestamptz, now()) AS now
 )
-SELECT count(*) FILTER (WHERE greatest(w.heartbeat_at, pg_postmaster_start_time())
+SELECT count(w.id) FILTER (WHERE greatest(w.heartbeat_at, pg_postmaster_start_time())
                               >= ref.now - make_interval(secs => %(stale_after)s)) AS live,
-       count(*) FILTER (WHERE greatest(w.heartbeat_at, pg_postmaster_start_time())
+       count(w.id) FILTER (WHERE greatest(w.heartbeat_at, pg_postmaster_start_time())
                               < ref.now - make_interval(secs => %(stale_after)s)) AS stale,
        (SELECT count(*) FROM skiplock.workers x
         WHERE x.state IN ('stopped', 'lost') AND x.stopped_at > ref.now - interval '10 minutes'
-          AND x.state = 'lost') AS lost
+          AND x.state = 'lost') AS lost  -- the IN: workers_stopped_idx's predicate
 FROM ref LEFT JOIN skiplock.workers w ON w.state NOT IN ('stopped', 'lost')
 GROUP BY ref.now;
 
