@@ -175,12 +175,6 @@ class DoneCounts:
 
 
 @dataclass(frozen=True)
-class UnservedFlow:
-    flow: str
-    pending: int  # due pending jobs, counted up to the cap
-
-
-@dataclass(frozen=True)
 class DeadLetter:
     id: int
     flow: str
@@ -717,11 +711,6 @@ def metrics_leader_claim(conn: Conn, engine_id: str, lease: float) -> bool:
 
 def metrics_leader_release(conn: Conn, engine_id: str) -> None:
     conn.execute(Q.metrics_leader_release, {"engine": engine_id})
-
-
-def flows_unserved(conn: Conn, stale_after: float, cap: int) -> list[UnservedFlow]:
-    """Flows with due pending jobs and no live worker serving them."""
-    return _rows(conn, UnservedFlow, Q.flows_unserved, {"stale_after": stale_after, "cap": cap})
 
 
 # ---------------------------------------------------------------------------------------------
