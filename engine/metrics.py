@@ -43,11 +43,9 @@ from engine.redact import describe_error
 
 log = logging.getLogger("skiplock.metrics")
 
-# Histogram bucket bounds, seconds.
-WAIT_BUCKETS: Final = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0,
-                       3600.0)
-RUN_BUCKETS: Final = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
-                      300.0)
+# Histogram bucket bounds, seconds: ten each (every bucket is a sample per flow in every scrape).
+WAIT_BUCKETS: Final = (0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0, 60.0, 300.0, 1800.0)
+RUN_BUCKETS: Final = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0, 300.0)
 COUNTERS: Final = ("completed", "failed", "dead", "retried", "cancelled")
 OTHER: Final = "other"
 PIPE_BUF: Final = 4096  # POSIX guarantees at least 512; Linux 4096: writes up to it are atomic

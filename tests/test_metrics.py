@@ -215,3 +215,10 @@ def test_failure_lines_counted_redacted_and_rate_limited(dsn: str, start_engine:
     text = process.log_path.read_text()
     assert "hunter2" not in text and "second line" not in text
 
+
+
+def test_run_help_names_the_metrics_port() -> None:
+    out = ok(engine("run", "--help"))
+    assert "--metrics-port PORT" in out and "/readyz" in out
+    result = engine("run", "--metrics-port", "nine")
+    assert result.returncode == 2 and "--metrics-port: invalid int value: 'nine'" in result.stderr
