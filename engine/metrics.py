@@ -113,8 +113,9 @@ class WorkerMetrics:
         return figures
 
     def batch(self, flow: str, completed: int, failed: int, dead: int, retried: int, wait_ms: float,
-              run_ms: float) -> None:
-        jobs = completed + failed
+              run_ms: float, observe: bool = True) -> None:
+        """`observe`: False when the times are unknown (a hard stop): counters only."""
+        jobs = completed + failed if observe else 0
         with self._lock:
             f = self._flow(flow)
             counts = f.counts

@@ -387,6 +387,12 @@ def _hard_stop(worker: Any, batch: InlineBatch) -> None:
         if rest:
             worker.with_db("release", lambda conn: release_batch(conn, worker.id, batch.token, rest), quick=True)
         worker.telemetry.record_batch(flow.name, ack.completed, len(failures), ack.dead_ids, 0.0, 0.0, [])
+        if worker.metrics is not None:
+            worker.metrics.batch(flow.name, ack.completed, len(failures), len(ack.dead_ids), ack.retried, 0.0, 0.0,
+                                   observe=False)
+            worker.metrics.failures(flow.name, [f.error_type for f in failures])
+        worker.failure_log.failed(flow.name, [FailureSample(f.job_id, 0, 0, f.error_type, f.message)
+                                              for f in failures], ack.dead_ids)
         worker.telemetry_thread.final_tick()
     except Exception as exc:
         worker.log.warning("could not ack before exiting (the supervisor rescues): %s", exc)
