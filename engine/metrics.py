@@ -359,7 +359,7 @@ class MetricsHub:
         if not leader or gauges is None:
             return
         depth = GaugeMetricFamily("skiplock_queue_jobs", "jobs per flow and state, fleet-wide (leader only; "
-                                  "counts stop at the cap)", labels=["flow", "state"])
+                                  "exact to 10,000, then ready and dead are the planner's estimate, the others stop)", labels=["flow", "state"])
         for name, states in sorted(gauges.flows.items()):
             for state in GAUGE_STATES:
                 depth.add_metric([name, state], states.get(state, 0))
@@ -395,8 +395,16 @@ def read_gauges(conn: Any, thresholds: Thresholds, cap: int) -> Gauges:
     rows = store.console_flows(conn, _FlowCounts, None, cap)
     workers = store.health_workers(conn, thresholds.stale_after)
     health = store.health_flows(conn, thresholds.stale_after, FAILURE_WINDOW, UNSERVED_CAP)
-    flows = {r.name: {"ready": r.ready, "scheduled": r.scheduled, "retrying": r.retrying, "running": r.running,
-                      "dead": r.dead} for r in rows}
+    flows = {}
+    for r in rows:
+        ready, dead = r.ready, r.dead
+        # Past the cap an exact count would read every row: the planner's estimate (the console's way).
+        if r.pending_total >= cap:
+            ready = max(ready, _estimate(conn, r.name, "pending") - r.scheduled)
+        if dead >= cap:
+            dead = max(dead, _estimate(conn, r.name, "dead"))
+        flows[r.name] = {"ready": ready, "scheduled": r.scheduled, "retrying": r.retrying, "running": r.running,
+                         "dead": dead}
     return Gauges(time.monotonic(), flows, {h.flow: h.oldest_age for h in health},
                   {"live": workers.live, "stale": workers.stale, "lost": workers.lost})
 
@@ -416,7 +424,17 @@ class _FlowCounts:  # console_flows' columns, the ones the gauges export
     dead: int
 
 
-GAUGE_CAP: Final = 100_000  # per flow and state: a bounded count, documented as saturating
+GAUGE_CAP: Final = 10_000  # exact counts per flow and state up to this; ready and dead are estimated past it
+
+
+def _estimate(conn: Any, flow: str, status: str) -> int:
+    plan = store.console_estimate(conn, flow, status)
+    if isinstance(plan, (str, bytes)):
+        plan = orjson.loads(plan)
+    try:
+        return int(plan[0]["Plan"]["Plan Rows"])
+    except (TypeError, KeyError, IndexError, ValueError):
+        return 0
 
 
 class GaugeReader:

@@ -222,3 +222,25 @@ def test_run_help_names_the_metrics_port() -> None:
     assert "--metrics-port PORT" in out and "/readyz" in out
     result = engine("run", "--metrics-port", "nine")
     assert result.returncode == 2 and "--metrics-port: invalid int value: 'nine'" in result.stderr
+
+
+def test_leader_gauges_past_the_cap_are_estimates(dsn: str) -> None:
+    """Counts stop at the cap (bounded reads); ready and dead past it come from the planner."""
+    from engine import db
+    from engine.health import Thresholds
+    from engine.metrics import read_gauges
+
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("INSERT INTO skiplock.flows (name) VALUES ('big')")
+        conn.execute("INSERT INTO skiplock.jobs (flow, payload, run_at) SELECT 'big', '{}', now() - interval '1 minute' "
+                     "FROM generate_series(1, 300)")
+        conn.execute("INSERT INTO skiplock.jobs (flow, payload, status, finished_at) "
+                     "SELECT 'big', '{}', 'dead', now() FROM generate_series(1, 40)")
+        conn.execute("ANALYZE skiplock.jobs")
+    with db.connect(dsn) as conn:
+        gauges = read_gauges(conn, Thresholds(), cap=20)
+    big = gauges.flows["big"]
+    assert big["running"] == 0 and big["scheduled"] == 0
+    assert 200 <= big["ready"] <= 400 and 20 <= big["dead"] <= 80, big  # estimates, not the cap
+    assert 55 <= gauges.oldest["big"] <= 120
+    assert gauges.workers == {"live": 0, "stale": 0, "lost": 0}
