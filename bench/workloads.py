@@ -215,8 +215,9 @@ class Engine:
     """
 
     def __init__(self, dsn: str, workdir: Path, workers: int, flows: Mapping[str, Mapping[str, Any]],
-                 name: str = "engine") -> None:
+                 name: str = "engine", global_toml: str = "") -> None:
         self.dsn = dsn
+        self.global_toml = global_toml  # more [global] lines, e.g. metrics_port = 0
         self.workdir = workdir
         self.workers = workers
         self.flows = {k: dict(v) for k, v in flows.items()}
@@ -232,7 +233,7 @@ class Engine:
 
     def start(self) -> "Engine":
         self.config.write_text(
-            "[global]\nlog_format = \"json\"\nheartbeat_interval = \"1s\"\n\n"
+            "[global]\nlog_format = \"json\"\nheartbeat_interval = \"1s\"\n" + self.global_toml + "\n"
             + "\n\n".join(_toml_flow(name, policy) for name, policy in self.flows.items()) + "\n")
         self.conn = db.connect(self.dsn, application_name="skiplock-bench")
         queue = Queue(conn=self.conn)

@@ -64,6 +64,7 @@ from console.status import Attachment, Colours, header_text, health
 from engine import roles
 from engine.config import read_toml_document
 from engine.errors import SkiplockError
+from engine.health import Thresholds
 from engine.queue import DeadLetterFilter
 from engine.redact import describe_error, redact_dsn
 
@@ -111,6 +112,7 @@ class ConsoleApp(App[None]):
         tz: tzinfo | None = None,
         live: bool = True,
         stale_after: float = 30.0,
+        thresholds: Thresholds | None = None,
         keymap: dict[str, str] | None = None,
         count_cap: int = COUNT_CAP,
         quit_after: float | None = None,
@@ -126,9 +128,11 @@ class ConsoleApp(App[None]):
         self.tz = tz or datetime.now().astimezone().tzinfo
         self.live = live
         self.stale_after = stale_after
+        self.thresholds = thresholds if thresholds is not None else Thresholds(stale_after=stale_after)
         self.keymap = dict(keymap or {})
         self.quit_after = quit_after
-        self.data = DataSource(dsn, refresh_interval=refresh_interval, now=clock, count_cap=count_cap)
+        self.data = DataSource(dsn, refresh_interval=refresh_interval, now=clock, count_cap=count_cap,
+                               thresholds=self.thresholds)
         self.state = LiveState()
         self.window = 300
         self.frozen = False
@@ -304,7 +308,7 @@ class ConsoleApp(App[None]):
     def attachment(self) -> Attachment:
         """Where the console is attached and how its connections are doing, for the header."""
         return Attachment(dsn_label=self.dsn_label, environment=self.environment, read_only=self.read_only,
-                          live=self.live, stale_after=self.stale_after, frozen=self.frozen,
+                          live=self.live, stale_after=self.stale_after, thresholds=self.thresholds, frozen=self.frozen,
                           feed_connected=self.feed_connected, feed_error=self.feed_error,
                           database_down=self.database_down, down_since=self.down_since, db_error=self.db_error)
 

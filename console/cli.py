@@ -15,6 +15,7 @@ from pathlib import Path
 
 from engine.config import Settings, add_settings_arguments, load_settings, parse_duration, resolve_dsn
 from engine.errors import SkiplockError
+from engine.health import Thresholds
 from engine.redact import hide_secrets_in_process_title, redact_text
 
 
@@ -83,7 +84,8 @@ def open_console(dsn: str, settings: Settings, *, read_only: bool = False, refre
 
     app = ConsoleApp(dsn, read_only=bool(read_only or settings.console.read_only),
                      refresh_interval=refresh if refresh else settings.console.refresh_interval,
-                     environment=environment, stale_after=settings.engine.stale_after, keymap=keymap,
+                     environment=environment, stale_after=settings.engine.stale_after,
+                     thresholds=Thresholds.from_engine(settings.engine), keymap=keymap,
                      quit_after=quit_after)
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: app.exit()) if exit_on_sigterm else None
     try:

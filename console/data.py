@@ -28,6 +28,7 @@ import psycopg
 from engine import db, store
 from engine.queue import (CancelReport, DeadLetter, DeadLetterFilter, Job, JobFilter, JobSummary, Queue, RunningJob,
                           Schedule)
+from engine.health import Facts, Thresholds, read_facts
 
 APPLICATION_NAME: Final = "skiplock-console"
 COUNT_CAP: Final = 5_000  # exact counts up to this many rows per flow and state, then an estimate
@@ -148,6 +149,7 @@ class Snapshot:
     workers: list[WorkerRow]
     runs: list[RunRow]
     timings_ms: dict[str, float] = field(default_factory=dict)
+    health: Facts | None = None  # engine/health.py's facts, read in the same transaction
 
     @property
     def live_workers(self) -> list[WorkerRow]:
@@ -209,8 +211,10 @@ class DataSource:
     """
 
     def __init__(self, dsn: str, *, refresh_interval: float = 2.0,
-                 now: Callable[[], float] | None = None, count_cap: int = COUNT_CAP) -> None:
+                 now: Callable[[], float] | None = None, count_cap: int = COUNT_CAP,
+                 thresholds: Thresholds = Thresholds()) -> None:
         self.dsn = dsn
+        self.thresholds = thresholds
         self.refresh_interval = refresh_interval
         self.count_cap = count_cap
         self._now = now
@@ -298,12 +302,14 @@ class DataSource:
                                                                      LATENCY_SAMPLE))
             workers = timed("workers", lambda: store.console_workers(conn, WorkerRow, ref, WORKERS_LIMIT))
             runs = timed("runs", lambda: store.console_runs(conn, RunRow, ref, RUNS_LIMIT))
+            health = timed("health", lambda: read_facts(conn, self.thresholds, now=ref, ping=False))
         if any(f.pending_total >= self.count_cap or f.dead >= self.count_cap for f in flows):
             started = time.perf_counter()
             flows = [self._with_estimates(conn, f) for f in flows]
             timings["estimates"] = (time.perf_counter() - started) * 1000.0
         return Snapshot(now=now.timestamp(), server_version=server_version, flows=flows, history=history,
-                        latency=latency, workers=workers, runs=runs, timings_ms=timings)
+                        latency=latency, workers=workers, runs=runs, timings_ms=timings,
+                        health=health)
 
     def _with_estimates(self, conn: psycopg.Connection[Any], flow: FlowRow) -> FlowRow:
         """Past the cap an exact count would read every row: ask the planner instead (Oban does too)."""

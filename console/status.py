@@ -13,6 +13,8 @@ from rich.text import Text
 
 from console.state import LiveState
 from engine import __version__
+from engine.health import Thresholds, evaluate
+from engine.health import unreachable as health_unreachable
 
 
 @dataclass(frozen=True)
@@ -25,6 +27,7 @@ class Attachment:
     read_only: bool = False
     live: bool = True  # False: no LISTEN feed at all (tests, snapshots)
     stale_after: float = 30.0
+    thresholds: Thresholds = Thresholds()
     frozen: bool = False
     feed_connected: bool = False
     feed_error: str | None = None
@@ -44,29 +47,18 @@ class Colours:
 
 
 def health(state: LiveState, where: Attachment) -> tuple[str, str]:
-    """(HEALTHY | DEGRADED | UNHEALTHY | CONNECTING, reasons joined by '; ')."""
+    """(HEALTHY | DEGRADED | UNHEALTHY | CONNECTING, reasons joined by '; '): engine/health.py's verdict
+    on the facts read with the snapshot (circuit changes from the live feed applied), the same one
+    `engine health`, /readyz and Queue.health_check() give."""
     if where.database_down:
-        return "UNHEALTHY", "database unreachable"
-    snapshot = state.snapshot
-    if snapshot is None:
-        return "CONNECTING", ""
-    reasons = []
-    live = snapshot.live_workers
-    stale = [w for w in live if w.heartbeat_age >= where.stale_after]
-    lost = [w for w in snapshot.workers if w.state == "lost"]
-    if not live:
-        reasons.append("no live workers")
-    if stale:
-        reasons.append(f"{len(stale)} stale worker(s)")
-    if lost:
-        reasons.append(f"{len(lost)} lost worker(s) in the last 10 min")
-    opened = [f.name for f in snapshot.flows
-              if state.circuit_override.get(f.name, "open" if f.state == "circuit open" else "") == "open"]
-    if opened:
-        reasons.append("circuit open: " + ", ".join(opened))
-    if where.live and not where.feed_connected:
-        reasons.append("live feed down")
-    return ("DEGRADED", "; ".join(reasons)) if reasons else ("HEALTHY", "")
+        facts = health_unreachable(where.db_error or "")
+    else:
+        snapshot = state.snapshot
+        if snapshot is None or snapshot.health is None:
+            return "CONNECTING", ""
+        facts = snapshot.health.with_circuits(state.circuit_override)
+    verdict = evaluate(facts, where.thresholds)
+    return verdict.status.upper(), "; ".join(verdict.texts)
 
 
 def header_text(state: LiveState, where: Attachment, *, now: float, tz: tzinfo | None,

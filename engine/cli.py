@@ -24,6 +24,7 @@ from engine import __version__, db, roles, store
 from engine.config import Settings, add_settings_arguments, load_settings, parse_duration, recorded_policy, resolve_dsn
 from engine.embedded import default_data_dir
 from engine.errors import JobFailed, SkiplockError, ValidationError, WaitTimeout
+from engine.health import Thresholds
 from engine.limits import INT4_MAX, utf8_problem
 from engine.migrate import migrate
 from engine.payloads import loads_exact
@@ -174,7 +175,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_health(args: argparse.Namespace) -> int:
     settings = _settings(args)
     with Queue(resolve_dsn(settings), application_name=f"{settings.application_name}-cli") as queue:
-        report = queue.health_check(stale_after=settings.engine.stale_after)
+        report = queue.health_check(thresholds=Thresholds.from_engine(settings.engine))
     if args.json:
         print_json(report)
     else:
@@ -526,7 +527,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     _add_app_dir(args.app_dir)
     return run_engine(_settings(args), EngineOptions(workers=args.workers, flows=args.flows, drain=args.drain,
-                                                     wait_scheduled=args.wait_scheduled))
+                                                     wait_scheduled=args.wait_scheduled,
+                                                     metrics_port=args.metrics_port))
 
 
 def cmd_console(args: argparse.Namespace) -> int:
@@ -680,6 +682,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --drain: also wait for jobs scheduled for later (--delay, retry backoff)")
     p.add_argument("--app-dir", type=Path, help="directory to import handler modules from (put first on the "
                                                 "Python path); else install the app or set PYTHONPATH")
+    p.add_argument("--metrics-port", type=int, metavar="PORT",
+                   help="serve Prometheus /metrics, /healthz and /readyz on this port (config `metrics_port`; "
+                        "address: `metrics_host`, default 127.0.0.1; 0: any free port, logged)")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("console", parents=[common], help="the ops console: a terminal UI on the queue (same as `console`)")

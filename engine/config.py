@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Final, TypeVar
 
 from engine.errors import ConfigError
-from engine.limits import INT4_MAX, MAX_DURATION_S, MAX_DURATION_TEXT, MAX_POOL_SIZE, MAX_WORKERS, utf8_problem
+from engine.limits import INT4_MAX, MAX_DURATION_S, MAX_DURATION_TEXT, MAX_POOL_SIZE, MAX_PORT, MAX_WORKERS, utf8_problem
 from engine.redact import secret_spans
 from engine.schedules import ScheduleError, ScheduleSpec, check_catch_up, check_every, check_payload, check_timezone, parse_cron
 
@@ -339,6 +339,16 @@ class EngineConfig:
     pool_min: int = _key(_int(0, MAX_POOL_SIZE), "connections each worker keeps open", 1)
     pool_max: int = _key(_int(1, MAX_POOL_SIZE), "connections each worker may open", 4)
     log_format: str = _key(_log_format, "auto | json | text", "auto")
+    # metrics and health (engine/metrics.py, engine/health.py)
+    metrics_port: int | None = _key(_optional(_int(0, MAX_PORT)), "serve /metrics, /healthz and /readyz on this "
+                                    "port (0: any free port, logged); false: off", None)
+    metrics_host: str = _key(_text, "address the metrics port listens on", "127.0.0.1")
+    metrics_interval: float = _key(_POSITIVE_DURATION, "how often the leader engine reads the fleet-wide gauges",
+                                   15.0)
+    alert_backlog_age: float = _key(_POSITIVE_DURATION, "health is degraded when a due job has waited longer",
+                                    300.0)
+    alert_failure_rate: float = _key(_fraction, "health is degraded when more than this fraction of a flow's "
+                                     "attempts failed in the last 5 minutes (at least 20 attempts)", 0.5)
 
 
 @dataclass(frozen=True)

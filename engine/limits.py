@@ -16,6 +16,15 @@ MAX_DURATION_TEXT: Final = "36500d"
 MAX_WORKERS: Final = 1024  # processes per engine
 MAX_POOL_SIZE: Final = 1000  # connections per worker (PostgreSQL's max_connections is far lower)
 PROGRESS_MESSAGE_MAX: Final = 200  # characters of a ctx.progress message (shown in one console cell)
+MAX_PORT: Final = 65535
+# Metrics (engine/metrics.py): error types kept per flow before the rest count as "other", and the
+# longest error type name exported as a label.
+MAX_ERROR_TYPES_PER_FLOW: Final = 20
+MAX_ERROR_TYPE_CHARS: Final = 80
+# Failure log lines (engine/failure_log.py): a burst of this many per flow per worker, then this many
+# per second; what is left out is counted in a later line.
+FAILURE_LOG_BURST: Final = 10
+FAILURE_LOG_PER_SECOND: Final = 1.0
 
 
 def utf8_problem(text: str) -> str | None:

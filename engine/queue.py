@@ -37,6 +37,8 @@ from engine.errors import (
     ValidationError,
     WaitTimeout,
 )
+from engine.health import Thresholds, evaluate, read_facts
+from engine.health import unreachable as health_unreachable
 from engine.limits import INT4_MAX, INT8_MAX, MAX_DURATION_S, utf8_problem
 from engine.payloads import MAX_PAYLOAD_BYTES, encode_payload  # noqa: F401  (re-exported)
 from engine.migrate import REQUIRED_SCHEMA_VERSION, require_schema, schema_version
@@ -71,7 +73,6 @@ DONE_WINDOW_S: Final = 24 * 3600.0  # how far back the browser searches complete
 MAX_LIST_LIMIT: Final = 10_000
 WAIT_POLL_FIRST_S: Final = 0.02
 WAIT_POLL_MAX_S: Final = 1.0
-UNSERVED_CAP: Final = 1000
 
 # Flows are never deleted, so a flow once seen registered stays known: per database, for the life of
 # the process (a worker's follow-up enqueues pay the lookup once per flow, not once per job).
@@ -853,10 +854,13 @@ class Queue:
             "by_flow": dict(sorted(by_flow.items())),
         }
 
-    def health_check(self, stale_after: float = 30.0, slow_ms: float = 1000.0) -> dict[str, Any]:
-        """The seeds' format. unhealthy: database unreachable or schema too old; degraded: workers
-        with stale heartbeats, due pending jobs of flows that no live worker serves (listed in
-        `unserved_flows`: flow -> jobs, counted up to 1000), or the database slower than `slow_ms`."""
+    def health_check(self, stale_after: float = 30.0, slow_ms: float = 1000.0,
+                     thresholds: Thresholds | None = None) -> dict[str, Any]:
+        """The seeds' format, judged by engine/health.py (the one definition the CLI, /readyz and the
+        console use): `status`, `reasons` (one line each) and `problems` ({code, status, reason}).
+        `thresholds` (e.g. Thresholds.from_engine(settings.engine)) overrides stale_after and slow_ms."""
+        if thresholds is None:
+            thresholds = Thresholds(stale_after=stale_after, slow_ms=slow_ms)
         report: dict[str, Any] = {
             "status": "healthy",
             "version": __version__,
@@ -867,47 +871,37 @@ class Queue:
             "instance_info": instance_info(),
             "timestamp": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
             "reasons": [],
+            "problems": [],
             "unserved_flows": {},
         }
         database: dict[str, Any] = {"status": "unhealthy", "connection": False, "response_time_ms": None}
         report["databases"]["skiplock"] = database
         try:
-            started = time.perf_counter()
             with self._raw_connection() as conn:
-                store.health_ping(conn)
-                database["response_time_ms"] = round((time.perf_counter() - started) * 1000.0, 2)
-                database["connection"] = True
-                version = schema_version(conn)
-                report["schema"]["version"] = version
-                if version < REQUIRED_SCHEMA_VERSION:
-                    database["status"] = "unhealthy"
-                    report["reasons"].append("schema outdated: run `engine migrate`")
-                else:
-                    database["status"] = "healthy"
-                    stale = store.workers_stale_count(conn, stale_after)
-                    running = sum(1 for w in store.workers_list(conn) if w["state"] not in ("stopped", "lost"))
-                    # A stale worker is not live: each worker counts once, in one of the two.
-                    report["workers"] = {"live": max(running - stale, 0), "stale": stale}
-                    unserved = store.flows_unserved(conn, stale_after, UNSERVED_CAP)
-                    report["unserved_flows"] = {u.flow: u.pending for u in unserved}
+                facts = read_facts(conn, thresholds)
         except (psycopg.Error, DatabaseUnavailable) as exc:
-            report["reasons"].append(f"database unreachable: {describe_error(exc)}")
-        if database["status"] == "healthy":
-            status = self.get_queue_status()
-            report["queue_status"] = {k: status[k] for k in (
-                "pending_records", "processing_records", "failed_records", "completed_records", "cancelled_records",
-                "total_records")}
-            if report.get("unserved_flows"):
-                report["reasons"].append("pending jobs of flows no live worker serves: " + ", ".join(
-                    f"{flow} ({count if count < UNSERVED_CAP else f'{count}+'})"
-                    for flow, count in report["unserved_flows"].items()))
-            if report["workers"].get("stale"):
-                report["reasons"].append(f"{report['workers']['stale']} worker(s) with stale heartbeats")
-            if database["response_time_ms"] > slow_ms:
-                report["reasons"].append(f"database answered in {database['response_time_ms']} ms")
-            report["status"] = "degraded" if report["reasons"] else "healthy"
-        else:
-            report["status"] = "unhealthy"
+            facts = health_unreachable(describe_error(exc))
+        verdict = evaluate(facts, thresholds)
+        if facts.database_up:
+            database["connection"] = True
+            database["response_time_ms"] = facts.response_ms
+            report["schema"]["version"] = facts.schema_version
+        current = facts.database_up and (facts.schema_version or 0) >= REQUIRED_SCHEMA_VERSION
+        if current:
+            database["status"] = "healthy"
+            report["workers"] = {"live": facts.live_workers, "stale": facts.stale_workers, "lost": facts.lost_workers}
+            report["unserved_flows"] = {f.name: f.due for f in facts.flows if f.due and not f.served}
+            try:
+                status = self.get_queue_status()
+            except (psycopg.Error, DatabaseUnavailable):
+                status = None
+            if status is not None:
+                report["queue_status"] = {k: status[k] for k in (
+                    "pending_records", "processing_records", "failed_records", "completed_records",
+                    "cancelled_records", "total_records")}
+        report["status"] = verdict.status
+        report["reasons"] = verdict.texts
+        report["problems"] = [{"code": r.code, "status": r.status, "reason": r.text} for r in verdict.reasons]
         return report
 
     @contextmanager

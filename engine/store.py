@@ -179,12 +179,6 @@ class DoneCounts:
 
 
 @dataclass(frozen=True)
-class UnservedFlow:
-    flow: str
-    pending: int  # due pending jobs, counted up to the cap
-
-
-@dataclass(frozen=True)
 class DeadLetter:
     id: int
     flow: str
@@ -754,9 +748,42 @@ def flow_names(conn: Conn, limit: int) -> list[str]:
     return [row[0] for row in conn.execute(Q.flow_names, {"limit": limit})]
 
 
-def flows_unserved(conn: Conn, stale_after: float, cap: int) -> list[UnservedFlow]:
-    """Flows with due pending jobs and no live worker serving them."""
-    return _rows(conn, UnservedFlow, Q.flows_unserved, {"stale_after": stale_after, "cap": cap})
+@dataclass(frozen=True)
+class HealthWorkers:
+    live: int
+    stale: int
+    lost: int  # in the last 10 minutes
+
+
+@dataclass(frozen=True)
+class HealthFlow:
+    flow: str
+    served: bool  # a live worker serves it
+    circuit_open: bool
+    due: int  # due pending jobs, counted up to the cap
+    oldest_age: float  # seconds the oldest due job has waited (0: none due)
+    completed: int  # attempts in the failure-rate window (stats_minute)
+    failed: int
+
+
+def health_workers(conn: Conn, stale_after: float, now: datetime | None = None) -> HealthWorkers:
+    rows = _rows(conn, HealthWorkers, Q.health_workers, {"stale_after": stale_after, "now": now})
+    return rows[0]
+
+
+def health_flows(conn: Conn, stale_after: float, window: float, cap: int,
+                 now: datetime | None = None) -> list[HealthFlow]:
+    return _rows(conn, HealthFlow, Q.health_flows,
+                 {"stale_after": stale_after, "window": window, "cap": cap, "now": now})
+
+
+def metrics_leader_claim(conn: Conn, engine_id: str, lease: float) -> bool:
+    """True while this engine reads the fleet-wide gauges (its lease renewed for `lease` seconds)."""
+    return bool(_scalar(conn, Q.metrics_leader_claim, {"engine": engine_id, "lease": lease}))
+
+
+def metrics_leader_release(conn: Conn, engine_id: str) -> None:
+    conn.execute(Q.metrics_leader_release, {"engine": engine_id})
 
 
 # ---------------------------------------------------------------------------------------------

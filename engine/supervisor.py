@@ -41,8 +41,10 @@ from engine.config import BUILTIN_FLOW_NAMES, EngineConfig, FlowConfig, Settings
 from engine.errors import ConfigError, SkiplockError
 from engine.handlers import load_flow
 from engine.hooks import HookRunner
-from engine.limits import MAX_WORKERS
+from engine.limits import MAX_PORT, MAX_WORKERS
+from engine.health import Thresholds
 from engine.liveness import EngineLiveness
+from engine.metrics import EngineMetrics
 from engine.logs import ContextLogger, setup_logging
 from engine.migrate import require_schema
 from engine.queue import Queue, new_engine_id, validate_flow
@@ -53,6 +55,7 @@ from engine.worker import WorkerSpec, worker_main
 log = logging.getLogger("skiplock.engine")
 
 EXIT_OK: Final = 0
+EXIT_CONFIG: Final = 2
 EXIT_FORCED: Final = 3
 EXIT_CRASH_LOOP: Final = 4
 EXIT_KILLED: Final = 5  # workers still busy after the grace period were killed (their jobs rescued)
@@ -127,6 +130,8 @@ class Supervisor:
     signals: int = 0
     _context: Any = None
     report: Any = None
+    metrics_port: int | None = None  # --metrics-port, else the config's metrics_port (None: off)
+    metrics: EngineMetrics | None = None
 
     def __post_init__(self) -> None:
         self._context = multiprocessing.get_context("fork")
@@ -138,6 +143,11 @@ class Supervisor:
                                        engine.stale_after, engine.heartbeat_interval)
         self.hooks = HookRunner()
         self._unreported_lost: dict[str, str] = {}  # worker id -> reason, marked lost once the database answers
+        port = self.metrics_port if self.metrics_port is not None else engine.metrics_port
+        if port is not None:  # the pipe exists before the first fork, so every worker inherits it
+            self.metrics = EngineMetrics(self.engine_id, self.dsn, self.settings.application_name,
+                                         engine.metrics_host, port, Thresholds.from_engine(engine),
+                                         engine.metrics_interval)
 
     # -- database work on short-lived connections (never open across a fork) -----------------------
 
@@ -165,7 +175,8 @@ class Supervisor:
         spec = WorkerSpec(slot.index, slot.worker_id, self.engine_id, self.dsn,
                           f"{self.settings.application_name}-worker", self.flows, self.settings.engine,
                           sources=self.settings.sources, report=self.report,
-                          lease=self.liveness.lease(slot.index))
+                          lease=self.liveness.lease(slot.index),
+                          metrics=self.metrics.pipe if self.metrics is not None else None)
         self.report.busy(slot.index)
         process = self._context.Process(target=worker_main, args=(spec, self.settings.engine.log_format),
                                         name=f"skiplock-worker-{slot.index}", daemon=False)
@@ -195,6 +206,15 @@ class Supervisor:
         self.log.info("engine starting", extra={"workers": self.workers, "flows": [f.name for f in self.flows],
                                                 "pid": os.getpid(), "version": __version__})
         self.liveness.start()
+        if self.metrics is not None:
+            try:
+                port = self.metrics.start(self._live_workers)
+            except OSError as exc:
+                self.log.error("metrics port cannot be opened: %s", exc, extra={
+                    "host": self.settings.engine.metrics_host, "port": self.metrics.port})
+                self.liveness.stop()
+                return EXIT_CONFIG
+            self.log.info("metrics listening", extra={"host": self.settings.engine.metrics_host, "port": port})
         for slot in self.slots:
             self._spawn(slot)
         engine = self.settings.engine
@@ -208,6 +228,8 @@ class Supervisor:
             if self.signals:
                 break  # workers exiting on our SIGTERM did not die: _stop reaps them, none is restarted
             now = time.monotonic()
+            if self.metrics is not None:
+                self.metrics.hub.loop_at = now
             crashed = self._reap(now)
             if crashed is not None:
                 return self._stop(crashed)
@@ -236,6 +258,9 @@ class Supervisor:
             except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
                 self.log.warning("supervisor database call failed (will retry): %s", exc)
         return self._stop(EXIT_OK)
+
+    def _live_workers(self) -> int:
+        return sum(1 for s in self.slots if s.process is not None and s.process.exitcode is None)
 
     def _on_signal(self, signum: int, frame: Any) -> None:
         self.signals += 1
@@ -330,6 +355,8 @@ class Supervisor:
                  for flow in set(result.rescued_by_flow) | set(result.dead_by_flow)}
         events += [encode_event("worker_lost", engine=self.engine_id, worker=w, reason="heartbeat stale")
                    for w in result.lost_workers]
+        if self.metrics is not None and result.rescued_by_flow:
+            self.metrics.hub.add_rescued(result.rescued_by_flow)
         if flows:
             events.append(encode_event("rescued", engine=self.engine_id, flows=flows, workers=result.lost_workers))
             self._after_rescue("stats", lambda: store.stats_upsert(
@@ -429,6 +456,8 @@ class Supervisor:
             self._rescue_workers(reasons)
         if self.signals >= 2:
             code = EXIT_FORCED
+        if self.metrics is not None:
+            self.metrics.stop()
         self.log.info("engine stopped", extra={"exit_code": code})
         return code
 
@@ -485,6 +514,7 @@ class EngineOptions:
     flows: str | None = None  # comma-separated names, as --flows; None: every configured flow
     drain: bool = False
     wait_scheduled: bool = False  # with drain: jobs scheduled for later (delays, retry backoff) hold it too
+    metrics_port: int | None = None  # --metrics-port (None: the config's metrics_port)
 
 
 def run_engine(settings: Settings, options: EngineOptions) -> int:
@@ -494,9 +524,11 @@ def run_engine(settings: Settings, options: EngineOptions) -> int:
         raise ConfigError(f"--workers must be at least 1 and at most {MAX_WORKERS}, got {workers}")
     if options.wait_scheduled and not options.drain:
         raise ConfigError("--wait-scheduled goes with --drain")
+    if options.metrics_port is not None and not 0 <= options.metrics_port <= MAX_PORT:
+        raise ConfigError(f"--metrics-port must be from 0 to {MAX_PORT}, got {options.metrics_port}")
     flows = select_flows(settings, options.flows)  # after the option checks: they name what the user typed
     supervisor = Supervisor(settings, resolve_dsn(settings), flows, workers, drain=options.drain,
-                            wait_scheduled=options.wait_scheduled)
+                            wait_scheduled=options.wait_scheduled, metrics_port=options.metrics_port)
     try:
         supervisor.prepare()
     except psycopg.OperationalError as exc:

@@ -288,6 +288,7 @@ class FailureSample:
     max_attempts: int
     type: str
     message: str
+    run: str | None = None  # for the failure log line (engine/failure_log.py), not sent in events
 
 
 @dataclass

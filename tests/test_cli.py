@@ -405,7 +405,7 @@ def test_health_degraded_on_stale_worker(dsn: str) -> None:
     assert result.returncode == 1
     report = json.loads(result.stdout)
     assert report["status"] == "degraded"
-    assert report["workers"] == {"live": 1, "stale": 1}  # each worker counted once
+    assert report["workers"] == {"live": 1, "stale": 1, "lost": 0}  # each worker counted once
     # a stopped worker's old heartbeat is not a problem
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute("UPDATE skiplock.workers SET state = 'stopped' WHERE id = 'ghost:1'")

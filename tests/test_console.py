@@ -656,6 +656,7 @@ def test_screens_ask_the_app_and_never_call_it():
 def test_header_and_health_are_functions_of_the_state():
     from console.data import FlowRow, Snapshot
     from console.status import Attachment, header_text, health
+    from engine.health import Facts
 
     state = LiveState()
     where = Attachment(dsn_label="host=db user=ops", environment=None, live=False)
@@ -665,12 +666,15 @@ def test_header_and_health_are_functions_of_the_state():
     assert "env production" in str(header_text(state, Attachment("x", environment="production", live=False),
                                                now=0.0, tz=timezone.utc))
     state.set_snapshot(Snapshot(3600.0, "16", [], [], {}, [], []))
+    assert health(state, where) == ("CONNECTING", "")  # a snapshot without health facts judges nothing
+    state.set_snapshot(Snapshot(3600.0, "16", [], [], {}, [], [], health=Facts(True, schema_version=99)))
     assert health(state, where) == ("DEGRADED", "no live workers")
-    assert health(state, Attachment("x", live=True)) == ("DEGRADED", "no live workers; live feed down")
+    # the feed's state is on line 1, not a health reason: the CLI and the API have no feed
+    assert health(state, Attachment("x", live=True)) == ("DEGRADED", "no live workers")
     down = Attachment("x", live=False, database_down=True, down_since=60.0, db_error="refused", read_only=True,
                       frozen=True)
     text = str(header_text(state, down, now=120.0, tz=timezone.utc))
-    assert health(state, down) == ("UNHEALTHY", "database unreachable")
+    assert health(state, down) == ("UNHEALTHY", "database unreachable: refused")
     for expected in ("READ-ONLY", "FROZEN", "DATABASE UNREACHABLE  since 00:01:00: refused",
                      "showing data from 01:00:00"):
         assert expected in text, (expected, text)

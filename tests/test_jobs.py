@@ -373,7 +373,8 @@ def test_wait_cancel_and_health_plans_stay_on_indexes(big: psycopg.Connection) -
                          "running": True, "limit": 10_000}),
         (Q.cancel_jobs, {"ids": None, "flow": "flow-3", "run_id": None, "pending": True, "scheduled": False,
                          "running": False, "limit": 10_000}),
-        (Q.flows_unserved, {"stale_after": 30.0, "cap": 1000}),
+        (Q.health_flows, {"stale_after": 30.0, "window": 300.0, "cap": 1000, "now": None}),
+        (Q.health_workers, {"stale_after": 30.0, "now": None}),
     ):
         plan = _plan(big, sql, params)
         seq = [n for n in _nodes(plan) if n["Node Type"] == "Seq Scan" and n.get("Relation Name") in

@@ -965,29 +965,97 @@ SELECT name FROM skiplock.flows WHERE name = ANY(%(flows)s::text[]);
 -- name: flow_names
 SELECT name FROM skiplock.flows ORDER BY name LIMIT %(limit)s;
 
--- name: flows_unserved
--- Flows with due pending jobs that no live worker serves (health: degraded). The flows with pending
--- jobs come from a skip scan of the claim's index; each count stops at `cap`.
-WITH RECURSIVE pending_flows(flow) AS (
+-- health (engine/health.py): the facts that engine health, /readyz, Queue.health_check and the
+-- console header judge with one function. Each takes `now` (NULL: the server's clock; the console's
+-- fixed reference time in tests).
+
+-- name: health_workers
+-- Live and stale as rescue_stale_workers counts them (a heartbeat is not stale before the server has
+-- been up stale_after); lost: in the last 10 minutes. Both arms on their partial indexes.
+WITH ref AS (
+    SELECT coalesce(%(now)s::timestamptz, now()) AS now
+)
+SELECT count(w.id) FILTER (WHERE greatest(w.heartbeat_at, pg_postmaster_start_time())
+                              >= ref.now - make_interval(secs => %(stale_after)s)) AS live,
+       count(w.id) FILTER (WHERE greatest(w.heartbeat_at, pg_postmaster_start_time())
+                              < ref.now - make_interval(secs => %(stale_after)s)) AS stale,
+       (SELECT count(*) FROM skiplock.workers x
+        WHERE x.state IN ('stopped', 'lost') AND x.stopped_at > ref.now - interval '10 minutes'
+          AND x.state = 'lost') AS lost  -- the IN: workers_stopped_idx's predicate
+FROM ref LEFT JOIN skiplock.workers w ON w.state NOT IN ('stopped', 'lost')
+GROUP BY ref.now;
+
+-- name: health_flows
+-- Per flow (declared, or with pending jobs: a skip scan of the claim's index): served by a live
+-- worker, circuit open, due pending jobs (counted up to `cap`), the oldest due job's age (the first
+-- row of each priority in the claim's index: a skip scan over priorities, at most 64 of them), and
+-- completed/failed attempts in the last `window` seconds from stats_minute (by its primary key).
+WITH RECURSIVE ref AS (
+    SELECT coalesce(%(now)s::timestamptz, now()) AS now
+), pending_flows(flow) AS (
     (SELECT flow FROM skiplock.jobs WHERE status = 'pending' ORDER BY flow LIMIT 1)
     UNION ALL
     SELECT (SELECT j.flow FROM skiplock.jobs j WHERE j.status = 'pending' AND j.flow > p.flow
             ORDER BY j.flow LIMIT 1)
     FROM pending_flows p WHERE p.flow IS NOT NULL
+), names AS (
+    SELECT name AS flow FROM skiplock.flows
+    UNION SELECT flow FROM pending_flows WHERE flow IS NOT NULL
 ), served AS (
-    SELECT DISTINCT unnest(w.flows) AS flow FROM skiplock.workers w
-    WHERE w.state NOT IN ('stopped', 'lost') AND w.heartbeat_at >= now() - make_interval(secs => %(stale_after)s)
+    SELECT DISTINCT unnest(w.flows) AS flow FROM skiplock.workers w, ref
+    WHERE w.state NOT IN ('stopped', 'lost') AND w.heartbeat_at >= ref.now - make_interval(secs => %(stale_after)s)
 )
-SELECT p.flow, c.pending
-FROM pending_flows p
+SELECT n.flow,
+       EXISTS (SELECT 1 FROM served s WHERE s.flow = n.flow) AS served,
+       coalesce(f.circuit_state = 'open' AND (f.circuit_until IS NULL OR f.circuit_until > ref.now), false)
+           AS circuit_open,
+       d.due,
+       coalesce(extract(epoch FROM ref.now - o.oldest)::float8, 0.0) AS oldest_age,
+       coalesce(st.completed, 0)::bigint AS completed,
+       coalesce(st.failed, 0)::bigint AS failed
+FROM names n
+CROSS JOIN ref
+LEFT JOIN skiplock.flows f ON f.name = n.flow
 CROSS JOIN LATERAL (
-    SELECT count(*) AS pending FROM (SELECT 1 FROM skiplock.jobs j
-                                     WHERE j.flow = p.flow AND j.status = 'pending' AND j.run_at <= now()
-                                     LIMIT %(cap)s) s
-) c
-WHERE p.flow IS NOT NULL AND c.pending > 0 AND NOT EXISTS (SELECT 1 FROM served s WHERE s.flow = p.flow)
-ORDER BY p.flow
-LIMIT 50;
+    SELECT count(*) AS due FROM (SELECT 1 FROM skiplock.jobs j
+                                 WHERE j.flow = n.flow AND j.status = 'pending' AND j.run_at <= ref.now
+                                 LIMIT %(cap)s) s
+) d
+CROSS JOIN LATERAL (
+    WITH RECURSIVE heads(priority, run_at, depth) AS (
+        (SELECT j.priority, j.run_at, 1 FROM skiplock.jobs j
+         WHERE j.flow = n.flow AND j.status = 'pending' ORDER BY j.priority DESC, j.run_at, j.id LIMIT 1)
+        UNION ALL
+        SELECT x.priority, x.run_at, h.depth + 1
+        FROM heads h CROSS JOIN LATERAL (
+            SELECT j.priority, j.run_at FROM skiplock.jobs j
+            WHERE j.flow = n.flow AND j.status = 'pending' AND j.priority < h.priority
+            ORDER BY j.priority DESC, j.run_at, j.id LIMIT 1) x
+        WHERE h.depth < 64
+    )
+    SELECT min(run_at) AS oldest FROM heads WHERE run_at <= ref.now
+) o
+LEFT JOIN LATERAL (
+    SELECT sum(m.completed) AS completed, sum(m.failed) AS failed FROM skiplock.stats_minute m
+    WHERE m.flow = n.flow AND m.minute >= date_trunc('minute', ref.now - make_interval(secs => %(window)s))
+) st ON true
+ORDER BY n.flow
+LIMIT 200;
+
+-- metrics (engine/metrics.py) --------------------------------------------------------------------
+
+-- name: metrics_leader_claim
+-- One engine at a time reads the fleet-wide gauges: the holder renews its lease, another takes it
+-- once it has run out. A row back: this engine leads until `lease` seconds from now.
+INSERT INTO skiplock.metrics_leader AS m (id, engine_id, until)
+VALUES (1, %(engine)s, now() + make_interval(secs => %(lease)s))
+ON CONFLICT (id) DO UPDATE SET engine_id = excluded.engine_id, until = excluded.until
+WHERE m.engine_id = excluded.engine_id OR m.until < now()
+RETURNING true;
+
+-- name: metrics_leader_release
+-- At shutdown, so another engine takes over at its next read instead of after the lease.
+DELETE FROM skiplock.metrics_leader WHERE id = 1 AND engine_id = %(engine)s;
 
 -- ---------------------------------------------------------------------------------------------
 -- console

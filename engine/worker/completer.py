@@ -85,7 +85,7 @@ class Completer:
         with self._cond:
             group = self._group(flow, token, trial)
             group.failures.append(failure)
-            group.samples.append(FailureSample(row[0], row[2], row[3], failure.error_type, failure.message))
+            group.samples.append(FailureSample(row[0], row[2], row[3], failure.error_type, failure.message, row[4]))
             group.wait_ms += row[5]
             group.run_ms += run_ms
             flow.consecutive_failures += 1

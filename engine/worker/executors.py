@@ -246,7 +246,7 @@ class InlineExecutor:
                         continue
                     fail = failure(flow, row, exc)
                     failures.append(fail)
-                    samples.append(FailureSample(row[0], row[2], row[3], fail.error_type, fail.message))
+                    samples.append(FailureSample(row[0], row[2], row[3], fail.error_type, fail.message, row[4]))
                     flow.consecutive_failures += 1
             run_s = clock() - started
             with lock:
@@ -294,6 +294,7 @@ class BatchExecutor(InlineExecutor):
         done_ids: list[int] = []
         results: list[str | None] = []
         failures: list[Failure] = []
+        failed_rows: list[Any] = []
         started = time.monotonic()
         w.inline = batch
         outcomes: Any = None
@@ -347,11 +348,13 @@ class BatchExecutor(InlineExecutor):
                     continue
                 if isinstance(item, BaseException):
                     failures.append(failure(flow, row, item))
+                    failed_rows.append(row)
                     continue
                 try:
                     text = encode_result(item) if item is not None else None
                 except Exception as exc:
                     failures.append(failure(flow, row, exc))
+                    failed_rows.append(row)
                     continue
                 done_ids.append(row[0])
                 results.append(text)
@@ -370,7 +373,8 @@ class BatchExecutor(InlineExecutor):
                 tx.close()
         end_apart(w, flow, token, batch)
         flow.consecutive_failures = 0 if done_ids else flow.consecutive_failures + len(failures)
-        samples = [FailureSample(f.job_id, 0, 0, f.error_type, f.message) for f in failures[:5]]
+        samples = [FailureSample(f.job_id, r[2], r[3], f.error_type, f.message, r[4])
+                   for f, r in zip(failures, failed_rows)]
         w.after_ack(flow, ack, len(failures), sum(r[5] for r in rows), run_s * 1000.0, samples,
                     had_success=bool(done_ids), trial=trial)
 
@@ -472,6 +476,12 @@ def _hard_stop(worker: Any, batch: InlineBatch) -> None:
             batch.cancelled, batch.snoozed = cancelled, []
         end_apart(worker, flow, batch.token, batch)
         worker.telemetry.record_batch(flow.name, ack.completed, len(failures), ack.dead_ids, 0.0, 0.0, [])
+        if worker.metrics is not None:
+            worker.metrics.batch(flow.name, ack.completed, len(failures), len(ack.dead_ids), ack.retried, 0.0, 0.0,
+                                   observe=False)
+            worker.metrics.failures(flow.name, [f.error_type for f in failures])
+        worker.failure_log.failed(flow.name, [FailureSample(f.job_id, 0, 0, f.error_type, f.message)
+                                              for f in failures], ack.dead_ids)
         worker.telemetry_thread.final_tick()
     except Exception as exc:
         worker.log.warning("could not ack before exiting (the supervisor rescues): %s", exc)

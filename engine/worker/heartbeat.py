@@ -20,6 +20,7 @@ from typing import Any, Final
 import orjson
 
 from engine import store
+from engine.metrics import send_worker_metrics
 from engine.telemetry import tick_events
 
 MONITOR_INTERVAL: Final = 0.05
@@ -37,6 +38,7 @@ class TelemetryThread:
     def final_tick(self) -> None:
         with self._tick_lock:
             self._send_tick()
+        send_worker_metrics(self.worker)
 
     def _loop(self) -> None:
         w = self.worker
@@ -54,6 +56,10 @@ class TelemetryThread:
                     self._send_tick()
             except Exception as exc:  # keep ticking through outages and failing writes
                 w.log.warning("telemetry tick failed: %s", exc)
+            try:
+                send_worker_metrics(w)  # to the supervisor's pipe: no database involved
+            except Exception as exc:
+                w.log.warning("metrics report failed: %s", exc)
             if now >= next_heartbeat:
                 next_heartbeat = now + engine.heartbeat_interval
                 try:
@@ -64,6 +70,7 @@ class TelemetryThread:
     def _send_tick(self) -> None:
         w = self.worker
         buffer = w.telemetry.take()
+        w.failure_log.flush()
         events = tick_events(buffer, w.spec.engine_id, w.id)
         with w.pool.connection(timeout=5) as conn:
             with conn.transaction():

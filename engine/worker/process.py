@@ -35,6 +35,8 @@ from engine.runs import claim_finished_runs, fire_claimed
 from engine.sources import SourceRegistry
 from engine.store import RunSummary
 from engine.telemetry import CANCEL_CHANNEL, ENQUEUED_CHANNEL, FailureSample, Telemetry, encode_event
+from engine.failure_log import FailureLog
+from engine.metrics import WorkerMetrics
 from engine.worker.circuit import CircuitBreaker
 from engine.worker.completer import FLUSH_INTERVAL, Completer
 from engine.worker.control import Control
@@ -71,6 +73,7 @@ class WorkerSpec:
     sources: Mapping[str, Mapping[str, object]] = field(default_factory=dict)  # Settings.sources
     report: Any = None  # the supervisor's IdleReport: this worker says when it has nothing to do
     lease: Lease | None = None  # the supervisor's heartbeat lease of this slot (engine/liveness.py)
+    metrics: Any = None  # the supervisor's MetricsPipe (engine/metrics.py) with --metrics-port, else None
 
 
 class Wakeup:
@@ -127,6 +130,8 @@ class Worker:
         self.lost = False
         self.base_log = log
         self.log = ContextLogger(log, {"engine": spec.engine_id, "worker": self.id})
+        self.failure_log = FailureLog(self.log)
+        self.metrics = WorkerMetrics() if spec.metrics is not None else None
         # Source databases: opened by the first handler that uses one, then kept for this process
         # (threaded flows give each handler thread a registry of its own).
         self.sources = SourceRegistry(spec.sources)
@@ -381,6 +386,12 @@ class Worker:
                   samples: list[FailureSample], had_success: bool, trial: bool = False) -> None:
         self.jobs_done += ack.completed
         self.telemetry.record_batch(flow.name, ack.completed, failed, ack.dead_ids, wait_ms, run_ms, samples)
+        if self.metrics is not None:
+            self.metrics.batch(flow.name, ack.completed, failed, len(ack.dead_ids), ack.retried, wait_ms, run_ms)
+            if failed:
+                self.metrics.failures(flow.name, [s.type for s in samples])
+        if failed:
+            self.failure_log.failed(flow.name, samples, ack.dead_ids)
         if ack.refused:
             self.log.warning("acks refused: jobs were rescued from this worker", extra={
                 "flow": flow.name, "refused": ack.refused})

@@ -1,0 +1,246 @@
+"""Prometheus metrics and the HTTP health endpoints of `engine run --metrics-port`, against real engines.
+
+The endpoint is parsed with prometheus_client's own parser; its counters are checked against
+`engine status` once the engine has worked through a load with transient failures and dead letters.
+/healthz and /readyz are checked with the database up, cut off (tests/support/proxy.py) and with an
+outdated schema.
+"""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+from typing import Any
+
+import psycopg
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from engine.migrate import REQUIRED_SCHEMA_VERSION
+from tests.support.cli import engine, ok
+from tests.support.engines import BASE, log_has, tail, wait_for
+from tests.support.postgres import register_flows
+from tests.support.proxy import TcpProxy, unix_socket_of
+
+pytestmark = pytest.mark.slow
+
+CONFIG = BASE + """
+metrics_interval = "0.5s"
+
+[flows.metered]
+handler = "support.metrics_handlers:mixed"
+batch_size = 10
+max_attempts = 2
+backoff = { base = "0s", jitter = 0 }
+"""
+
+
+def get(port: int, path: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as answer:
+            return answer.status, answer.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+def port_of(process: Any) -> int:
+    lines = wait_for(lambda: log_has(process, "metrics listening"), 30, message="the metrics port in the log")
+    return int(lines[0]["port"])
+
+
+def scrape(port: int) -> dict[str, dict[tuple[tuple[str, str], ...], float]]:
+    """sample name -> sorted labels -> value, as Prometheus would read them."""
+    status, text = get(port, "/metrics")
+    assert status == 200, text
+    out: dict[str, dict[tuple[tuple[str, str], ...], float]] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            out.setdefault(sample.name, {})[tuple(sorted(sample.labels.items()))] = sample.value
+    return out
+
+
+def enqueue(dsn: str, kind: str, count: int) -> None:
+    ok(engine("enqueue", "metered", "--payload", json.dumps({"kind": kind}), "--count", str(count), dsn=dsn))
+
+
+def test_counters_match_status_after_failures(dsn: str, start_engine: Any) -> None:
+    register_flows(dsn, "metered")
+    enqueue(dsn, "ok", 40)
+    enqueue(dsn, "transient", 6)  # two attempts each: 12 failures, 6 retries, 6 dead letters
+    enqueue(dsn, "permanent", 2)  # dead at the first attempt
+    process = start_engine(dsn, CONFIG, "--workers", "2", "--metrics-port", "0")
+    port = port_of(process)
+
+    def finished() -> bool:
+        status = json.loads(ok(engine("status", "--json", dsn=dsn)))["by_flow"].get("metered", {})
+        return status.get("completed") == 40 and status.get("failed") == 8
+
+    wait_for(finished, 60, 0.2, message=f"the load to finish: {tail(process)}")
+    status = json.loads(ok(engine("status", "--json", dsn=dsn)))["by_flow"]["metered"]
+    flow = (("flow", "metered"),)
+
+    def settled() -> dict[str, Any] | None:
+        m = scrape(port)
+        done = m.get("skiplock_jobs_completed_total", {}).get(flow)
+        dead = m.get("skiplock_jobs_dead_total", {}).get(flow)
+        leader = m.get("skiplock_queue_jobs", {}).get((("flow", "metered"), ("state", "dead")))
+        return m if (done, dead, leader) == (status["completed"], status["failed"], status["failed"]) else None
+
+    m = wait_for(settled, 20, 0.3, message="the scrape to agree with engine status")
+    failed = m["skiplock_jobs_failed_total"]
+    assert failed == {(("error_type", "ValueError"), ("flow", "metered")): 12.0,
+                      (("error_type", "PermanentError"), ("flow", "metered")): 2.0}, failed
+    assert m["skiplock_jobs_retried_total"][flow] == 6
+    assert m["skiplock_jobs_cancelled_total"][flow] == 0
+    attempts = 40 + 12 + 2
+    assert m["skiplock_job_run_seconds_count"][flow] == attempts
+    assert m["skiplock_job_wait_seconds_count"][flow] == attempts
+    inf = m["skiplock_job_wait_seconds_bucket"][(("flow", "metered"), ("le", "+Inf"))]
+    assert inf == attempts
+    assert m["skiplock_queue_jobs"][(("flow", "metered"), ("state", "ready"))] == 0
+    assert m["skiplock_metrics_leader"][()] == 1
+    assert m["skiplock_workers"][(("state", "live"),)] == 2
+    assert m["skiplock_engine_workers"][()] == 2
+    assert m["skiplock_pool_connections"][(("state", "max"),)] == 8  # 2 workers x pool_max 4
+    assert m["skiplock_circuit_open"][flow] == 0
+    assert (flow + (("state", "x"),)) not in m.get("skiplock_queue_jobs", {})
+    # a second engine on the same database: not the leader, so no fleet-wide gauges, its own figures only
+    second = start_engine(dsn, CONFIG, "--workers", "1", "--metrics-port", "0")
+    other = scrape(port_of(second))
+    assert other["skiplock_metrics_leader"][()] == 0
+    assert "skiplock_queue_jobs" not in other and "skiplock_workers" not in other
+    assert other.get("skiplock_jobs_completed_total", {}).get(flow, 0) == 0
+    assert get(port, "/nowhere")[0] == 404
+
+
+def test_healthz_and_readyz(dsn: str, start_engine: Any) -> None:
+    register_flows(dsn, "metered")
+    with TcpProxy(unix_socket_of(dsn)) as proxy:
+        process = start_engine(proxy.dsn(dsn), CONFIG, "--workers", "1", "--metrics-port", "0")
+        port = port_of(process)
+        assert get(port, "/healthz") == (200, "ok\n")
+        code, body = wait_for(lambda: (r := get(port, "/readyz"))[0] == 200 and r, 10, 0.2,
+                              message="/readyz 200")
+        assert body.splitlines()[0] in ("healthy", "degraded"), body
+        # database down: not ready; still alive (workers freeze and resume, a restart would not help)
+        proxy.cut()
+        code, body = wait_for(lambda: (r := get(port, "/readyz"))[0] == 503 and r, 15, 0.3,
+                              message="/readyz 503 with the database cut off")
+        lines = body.splitlines()
+        assert lines[0] == "unhealthy" and lines[1].startswith("database unreachable: "), body
+        assert get(port, "/healthz")[0] == 200
+        proxy.restore()
+        wait_for(lambda: get(port, "/readyz")[0] == 200, 15, 0.3, message="/readyz 200 again")
+        # an outdated schema (as after a deploy of a newer skiplock, before `engine migrate`)
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute("ALTER TABLE skiplock.schema_migrations RENAME TO schema_migrations_hidden")
+            conn.execute("CREATE TABLE skiplock.schema_migrations AS SELECT * FROM skiplock.schema_migrations_hidden "
+                         "WHERE version < %s", (REQUIRED_SCHEMA_VERSION,))
+        try:
+            code, body = wait_for(lambda: (r := get(port, "/readyz"))[0] == 503 and r, 15, 0.3,
+                                  message="/readyz 503 with an outdated schema")
+            assert body == "unhealthy\nschema outdated: run `engine migrate`\n", body
+        finally:
+            with psycopg.connect(dsn, autocommit=True) as conn:
+                conn.execute("DROP TABLE skiplock.schema_migrations")
+                conn.execute("ALTER TABLE skiplock.schema_migrations_hidden RENAME TO schema_migrations")
+        wait_for(lambda: get(port, "/readyz")[0] == 200, 15, 0.3, message="/readyz 200 after the migration")
+        # the supervisor gone: nothing answers (an orchestrator's probe fails)
+        process.stop()
+        with pytest.raises(OSError):
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5)
+
+
+def test_metrics_port_in_use_is_one_line(dsn: str, start_engine: Any) -> None:
+    import socket
+
+    register_flows(dsn, "metered")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = taken.getsockname()[1]
+        process = start_engine(dsn, CONFIG, "--workers", "1", "--metrics-port", str(busy))
+        assert process.wait(30) == 2
+        assert log_has(process, "metrics port cannot be opened", port=busy), tail(process)
+    result = engine("run", "--metrics-port", "70000", dsn=dsn)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == ["engine: error: --metrics-port must be from 0 to 65535, got 70000"], \
+        result.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# failure log lines
+
+STORM = BASE + """
+[flows.storm]
+handler = "support.metrics_handlers:mixed"
+batch_size = 100
+max_attempts = 2
+backoff = { base = "0s", jitter = 0 }
+"""
+
+
+def test_failure_lines_counted_redacted_and_rate_limited(dsn: str, start_engine: Any) -> None:
+    """30 jobs fail twice (60 attempts, 30 dead letters) on one worker: the burst is logged, one line
+    each, the rest is counted in later lines, and every attempt is accounted for."""
+    register_flows(dsn, "storm")
+    ok(engine("enqueue", "storm", "--payload", json.dumps({"kind": "transient"}), "--count", "30", dsn=dsn))
+    process = start_engine(dsn, STORM, "--workers", "1")
+    wait_for(lambda: json.loads(ok(engine("status", "--json", dsn=dsn)))["by_flow"]["storm"]["failed"] == 30,
+             60, 0.2, message=f"30 dead letters: {tail(process)}")
+
+    def lines() -> tuple[list[dict], list[dict], list[dict]]:
+        all_lines = process.log_lines()
+        failed = [x for x in all_lines if x.get("flow") == "storm" and " failed (attempt " in x.get("msg", "")]
+        dead = [x for x in all_lines if x.get("flow") == "storm" and " dead letter (attempt " in x.get("msg", "")]
+        summary = [x for x in all_lines if x.get("flow") == "storm" and "not logged (rate limit)" in x.get("msg", "")]
+        return failed, dead, summary
+
+    def accounted() -> bool:
+        failed, dead, summary = lines()
+        suppressed = sum(x.get("suppressed", 0) for x in failed + dead + summary)
+        return len(failed) + len(dead) + suppressed == 60
+
+    wait_for(accounted, 15, 0.3, message="every failed attempt logged or counted as suppressed")
+    failed, dead, summary = lines()
+    assert 10 <= len(failed) + len(dead) < 60, (len(failed), len(dead))  # the burst, then the rate
+    assert summary, "the suppressed count has a line of its own once the storm is over"
+    assert all(x["level"] == "warning" and x["attempt"] == 1 and x["max_attempts"] == 2 for x in failed)
+    assert all(x["level"] == "error" and x["attempt"] == 2 for x in dead)
+    first = (failed or dead)[0]
+    assert first["error_type"] == "ValueError" and isinstance(first["job"], int) and "run" in first
+    assert "attempt 1 of 2" in first["msg"] or "attempt 2 of 2" in first["msg"]
+    assert first["msg"].endswith("ValueError: upstream refused postgresql://app:***@db/x job None"), first["msg"]
+    text = process.log_path.read_text()
+    assert "hunter2" not in text and "second line" not in text
+
+
+
+def test_run_help_names_the_metrics_port() -> None:
+    out = ok(engine("run", "--help"))
+    assert "--metrics-port PORT" in out and "/readyz" in out
+    result = engine("run", "--metrics-port", "nine")
+    assert result.returncode == 2 and "--metrics-port: invalid int value: 'nine'" in result.stderr
+
+
+def test_leader_gauges_past_the_cap_are_estimates(dsn: str) -> None:
+    """Counts stop at the cap (bounded reads); ready and dead past it come from the planner."""
+    from engine import db
+    from engine.health import Thresholds
+    from engine.metrics import read_gauges
+
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("INSERT INTO skiplock.flows (name) VALUES ('big')")
+        conn.execute("INSERT INTO skiplock.jobs (flow, payload, run_at) SELECT 'big', '{}', now() - interval '1 minute' "
+                     "FROM generate_series(1, 300)")
+        conn.execute("INSERT INTO skiplock.jobs (flow, payload, status, finished_at) "
+                     "SELECT 'big', '{}', 'dead', now() FROM generate_series(1, 40)")
+        conn.execute("ANALYZE skiplock.jobs")
+    with db.connect(dsn) as conn:
+        gauges = read_gauges(conn, Thresholds(), cap=20)
+    big = gauges.flows["big"]
+    assert big["running"] == 0 and big["scheduled"] == 0
+    assert 200 <= big["ready"] <= 400 and 20 <= big["dead"] <= 80, big  # estimates, not the cap
+    assert 55 <= gauges.oldest["big"] <= 120
+    assert gauges.workers == {"live": 0, "stale": 0, "lost": 0}
