@@ -70,6 +70,7 @@ class WorkerSpec:
     sources: Mapping[str, Mapping[str, object]] = field(default_factory=dict)  # Settings.sources
     report: Any = None  # the supervisor's IdleReport: this worker says when it has nothing to do
     lease: Lease | None = None  # the supervisor's heartbeat lease of this slot (engine/liveness.py)
+    listen_dsn: str | None = None  # a direct connection for LISTEN when dsn goes through PgBouncer
 
 
 class Wakeup:
@@ -280,8 +281,9 @@ class Worker:
             with attempt:
                 if self.listen_conn is not None:
                     self.listen_conn.close()
-                self.listen_conn = db.connect(self.spec.dsn, application_name=self.spec.application_name)
-                self.listen_conn.execute(f"LISTEN {ENQUEUED_CHANNEL}")
+                self.listen_conn = db.connect(self.spec.listen_dsn or self.spec.dsn,
+                                              application_name=self.spec.application_name)
+                db.listen(self.listen_conn, ENQUEUED_CHANNEL)
 
     def _listen_loop(self) -> None:
         """Reads notifications as they come, busy or idle, and wakes the main loop."""
