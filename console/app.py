@@ -114,9 +114,11 @@ class ConsoleApp(App[None]):
         keymap: dict[str, str] | None = None,
         count_cap: int = COUNT_CAP,
         quit_after: float | None = None,
+        listen_dsn: str | None = None,
     ) -> None:
         super().__init__()
         self.dsn = dsn
+        self.listen_dsn = listen_dsn  # the live feed's direct connection when dsn goes through PgBouncer
         self.read_only = read_only
         self.refresh_interval = refresh_interval
         self.environment = environment
@@ -161,7 +163,7 @@ class ConsoleApp(App[None]):
         if self.keymap:
             self.set_keymap(self.keymap)
         if self.live:
-            self.feed = Feed(self.dsn, self.post_message, refresh_interval=self.refresh_interval, clock=self.now)
+            self.feed = Feed(self.listen_dsn or self.dsn, self.post_message, refresh_interval=self.refresh_interval, clock=self.now)
             self.run_worker(self.feed.run(), group="feed", exclusive=True, exit_on_error=False)
         self.set_interval(FLUSH_INTERVAL_S, self._redraw)
         if self.quit_after:

@@ -76,6 +76,11 @@ def through_pooler(conn: psycopg.Connection[Any], dsn: str) -> bool:
     return _POOLED[dsn]
 
 
+def known_pooled(dsn: str) -> bool:
+    """Whether a connection of this process to `dsn` went through a pooler (False: none seen yet)."""
+    return _POOLED.get(dsn, False)
+
+
 def fit_to_pooler(conn: psycopg.Connection[Any], dsn: str) -> None:
     if through_pooler(conn, dsn):
         conn.prepare_threshold = None

@@ -855,6 +855,12 @@ async def console_listen(conn: psycopg.AsyncConnection[Any]) -> None:
     await conn.execute(Q.console_listen)
 
 
+async def backend_pid_async(conn: psycopg.AsyncConnection[Any]) -> int:
+    cur = await conn.execute(Q.backend_pid)
+    row = await cur.fetchone()
+    return int(row[0]) if row is not None else 0
+
+
 async def health_ping_async(conn: psycopg.AsyncConnection[Any]) -> None:
     await conn.execute(Q.health_ping)
 
