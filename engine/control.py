@@ -22,6 +22,7 @@ import os
 import re
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -31,6 +32,7 @@ from engine import db, store
 from engine.errors import SkiplockError, ValidationError
 from engine.limits import MAX_WORKERS
 from engine.redact import describe_error
+from engine.telemetry import ENQUEUED_CHANNEL
 
 log = logging.getLogger("skiplock.engine")
 
@@ -165,15 +167,18 @@ class ControlWakeup:
 
 
 class ControlListener:
-    """A thread that LISTENs on skiplock_control (on `dsn`: the direct listen_dsn when one is set) and
-    wakes the supervisor when a notification names its engine. After a reconnect it wakes it too:
-    a command sent meanwhile was not heard."""
+    """The engine's one LISTEN connection (on `dsn`: the direct listen_dsn when one is set), read by a
+    thread: skiplock_control wakes the supervisor when a notification names its engine, and every
+    skiplock_enqueued notification is relayed to the workers (`relay`), so they need no LISTEN
+    connection of their own. After a reconnect it does both: what was sent meanwhile was not heard."""
 
-    def __init__(self, dsn: str, application_name: str, engine_id: str, wake: ControlWakeup) -> None:
+    def __init__(self, dsn: str, application_name: str, engine_id: str, wake: ControlWakeup,
+                 relay: Callable[[], None] | None = None) -> None:
         self.dsn = dsn
         self.application_name = application_name
         self.engine_id = engine_id
         self.wake = wake
+        self.relay = relay or (lambda: None)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="control-listener", daemon=True)
 
@@ -189,13 +194,17 @@ class ControlListener:
             try:
                 with db.connect(self.dsn, application_name=self.application_name) as conn:
                     db.listen(conn, CONTROL_CHANNEL, "listen_dsn")
+                    db.listen(conn, ENQUEUED_CHANNEL, "listen_dsn")
                     if failing:
                         log.info("control listener reconnected")
                         failing = False
                     self.wake.set()
+                    self.relay()
                     while not self._stop.is_set():
                         for note in conn.notifies(timeout=1.0):
-                            if note.payload == self.engine_id:
+                            if note.channel == ENQUEUED_CHANNEL:
+                                self.relay()
+                            elif note.payload == self.engine_id:
                                 self.wake.set()
             except psycopg.Error as exc:
                 if not failing:

@@ -23,6 +23,7 @@ unreachable or outdated at start; 3 a second signal forced the stop; 4 workers k
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import multiprocessing
@@ -30,6 +31,7 @@ import multiprocessing.connection
 import os
 import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Final
@@ -142,7 +144,10 @@ class Supervisor:
         self.control_wake = control.ControlWakeup()
         self.control_listener = control.ControlListener(
             self.listen_dsn or self.dsn, f"{self.settings.application_name}-supervisor", self.engine_id,
-            self.control_wake)
+            self.control_wake, relay=self._relay)
+        # Enqueue wake-ups relayed to the workers: slot index -> write end of that worker's pipe.
+        self._relays: dict[int, int] = {}
+        self._relay_lock = threading.Lock()  # a write never meets a closed (and reused) descriptor
         self._retiring: list[tuple[Slot, float]] = []  # scaled away: SIGTERMed, reaped without restart
         self._spare: dict[int, Slot] = {}  # slots scaled away, kept for their generation counters
         self._scale_acks: list[tuple[int, str]] = []  # scale-downs acknowledged once the retiring exit
@@ -183,11 +188,21 @@ class Supervisor:
                           f"{self.settings.application_name}-worker", self.flows, self.settings.engine,
                           sources=self.settings.sources, report=self.report,
                           lease=self.liveness.lease(slot.index), listen_dsn=self.listen_dsn)
+        relay_r, relay_w = os.pipe()
+        os.set_blocking(relay_r, False)
+        os.set_blocking(relay_w, False)
+        spec = dataclasses.replace(spec, relay_fd=relay_r)
         self.report.busy(slot.index)
         process = self._context.Process(target=worker_main, args=(spec, self.settings.engine.log_format),
                                         name=f"skiplock-worker-{slot.index}", daemon=False)
         self.liveness.before_spawn(slot.index)
         process.start()
+        os.close(relay_r)
+        with self._relay_lock:
+            old = self._relays.pop(slot.index, None)
+            self._relays[slot.index] = relay_w
+        if old is not None:
+            self._close_relay(old)
         self.liveness.spawned(slot.index, slot.worker_id, process.pid)
         slot.process = process
         slot.started_at = time.monotonic()
@@ -473,6 +488,19 @@ class Supervisor:
 
     # -- control plane (engine/control.py) -------------------------------------------------------------
 
+    def _relay(self) -> None:
+        """On the listener thread: one byte to every worker (a full pipe already says "look")."""
+        with self._relay_lock:
+            for fd in self._relays.values():
+                try:
+                    os.write(fd, b"\0")
+                except OSError:  # BlockingIOError: already woken; EPIPE: that worker is gone
+                    pass
+
+    def _close_relay(self, fd: int) -> None:
+        with self._relay_lock:
+            os.close(fd)
+
     def _all_slots(self) -> list[Slot]:
         return self.slots + [slot for slot, _ in self._retiring]
 
@@ -562,6 +590,10 @@ class Supervisor:
                                             else "killed after grace period")
             slot.process = None
             self._spare[slot.index] = slot
+            with self._relay_lock:
+                fd = self._relays.pop(slot.index, None)
+            if fd is not None:
+                self._close_relay(fd)
         self._retiring = left
         if lost:
             self._rescue_workers(lost)

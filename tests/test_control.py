@@ -89,7 +89,7 @@ def test_scale_2_4_1_then_drain_from_the_cli(dsn, start_engine, tmp_path):
     assert len(ran) == len(set(ran))
     done = rows(dsn, "SELECT count(*) FROM skiplock.jobs_done WHERE status = 'completed'")[0][0]
     pending = rows(dsn, "SELECT count(*) FROM skiplock.jobs WHERE status = 'pending'")[0][0]
-    assert done == len(ran) and done + pending == 400 and pending > 0
+    assert done == len(ran) and done + pending == 400
     # A stopped engine refuses, and says so in one line.
     result = engine("scale", engine_id, "--workers", "2", dsn=dsn)
     assert one_line_error(result, 4) == f"engine: error: engine {engine_id[:12]} has stopped: command refused\n"
@@ -165,3 +165,29 @@ def test_a_command_whose_notify_was_missed_still_runs(dsn, start_engine, tmp_pat
         assert proc.wait(30) == 0
         with pytest.raises(EngineGone, match="has stopped"):
             send_command(conn, engine_id, "stop")
+
+
+def test_idle_engine_holds_one_connection_per_worker_and_wakes_on_enqueue(dsn, start_engine, tmp_path):
+    """Workers LISTEN through the supervisor's one connection (it relays enqueue wake-ups): an idle
+    engine of W workers holds W + 2 connections (each worker's pool, the supervisor's heartbeat and
+    its listener), and an enqueue still wakes an idle worker at once, not after poll_interval."""
+    config = SLOW.replace('poll_interval = "0.5s"', 'poll_interval = "60s"')
+    proc = start_engine(dsn, config, "--workers", "3", env={"SKIPLOCK_TEST_RECORD": str(tmp_path / "r")})
+    engine_id = started(dsn, proc)
+    wait_for(lambda: live_workers(dsn, engine_id) == 3, 20, message="3 workers")
+    dbname = psycopg.conninfo.conninfo_to_dict(dsn)["dbname"]
+
+    def held() -> dict[str, int]:
+        return dict(rows(dsn, "SELECT application_name, count(*) FROM pg_stat_activity WHERE datname = %s "
+                              "AND application_name IN ('skiplock-worker', 'skiplock-supervisor') GROUP BY 1",
+                         (dbname,)))
+
+    time.sleep(1.0)  # past start-up: the supervisor's short-lived connections are closed
+    assert wait_for(lambda: held() == {"skiplock-worker": 3, "skiplock-supervisor": 2}, 10,
+                    message=f"3 + 2 connections, not {held()}")
+    register_flows(dsn, "slow")
+    with Queue(dsn) as q:
+        q.enqueue("slow", {"n": 1, "sleep": 0})
+        began = time.monotonic()
+    wait_for(lambda: rows(dsn, "SELECT count(*) FROM skiplock.jobs_done")[0][0] == 1, 5, message="the job")
+    assert time.monotonic() - began < 3.0

@@ -71,6 +71,9 @@ class WorkerSpec:
     report: Any = None  # the supervisor's IdleReport: this worker says when it has nothing to do
     lease: Lease | None = None  # the supervisor's heartbeat lease of this slot (engine/liveness.py)
     listen_dsn: str | None = None  # a direct connection for LISTEN when dsn goes through PgBouncer
+    # The read end of a pipe on which the supervisor relays enqueue notifications (its one LISTEN
+    # connection serves every worker); None: this worker LISTENs on a connection of its own.
+    relay_fd: int | None = None
 
 
 class Wakeup:
@@ -164,8 +167,11 @@ class Worker:
             conn, self.id, self.spec.engine_id, socket.gethostname(), os.getpid(), self.flow_names, __version__))
         self.notify([encode_event("worker_started", engine=self.spec.engine_id, worker=self.id,
                                   host=socket.gethostname(), pid=os.getpid(), flows=self.flow_names)])
-        self._connect_listener()
-        threading.Thread(target=self._listen_loop, name="listener", daemon=True).start()
+        if self.spec.relay_fd is not None:
+            threading.Thread(target=self._relay_loop, name="listener", daemon=True).start()
+        else:
+            self._connect_listener()
+            threading.Thread(target=self._listen_loop, name="listener", daemon=True).start()
         for flow in self.flows:
             executor = make_executor(self, flow, Producer(self, flow))
             self.executors.append(executor)
@@ -284,6 +290,22 @@ class Worker:
                 self.listen_conn = db.connect(self.spec.listen_dsn or self.spec.dsn,
                                               application_name=self.spec.application_name)
                 db.listen(self.listen_conn, ENQUEUED_CHANNEL)
+
+    def _relay_loop(self) -> None:
+        """Wake-ups the supervisor relays (one byte per notification it heard, or after it reconnected)."""
+        fd = self.spec.relay_fd
+        assert fd is not None
+        while not self.closing:
+            ready, _, _ = select.select([fd], [], [], LISTEN_READ_TIMEOUT)
+            if not ready:
+                continue
+            try:
+                if not os.read(fd, 4096):
+                    return  # the supervisor is gone: the lease guard ends this worker
+            except BlockingIOError:
+                continue
+            self._notified = True
+            self.wake.set()
 
     def _listen_loop(self) -> None:
         """Reads notifications as they come, busy or idle, and wakes the main loop."""
