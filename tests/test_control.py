@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import time
 from pathlib import Path
@@ -17,6 +18,7 @@ import pytest
 
 from engine import db, store
 from engine.control import EngineGone, send_command
+from engine.errors import ValidationError
 from engine.queue import Queue
 from support.cli import engine, ok, one_line_error
 from support.engines import BASE, rows, wait_for
@@ -130,17 +132,21 @@ def test_bad_input_is_one_line(dsn):
     with db.connect(dsn) as conn:
         store.engine_register(conn, "ab" * 16, "h", 1, "0", 1, 30.0, [])
         store.engine_register(conn, "ab" * 15 + "cd", "h", 2, "0", 1, 30.0, [])
-    for args, text in (
-            (("scale", "ab" * 16, "--workers", "0"), "--workers 0 must be an integer from 1 to 1024"),
-            (("scale", "ab" * 16, "--workers", "1025"), "--workers 1025 must be an integer from 1 to 1024"),
-            (("drain", "abab"), "is ambiguous"),
-            (("drain", "cdcdcdcd"), "no engine 'cdcdcdcd'"),
-            (("stop", "x;DROP"), "must be an engine id or a prefix of one"),
-            (("scale", "ab" * 16, "--workers", "2", "--timeout", "0s"), "--timeout 0 must be more than 0")):
+        for args, kwargs, text in (
+                (("ab" * 16, "scale", 0), {}, "--workers 0 must be an integer from 1 to 1024"),
+                (("ab" * 16, "scale", 1025), {}, "--workers 1025 must be an integer from 1 to 1024"),
+                (("ab" * 16, "drain", 2), {}, "--workers goes with scale, not drain"),
+                (("cdcdcdcd", "drain"), {}, "no engine 'cdcdcdcd'"),
+                (("x;DROP", "stop"), {}, "must be an engine id or a prefix of one"),
+                (("ab" * 16, "scale", 2), {"timeout": 0}, "--timeout 0 must be more than 0")):
+            with pytest.raises(ValidationError, match=re.escape(text)):
+                send_command(conn, *args, **kwargs)
+    # The same checks through the command line: one line, exit 2.
+    for args, text in ((("scale", "ab" * 16, "--workers", "0"), "--workers 0 must be an integer from 1 to 1024"),
+                       (("drain", "abab"), "ENGINE 'abab' is ambiguous")):
         assert text in one_line_error(engine(*args, dsn=dsn)), args
-    assert "usage:" in engine("scale", "abab", dsn=dsn).stderr  # --workers is required
-    for name in ("engines", "scale", "drain", "stop"):
-        assert ok(engine(name, "--help")).startswith("usage: engine " + name)
+    assert ok(engine("scale", "--help")).startswith("usage: engine scale")
+    assert rows(dsn, "SELECT count(*) FROM skiplock.engine_commands") == [(0,)]
 
 
 def test_an_unacknowledged_command_times_out_and_is_withdrawn(dsn):
