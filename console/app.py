@@ -62,6 +62,7 @@ from console.screens.overview import OverviewScreen
 from console.screens.schedules import SchedulesScreen
 from console.state import WINDOWS, FailureRow, LiveState
 from console.status import Attachment, Colours, header_text, health
+from engine.control import SHORT_ID
 from engine.errors import SkiplockError
 from engine.queue import DeadLetterFilter
 from engine.redact import describe_error, redact_dsn
@@ -524,7 +525,7 @@ class ConsoleApp(App[None]):
     @work(thread=True, group="action", exit_on_error=False)
     def _perform_command(self, intent: Intent, engine_id: str, command: str, workers: int | None) -> None:
         """Send a control command and report the engine's acknowledgement (or why there was none)."""
-        label = f"engine {engine_id[:12]}"
+        label = f"engine {engine_id[:SHORT_ID]}"
         try:
             outcome = self.data.engine_command(engine_id, command, workers)
         except (psycopg.Error, SkiplockError, OSError) as exc:
