@@ -12,6 +12,12 @@ Liveness (engine/liveness.py): the supervisor heartbeats its live workers and pu
 each worker checks, so a handler cannot stop the heartbeat and a worker nobody can prove alive
 stops itself before its jobs can be handed to another.
 
+The control plane (engine/control.py): the engine's row in skiplock.engines is renewed by the
+heartbeat thread, which also looks for pending commands; a listener thread holds the engine's one
+LISTEN connection: it wakes the main loop for commands and relays enqueue notifications to the
+workers over a pipe each. `scale` forks through _spawn and retires workers with SIGTERM (reaped
+without restart, rescued if they did not exit cleanly); `drain` leaves as on SIGTERM; `stop` kills.
+
 The supervisor restarts workers that die (with exponential backoff per slot, so a crash loop cannot
 spin), rescues a dead worker's jobs at once, runs the fleet-wide rescue of stale heartbeats when it
 holds the leader lock, and stops gracefully on SIGTERM/SIGINT.

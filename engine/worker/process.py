@@ -2,9 +2,10 @@
 work, and shutdown.
 
 Everything database-related is opened here, after the fork: a psycopg_pool for claims, acks and
-heartbeats, and one dedicated autocommit connection outside the pool that LISTENs for enqueues,
-owned by a listener thread that reads notifications continuously (an unread backend would pin
-PostgreSQL's NOTIFY queue while the worker is busy). The main loop waits on a Wakeup (a pipe, so a
+heartbeats. Enqueue wake-ups arrive on a pipe from the supervisor, whose one LISTEN connection serves
+every worker (`relay_fd`); a worker started without one (no supervisor) opens a dedicated autocommit
+LISTEN connection outside the pool. Either way a listener thread reads continuously (an unread
+backend would pin PostgreSQL's NOTIFY queue while the worker is busy). The main loop waits on a Wakeup (a pipe, so a
 signal handler may set it too) that the listener, SIGTERM and the concurrent executors set.
 """
 
