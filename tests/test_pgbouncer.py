@@ -9,7 +9,6 @@ import asyncio
 import os
 import shutil
 import signal
-import time
 from collections import Counter, defaultdict
 from pathlib import Path
 
