@@ -14,7 +14,7 @@ handlers below, and the app posts the answer back to the screen that asked. Scre
 `LiveState`, the clock, the theme. The header is `console.status.header_text()`, a pure function.
 
 Screens are modes, each one key away: overview (1/o), failures (2/f), dead letters (3/d), jobs (4/b),
-running (5/w), schedules (6/s); the job
+running (5/w), schedules (6/s), engines (7/g); the job
 detail is pushed on top (Enter, or j and an id). `/` filters, `?` lists every key, ctrl+p opens the
 command palette, z freezes the display, ctrl+r refreshes now. Every binding has an id, so a keymap
 file can rebind it. In read-only mode (`--read-only` or `[console] read_only = true`) the actions that
@@ -50,8 +50,10 @@ from console.messages import (ActionDone, ActionFinished, CancelJobs, ClearFailu
                               SchedulesLoaded, SetFlowPaused, SetSchedulePaused, ShowDeadLetters, SnapshotFailed,
                               SnapshotLoaded, TriggerSchedule, UseFilter)
 from console.messages import CancelRunning, LoadRunning, RunningFailed, RunningLoaded
+from console.messages import EngineCommand, EnginesFailed, EnginesLoaded, LoadEngines
 from console.screens.base import BaseScreen, ConsoleScreen
 from console.screens.dead_letters import DeadLettersScreen
+from console.screens.engines import EnginesScreen
 from console.screens.failures import FailuresScreen
 from console.screens.job import JobScreen
 from console.screens.jobs import JobsScreen
@@ -63,6 +65,7 @@ from console.state import WINDOWS, FailureRow, LiveState
 from console.status import Attachment, Colours, header_text, health
 from engine import roles
 from engine.config import read_toml_document
+from engine.control import SHORT_ID
 from engine.errors import SkiplockError
 from engine.health import Thresholds
 from engine.queue import DeadLetterFilter
@@ -71,7 +74,8 @@ from engine.redact import describe_error, redact_dsn
 # Actions that write to the database: hidden (check_action -> False) in read-only mode.
 WRITE_ACTIONS: Final = frozenset({"toggle_pause", "retry_one", "retry_selected", "retry_all", "purge_selected",
                                   "purge_older", "retry", "purge", "cancel_one", "cancel_matching", "retry_dead_matching",
-                                  "purge_matching", "toggle_schedule", "trigger_schedule", "cancel_running"})
+                                  "purge_matching", "toggle_schedule", "trigger_schedule", "cancel_running",
+                                  "scale_by", "scale_to", "drain_engine", "stop_engine"})
 FLUSH_INTERVAL_S: Final = 0.5
 SOON_S: Final = 0.25  # an event that makes counts stale brings the next snapshot this close
 KEY_NAMES: Final = {"slash": "/", "question_mark": "?", "space": "space", "escape": "esc", "enter": "enter",
@@ -84,7 +88,7 @@ class ConsoleApp(App[None]):
     CSS_PATH = "console.tcss"
     TITLE = "skiplock console"
     MODES = {"overview": OverviewScreen, "failures": FailuresScreen, "dead": DeadLettersScreen, "jobs": JobsScreen,
-             "schedules": SchedulesScreen, "running": RunningScreen}
+             "schedules": SchedulesScreen, "running": RunningScreen, "engines": EnginesScreen}
     DEFAULT_MODE = "overview"
     BINDINGS = [
         Binding("1,o", "show('overview')", "Overview", id="skiplock.overview"),
@@ -93,6 +97,7 @@ class ConsoleApp(App[None]):
         Binding("4,b", "show('jobs')", "Jobs", id="skiplock.jobs"),
         Binding("5,w", "show('running')", "Running", id="skiplock.running"),
         Binding("6,s", "show('schedules')", "Schedules", id="skiplock.schedules"),
+        Binding("7,g", "show('engines')", "Engines", id="skiplock.engines"),
         Binding("j", "open_job", "Job…", show=False, id="skiplock.job"),
         Binding("question_mark", "help", "Help", id="skiplock.help"),
         Binding("z", "freeze", "Freeze", id="skiplock.freeze"),
@@ -116,9 +121,11 @@ class ConsoleApp(App[None]):
         keymap: dict[str, str] | None = None,
         count_cap: int = COUNT_CAP,
         quit_after: float | None = None,
+        listen_dsn: str | None = None,
     ) -> None:
         super().__init__()
         self.dsn = dsn
+        self.listen_dsn = listen_dsn  # the live feed's direct connection when dsn goes through PgBouncer
         self.read_only = read_only
         self.refresh_interval = refresh_interval
         self.environment = environment
@@ -165,7 +172,7 @@ class ConsoleApp(App[None]):
         if self.keymap:
             self.set_keymap(self.keymap)
         if self.live:
-            self.feed = Feed(self.dsn, self.post_message, refresh_interval=self.refresh_interval, clock=self.now)
+            self.feed = Feed(self.listen_dsn or self.dsn, self.post_message, refresh_interval=self.refresh_interval, clock=self.now)
             self.run_worker(self.feed.run(), group="feed", exclusive=True, exit_on_error=False)
         self.set_interval(FLUSH_INTERVAL_S, self._redraw)
         if self.quit_after:
@@ -392,6 +399,7 @@ class ConsoleApp(App[None]):
             ("Dead letters", rows(DeadLettersScreen.BINDINGS)),
             ("Running", rows(RunningScreen.BINDINGS)),
             ("Schedules", rows(SchedulesScreen.BINDINGS)),
+            ("Engines", rows(EnginesScreen.BINDINGS)),
             ("Job", rows(JobScreen.BINDINGS)),
             ("Filter qualifiers", [("flow:NAME", "one flow"), ("error:TYPE", "one error type"),
                                    ("status:S", "paused/active/open (flows), dead/retrying (failures)"),
@@ -406,6 +414,7 @@ class ConsoleApp(App[None]):
         yield SystemCommand("Dead letters", "Inspect, retry, purge (3)", lambda: self.action_show("dead"))
         yield SystemCommand("Running", "Jobs running now, progress, cancel (5)", lambda: self.action_show("running"))
         yield SystemCommand("Schedules", "Next fire, last job, pause, trigger (6)", lambda: self.action_show("schedules"))
+        yield SystemCommand("Engines", "The fleet: scale, drain, stop (7)", lambda: self.action_show("engines"))
         yield SystemCommand("Open job", "Job detail by id (j)", self.action_open_job)
         yield SystemCommand("Refresh now", "Read the tables again (ctrl+r)", self.action_refresh)
         yield SystemCommand("Freeze display" if not self.frozen else "Unfreeze display", "z", self.action_freeze)
@@ -504,6 +513,38 @@ class ConsoleApp(App[None]):
         name = message.name
         self._perform(message, f"triggered schedule {name}:", lambda: [self.data.trigger_schedule(name)], None,
                       unit="job enqueued")
+
+    @on(LoadEngines)
+    def _on_load_engines(self, message: LoadEngines) -> None:
+        self._read_engines(message)
+
+    @work(thread=True, exclusive=True, group="engines", exit_on_error=False)
+    def _read_engines(self, intent: LoadEngines) -> None:
+        try:
+            answer: EnginesLoaded | EnginesFailed = EnginesLoaded(self.data.engines())
+        except (psycopg.Error, OSError) as exc:
+            answer = EnginesFailed(describe_error(exc))
+        if not get_current_worker().is_cancelled:
+            _answer(intent, answer)
+
+    @on(EngineCommand)
+    def _on_engine_command(self, message: EngineCommand) -> None:
+        if self.read_only:
+            return
+        engine_id, command, workers = message.engine_id, message.command, message.workers
+        self._perform_command(message, engine_id, command, workers)
+
+    @work(thread=True, group="action", exit_on_error=False)
+    def _perform_command(self, intent: Intent, engine_id: str, command: str, workers: int | None) -> None:
+        """Send a control command and report the engine's acknowledgement (or why there was none)."""
+        label = f"engine {engine_id[:SHORT_ID]}"
+        try:
+            outcome = self.data.engine_command(engine_id, command, workers)
+        except (psycopg.Error, SkiplockError, OSError) as exc:
+            error = describe_error(exc) if isinstance(exc, psycopg.Error) else str(exc)
+            self.post_message(ActionFinished(intent, f"{command} failed: {error}", [], error=True))
+            return
+        self.post_message(ActionFinished(intent, f"{label}: {outcome}", [engine_id]))
 
     # -- operator actions: each reports how many rows it changed ---------------------------------------------
 
@@ -641,7 +682,7 @@ def all_bindings() -> list[tuple[str, str, str]]:
     """(id, keys, description) of every binding, for --list-bindings."""
     found = []
     for owner in (ConsoleApp, ConsoleScreen, OverviewScreen, FailuresScreen, DeadLettersScreen, SchedulesScreen,
-                  RunningScreen, JobScreen):
+                  RunningScreen, EnginesScreen, JobScreen):
         for binding in owner.BINDINGS:
             if isinstance(binding, Binding) and binding.id:
                 found.append((binding.id, binding.key, binding.description))

@@ -86,7 +86,7 @@ def open_console(dsn: str, settings: Settings, *, read_only: bool = False, refre
                      refresh_interval=refresh if refresh else settings.console.refresh_interval,
                      environment=environment, stale_after=settings.engine.stale_after,
                      thresholds=Thresholds.from_engine(settings.engine), keymap=keymap,
-                     quit_after=quit_after)
+                     quit_after=quit_after, listen_dsn=settings.listen_dsn)
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: app.exit()) if exit_on_sigterm else None
     try:
         app.run()

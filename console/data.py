@@ -41,6 +41,7 @@ RUNS_LIMIT: Final = 20
 DEAD_LIMIT: Final = 500
 JOBS_LIMIT: Final = 500
 ACTION_TIMEOUT_MS: Final = 30_000  # an operator's purge of many rows may take longer than a refresh
+ENGINE_COMMAND_TIMEOUT: Final = 20.0  # seconds the Engines view waits for an engine to acknowledge
 
 T = TypeVar("T")
 
@@ -195,6 +196,13 @@ class SchedulePage:
 
     schedules: list[Schedule]
     now: float
+
+
+@dataclass(frozen=True)
+class EnginePage:
+    """The fleet's engines (store.engines_list: gone ones flagged) as the Engines view shows them."""
+
+    engines: list[store.EngineRow]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -404,3 +412,19 @@ class DataSource:
 
     def trigger_schedule(self, name: str) -> int:
         return self._writing(lambda queue: queue.trigger_schedule(name))
+
+    # -- the control plane (engine/control.py) -----------------------------------------------------
+
+    def engines(self) -> EnginePage:
+        return self._reading(lambda conn: EnginePage(store.engines_list(conn, limit=500)))
+
+    def engine_command(self, engine_id: str, command: str, workers: int | None) -> str:
+        """Send a command and wait for the engine's acknowledgement; its outcome, or SkiplockError."""
+        from engine import control
+
+        def send(queue: Queue) -> str:
+            with queue.connection() as conn:
+                return control.send_command(conn, engine_id, command, workers, timeout=ENGINE_COMMAND_TIMEOUT).outcome
+
+        return self._writing(send)
+

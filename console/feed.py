@@ -26,6 +26,7 @@ from textual.message import Message
 from console.data import APPLICATION_NAME, statement_timeout_ms
 from console.messages import FeedEvents, FeedStatus
 from engine import store
+from engine.errors import SkiplockError
 from engine.db import CONNECT_TIMEOUT_S
 from engine.redact import describe_error
 from engine.telemetry import ENQUEUED_CHANNEL, EVENT_VERSION, AnyEvent
@@ -64,6 +65,10 @@ class Feed:
         conn = await psycopg.AsyncConnection.connect(
             self.dsn, autocommit=True, application_name=APPLICATION_NAME, connect_timeout=CONNECT_TIMEOUT_S,
             options=f"-c statement_timeout={statement_timeout_ms(self.refresh_interval)}")
+        if await store.backend_pid_async(conn) != conn.info.backend_pid:  # engine/db.py: a pooler's cancel key
+            await conn.close()
+            raise SkiplockError("LISTEN goes through a connection pooler (PgBouncer?), where notifications are "
+                                "lost: set listen_dsn to a direct PostgreSQL connection")
         await store.console_listen(conn)  # LISTEN on telemetry.EVENTS_CHANNEL
         return conn
 

@@ -18,7 +18,7 @@ from typing import Any
 from textual.message import Message
 from textual.message_pump import MessagePump
 
-from console.data import DeadLetterPage, JobsPage, RunningPage, SchedulePage, Snapshot
+from console.data import DeadLetterPage, EnginePage, JobsPage, RunningPage, SchedulePage, Snapshot
 from console.filters import Filter
 from engine.queue import DeadLetterFilter, Job, JobFilter
 
@@ -184,6 +184,20 @@ class TriggerSchedule(Intent):
 
 
 @dataclass
+class LoadEngines(Intent):
+    """Read the fleet's engines; answered with EnginesLoaded or EnginesFailed."""
+
+
+@dataclass
+class EngineCommand(Intent):
+    """Scale, drain or stop a running engine (engine/control.py); answered with ActionDone."""
+
+    engine_id: str
+    command: str
+    workers: int | None = None
+
+
+@dataclass
 class CycleWindow(Intent):
     """The chart's next time window."""
 
@@ -248,6 +262,16 @@ class SchedulesLoaded(Result):
 
 @dataclass
 class SchedulesFailed(Result):
+    error: str
+
+
+@dataclass
+class EnginesLoaded(Result):
+    page: EnginePage
+
+
+@dataclass
+class EnginesFailed(Result):
     error: str
 
 

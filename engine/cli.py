@@ -20,12 +20,12 @@ from typing import Any
 import orjson
 import psycopg
 
-from engine import __version__, db, roles, store
+from engine import __version__, control, db, roles, store
 from engine.config import Settings, add_settings_arguments, load_settings, parse_duration, recorded_policy, resolve_dsn
 from engine.embedded import default_data_dir
 from engine.errors import JobFailed, SkiplockError, ValidationError, WaitTimeout
 from engine.health import Thresholds
-from engine.limits import INT4_MAX, utf8_problem
+from engine.limits import INT4_MAX, MAX_WORKERS, utf8_problem
 from engine.migrate import migrate
 from engine.payloads import loads_exact
 from engine.queue import CANCEL_STATES, LIST_STATUSES, DeadLetterFilter, JobFilter, Queue
@@ -321,10 +321,10 @@ def cmd_wait(args: argparse.Namespace) -> int:
         try:
             result = queue.wait(args.id, timeout=args.timeout)
         except JobFailed as exc:
-            sys.stderr.write(f"engine: {exc}\n")
+            sys.stderr.write(f"engine: error: {exc}\n")
             return EXIT_DEGRADED
         except WaitTimeout as exc:
-            sys.stderr.write(f"engine: {exc}\n")
+            sys.stderr.write(f"engine: error: {exc}\n")
             return EXIT_TIMEOUT
     sys.stdout.write(orjson.dumps(result).decode() + "\n")
     return EXIT_OK
@@ -490,6 +490,82 @@ def _add_schedule_parser(sub: Any, common: argparse.ArgumentParser) -> None:
                              ("trigger", cmd_schedule_trigger, "enqueue one job now (ticks unchanged)")):
         p = ssub.add_parser(name, parents=[common], help=text)
         p.add_argument("name")
+        p.set_defaults(func=func)
+
+
+# -- the control plane: engines, scale, drain, stop (engine/control.py) --------------------------------
+
+EXIT_REFUSED = 1  # the engine read the command and said no
+EXIT_GONE = 4  # the engine is gone, stopped, or already leaving: nothing was sent
+CONTROL_EPILOG = ("exit codes: 0 the engine acknowledged and did it; 1 the engine refused it (the line says "
+                  "why); 2 bad input (unknown or ambiguous ENGINE, --workers out of range) or database "
+                  "unreachable; 3 no acknowledgement within --timeout (the command is withdrawn); 4 the "
+                  "engine is gone (no heartbeat within its stale_after), stopped or already draining: "
+                  "nothing was sent")
+
+
+def cmd_engines(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    with db.connect(resolve_dsn(settings), application_name=f"{settings.application_name}-cli") as conn:
+        engines = store.engines_list(conn)
+    if args.json:
+        print_json([e.to_dict() for e in engines])
+        return EXIT_OK
+    rows = [(e.id[:control.SHORT_ID], e.host, e.pid, e.version, e.workers, clip(",".join(e.flows), 40),
+             e.started_at.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M:%S"), e.state,
+             f"{e.heartbeat_age:.0f}s ago") for e in engines]
+    print_table(("engine", "host", "pid", "version", "workers", "flows", "started (UTC)", "state", "heartbeat"),
+                rows)
+    return EXIT_OK
+
+
+def _control(args: argparse.Namespace, command: str, workers: int | None = None) -> int:
+    if command == "scale":
+        control.check_workers(workers)
+    settings = _settings(args)
+    with db.connect(resolve_dsn(settings), application_name=f"{settings.application_name}-cli") as conn:
+        try:
+            result = control.send_command(conn, args.engine, command, workers, timeout=args.timeout)
+        except control.EngineGone as exc:
+            sys.stderr.write(f"engine: error: {exc}\n")
+            return EXIT_GONE
+        except control.CommandRefused as exc:
+            sys.stderr.write(f"engine: error: {exc}\n")
+            return EXIT_REFUSED
+        except control.CommandTimeout as exc:
+            sys.stderr.write(f"engine: error: {exc}\n")
+            return EXIT_TIMEOUT
+    print(f"engine {result.engine[:control.SHORT_ID]}: {result.outcome}")
+    return EXIT_OK
+
+
+def cmd_scale(args: argparse.Namespace) -> int:
+    return _control(args, "scale", args.workers)
+
+
+def cmd_drain(args: argparse.Namespace) -> int:
+    return _control(args, "drain")
+
+
+def cmd_stop(args: argparse.Namespace) -> int:
+    return _control(args, "stop")
+
+
+def _add_control_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser("engines", parents=[common], help="engines of the fleet: host, pid, version, workers, "
+                                                         "flows, state (gone: no heartbeat)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_engines)
+    for name, func, text in (
+            ("scale", cmd_scale, "change a running engine's worker count (forks or stops workers)"),
+            ("drain", cmd_drain, "a running engine stops claiming, finishes the jobs it holds, exits 0"),
+            ("stop", cmd_stop, "a running engine kills its workers now (their jobs go back to pending), exits 0")):
+        p = sub.add_parser(name, parents=[common], help=text, description=text, epilog=CONTROL_EPILOG)
+        p.add_argument("engine", help="engine id, or a unique prefix of it (`engine engines` shows 12 characters)")
+        if name == "scale":
+            p.add_argument("--workers", type=int, required=True, help=f"worker processes, 1 to {MAX_WORKERS}")
+        p.add_argument("--timeout", type=_duration("--timeout"), default=control.DEFAULT_TIMEOUT,
+                       help=f"seconds to wait for the engine's acknowledgement (default {control.DEFAULT_TIMEOUT:g})")
         p.set_defaults(func=func)
 
 
@@ -687,6 +763,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "address: `metrics_host`, default 127.0.0.1; 0: any free port, logged)")
     p.set_defaults(func=cmd_run)
 
+    _add_control_parsers(sub, common)
+
     p = sub.add_parser("console", parents=[common], help="the ops console: a terminal UI on the queue (same as `console`)")
     from console.cli import add_console_arguments  # argparse only: loads no TUI
 
@@ -726,7 +804,7 @@ def _denied(args: argparse.Namespace, exc: psycopg.Error) -> str:
     return roles.explain(exc, _command_name(args), dsn)
 
 
-_POSITIONALS = frozenset({"flow", "id", "ids"})
+_POSITIONALS = frozenset({"flow", "id", "ids", "engine"})
 
 
 def _check_text(args: argparse.Namespace) -> None:

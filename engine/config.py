@@ -383,6 +383,8 @@ class Settings:
     path: Path | None  # file it came from (None: defaults only)
     env: str | None  # selected environment
     dsn: str | None = _key(_text, "PostgreSQL connection string, without a password; None: embedded")
+    listen_dsn: str | None = _key(_text, "a direct connection for LISTEN when dsn goes through PgBouncer in "
+                                  "transaction mode (also $SKIPLOCK_LISTEN_DSN); None: dsn")
     application_name: str = _key(_text, "application_name of every connection (suffixed per role)")
     engine: EngineConfig
     console: ConsoleConfig
@@ -715,7 +717,7 @@ class _Loader:
                     continue
                 where = self._where(table, key)
                 converted = _converter(table, key)(value, where)
-                if key == "dsn" and where.from_file and isinstance(converted, str):
+                if key in ("dsn", "listen_dsn") and where.from_file and isinstance(converted, str):
                     if any(end > start for start, end in secret_spans(converted)):
                         raise ConfigError(
                             f"{where} must not contain a password; put it in SKIPLOCK_DSN or PGPASSWORD"
@@ -918,6 +920,7 @@ class _Loader:
             path=path,
             env=env,
             dsn=dsn,
+            listen_dsn=self._environ.get("SKIPLOCK_LISTEN_DSN") or self._resolve(levels, "listen_dsn", _text, "") or None,
             application_name=self._resolve(levels, "application_name", _ENGINE_KEYS["application_name"], "skiplock"),
             engine=self._engine(env),
             console=self._console(env),

@@ -48,7 +48,53 @@ def connect(
     autocommit: bool = True,
     statement_timeout_ms: int | None = None,
 ) -> psycopg.Connection[Any]:
-    return psycopg.connect(dsn, autocommit=autocommit, **_options(application_name, statement_timeout_ms))
+    conn = psycopg.connect(dsn, autocommit=autocommit, **_options(application_name, statement_timeout_ms))
+    try:
+        fit_to_pooler(conn, dsn)
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+# -- PgBouncer in transaction mode ------------------------------------------------------------------
+# Each transaction may run on a different server connection, so (1) a statement psycopg prepared on
+# one may not exist on the next: connections through a pooler get prepare_threshold=None (PgBouncer
+# 1.21's max_prepared_statements would keep them, but Debian 12 ships 1.18, and direct connections
+# keep psycopg's preparation on the hot path either way); (2) LISTEN would hear nothing once its
+# transaction ends, so `listen()` refuses a pooled connection. A pooler is recognised because it
+# answers the startup with a cancel key of its own: the backend pid the client was told is not the
+# server's pg_backend_pid(). Known per DSN, found out once per process.
+_POOLED: dict[str, bool] = {}
+
+
+def through_pooler(conn: psycopg.Connection[Any], dsn: str) -> bool:
+    if dsn not in _POOLED:
+        from engine import store  # the store imports nothing of ours that imports this module back
+
+        _POOLED[dsn] = store.backend_pid(conn) != conn.info.backend_pid
+    return _POOLED[dsn]
+
+
+def known_pooled(dsn: str) -> bool:
+    """Whether a connection of this process to `dsn` went through a pooler (False: none seen yet)."""
+    return _POOLED.get(dsn, False)
+
+
+def fit_to_pooler(conn: psycopg.Connection[Any], dsn: str) -> None:
+    if through_pooler(conn, dsn):
+        conn.prepare_threshold = None
+
+
+def listen(conn: psycopg.Connection[Any], channel: str, key: str = "listen_dsn") -> None:
+    """LISTEN on a direct connection; one clear line when it goes through a pooler."""
+    from engine import store
+    from engine.errors import ConfigError
+
+    if store.backend_pid(conn) != conn.info.backend_pid:
+        raise ConfigError(f"LISTEN {channel} goes through a connection pooler (PgBouncer?), where "
+                          f"notifications are lost: set {key} to a direct PostgreSQL connection")
+    store.listen(conn, channel)
 
 
 def open_pool(
@@ -66,6 +112,7 @@ def open_pool(
         min_size=min_size,
         max_size=max_size,
         kwargs={"autocommit": True, **_options(application_name, None)},
+        configure=lambda conn: fit_to_pooler(conn, dsn),
         name=name,
         open=False,
     )

@@ -45,11 +45,12 @@ import signal
 import threading
 import time
 from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Any, Final
 
 import psycopg
 
-from engine import store
+from engine import db, store
 from engine.redact import describe_error
 
 log = logging.getLogger("skiplock.engine")
@@ -237,6 +238,8 @@ class EngineLiveness:
     _conn: psycopg.Connection[Any] | None = None
     _failing_since: float = 0.0
     lost_killed: list[str] = field(default_factory=list)  # worker ids killed because marked lost
+    # The engine's own heartbeat (engine/control.py), sent on this thread's connection after each renewal.
+    on_beat: Callable[[psycopg.Connection[Any]], None] | None = None
 
     def __post_init__(self) -> None:
         self.table = LeaseTable(self.slots)
@@ -287,13 +290,15 @@ class EngineLiveness:
 
     def _connect(self) -> psycopg.Connection[Any]:
         timeout_ms = int(max(self.span / 2, 1.0) * 1000)
-        return psycopg.connect(
+        conn = psycopg.connect(
             self.dsn, autocommit=True, application_name=self.application_name,
             connect_timeout=max(2, int(self.span / 2)),
             # A renewal must fail fast, not hang on a dead network, so the enforcer's freeze is the
             # only thing that waits. Ignored on Unix sockets.
             tcp_user_timeout=timeout_ms, keepalives=1, keepalives_idle=1, keepalives_interval=1,
             keepalives_count=3, options=f"-c statement_timeout={timeout_ms}")
+        db.fit_to_pooler(conn, self.dsn)
+        return conn
 
     def renew_once(self) -> bool:
         """One heartbeat of every live worker; True if the database answered."""
@@ -346,9 +351,27 @@ class EngineLiveness:
             except Exception:  # never let the heartbeat thread die: the leases would run out
                 log.exception("heartbeat failed unexpectedly")
                 ok = False
+            if ok:
+                self._beat_engine()
             # After a failure retry sooner, so workers resume promptly when the database returns.
             interval = self.heartbeat_interval if ok else min(self.heartbeat_interval, 0.25)
             self._stop.wait(max(0.0, interval - (time.monotonic() - started)))
+
+    def _beat_engine(self) -> None:
+        """After the workers' renewal, never before it: a slow engine row must not delay a lease."""
+        if self.on_beat is None:
+            return
+        try:
+            if self._conn is None or self._conn.closed:
+                self._conn = self._connect()
+            self.on_beat(self._conn)
+        except psycopg.Error as exc:
+            if self._conn is not None:
+                self._conn.close()
+            self._conn = None
+            log.warning("engine heartbeat failed: %s", describe_error(exc))
+        except Exception:
+            log.exception("engine heartbeat failed unexpectedly")
 
     # -- enforcement ----------------------------------------------------------------------------
 

@@ -955,6 +955,12 @@ async def console_listen(conn: psycopg.AsyncConnection[Any]) -> None:
     await conn.execute(Q.console_listen)
 
 
+async def backend_pid_async(conn: psycopg.AsyncConnection[Any]) -> int:
+    cur = await conn.execute(Q.backend_pid)
+    row = await cur.fetchone()
+    return int(row[0]) if row is not None else 0
+
+
 async def health_ping_async(conn: psycopg.AsyncConnection[Any]) -> None:
     await conn.execute(Q.health_ping)
 
@@ -1026,3 +1032,115 @@ def privileges_missing(conn: Conn, role: str, relation: str | None = None) -> li
 def privileges_ungranted_tables(conn: Conn) -> list[str]:
     """Tables of the skiplock schema on which no skiplock role holds any privilege."""
     return [row[0] for row in conn.execute(Q.privileges_ungranted_tables)]
+# The control plane (engine/control.py): engine rows and operators' commands
+
+
+@dataclass(frozen=True)
+class EngineRow:
+    id: str
+    host: str
+    pid: int
+    version: str
+    workers: int
+    flows: list[str]
+    started_at: datetime
+    heartbeat_at: datetime
+    stopped_at: datetime | None
+    exit_code: int | None
+    state: str  # running, draining, stopping, stopped, or gone (no heartbeat within its stale_after)
+    heartbeat_age: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in self.__dataclass_fields__}
+
+
+@dataclass(frozen=True)
+class EngineRef:
+    id: str
+    state: str
+    heartbeat_age: float
+
+
+@dataclass(frozen=True)
+class EngineCommand:
+    id: int
+    command: str
+    workers: int | None
+
+
+@dataclass(frozen=True)
+class CommandState:
+    acked: bool
+    ok: bool | None
+    outcome: str | None
+
+
+def engine_register(conn: Conn, engine_id: str, host: str, pid: int, version: str, workers: int,
+                    stale_after: float, flows: list[str]) -> None:
+    conn.execute(Q.engine_register, {"id": engine_id, "host": host, "pid": pid, "version": version,
+                                     "workers": workers, "stale_after": stale_after, "flows": flows})
+
+
+def engine_heartbeat(conn: Conn, engine_id: str, workers: int) -> bool:
+    """Renews the engine's row; True when a command waits for it."""
+    return bool(_scalar(conn, Q.engine_heartbeat, {"id": engine_id, "workers": workers}))
+
+
+def engine_set_state(conn: Conn, engine_id: str, state: str) -> None:
+    conn.execute(Q.engine_set_state, {"id": engine_id, "state": state})
+
+
+def engine_stopped(conn: Conn, engine_id: str, code: int) -> None:
+    conn.execute(Q.engine_stopped, {"id": engine_id, "code": code})
+
+
+def engines_list(conn: Conn, limit: int = 1000) -> list[EngineRow]:
+    return _rows(conn, EngineRow, Q.engines_list, {"limit": limit})
+
+
+def engine_find(conn: Conn, ref: str) -> list[EngineRef]:
+    """The engine with this id, or the engines whose id starts with it (at most two: ambiguous)."""
+    return _rows(conn, EngineRef, Q.engine_find, {"ref": ref})
+
+
+def engine_command_send(conn: Conn, engine_id: str, command: str, workers: int | None, *,
+                        notify: bool = True) -> int | None:
+    """Queue a command for a running engine and wake it; None when the engine is not running (gone,
+    stopped, or already draining or stopping). notify=False leaves the wake-up out (a missed NOTIFY)."""
+    sql = Q.engine_command_send if notify else Q.engine_command_insert_quiet
+    command_id = _scalar(conn, sql, {"engine": engine_id, "command": command, "workers": workers})
+    return None if command_id is None else int(command_id)
+
+
+def engine_commands_pending(conn: Conn, engine_id: str) -> list[EngineCommand]:
+    return _rows(conn, EngineCommand, Q.engine_commands_pending, {"engine": engine_id})
+
+
+def engine_command_ack(conn: Conn, command_id: int, ok: bool, outcome: str) -> None:
+    conn.execute(Q.engine_command_ack, {"id": command_id, "ok": ok, "outcome": outcome})
+
+
+def engine_command_get(conn: Conn, command_id: int) -> CommandState | None:
+    rows = _rows(conn, CommandState, Q.engine_command_get, {"id": command_id})
+    return rows[0] if rows else None
+
+
+def engine_command_withdraw(conn: Conn, command_id: int) -> bool:
+    """True when the command was withdrawn unread; False when the engine had acknowledged it."""
+    return conn.execute(Q.engine_command_withdraw, {"id": command_id}).fetchone() is not None
+
+
+def purge_engines(conn: Conn, retention: float, limit: int) -> int:
+    return conn.execute(Q.purge_engines, {"retention": retention, "limit": limit}).rowcount
+
+
+def backend_pid(conn: Conn) -> int:
+    return int(_scalar(conn, Q.backend_pid))
+
+
+_LISTEN: Final = {"skiplock_enqueued": "listen_enqueued", "skiplock_control": "listen_control"}
+
+
+def listen(conn: Conn, channel: str) -> None:
+    """LISTEN on one of the engine's channels (engine.db.listen checks the connection first)."""
+    conn.execute(getattr(Q, _LISTEN[channel]))

@@ -12,6 +12,12 @@ Liveness (engine/liveness.py): the supervisor heartbeats its live workers and pu
 each worker checks, so a handler cannot stop the heartbeat and a worker nobody can prove alive
 stops itself before its jobs can be handed to another.
 
+The control plane (engine/control.py): the engine's row in skiplock.engines is renewed by the
+heartbeat thread, which also looks for pending commands; a listener thread holds the engine's one
+LISTEN connection: it wakes the main loop for commands and relays enqueue notifications to the
+workers over a pipe each. `scale` forks through _spawn and retires workers with SIGTERM (reaped
+without restart, rescued if they did not exit cleanly); `drain` leaves as on SIGTERM; `stop` kills.
+
 The supervisor restarts workers that die (with exponential backoff per slot, so a crash loop cannot
 spin), rescues a dead worker's jobs at once, runs the fleet-wide rescue of stale heartbeats when it
 holds the leader lock, and stops gracefully on SIGTERM/SIGINT.
@@ -23,12 +29,15 @@ unreachable or outdated at start; 3 a second signal forced the stop; 4 workers k
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import logging
 import multiprocessing
 import multiprocessing.connection
 import os
 import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Final
@@ -36,7 +45,7 @@ from typing import Any, Final
 import orjson
 import psycopg
 
-from engine import __version__, db, roles, schedules, store
+from engine import __version__, control, db, roles, schedules, store
 from engine.config import BUILTIN_FLOW_NAMES, EngineConfig, FlowConfig, Settings, recorded_policy, resolve_dsn
 from engine.errors import ConfigError, SkiplockError
 from engine.handlers import load_flow
@@ -102,8 +111,8 @@ class IdleReport:
             pass
         return got
 
-    def all_idle(self) -> bool:
-        return all(self.flags)
+    def all_idle(self, indices: list[int]) -> bool:
+        return all(self.flags[i] for i in indices)
 
 
 @dataclass
@@ -132,15 +141,28 @@ class Supervisor:
     report: Any = None
     metrics_port: int | None = None  # --metrics-port, else the config's metrics_port (None: off)
     metrics: EngineMetrics | None = None
+    listen_dsn: str | None = None  # a direct connection for LISTEN (and session locks) behind PgBouncer
 
     def __post_init__(self) -> None:
         self._context = multiprocessing.get_context("fork")
         self.slots = [Slot(i) for i in range(self.workers)]
-        self.report = IdleReport(self._context, self.workers)
+        # Shared memory for every slot `engine scale` may add: made now, before any fork.
+        self.report = IdleReport(self._context, MAX_WORKERS)
         self.log = ContextLogger(log, {"engine": self.engine_id})
         engine = self.settings.engine
-        self.liveness = EngineLiveness(self.dsn, f"{self.settings.application_name}-supervisor", self.workers,
-                                       engine.stale_after, engine.heartbeat_interval)
+        self.liveness = EngineLiveness(self.dsn, f"{self.settings.application_name}-supervisor", MAX_WORKERS,
+                                       engine.stale_after, engine.heartbeat_interval, on_beat=self._beat)
+        self.control_wake = control.ControlWakeup()
+        self.control_listener = control.ControlListener(
+            self.listen_dsn or self.dsn, f"{self.settings.application_name}-supervisor", self.engine_id,
+            self.control_wake, relay=self._relay)
+        # Enqueue wake-ups relayed to the workers: slot index -> write end of that worker's pipe.
+        self._relays: dict[int, int] = {}
+        self._relay_lock = threading.Lock()  # a write never meets a closed (and reused) descriptor
+        self._retiring: list[tuple[Slot, float]] = []  # scaled away: SIGTERMed, reaped without restart
+        self._spare: dict[int, Slot] = {}  # slots scaled away, kept for their generation counters
+        self._scale_acks: list[tuple[int, str]] = []  # scale-downs acknowledged once the retiring exit
+        self._stop_now = False  # `engine stop`: the workers are killed, not drained
         self.hooks = HookRunner()
         self._unreported_lost: dict[str, str] = {}  # worker id -> reason, marked lost once the database answers
         port = self.metrics_port if self.metrics_port is not None else engine.metrics_port
@@ -151,8 +173,11 @@ class Supervisor:
 
     # -- database work on short-lived connections (never open across a fork) -----------------------
 
-    def _db(self, action: Any) -> Any:
-        with db.connect(self.dsn, application_name=f"{self.settings.application_name}-supervisor") as conn:
+    def _db(self, action: Any, *, session: bool = False) -> Any:
+        """session=True: work that holds a session advisory lock (the rescue leader) goes over the
+        direct listen_dsn when there is one; a transaction pooler would hand the lock to strangers."""
+        dsn = (self.listen_dsn or self.dsn) if session else self.dsn
+        with db.connect(dsn, application_name=f"{self.settings.application_name}-supervisor") as conn:
             return action(conn)
 
     # -- start ---------------------------------------------------------------------------------------
@@ -166,8 +191,12 @@ class Supervisor:
             roles.require(conn, "run")  # one line now, not workers failing in a crash loop later
             store.flows_sync(conn, {flow.name: orjson.dumps(recorded_policy(flow)).decode() for flow in self.flows})
             schedules.sync_config(conn, (s.spec() for s in self.settings.schedules.values()))
+            store.engine_register(conn, self.engine_id, os.uname().nodename, os.getpid(), __version__,
+                                  self.workers, self.settings.engine.stale_after, [f.name for f in self.flows])
 
         self._db(sync)
+        # LISTEN through PgBouncer loses notifications: refuse at start (exit 2), in one line.
+        self._db(lambda conn: db.listen(conn, control.CONTROL_CHANNEL), session=True)
 
     def _spawn(self, slot: Slot) -> None:
         slot.generation += 1
@@ -175,13 +204,23 @@ class Supervisor:
         spec = WorkerSpec(slot.index, slot.worker_id, self.engine_id, self.dsn,
                           f"{self.settings.application_name}-worker", self.flows, self.settings.engine,
                           sources=self.settings.sources, report=self.report,
-                          lease=self.liveness.lease(slot.index),
+                          lease=self.liveness.lease(slot.index), listen_dsn=self.listen_dsn,
                           metrics=self.metrics.pipe if self.metrics is not None else None)
+        relay_r, relay_w = os.pipe()
+        os.set_blocking(relay_r, False)
+        os.set_blocking(relay_w, False)
+        spec = dataclasses.replace(spec, relay_fd=relay_r)
         self.report.busy(slot.index)
         process = self._context.Process(target=worker_main, args=(spec, self.settings.engine.log_format),
                                         name=f"skiplock-worker-{slot.index}", daemon=False)
         self.liveness.before_spawn(slot.index)
         process.start()
+        os.close(relay_r)
+        with self._relay_lock:
+            old = self._relays.pop(slot.index, None)
+            self._relays[slot.index] = relay_w
+        if old is not None:
+            self._close_relay(old)
         self.liveness.spawned(slot.index, slot.worker_id, process.pid)
         slot.process = process
         slot.started_at = time.monotonic()
@@ -215,6 +254,7 @@ class Supervisor:
                 self.liveness.stop()
                 return EXIT_CONFIG
             self.log.info("metrics listening", extra={"host": self.settings.engine.metrics_host, "port": port})
+        self.control_listener.start()
         for slot in self.slots:
             self._spawn(slot)
         engine = self.settings.engine
@@ -223,8 +263,9 @@ class Supervisor:
         next_retention = time.monotonic() + 5.0
         next_schedules = time.monotonic()
         while not self.signals:
-            sentinels: list[Any] = [s.process.sentinel for s in self.slots if s.process is not None]
-            multiprocessing.connection.wait(sentinels + ([self.report] if self.drain else []), timeout=0.2)
+            sentinels: list[Any] = [s.process.sentinel for s in self._all_slots() if s.process is not None]
+            multiprocessing.connection.wait(sentinels + [self.control_wake] + ([self.report] if self.drain else []),
+                                            timeout=0.2)
             if self.signals:
                 break  # workers exiting on our SIGTERM did not die: _stop reaps them, none is restarted
             now = time.monotonic()
@@ -233,7 +274,17 @@ class Supervisor:
             crashed = self._reap(now)
             if crashed is not None:
                 return self._stop(crashed)
+            self._reap_retiring(now)
             self._restart_due(now)
+            if self.control_wake.take():
+                try:
+                    leave = self._control_pass()
+                except psycopg.Error as exc:
+                    self.log.warning("could not run control commands (the heartbeat asks again): %s",
+                                     describe_error(exc))
+                    leave = None
+                if leave is not None:
+                    return self._stop(EXIT_OK)
             self.hooks.check(now)
             try:
                 if now >= next_rescue:
@@ -250,7 +301,7 @@ class Supervisor:
                 # The workers' reports say when to look; the interval bounds the looks while jobs
                 # wait for a later run_at (or a paused flow) with every worker idle.
                 reported = self.drain and self.report.take()
-                if self.drain and self.report.all_idle() and (reported or now >= next_drain_check):
+                if self.drain and self.report.all_idle([s.index for s in self.slots]) and (reported or now >= next_drain_check):
                     next_drain_check = now + DRAIN_CHECK_INTERVAL
                     if self._drained():
                         self._report_drained()
@@ -272,7 +323,7 @@ class Supervisor:
                     os.kill(slot.process.pid, signal.SIGTERM)  # type: ignore[arg-type]
         else:
             self.log.warning("second signal: stopping now")
-            for slot in self.slots:
+            for slot in self._all_slots():
                 if slot.process is not None and slot.process.is_alive():
                     os.kill(slot.process.pid, signal.SIGKILL)  # type: ignore[arg-type]
 
@@ -335,7 +386,7 @@ class Supervisor:
                 store.rescue_leader_release(conn)
             self._fire_orphaned_run_hooks(conn)
 
-        self._db(act)
+        self._db(act, session=True)
 
     def _schedule_pass(self) -> None:
         """Fire due schedule ticks when this engine holds the schedule leader lock (engine/schedules.py)."""
@@ -390,6 +441,7 @@ class Supervisor:
             if purged:
                 self.log.info("purged completed jobs past retention", extra={"purged": purged})
             counts = retention_pass(conn, self.settings.engine)
+            counts["engines"] = store.purge_engines(conn, self.settings.engine.worker_retention, RETENTION_SLICE)
             if any(counts.values()):
                 self.log.info("purged history past retention", extra=counts)
 
@@ -423,20 +475,24 @@ class Supervisor:
         frozen = set(self.liveness.frozen_pids())
         for pid in frozen:
             os.kill(pid, signal.SIGKILL)
+        slots = self._all_slots()
         if not self.signals:
-            for slot in self.slots:
+            for slot in slots:
                 if slot.process is not None and slot.process.is_alive():
-                    os.kill(slot.process.pid, signal.SIGTERM)  # type: ignore[arg-type]
+                    os.kill(slot.process.pid,  # type: ignore[arg-type]
+                            signal.SIGKILL if self._stop_now else signal.SIGTERM)
         deadline = time.monotonic() + self.settings.engine.grace_period
-        for slot in self.slots:
+        for slot in slots:
             if slot.process is None:
                 continue
             slot.process.join(max(0.0, deadline - time.monotonic()))
         reasons: dict[str, str] = {}
-        for slot in self.slots:
+        for slot in slots:
             if slot.process is None:
                 continue
-            if slot.process.is_alive():
+            if self._stop_now and slot.process.exitcode == -signal.SIGKILL:
+                reasons[slot.worker_id] = "killed by `engine stop`"
+            elif slot.process.is_alive():
                 slot.process.kill()
                 slot.process.join()
                 reasons[slot.worker_id] = "killed after grace period"
@@ -458,8 +514,136 @@ class Supervisor:
             code = EXIT_FORCED
         if self.metrics is not None:
             self.metrics.stop()
+        self.control_listener.stop()
+        try:
+            self._db(lambda conn: store.engine_stopped(conn, self.engine_id, code))
+        except psycopg.Error as exc:  # the row goes stale and reads as gone
+            self.log.warning("could not record the engine's stop: %s", describe_error(exc))
         self.log.info("engine stopped", extra={"exit_code": code})
         return code
+
+    # -- control plane (engine/control.py) -------------------------------------------------------------
+
+    def _relay(self, kind: bytes) -> None:
+        """On the listener thread: a byte to every worker (a full pipe already says "look"; a cancel
+        lost to a full pipe is still found by the worker's once-a-second re-read)."""
+        with self._relay_lock:
+            for fd in self._relays.values():
+                try:
+                    os.write(fd, kind)
+                except OSError:  # BlockingIOError: already woken; EPIPE: that worker is gone
+                    pass
+
+    def _close_relay(self, fd: int) -> None:
+        with self._relay_lock:
+            os.close(fd)
+
+    def _all_slots(self) -> list[Slot]:
+        return self.slots + [slot for slot, _ in self._retiring]
+
+    def _beat(self, conn: psycopg.Connection[Any]) -> None:
+        """On the heartbeat thread: the engine's row, and a look for commands (a missed NOTIFY)."""
+        if store.engine_heartbeat(conn, self.engine_id, len(self.slots)):
+            self.control_wake.set()
+
+    def _control_pass(self) -> str | None:
+        """Run this engine's pending commands in order and acknowledge each; returns "drain" or
+        "stop" when the engine must leave now."""
+        commands = self._db(lambda conn: store.engine_commands_pending(conn, self.engine_id))
+        leave: str | None = None
+        waiting = {cid for cid, _ in self._scale_acks}
+        for command in commands:
+            if command.id in waiting:
+                continue  # a scale-down still under way: acknowledged when its workers have exited
+            if leave is not None:
+                ok, outcome = False, f"refused: the engine is already {'draining' if leave == 'drain' else 'stopping'}"
+            elif command.command == "scale":
+                ok, outcome = self._scale(command.id, int(command.workers or 0))
+                if outcome is None:
+                    continue  # acknowledged when the retiring workers have exited
+            else:
+                leave = command.command
+                state = "draining" if leave == "drain" else "stopping"
+                ok = True
+                busy = len(self.slots) + len(self._retiring)
+                outcome = (f"draining: {busy} worker(s) finish the jobs they hold (grace "
+                           f"{self.settings.engine.grace_period:g}s), then the engine exits 0" if leave == "drain"
+                           else f"stopping: {busy} worker(s) killed now, their jobs go back to pending; the "
+                                "engine exits 0")
+                self._db(lambda conn, state=state: store.engine_set_state(conn, self.engine_id, state))
+            self.log.info("control command", extra={"command": command.command, "workers": command.workers,
+                                                    "ok": ok, "outcome": outcome})
+            self._db(lambda conn, c=command, o=ok, t=outcome: store.engine_command_ack(conn, c.id, o, t))
+        if leave == "stop":
+            self._stop_now = True
+        return leave
+
+    def _scale(self, command_id: int, workers: int) -> tuple[bool, str | None]:
+        """Fork or retire workers through the usual paths: _spawn (lease, idle report) and SIGTERM (the
+        worker drains its batch, is reaped, and rescued if it did not exit cleanly)."""
+        if not 1 <= workers <= MAX_WORKERS:
+            return False, f"refused: workers {workers} must be from 1 to {MAX_WORKERS}"
+        before = len(self.slots)
+        if workers == before:
+            return True, f"already {before} worker(s)"
+        if workers > before:
+            used = {slot.index for slot in self._all_slots()}
+            free = (i for i in range(MAX_WORKERS) if i not in used)
+            for index in itertools.islice(free, workers - before):
+                slot = self._spare.pop(index, None) or Slot(index)
+                slot.early_deaths = 0
+                self.slots.append(slot)
+                self._spawn(slot)
+            self.slots.sort(key=lambda s: s.index)
+            return True, f"scaled from {before} to {workers} worker(s)"
+        deadline = time.monotonic() + self.settings.engine.grace_period
+        for slot in self.slots[workers:]:
+            if slot.process is not None and slot.process.is_alive():
+                os.kill(slot.process.pid, signal.SIGTERM)  # type: ignore[arg-type]
+            self._retiring.append((slot, deadline))
+        del self.slots[workers:]
+        self._scale_acks.append((command_id, f"scaled from {before} to {workers} worker(s)"))
+        self._ack_scaled()
+        return True, None
+
+    def _reap_retiring(self, now: float) -> None:
+        if not self._retiring:
+            self._ack_scaled()  # a scale-down whose acknowledgement failed earlier
+            return
+        left: list[tuple[Slot, float]] = []
+        lost: dict[str, str] = {}
+        for slot, deadline in self._retiring:
+            process = slot.process
+            if process is not None and process.is_alive():
+                if now >= deadline:
+                    process.kill()  # reaped on a later pass, rescued then
+                left.append((slot, deadline))
+                continue
+            if process is not None:
+                process.join()
+                self.liveness.gone(slot.index)
+                if process.exitcode != 0:
+                    lost[slot.worker_id] = (f"exited with code {process.exitcode}" if now < deadline
+                                            else "killed after grace period")
+            slot.process = None
+            self._spare[slot.index] = slot
+            with self._relay_lock:
+                fd = self._relays.pop(slot.index, None)
+            if fd is not None:
+                self._close_relay(fd)
+        self._retiring = left
+        if lost:
+            self._rescue_workers(lost)
+        self._ack_scaled()
+
+    def _ack_scaled(self) -> None:
+        if self._retiring or not self._scale_acks:
+            return
+        acks, self._scale_acks = self._scale_acks, []
+        try:
+            self._db(lambda conn: [store.engine_command_ack(conn, cid, True, text) for cid, text in acks])
+        except (psycopg.OperationalError, psycopg.InterfaceError):
+            self._scale_acks = acks + self._scale_acks  # acknowledged on a later pass
 
 
 _BUILTIN_HINT: Final = (f"the built-in demo flows ({', '.join(BUILTIN_FLOW_NAMES)}) are served by `engine dev`, "
@@ -528,7 +712,8 @@ def run_engine(settings: Settings, options: EngineOptions) -> int:
         raise ConfigError(f"--metrics-port must be from 0 to {MAX_PORT}, got {options.metrics_port}")
     flows = select_flows(settings, options.flows)  # after the option checks: they name what the user typed
     supervisor = Supervisor(settings, resolve_dsn(settings), flows, workers, drain=options.drain,
-                            wait_scheduled=options.wait_scheduled, metrics_port=options.metrics_port)
+                            wait_scheduled=options.wait_scheduled, metrics_port=options.metrics_port,
+                            listen_dsn=settings.listen_dsn)
     try:
         supervisor.prepare()
     except psycopg.OperationalError as exc:

@@ -46,6 +46,9 @@ import orjson
 EVENTS_CHANNEL: Final = "skiplock_events"
 ENQUEUED_CHANNEL: Final = "skiplock_enqueued"
 CANCEL_CHANNEL: Final = "skiplock_cancel"
+# What the supervisor writes down a worker's relay pipe for each notification it heard (engine/control.py).
+RELAY_ENQUEUED: Final = b"\0"
+RELAY_CANCEL: Final = b"c"
 EVENT_VERSION: Final = 1
 MAX_EVENT_BYTES: Final = 7900
 FAILURE_SAMPLE: Final = 5

@@ -1348,3 +1348,120 @@ WHERE c.relkind IN ('r', 'p')
       CROSS JOIN unnest(ARRAY['SELECT', 'INSERT', 'UPDATE', 'DELETE']) AS p(privilege)
       WHERE has_table_privilege(r.role_name, c.oid, p.privilege))
 ORDER BY c.relname;
+-- ---------------------------------------------------------------------------------------------
+-- The control plane (migration 0011): engines register and heartbeat; operators' commands are rows
+-- plus a wake-up on skiplock_control (payload: the engine id), so a missed NOTIFY is re-read when the
+-- heartbeat reports pending commands.
+
+-- name: engine_register
+INSERT INTO skiplock.engines (id, host, pid, version, workers, stale_after, flows, state)
+VALUES (%(id)s, %(host)s, %(pid)s, %(version)s, %(workers)s, %(stale_after)s, %(flows)s, 'running')
+ON CONFLICT (id) DO UPDATE SET state = 'running', heartbeat_at = now(), stopped_at = NULL, exit_code = NULL,
+    workers = EXCLUDED.workers;
+
+-- name: engine_heartbeat
+-- The supervisor's heartbeat thread, once per interval: renews the row and says whether a command
+-- waits (the timer that catches a missed wake-up).
+WITH beat AS (
+    UPDATE skiplock.engines SET heartbeat_at = now(), workers = %(workers)s
+    WHERE id = %(id)s AND state <> 'stopped'
+    RETURNING id
+)
+SELECT EXISTS (SELECT 1 FROM skiplock.engine_commands WHERE engine_id = %(id)s AND acked_at IS NULL);
+
+-- name: engine_set_state
+UPDATE skiplock.engines SET state = %(state)s, heartbeat_at = now() WHERE id = %(id)s AND state <> 'stopped';
+
+-- name: engine_stopped
+-- The engine's last write. Commands it never read are answered here, so no CLI waits for them.
+WITH stopped AS (
+    UPDATE skiplock.engines SET state = 'stopped', stopped_at = now(), heartbeat_at = now(), exit_code = %(code)s,
+        workers = 0
+    WHERE id = %(id)s
+    RETURNING id
+)
+UPDATE skiplock.engine_commands SET acked_at = now(), ok = false,
+    outcome = 'refused: the engine stopped before it read the command'
+WHERE engine_id IN (SELECT id FROM stopped) AND acked_at IS NULL;
+
+-- name: engines_list
+-- Engines alive, and those stopped or gone (no heartbeat within their own stale_after) in the last
+-- hour. Two arms on the two partial indexes, as workers_list.
+SELECT id, host, pid, version, workers, flows, started_at, heartbeat_at, stopped_at, exit_code,
+       CASE WHEN state <> 'stopped' AND heartbeat_at < now() - make_interval(secs => stale_after) THEN 'gone'
+            ELSE state END AS state,
+       extract(epoch FROM now() - heartbeat_at)::float8 AS heartbeat_age
+FROM (SELECT * FROM skiplock.engines WHERE state <> 'stopped' AND heartbeat_at > now() - interval '1 hour'
+        - make_interval(secs => stale_after)
+      UNION ALL
+      SELECT * FROM skiplock.engines WHERE state = 'stopped' AND stopped_at > now() - interval '1 hour') AS e
+ORDER BY started_at, id
+LIMIT %(limit)s;
+
+-- name: engine_find
+-- By id or a unique prefix of it (the CLI shows 12 characters). Two rows back: ambiguous.
+SELECT id, CASE WHEN state <> 'stopped' AND heartbeat_at < now() - make_interval(secs => stale_after) THEN 'gone'
+                ELSE state END AS state,
+       extract(epoch FROM now() - heartbeat_at)::float8 AS heartbeat_age
+FROM skiplock.engines
+WHERE id = %(ref)s OR starts_with(id, %(ref)s)
+ORDER BY id = %(ref)s DESC, id
+LIMIT 2;
+
+-- name: engine_command_send
+-- Only to an engine that is running and not gone; the wake-up is sent in the same statement.
+WITH target AS (
+    SELECT id FROM skiplock.engines
+    WHERE id = %(engine)s AND state = 'running' AND heartbeat_at > now() - make_interval(secs => stale_after)
+), cmd AS (
+    INSERT INTO skiplock.engine_commands (engine_id, command, workers)
+    SELECT id, %(command)s, %(workers)s FROM target
+    RETURNING id, engine_id
+)
+SELECT c.id FROM cmd AS c, LATERAL (SELECT pg_notify('skiplock_control', c.engine_id)) AS wake;
+
+-- name: engine_command_insert_quiet
+-- As engine_command_send without the wake-up: what an engine sees when the NOTIFY was missed (tests).
+INSERT INTO skiplock.engine_commands (engine_id, command, workers)
+SELECT id, %(command)s, %(workers)s FROM skiplock.engines WHERE id = %(engine)s AND state = 'running'
+RETURNING id;
+
+-- name: engine_commands_pending
+SELECT id, command, workers FROM skiplock.engine_commands
+WHERE engine_id = %(engine)s AND acked_at IS NULL
+ORDER BY id
+LIMIT 100;
+
+-- name: engine_command_ack
+UPDATE skiplock.engine_commands SET acked_at = now(), ok = %(ok)s, outcome = %(outcome)s
+WHERE id = %(id)s AND acked_at IS NULL;
+
+-- name: engine_command_get
+SELECT acked_at IS NOT NULL AS acked, ok, outcome FROM skiplock.engine_commands WHERE id = %(id)s;
+
+-- name: engine_command_withdraw
+-- The sender gave up waiting: the command must not run later, unseen. No row back: it was acked first.
+UPDATE skiplock.engine_commands SET acked_at = now(), ok = false,
+    outcome = 'withdrawn: no acknowledgement within the timeout'
+WHERE id = %(id)s AND acked_at IS NULL
+RETURNING id;
+
+-- name: purge_engines
+-- Retention of engine rows (their commands go with them): stopped, or silent, longer than `retention`.
+WITH old AS (
+    SELECT id FROM skiplock.engines
+    WHERE (state = 'stopped' AND stopped_at < now() - make_interval(secs => %(retention)s))
+       OR (state <> 'stopped' AND heartbeat_at < now() - make_interval(secs => %(retention)s))
+    LIMIT %(limit)s
+)
+DELETE FROM skiplock.engines e USING old WHERE e.id = old.id;
+
+-- name: backend_pid
+-- Compared with the pid the server announced at startup: they differ behind PgBouncer (engine/db.py).
+SELECT pg_backend_pid();
+
+-- name: listen_enqueued
+LISTEN skiplock_enqueued;
+
+-- name: listen_control
+LISTEN skiplock_control;

@@ -26,6 +26,7 @@ import psycopg
 from psycopg import pq
 
 from engine.errors import JobCancelled, Snooze
+from engine import db
 from engine.handlers import FlowRuntime, JobContext, JobTimeout
 from engine.store import Failure, ack_batch, new_ack_id, release_batch
 from engine.sources import SourceRegistry
@@ -860,7 +861,10 @@ class AsyncExecutor(_ConcurrentBase):
                     w = self.worker
                     pool = AsyncConnectionPool(
                         w.spec.dsn, min_size=1, max_size=max(w.spec.engine.pool_max, 4),
-                        kwargs={"autocommit": True, "application_name": w.spec.application_name}, open=False)
+                        kwargs={"autocommit": True, "application_name": w.spec.application_name,
+                                # the worker's own pool found out whether dsn goes through PgBouncer
+                                **({"prepare_threshold": None} if db.known_pooled(w.spec.dsn) else {})},
+                        open=False)
                     await pool.open(wait=True, timeout=30)
                     self._apool = pool
         return self._apool

@@ -2,9 +2,10 @@
 work, and shutdown.
 
 Everything database-related is opened here, after the fork: a psycopg_pool for claims, acks and
-heartbeats, and one dedicated autocommit connection outside the pool that LISTENs for enqueues,
-owned by a listener thread that reads notifications continuously (an unread backend would pin
-PostgreSQL's NOTIFY queue while the worker is busy). The main loop waits on a Wakeup (a pipe, so a
+heartbeats. Enqueue wake-ups arrive on a pipe from the supervisor, whose one LISTEN connection serves
+every worker (`relay_fd`); a worker started without one (no supervisor) opens a dedicated autocommit
+LISTEN connection outside the pool. Either way a listener thread reads continuously (an unread
+backend would pin PostgreSQL's NOTIFY queue while the worker is busy). The main loop waits on a Wakeup (a pipe, so a
 signal handler may set it too) that the listener, SIGTERM and the concurrent executors set.
 """
 
@@ -34,7 +35,8 @@ from engine.store import AckResult
 from engine.runs import claim_finished_runs, fire_claimed
 from engine.sources import SourceRegistry
 from engine.store import RunSummary
-from engine.telemetry import CANCEL_CHANNEL, ENQUEUED_CHANNEL, FailureSample, Telemetry, encode_event
+from engine.telemetry import (CANCEL_CHANNEL, ENQUEUED_CHANNEL, RELAY_CANCEL, FailureSample, Telemetry,
+                              encode_event)
 from engine.failure_log import FailureLog
 from engine.metrics import WorkerMetrics
 from engine.worker.circuit import CircuitBreaker
@@ -74,6 +76,10 @@ class WorkerSpec:
     report: Any = None  # the supervisor's IdleReport: this worker says when it has nothing to do
     lease: Lease | None = None  # the supervisor's heartbeat lease of this slot (engine/liveness.py)
     metrics: Any = None  # the supervisor's MetricsPipe (engine/metrics.py) with --metrics-port, else None
+    listen_dsn: str | None = None  # a direct connection for LISTEN when dsn goes through PgBouncer
+    # The read end of a pipe on which the supervisor relays enqueue notifications (its one LISTEN
+    # connection serves every worker); None: this worker LISTENs on a connection of its own.
+    relay_fd: int | None = None
 
 
 class Wakeup:
@@ -170,8 +176,11 @@ class Worker:
             conn, self.id, self.spec.engine_id, socket.gethostname(), os.getpid(), self.flow_names, __version__))
         self.notify([encode_event("worker_started", engine=self.spec.engine_id, worker=self.id,
                                   host=socket.gethostname(), pid=os.getpid(), flows=self.flow_names)])
-        self._connect_listener()
-        threading.Thread(target=self._listen_loop, name="listener", daemon=True).start()
+        if self.spec.relay_fd is not None:
+            threading.Thread(target=self._relay_loop, name="listener", daemon=True).start()
+        else:
+            self._connect_listener()
+            threading.Thread(target=self._listen_loop, name="listener", daemon=True).start()
         for flow in self.flows:
             executor = make_executor(self, flow, Producer(self, flow))
             self.executors.append(executor)
@@ -288,9 +297,30 @@ class Worker:
             with attempt:
                 if self.listen_conn is not None:
                     self.listen_conn.close()
-                self.listen_conn = db.connect(self.spec.dsn, application_name=self.spec.application_name)
-                self.listen_conn.execute(f"LISTEN {ENQUEUED_CHANNEL}")
-                self.listen_conn.execute(f"LISTEN {CANCEL_CHANNEL}")
+                self.listen_conn = db.connect(self.spec.listen_dsn or self.spec.dsn,
+                                              application_name=self.spec.application_name)
+                db.listen(self.listen_conn, ENQUEUED_CHANNEL)
+                db.listen(self.listen_conn, CANCEL_CHANNEL)
+
+    def _relay_loop(self) -> None:
+        """Wake-ups the supervisor relays (one byte per notification it heard, or after it reconnected)."""
+        fd = self.spec.relay_fd
+        assert fd is not None
+        while not self.closing:
+            ready, _, _ = select.select([fd], [], [], LISTEN_READ_TIMEOUT)
+            if not ready:
+                continue
+            try:
+                got = os.read(fd, 4096)
+            except BlockingIOError:
+                continue
+            if not got:
+                return  # the supervisor is gone: the lease guard ends this worker
+            if RELAY_CANCEL in got:
+                self.control.wake()
+            if got.strip(RELAY_CANCEL):
+                self._notified = True
+                self.wake.set()
 
     def _listen_loop(self) -> None:
         """Reads notifications as they come, busy or idle, and wakes the main loop."""
