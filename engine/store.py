@@ -1138,7 +1138,8 @@ def backend_pid(conn: Conn) -> int:
     return int(_scalar(conn, Q.backend_pid))
 
 
-_LISTEN: Final = {"skiplock_enqueued": "listen_enqueued", "skiplock_control": "listen_control"}
+_LISTEN: Final = {"skiplock_enqueued": "listen_enqueued", "skiplock_control": "listen_control",
+                  "skiplock_cancel": "listen_cancel"}
 
 
 def listen(conn: Conn, channel: str) -> None:

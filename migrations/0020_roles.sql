@@ -49,3 +49,13 @@ GRANT INSERT, UPDATE, DELETE ON skiplock.jobs, skiplock.schedules TO skiplock_op
 GRANT INSERT, DELETE ON skiplock.jobs_done TO skiplock_operator;
 GRANT INSERT, UPDATE ON skiplock.flows, skiplock.runs TO skiplock_operator;
 GRANT SELECT, INSERT, UPDATE ON skiplock.enqueue_receipts TO skiplock_operator;
+
+-- Tables of migrations 0007-0019 (later migrations grant their own tables).
+-- The control plane (0011): engines register and heartbeat and answer commands; operators send them
+-- (`engine scale|drain|stop`, the console's Engines view); everyone lists engines.
+GRANT SELECT ON skiplock.engines, skiplock.engine_commands TO skiplock_engine, skiplock_operator, skiplock_viewer;
+GRANT INSERT, UPDATE, DELETE ON skiplock.engines TO skiplock_engine;
+GRANT UPDATE, DELETE ON skiplock.engine_commands TO skiplock_engine;
+GRANT INSERT, UPDATE ON skiplock.engine_commands TO skiplock_operator;
+-- Metrics (0010): the lease of the engine that reads the fleet-wide gauges.
+GRANT SELECT, INSERT, UPDATE, DELETE ON skiplock.metrics_leader TO skiplock_engine;

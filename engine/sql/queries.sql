@@ -1465,3 +1465,6 @@ LISTEN skiplock_enqueued;
 
 -- name: listen_control
 LISTEN skiplock_control;
+
+-- name: listen_cancel
+LISTEN skiplock_cancel;
