@@ -558,16 +558,18 @@ class Latency:
         return asdict(self)
 
 
-def latency_probes(engine: Engine, flow: str, rate: float, seconds: float) -> Latency:
+def latency_probes(engine: Engine, flow: str | list[str], rate: float, seconds: float) -> Latency:
     """Single `Queue.enqueue` calls of `flow` at `rate` per second for `seconds` (open loop: a late
-    call does not delay the schedule), on a connection of their own; every probe must start."""
+    call does not delay the schedule), on a connection of their own; every probe must start. With a
+    list of flows, probe i goes to flow i modulo its length."""
+    flows = [flow] if isinstance(flow, str) else flow
     count = max(1, int(rate * seconds))
     first = engine.probes  # probe numbers are unique for the engine's life: its stamp files only grow
     engine.probes += count
     interval = 1.0 / rate
     calls: list[tuple[float, float]] = []
     with Queue(engine.dsn, application_name="skiplock-bench-probe") as queue:
-        queue.enqueue(flow, {"warm": 1}, allow_unknown_flow=True)  # connects and checks the schema outside the measurement
+        queue.enqueue(flows[0], {"warm": 1}, allow_unknown_flow=True)  # connects and checks the schema outside the measurement
         time.sleep(0.2)
         next_at = time.perf_counter()
         for i in range(count):
@@ -575,7 +577,7 @@ def latency_probes(engine: Engine, flow: str, rate: float, seconds: float) -> La
             if delay > 0:
                 time.sleep(delay)
             sent = time.time()
-            queue.enqueue(flow, {"i": first + i, "t": sent})
+            queue.enqueue(flows[i % len(flows)], {"i": first + i, "t": sent})
             calls.append((sent, time.time()))
             next_at += interval
         span = calls[-1][0] - calls[0][0]

@@ -506,6 +506,11 @@ def next_run_at(conn: Conn, flows: list[str]) -> float | None:
     return None if value is None else float(value)
 
 
+def flows_due(conn: Conn, flows: list[str]) -> set[str]:
+    """Those of `flows` with a job claimable now (one round trip, however many flows)."""
+    return {row[0] for row in conn.execute(Q.flows_due, {"flows": flows})}
+
+
 # ---------------------------------------------------------------------------------------------
 # Rescue and maintenance
 

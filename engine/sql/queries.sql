@@ -581,6 +581,17 @@ WHERE flow = ANY(ARRAY(
 ORDER BY priority DESC, run_at
 LIMIT 1;
 
+-- name: flows_due
+-- Which of these flows have a job claimable now (not paused, circuit not open), in one round trip:
+-- one probe of jobs_claim_idx per flow. A worker serving many flows claims only where there is work
+-- instead of sending one empty claim per flow.
+SELECT u.name FROM unnest(%(flows)s::text[]) AS u(name)
+WHERE EXISTS (SELECT 1 FROM skiplock.jobs j
+              WHERE j.flow = u.name AND j.status = 'pending' AND j.run_at <= now())
+  AND NOT EXISTS (SELECT 1 FROM skiplock.flows f
+                  WHERE f.name = u.name
+                    AND (f.paused OR (f.circuit_state = 'open' AND f.circuit_until > now())));
+
 -- name: events_notify
 SELECT pg_notify('skiplock_events', e) FROM unnest(%(events)s::text[]) AS e;
 

@@ -136,6 +136,17 @@ class InlineExecutor:
             end(ctx._pg, not batch.timed_out)
         return result
 
+    def _ack(self, token: int, done_ids: list[int], results: list[str | None] | None, failures: list[Failure],
+             tx: BatchTransaction | None) -> Any:
+        """The batch's one fenced ack: inside its transaction, or on its own with a fresh ack id."""
+        if tx is not None:
+            return tx.ack(token, done_ids, results, failures)
+        w = self.worker
+        max_attempts = self.flow.config.max_attempts
+        ack_id = new_ack_id()  # once, outside the retries: a retry reads the first outcome
+        return w.with_db("ack", lambda conn: ack_batch(conn, w.id, token, done_ids, results, failures,
+                                                       max_attempts, ack_id=ack_id))
+
     def run(self, rows: Any, token: int, trial: bool) -> None:
         w = self.worker
         flow = self.flow
@@ -203,12 +214,7 @@ class InlineExecutor:
             with lock:
                 w.inline = None
                 unstarted = [r[0] for r in rows[stopped_at:batch.end]] if stopped_at is not None else []
-            if tx is not None:
-                ack = tx.ack(token, done_ids, results, failures)
-            else:
-                ack_id = new_ack_id()  # once, outside the retries: a retry reads the first outcome
-                ack = w.with_db("ack", lambda conn: ack_batch(conn, w.id, token, done_ids, results, failures,
-                                                              flow.config.max_attempts, ack_id=ack_id))
+            ack = self._ack(token, done_ids, results, failures, tx)
         finally:
             w.inline = None
             if tx is not None:
@@ -300,12 +306,7 @@ class BatchExecutor(InlineExecutor):
             w.inline = None
             run_s = time.monotonic() - started
             stored = results if any(r is not None for r in results) else None
-            if tx is not None:
-                ack = tx.ack(token, done_ids, stored, failures)
-            else:
-                ack_id = new_ack_id()  # once, outside the retries: a retry reads the first outcome
-                ack = w.with_db("ack", lambda conn: ack_batch(conn, w.id, token, done_ids, stored, failures,
-                                                              flow.config.max_attempts, ack_id=ack_id))
+            ack = self._ack(token, done_ids, stored, failures, tx)
         finally:
             w.inline = None
             if tx is not None:

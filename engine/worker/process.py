@@ -47,6 +47,7 @@ log = logging.getLogger("skiplock.worker")
 TRANSIENT_DB_ERRORS: Final = (psycopg.OperationalError, psycopg.InterfaceError)
 DB_RETRY_SECONDS: Final = 60.0
 EMPTY_FLOW_RECHECK: Final = 0.1  # seconds an empty flow is skipped while the worker is busy with others
+DUE_PROBE_MIN: Final = 8  # above this many flows to look at, one flows_due probe replaces their empty claims
 LISTEN_READ_TIMEOUT: Final = 0.5  # the listener thread re-checks its stop flag this often
 STOP_MARGIN: Final = 0.5  # concurrent jobs get the grace period minus this before the worker exits
 
@@ -322,6 +323,8 @@ class Worker:
         while not self.stopping:
             worked = False
             now = time.monotonic()
+            if len(executors) > DUE_PROBE_MIN:
+                self._skip_flows_without_work(recheck_at, now)
             for i, executor in enumerate(executors):
                 if self.stopping:
                     break
@@ -341,6 +344,23 @@ class Worker:
             if self._notified or not any(e.concurrent and e.in_hand for e in executors):
                 self._notified = False
                 recheck_at = [0.0] * len(executors)
+
+    def _skip_flows_without_work(self, recheck_at: list[float], now: float) -> None:
+        """Many flows: one flows_due probe instead of an empty claim per flow; the flows it finds
+        without work are skipped like a flow whose claim came back empty."""
+        names = self.flow_names
+        candidates = [i for i, at in enumerate(recheck_at) if at <= now]
+        if len(candidates) <= DUE_PROBE_MIN:
+            return
+        try:
+            with self.pool.connection() as conn:
+                due = store.flows_due(conn, [names[i] for i in candidates])
+        except TRANSIENT_DB_ERRORS:
+            return  # the claims find out, and retry
+        later = now + EMPTY_FLOW_RECHECK
+        for i in candidates:
+            if names[i] not in due:
+                recheck_at[i] = later
 
     def _wait_for_work(self) -> None:
         self.state = "idle"
