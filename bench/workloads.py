@@ -241,10 +241,15 @@ class Engine:
         env = {k: v for k, v in os.environ.items() if not k.startswith("SKIPLOCK_")}
         env.update({"SKIPLOCK_DSN": self.dsn, "SKIPLOCK_BENCH_STAMPS": str(self.stamps),
                     "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))})
+        command = [sys.executable, "-m", "engine.cli", "run", "--config", str(self.config),
+                   "--workers", str(self.workers), "--flows", ",".join(self.flows)]
+        profile = os.environ.get("SKIPLOCK_BENCH_PROFILE")  # a directory: py-spy records every process
+        if profile:
+            command = ["py-spy", "record", "--subprocesses", "--nonblocking", "-r", "200", "-f", "raw", "-o",
+                       os.path.join(profile, f"{self.name}-{os.getpid()}.txt"), "--", *command]
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "engine.cli", "run", "--config", str(self.config),
-                 "--workers", str(self.workers), "--flows", ",".join(self.flows)],
+                command,
                 stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO, preexec_fn=_die_with_parent)
         self._wait_ready()
         return self
@@ -266,7 +271,13 @@ class Engine:
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
+            if os.environ.get("SKIPLOCK_BENCH_PROFILE"):  # py-spy writes its profile once the engine exits
+                import psutil
+
+                for child in psutil.Process(self.process.pid).children():
+                    child.send_signal(signal.SIGTERM)
+            else:
+                self.process.send_signal(signal.SIGTERM)
             if self.conn is not None:  # wake idle workers now rather than at their next poll
                 time.sleep(0.05)
                 self.conn.execute("SELECT pg_notify(%s, '')", (ENQUEUED_CHANNEL,))

@@ -211,14 +211,6 @@ class RunSummary:
 
 
 @dataclass(frozen=True)
-class FlowState:
-    name: str
-    paused: bool
-    circuit_state: str
-    open_for: float | None
-
-
-@dataclass(frozen=True)
 class LiveCounts:
     flow: str
     pending: int
@@ -721,8 +713,9 @@ def flows_sync(conn: Conn, policies: Mapping[str, str]) -> None:
     conn.execute(Q.flows_sync, {"names": list(policies), "policies": list(policies.values())})
 
 
-def flows_state(conn: Conn, flows: list[str]) -> list[FlowState]:
-    return _rows(conn, FlowState, Q.flows_state, {"flows": flows})
+def flows_circuit_open(conn: Conn, flows: list[str]) -> set[str]:
+    """Those of `flows` whose circuit is open (cool-down running or waiting for its trial)."""
+    return {row[0] for row in conn.execute(Q.flows_circuit_open, {"flows": flows})}
 
 
 def circuit_open(conn: Conn, flow: str, cooldown: float) -> float | None:

@@ -582,15 +582,18 @@ ORDER BY priority DESC, run_at
 LIMIT 1;
 
 -- name: flows_due
--- Which of these flows have a job claimable now (not paused, circuit not open), in one round trip:
--- one probe of jobs_claim_idx per flow. A worker serving many flows claims only where there is work
--- instead of sending one empty claim per flow.
+-- Which of these flows have a job claimable now (not paused, circuit not open, below their fleet-wide
+-- concurrency: the gates of next_run_at), in one round trip: one probe of jobs_claim_idx per flow. A
+-- worker serving many flows claims only where there is work instead of one empty claim per flow.
 SELECT u.name FROM unnest(%(flows)s::text[]) AS u(name)
 WHERE EXISTS (SELECT 1 FROM skiplock.jobs j
               WHERE j.flow = u.name AND j.status = 'pending' AND j.run_at <= now())
   AND NOT EXISTS (SELECT 1 FROM skiplock.flows f
                   WHERE f.name = u.name
-                    AND (f.paused OR (f.circuit_state = 'open' AND f.circuit_until > now())));
+                    AND (f.paused OR (f.circuit_state = 'open' AND f.circuit_until > now())
+                         OR (f.policy->>'concurrency')::int <= (
+                             SELECT count(*) FROM skiplock.jobs r
+                             WHERE r.flow = u.name AND r.status = 'running')));
 
 -- name: events_notify
 SELECT pg_notify('skiplock_events', e) FROM unnest(%(events)s::text[]) AS e;
@@ -612,9 +615,10 @@ SET completed = s.completed + EXCLUDED.completed, failed = s.failed + EXCLUDED.f
 INSERT INTO skiplock.flows (name, policy) SELECT * FROM unnest(%(names)s::text[], %(policies)s::jsonb[])
 ON CONFLICT (name) DO UPDATE SET policy = EXCLUDED.policy, updated_at = now();
 
--- name: flows_state
-SELECT name, paused, circuit_state, extract(epoch FROM circuit_until - now())::float8 AS open_for
-FROM skiplock.flows WHERE name = ANY(%(flows)s::text[]);
+-- name: flows_circuit_open
+-- The tick's circuit refresh: only the names whose circuit is open (a worker of 1,000 flows reads a
+-- few names per tick, not 1,000 rows).
+SELECT name FROM skiplock.flows WHERE name = ANY(%(flows)s::text[]) AND circuit_state = 'open';
 
 -- name: circuit_open
 UPDATE skiplock.flows SET circuit_state = 'open', circuit_until = now() + make_interval(secs => %(cooldown)s),

@@ -320,23 +320,34 @@ class Worker:
         self.state = "idle"
         executors = self.executors
         recheck_at = [0.0] * len(executors)
+        many = len(executors) > DUE_PROBE_MIN
+        # Many flows: workers of one engine start their rounds at different flows, so they do not
+        # race each other for the same flow's jobs (the loser's claim comes back empty).
+        start = int(self.spec.index * 0.618034 * len(executors)) % len(executors) if many else 0
+        order = list(range(start, len(executors))) + list(range(start))
+        idle_probes = 0
         while not self.stopping:
             worked = False
             now = time.monotonic()
-            if len(executors) > DUE_PROBE_MIN:
+            if many:
                 self._skip_flows_without_work(recheck_at, now)
-            for i, executor in enumerate(executors):
+            for i in order:
                 if self.stopping:
                     break
                 if recheck_at[i] > now:
                     continue
-                claimed = executor.step()
+                claimed = executors[i].step()
                 if claimed > 0:
                     worked = True
                 elif claimed == 0:
                     recheck_at[i] = now + EMPTY_FLOW_RECHECK
             if worked or self.stopping:
+                idle_probes = 0
                 continue
+            if many and idle_probes < 2 and self._due_elsewhere(recheck_at):
+                idle_probes += 1  # bounded: a due job we cannot claim (a lost worker) must not spin us
+                continue
+            idle_probes = 0
             if any(e.concurrent and e.in_hand for e in executors):
                 self.wake.wait(EMPTY_FLOW_RECHECK)  # a job finishing below the low-water mark wakes us
             else:
@@ -361,6 +372,19 @@ class Worker:
         for i in candidates:
             if names[i] not in due:
                 recheck_at[i] = later
+
+    def _due_elsewhere(self, recheck_at: list[float]) -> bool:
+        """Many flows, a round without work: flows skipped for a while may have work by now (one
+        flows_due probe over all of them, cheaper than next_run_at's sort of a deep backlog)."""
+        try:
+            with self.pool.connection() as conn:
+                due = store.flows_due(conn, self.flow_names)
+        except TRANSIENT_DB_ERRORS:
+            return False
+        for i, name in enumerate(self.flow_names):
+            if name in due:
+                recheck_at[i] = 0.0
+        return bool(due)
 
     def _wait_for_work(self) -> None:
         self.state = "idle"
