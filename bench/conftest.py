@@ -134,7 +134,7 @@ def bench_server() -> Iterator[str]:
         return
     base = make_temp_dir("skiplock-bench-")
     # Default durability: fsync, synchronous_commit and full_page_writes stay on.
-    server = EmbeddedPostgres(base / "data", settings={"max_connections": "100"})
+    server = EmbeddedPostgres(base / "data", settings={"max_connections": "300"})
     server.start()
     dsn = server.dsn("postgres")
     _read_settings(dsn)

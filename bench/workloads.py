@@ -215,7 +215,8 @@ class Engine:
     """
 
     def __init__(self, dsn: str, workdir: Path, workers: int, flows: Mapping[str, Mapping[str, Any]],
-                 name: str = "engine") -> None:
+                 name: str = "engine", settings: Mapping[str, Any] | None = None) -> None:
+        self.settings = dict(settings or {})  # more [global] keys
         self.dsn = dsn
         self.workdir = workdir
         self.workers = workers
@@ -231,8 +232,9 @@ class Engine:
     # lifecycle
 
     def start(self) -> "Engine":
+        extra = "".join(f"{k} = {v!r}\n".replace("'", '"') for k, v in self.settings.items())
         self.config.write_text(
-            "[global]\nlog_format = \"json\"\nheartbeat_interval = \"1s\"\n\n"
+            "[global]\nlog_format = \"json\"\nheartbeat_interval = \"1s\"\n" + extra + "\n"
             + "\n\n".join(_toml_flow(name, policy) for name, policy in self.flows.items()) + "\n")
         self.conn = db.connect(self.dsn, application_name="skiplock-bench")
         queue = Queue(conn=self.conn)

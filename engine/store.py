@@ -507,6 +507,19 @@ def flows_due(conn: Conn, flows: list[str]) -> set[str]:
 # Rescue and maintenance
 
 
+def vacuum_leader(conn: Conn) -> bool:
+    return bool(_scalar(conn, Q.vacuum_leader))
+
+
+def jobs_dead_tuples(conn: Conn) -> int:
+    return int(_scalar(conn, Q.jobs_dead_tuples) or 0)
+
+
+def jobs_vacuum(conn: Conn) -> None:
+    """VACUUM (SKIP_LOCKED) skiplock.jobs; `conn` must be in autocommit."""
+    conn.execute(Q.jobs_vacuum)
+
+
 def rescue(conn: Conn, stale_after: float) -> RescueResult:
     """Mark workers with stale heartbeats lost and put their running jobs back (in bounded slices)."""
     with conn.transaction():

@@ -48,6 +48,7 @@ from engine.migrate import require_schema
 from engine.queue import Queue, new_engine_id, validate_flow
 from engine.redact import describe_error
 from engine.telemetry import FlowCounts, encode_event
+from engine.vacuum import VacuumThread
 from engine.worker import WorkerSpec, worker_main
 
 log = logging.getLogger("skiplock.engine")
@@ -137,6 +138,8 @@ class Supervisor:
         self.liveness = EngineLiveness(self.dsn, f"{self.settings.application_name}-supervisor", self.workers,
                                        engine.stale_after, engine.heartbeat_interval)
         self.hooks = HookRunner()
+        self.vacuum = VacuumThread(self.dsn, f"{self.settings.application_name}-vacuum", engine.vacuum_dead_tuples,
+                                   engine.vacuum_check_interval)
         self._unreported_lost: dict[str, str] = {}  # worker id -> reason, marked lost once the database answers
 
     # -- database work on short-lived connections (never open across a fork) -----------------------
@@ -194,6 +197,7 @@ class Supervisor:
         self.log.info("engine starting", extra={"workers": self.workers, "flows": [f.name for f in self.flows],
                                                 "pid": os.getpid(), "version": __version__})
         self.liveness.start()
+        self.vacuum.start()
         for slot in self.slots:
             self._spawn(slot)
         engine = self.settings.engine
@@ -391,6 +395,7 @@ class Supervisor:
     # -- stop ----------------------------------------------------------------------------------------
 
     def _stop(self, code: int) -> int:
+        self.vacuum.stop()
         # Workers frozen through an outage cannot be resumed safely (nobody renewed them): kill them.
         frozen = set(self.liveness.frozen_pids())
         for pid in frozen:

@@ -666,6 +666,22 @@ SELECT pg_try_advisory_lock(hashtext('skiplock.rescue'));
 -- name: rescue_leader_release
 SELECT pg_advisory_unlock(hashtext('skiplock.rescue'));
 
+-- name: vacuum_leader
+-- One engine at a time watches the hot table's dead tuples (engine/vacuum.py). Session-level: held
+-- for the life of that engine's vacuum connection.
+SELECT pg_try_advisory_lock(hashtext('skiplock.vacuum'));
+
+-- name: jobs_dead_tuples
+-- Dead row versions in skiplock.jobs (each completed job leaves two: the claim's and the ack's), from
+-- the statistics (up to about a second behind).
+SELECT coalesce(n_dead_tup, 0) FROM pg_stat_user_tables WHERE relid = 'skiplock.jobs'::regclass;
+
+-- name: jobs_vacuum
+-- Frees the dead tuples for reuse between autovacuum's visits (its naptime is server-wide, 1 min by
+-- default, while a busy queue leaves millions of dead tuples a minute). SKIP_LOCKED: if autovacuum
+-- or another VACUUM holds the table, skip this round rather than wait. Autocommit only.
+VACUUM (SKIP_LOCKED) skiplock.jobs;
+
 -- name: worker_mark_lost
 -- The supervisor saw this worker's process die (or killed it): its jobs can be rescued now, not
 -- after stale_after; the reason ("exited with code -9", "killed after grace period") goes into

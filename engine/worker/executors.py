@@ -33,6 +33,7 @@ from engine.worker.context import AsyncPg, BatchTransaction, PerJobPg, make_cont
 from engine.worker.outcome import BatchResultError, encode_result, failure, timeout_error
 
 HOLD_BOUND: Final = 2.0  # seconds a batch's unstarted jobs may wait behind the job that runs
+TOP_UP_INTERVAL: Final = 0.05  # seconds between top-ups of concurrent flows while an inline batch runs
 ACTIVE: Final = pq.TransactionStatus.ACTIVE
 CHILD: Final = [False]  # set in a child forked by a handler: it must exit as soon as the handler returns
 
@@ -165,9 +166,15 @@ class InlineExecutor:
         stopped_at: int | None = None
         clock = time.monotonic
         started = clock()
+        # Concurrent flows of this worker are topped up between inline jobs, not only between batches.
+        top_up = w.top_up if w.concurrent_executors else None
+        next_top_up = started + TOP_UP_INTERVAL
         w.inline = batch
         try:
             for index, row in enumerate(rows):
+                if top_up is not None and clock() >= next_top_up:
+                    top_up()
+                    next_top_up = clock() + TOP_UP_INTERVAL
                 with lock:  # against the monitor releasing the rest of the batch
                     if index >= batch.end:
                         break

@@ -139,6 +139,7 @@ class Worker:
         self.telemetry_thread = TelemetryThread(self)
         self.monitor = Monitor(self)
         self.executors: list[Any] = []
+        self.concurrent_executors: list[Any] = []
         self._idle_reported = False
         self._notified = False
         self.listen_conn: psycopg.Connection[Any] | None = None
@@ -173,6 +174,7 @@ class Worker:
                 executor.start()
                 if isinstance(executor, ThreadExecutor):  # asyncio jobs time out in their own task
                     self.monitor.checks.append(executor.check)
+        self.concurrent_executors = [e for e in self.executors if e.concurrent]
         if any(not e.concurrent for e in self.executors):
             self.monitor.checks.append(inline_check(self))
         if any(e.concurrent for e in self.executors):
@@ -355,6 +357,15 @@ class Worker:
             if self._notified or not any(e.concurrent and e.in_hand for e in executors):
                 self._notified = False
                 recheck_at = [0.0] * len(executors)
+
+    def top_up(self) -> None:
+        """From inside an inline batch: claim for the concurrent flows that dropped below their
+        low-water mark, so their threads or tasks do not sit idle behind the inline jobs."""
+        for executor in self.concurrent_executors:
+            if self.stopping:
+                return
+            if executor.in_hand < executor.n:
+                executor.step()
 
     def _skip_flows_without_work(self, recheck_at: list[float], now: float) -> None:
         """Many flows: one flows_due probe instead of an empty claim per flow; the flows it finds
