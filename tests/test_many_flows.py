@@ -79,3 +79,31 @@ def test_jobs_spread_over_a_thousand_flows_all_run_once(dsn: str, start_engine, 
     assert time.monotonic() - started < 20, tail(engine)
     done = {name for (name,) in rows(dsn, "SELECT flow FROM skiplock.jobs_done WHERE payload->>'n' = '10000'")}
     assert done == set(picked)
+
+
+@pytest.mark.slow
+def test_one_engine_vacuums_the_hot_table_when_dead_tuples_pile_up(dsn: str, start_engine, tmp_path) -> None:
+    """vacuum_dead_tuples: the dead row versions completed jobs leave in skiplock.jobs are vacuumed
+    by the engine between autovacuum's visits (pg_stat_user_tables.vacuum_count counts only manual
+    VACUUMs); 0 leaves it to autovacuum."""
+    def vacuums() -> int:
+        return scalar(dsn, "SELECT vacuum_count FROM pg_stat_user_tables WHERE relid = 'skiplock.jobs'::regclass")
+
+    register_flows(dsn, "v")
+    config = BASE + 'vacuum_check_interval = "0.2s"\n\n[flows.v]\nhandler = "support.handlers:record"\n'
+    env = {"SKIPLOCK_TEST_RECORD": str(tmp_path / "record.txt")}
+    with Queue(dsn) as q:
+        q.enqueue_many("v", [{"n": i} for i in range(3000)])
+    off = start_engine(dsn, config.replace("[global]", "[global]\nvacuum_dead_tuples = 0"), "--drain", env=env)
+    assert off.wait(60) == 0, tail(off)
+    before = vacuums()
+    time.sleep(1.0)
+    assert vacuums() == before
+    with Queue(dsn) as q:
+        q.enqueue_many("v", [{"n": i} for i in range(3000)])
+    on = start_engine(dsn, config.replace("[global]", "[global]\nvacuum_dead_tuples = 1000"), "--workers", "1",
+                      env=env)
+    wait_for(lambda: scalar(dsn, "SELECT count(*) FROM skiplock.jobs") == 0, 30, message="the jobs done")
+    wait_for(lambda: vacuums() > before, 15, message="a VACUUM by the engine")
+    on.signal(15)
+    assert on.wait(30) == 0, tail(on)
