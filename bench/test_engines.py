@@ -20,11 +20,11 @@ from bench.conftest import Target, figure, new_database, record, size
 from bench.fleet import Connections, connections, cpu_seconds, memory, tree, xact_count
 from bench.workloads import NOOP, Engine, best
 
-ENGINES = size(20, 3)
+ENGINES = size(20, 2)
 WORKERS = 2
-JOBS = size(100_000, 3_000)
+JOBS = size(100_000, 2_000)
 ROUNDS = size(2, 1)
-IDLE_SECONDS = size(10, 2)
+IDLE_SECONDS = size(10, 1)
 
 
 def _busiest(engine: Engine, stop: threading.Event, seen: list[Connections]) -> None:

@@ -18,10 +18,10 @@ from bench.conftest import Target, figure, record, size
 from bench.fleet import idle_cpu, many_flows, set_paused, spread_drain
 from bench.workloads import STAMP, Engine, best, latency_probes
 
-FLOWS = size(1_000, 100)
-JOBS = size(100_000, 2_000)
+FLOWS = size(1_000, 50)
+JOBS = size(100_000, 1_000)
 ROUNDS = size(2, 1)
-IDLE_SECONDS = size(20, 2)
+IDLE_SECONDS = size(20, 1)
 PROBE_RATE = 50.0
 PROBE_SECONDS = size(10, 1)
 
