@@ -29,6 +29,7 @@ RAMP_STEPS = size(12, 1)
 RUN_SECONDS = size(int(os.environ.get("SKIPLOCK_BENCH_STEADY_SECONDS", "600")), 3)
 SAMPLE_EVERY = size(60, 2)
 TREND_WINDOW = size(180, 4)
+BEFORE = os.environ.get("SKIPLOCK_BENCH_STEADY_BEFORE") == "1"  # also the long run without the vacuum pass
 PROBE_RATE = size(200, 100)
 PROBE_SECONDS = size(5, 0.5)
 
@@ -53,6 +54,17 @@ def test_steady_state(benchmark, bench_server: str, bench_dsn: str, workdir: Pat
                 load.stop()
             long_step, samples = steady_run(engine, "steady", 0.8 * sustained, RUN_SECONDS, SAMPLE_EVERY)
             engine.wait_drained("steady", timeout=300)
+        if BEFORE:  # the same long run with autovacuum alone keeping the table (the design before 0.x)
+            with Engine(new_database(bench_server), workdir, 2, flows, name="steady-before",
+                        settings={"vacuum_dead_tuples": 0}) as before:
+                before.queue.resume("steady")
+                step0, samples0 = steady_run(before, "steady", 0.8 * sustained, RUN_SECONDS, SAMPLE_EVERY)
+                before.wait_drained("steady", timeout=300)
+            figure("steady_before", {"long_run": step0.to_dict(), "samples": [s.to_dict() for s in samples0],
+                                     "trend_mb_per_min": trend_mb_per_min(samples0, TREND_WINDOW)})
+            record(Target("steady before (autovacuum only): size at end", samples0[-1].jobs_total_mb, "MB"))
+            record(Target("steady before: largest size seen", max(s.jobs_total_mb for s in samples0), "MB"))
+            record(Target("steady before: WAL per job", step0.wal_per_job, "B"))
         return raw_ramp, raw_sizes, engine_ramp, latencies, long_step, samples
 
     raw_ramp, raw_sizes, engine_ramp, latencies, long_step, samples = benchmark.pedantic(run, rounds=1, iterations=1)
@@ -74,6 +86,7 @@ def test_steady_state(benchmark, bench_server: str, bench_dsn: str, workdir: Pat
         record(Target(f"steady: latency at {share:.0%} p99", lat.p99, "ms"))
     record(Target(f"steady: long run {RUN_SECONDS} s at 80%: completed", long_step.achieved, "j/s",
                   "offered", long_step.rate))
+    record(Target("steady: long run WAL per job", long_step.wal_per_job, "B"))
     record(Target("steady: skiplock.jobs size at end", samples[-1].jobs_total_mb, "MB"))
     record(Target("steady: skiplock.jobs largest size seen", max(s.jobs_total_mb for s in samples), "MB"))
     record(Target(f"steady: size trend over the last {TREND_WINDOW} s", trend, "MB/min", "goal", 1.0,
