@@ -706,6 +706,10 @@ class AsyncExecutor(_ConcurrentBase):
         self._tasks: set[asyncio.Task[Any]] = set()
         self._apool: Any = None
         self._apool_lock: asyncio.Lock | None = None
+        # The loop's own sources: pyodbc connections must not be shared with the main thread's
+        # inline flows or another flow's loop (tasks of this loop take turns in its one thread).
+        self.registry = SourceRegistry(worker.spec.sources)
+        self.sources = self.registry.for_flow(flow.name, flow.config.sources)
 
     def start(self) -> None:
         self.thread.start()
@@ -750,7 +754,7 @@ class AsyncExecutor(_ConcurrentBase):
                 return
             timeout = flow.config.timeout
             started = time.monotonic()
-            ctx = make_context(w, flow, row, lambda: AsyncPg(self._pool)) if flow.with_context else None
+            ctx = make_context(w, flow, row, lambda: AsyncPg(self._pool), self.sources) if flow.with_context else None
             result: Any = None
             exc: BaseException | None = None
             try:
@@ -785,6 +789,7 @@ class AsyncExecutor(_ConcurrentBase):
         self.release_unstarted()
 
         async def close() -> None:
+            self.registry.close()  # in the loop's thread, the only one that used these connections
             if self._apool is not None:
                 await self._apool.close(timeout=2)
 
