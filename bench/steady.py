@@ -82,18 +82,23 @@ class Ramp:
 
 def ramp(step: Callable[[float], Step], start: float, limit: int = 12) -> Ramp:
     """Raise the offered rate until a step fails, then try the midpoint of the last good and the
-    failed rate once."""
+    failed rate once. When the first rate already fails (a loaded machine), halve it until a step
+    holds, then go up from there."""
     result = Ramp()
     rate = start
     for _ in range(limit):
         s = step(rate)
         result.steps.append(s)
-        if not s.sustained:
-            good = result.best
-            if good is not None:
-                result.steps.append(step((good.rate + rate) / 2))
-            break
-        rate *= RAMP_FACTOR
+        if s.sustained:
+            rate *= RAMP_FACTOR
+            continue
+        good = result.best
+        if good is None:
+            rate /= 2  # nothing sustained yet: look lower
+            continue
+        if rate > good.rate * 1.05:
+            result.steps.append(step((good.rate + rate) / 2))
+        break
     return result
 
 

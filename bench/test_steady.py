@@ -23,7 +23,7 @@ from bench.conftest import SMOKE, Target, figure, new_database, record, size
 from bench.steady import RawPair, engine_step, ramp, steady_run, trend_mb_per_min
 from bench.workloads import STAMP, Engine, Load, latency_probes
 
-START_RATE = size(20_000, 1_000)
+START_RATE = size(20_000, 1_000)  # halved while a step fails (loaded machine)
 STEP_SECONDS = size(20, 1.5)
 RAMP_STEPS = size(12, 1)
 RUN_SECONDS = size(int(os.environ.get("SKIPLOCK_BENCH_STEADY_SECONDS", "600")), 3)
