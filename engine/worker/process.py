@@ -318,7 +318,8 @@ class Worker:
 
     def _loop(self) -> None:
         """One claim per flow per round, so a deep backlog of one flow cannot starve the others. A flow
-        that had nothing is skipped for EMPTY_FLOW_RECHECK while others keep the worker busy."""
+        that had nothing is skipped for EMPTY_FLOW_RECHECK while others keep the worker busy. Past
+        DUE_PROBE_MIN flows, one flows_due probe per round says which flows to claim from."""
         self.state = "idle"
         executors = self.executors
         recheck_at = [0.0] * len(executors)
