@@ -177,10 +177,10 @@ class RawPair:
             wal_before = wal_lsn(conn)
             go.set()
             time.sleep(seconds)
-            outcomes = [results.get(timeout=60)]  # the producer, when its time is up
+            outcomes = [results.get(timeout=600)]  # the producer, when its time is up (late on a loaded machine)
             backlog = int(conn.execute(RAW_BACKLOG).fetchone()[0] or 0)
             stop.set()
-            outcomes += [results.get(timeout=60) for _ in range(self.consumers)]
+            outcomes += [results.get(timeout=600) for _ in range(self.consumers)]
             wal_after = wal_lsn(conn)
             for proc in procs:
                 proc.join(30)
