@@ -14,13 +14,15 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Any
+from typing import Any, Final
 
 import psycopg
 
 from engine import db, store
 
 log = logging.getLogger("skiplock.engine")
+
+FOLLOWER_BACKOFF: Final = 15  # intervals an engine that is not the vacuum leader waits before asking again
 
 
 class VacuumThread:
@@ -45,13 +47,19 @@ class VacuumThread:
     def _run(self) -> None:
         conn: psycopg.Connection[Any] | None = None
         leader = False
-        while not self._stop.wait(self.interval):
+        wait = self.interval
+        while not self._stop.wait(wait):
             try:
                 if conn is None or conn.closed:
                     conn, leader = db.connect(self.dsn, application_name=self.application_name), False
                 if not leader:
                     leader = store.vacuum_leader(conn)
-                if leader and store.jobs_dead_tuples(conn) >= self.threshold:
+                if not leader:  # another engine vacuums: hold no connection, ask again much later
+                    conn.close()
+                    conn, wait = None, self.interval * FOLLOWER_BACKOFF
+                    continue
+                wait = self.interval
+                if store.jobs_dead_tuples(conn) >= self.threshold:
                     started = time.monotonic()
                     store.jobs_vacuum(conn)
                     self.vacuums += 1

@@ -107,3 +107,19 @@ def test_one_engine_vacuums_the_hot_table_when_dead_tuples_pile_up(dsn: str, sta
     wait_for(lambda: vacuums() > before, 15, message="a VACUUM by the engine")
     on.signal(15)
     assert on.wait(30) == 0, tail(on)
+
+
+@pytest.mark.slow
+def test_of_two_engines_one_holds_the_vacuum_connection(dsn: str, start_engine, tmp_path) -> None:
+    register_flows(dsn, "v")
+    config = BASE + 'vacuum_check_interval = "0.2s"\n\n[flows.v]\nhandler = "support.handlers:record"\n'
+    env = {"SKIPLOCK_TEST_RECORD": str(tmp_path / "record.txt")}
+    engines = [start_engine(dsn, config, "--workers", "1", env=env) for _ in range(2)]
+    wait_for(lambda: scalar(dsn, "SELECT count(*) FROM skiplock.workers WHERE state = 'idle'") == 2, 30,
+             message="both engines up")
+    time.sleep(1.0)  # several check intervals: the follower has asked and let its connection go
+    assert scalar(dsn, "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                       "AND application_name = 'skiplock-vacuum'") == 1
+    for engine in engines:
+        engine.signal(15)
+        assert engine.wait(30) == 0, tail(engine)
