@@ -134,7 +134,7 @@ def bench_server() -> Iterator[str]:
         return
     base = make_temp_dir("skiplock-bench-")
     # Default durability: fsync, synchronous_commit and full_page_writes stay on.
-    server = EmbeddedPostgres(base / "data", settings={"max_connections": "100"})
+    server = EmbeddedPostgres(base / "data", settings={"max_connections": "300"})
     server.start()
     dsn = server.dsn("postgres")
     _read_settings(dsn)
@@ -324,6 +324,24 @@ def _draw_plot(report: dict[str, Any]) -> str:
     return f"drain plot: {path}"
 
 
+def _draw_size_plot(report: dict[str, Any]) -> str:
+    """skiplock.jobs' size over the steady workload's long run (and the autovacuum-only run before
+    it, when SKIPLOCK_BENCH_STEADY_BEFORE=1 ran it)."""
+    from bench.plot import BEFORE, ENGINE, size_plot
+
+    figs = report["figures"]
+    series = {}
+    if "steady_before" in figs:
+        series["AUTOVACUUM ONLY (VACUUM_DEAD_TUPLES = 0)"] = [(s["at"], s["jobs_total_mb"]) for s in figs["steady_before"]["samples"]]
+    series["ENGINE VACUUM PASS (DEFAULT)"] = [(s["at"], s["jobs_total_mb"]) for s in figs["steady"]["samples"]]
+    rate = figs["steady"]["long_run"]["rate"]
+    path = RESULTS / ("steady-size-smoke.png" if SMOKE else "steady-size.png")
+    size_plot(path, series, f"{report['started_at']}  OFFERED {rate:,.0f} JOBS/S  LOAD AVERAGE AT END "
+                            f"{report['host']['loadavg_at_end'][0]:.1f}" + ("  SMOKE SIZES" if SMOKE else ""),
+              colors=(BEFORE, ENGINE) if len(series) == 2 else (ENGINE,))
+    return f"size plot: {path}"
+
+
 def pytest_sessionfinish(session: pytest.Session) -> None:
     if not REPORT.rows:
         return
@@ -336,6 +354,11 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
         notes.append(_draw_plot(report))
     except Exception as exc:  # a plot must never hide the figures
         notes.append(f"drain plot failed: {type(exc).__name__}: {exc}")
+    if "steady" in report["figures"]:
+        try:
+            notes.append(_draw_size_plot(report))
+        except Exception as exc:
+            notes.append(f"size plot failed: {type(exc).__name__}: {exc}")
     session.config._skiplock_bench = (report, notes)  # type: ignore[attr-defined]
 
 

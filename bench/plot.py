@@ -175,3 +175,57 @@ def drain_plot(path: Path, workers: Mapping[int, float], raw_workers: Mapping[in
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(canvas.png())
     return path
+
+
+BEFORE: Color = (204, 85, 0)
+
+
+def _line(canvas: Canvas, x0: int, y0: int, x1: int, y1: int, color: Color, width: int = 2) -> None:
+    steps = max(abs(x1 - x0), abs(y1 - y0), 1)
+    for i in range(steps + 1):
+        x = x0 + (x1 - x0) * i // steps
+        y = y0 + (y1 - y0) * i // steps
+        canvas.rect(x, y, x + width, y + width, color)
+
+
+def size_plot(path: Path, series: Mapping[str, list[tuple[float, float]]], subtitle: str,
+              colors: tuple[Color, ...] = (BEFORE, ENGINE, RAW)) -> Path:
+    """skiplock.jobs total size (MB) against time (s), one line per series (name -> [(s, MB)])."""
+    canvas = Canvas(1200, 500)
+    canvas.text(600, 12, "SKIPLOCK.JOBS SIZE (HEAP + INDEXES), MB, AT A STEADY OFFERED RATE", scale=2, align="center")
+    canvas.text(600, 40, subtitle, AXIS, scale=1, align="center")
+    left, right, top, bottom = 90, 1170, 70, 420
+    points = [p for values in series.values() for p in values]
+    xmax = max((x for x, _ in points), default=1.0) or 1.0
+    peak = max((y for _, y in points), default=1.0) or 1.0
+    step = _nice_step(peak * 1.1)
+    ymax = step * max(1, -(-peak * 1.1 // step))
+    xstep = _nice_step(xmax)
+
+    def pos(x: float, y: float) -> tuple[int, int]:
+        return left + int((right - left) * x / xmax), bottom - int((bottom - top) * y / ymax)
+
+    tick = 0.0
+    while tick <= ymax + 1e-9:
+        _, yy = pos(0, tick)
+        canvas.hline(left, right, yy, GRID)
+        canvas.text(left - 8, yy - 7, _short(tick), AXIS, scale=2, align="right")
+        tick += step
+    tick = 0.0
+    while tick <= xmax + 1e-9:
+        xx, _ = pos(tick, 0)
+        canvas.text(xx, bottom + 10, _short(tick), AXIS, scale=2, align="center")
+        tick += xstep
+    canvas.vline(left, top, bottom + 1, AXIS, 2)
+    canvas.hline(left, right, bottom, AXIS, 2)
+    canvas.text((left + right) // 2, bottom + 34, "SECONDS", AXIS, scale=2, align="center")
+    legend_x = left + 20
+    for (name, values), color in zip(series.items(), colors):
+        for (xa, ya), (xb, yb) in zip(values, values[1:]):
+            _line(canvas, *pos(xa, ya), *pos(xb, yb), color)
+        canvas.rect(legend_x, 470, legend_x + 16, 484, color)
+        canvas.text(legend_x + 22, 471, name, scale=2)
+        legend_x += canvas.text_width(name) + 60
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(canvas.png())
+    return path

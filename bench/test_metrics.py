@@ -172,11 +172,11 @@ def test_metrics_cost_twenty_engines(benchmark, bench_dsn: str) -> None:
 @pytest.mark.parametrize("metrics", [False, True])
 def test_engine_drain_metrics(benchmark, bench_dsn: str, workdir: Path, metrics: bool) -> None:
     """The no-op drain (2 workers, batch 500) with metrics off and on; the two figures side by side."""
-    extra = "metrics_port = 0\n" if metrics else ""
+    extra = {"metrics_port": 0} if metrics else {}
 
     def run() -> list[Any]:
         with Engine(bench_dsn, workdir, 2, {"noop": {"handler": NOOP, "batch_size": 500}},
-                    name=f"drain-metrics-{metrics}", global_toml=extra) as engine:
+                    name=f"drain-metrics-{metrics}", settings=extra) as engine:
             return [engine.drain_round("noop", DRAIN_JOBS) for _ in range(DRAIN_ROUNDS)]
 
     rates = benchmark.pedantic(run, rounds=1, iterations=1)

@@ -215,9 +215,9 @@ class Engine:
     """
 
     def __init__(self, dsn: str, workdir: Path, workers: int, flows: Mapping[str, Mapping[str, Any]],
-                 name: str = "engine", global_toml: str = "") -> None:
+                 name: str = "engine", settings: Mapping[str, Any] | None = None) -> None:
+        self.settings = dict(settings or {})  # more [global] keys
         self.dsn = dsn
-        self.global_toml = global_toml  # more [global] lines, e.g. metrics_port = 0
         self.workdir = workdir
         self.workers = workers
         self.flows = {k: dict(v) for k, v in flows.items()}
@@ -232,8 +232,9 @@ class Engine:
     # lifecycle
 
     def start(self) -> "Engine":
+        extra = "".join(f"{k} = {v!r}\n".replace("'", '"') for k, v in self.settings.items())
         self.config.write_text(
-            "[global]\nlog_format = \"json\"\nheartbeat_interval = \"1s\"\n" + self.global_toml + "\n"
+            "[global]\nlog_format = \"json\"\nheartbeat_interval = \"1s\"\n" + extra + "\n"
             + "\n\n".join(_toml_flow(name, policy) for name, policy in self.flows.items()) + "\n")
         self.conn = db.connect(self.dsn, application_name="skiplock-bench")
         queue = Queue(conn=self.conn)
@@ -242,10 +243,15 @@ class Engine:
         env = {k: v for k, v in os.environ.items() if not k.startswith("SKIPLOCK_")}
         env.update({"SKIPLOCK_DSN": self.dsn, "SKIPLOCK_BENCH_STAMPS": str(self.stamps),
                     "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))})
+        command = [sys.executable, "-m", "engine.cli", "run", "--config", str(self.config),
+                   "--workers", str(self.workers), "--flows", ",".join(self.flows)]
+        profile = os.environ.get("SKIPLOCK_BENCH_PROFILE")  # a directory: py-spy records every process
+        if profile:
+            command = ["py-spy", "record", "--subprocesses", "--nonblocking", "-r", "200", "-f", "raw", "-o",
+                       os.path.join(profile, f"{self.name}-{os.getpid()}.txt"), "--", *command]
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "engine.cli", "run", "--config", str(self.config),
-                 "--workers", str(self.workers), "--flows", ",".join(self.flows)],
+                command,
                 stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO, preexec_fn=_die_with_parent)
         self._wait_ready()
         return self
@@ -267,7 +273,13 @@ class Engine:
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
+            if os.environ.get("SKIPLOCK_BENCH_PROFILE"):  # py-spy writes its profile once the engine exits
+                import psutil
+
+                for child in psutil.Process(self.process.pid).children():
+                    child.send_signal(signal.SIGTERM)
+            else:
+                self.process.send_signal(signal.SIGTERM)
             if self.conn is not None:  # wake idle workers now rather than at their next poll
                 time.sleep(0.05)
                 self.conn.execute("SELECT pg_notify(%s, '')", (ENQUEUED_CHANNEL,))
@@ -559,16 +571,18 @@ class Latency:
         return asdict(self)
 
 
-def latency_probes(engine: Engine, flow: str, rate: float, seconds: float) -> Latency:
+def latency_probes(engine: Engine, flow: str | list[str], rate: float, seconds: float) -> Latency:
     """Single `Queue.enqueue` calls of `flow` at `rate` per second for `seconds` (open loop: a late
-    call does not delay the schedule), on a connection of their own; every probe must start."""
+    call does not delay the schedule), on a connection of their own; every probe must start. With a
+    list of flows, probe i goes to flow i modulo its length."""
+    flows = [flow] if isinstance(flow, str) else flow
     count = max(1, int(rate * seconds))
     first = engine.probes  # probe numbers are unique for the engine's life: its stamp files only grow
     engine.probes += count
     interval = 1.0 / rate
     calls: list[tuple[float, float]] = []
     with Queue(engine.dsn, application_name="skiplock-bench-probe") as queue:
-        queue.enqueue(flow, {"warm": 1}, allow_unknown_flow=True)  # connects and checks the schema outside the measurement
+        queue.enqueue(flows[0], {"warm": 1}, allow_unknown_flow=True)  # connects and checks the schema outside the measurement
         time.sleep(0.2)
         next_at = time.perf_counter()
         for i in range(count):
@@ -576,7 +590,7 @@ def latency_probes(engine: Engine, flow: str, rate: float, seconds: float) -> La
             if delay > 0:
                 time.sleep(delay)
             sent = time.time()
-            queue.enqueue(flow, {"i": first + i, "t": sent})
+            queue.enqueue(flows[i % len(flows)], {"i": first + i, "t": sent})
             calls.append((sent, time.time()))
             next_at += interval
         span = calls[-1][0] - calls[0][0]

@@ -209,14 +209,6 @@ class RunSummary:
 
 
 @dataclass(frozen=True)
-class FlowState:
-    name: str
-    paused: bool
-    circuit_state: str
-    open_for: float | None
-
-
-@dataclass(frozen=True)
 class LiveCounts:
     flow: str
     pending: int
@@ -504,8 +496,26 @@ def next_run_at(conn: Conn, flows: list[str]) -> float | None:
     return None if value is None else float(value)
 
 
+def flows_due(conn: Conn, flows: list[str]) -> set[str]:
+    """Those of `flows` with a job claimable now (one round trip, however many flows)."""
+    return {row[0] for row in conn.execute(Q.flows_due, {"flows": flows})}
+
+
 # ---------------------------------------------------------------------------------------------
 # Rescue and maintenance
+
+
+def vacuum_leader(conn: Conn) -> bool:
+    return bool(_scalar(conn, Q.vacuum_leader))
+
+
+def jobs_dead_tuples(conn: Conn) -> int:
+    return int(_scalar(conn, Q.jobs_dead_tuples) or 0)
+
+
+def jobs_vacuum(conn: Conn) -> None:
+    """VACUUM (SKIP_LOCKED) skiplock.jobs; `conn` must be in autocommit."""
+    conn.execute(Q.jobs_vacuum)
 
 
 def rescue(conn: Conn, stale_after: float) -> RescueResult:
@@ -816,8 +826,9 @@ def flows_sync(conn: Conn, policies: Mapping[str, str]) -> None:
     conn.execute(Q.flows_sync, {"names": list(policies), "policies": list(policies.values())})
 
 
-def flows_state(conn: Conn, flows: list[str]) -> list[FlowState]:
-    return _rows(conn, FlowState, Q.flows_state, {"flows": flows})
+def flows_circuit_open(conn: Conn, flows: list[str]) -> set[str]:
+    """Those of `flows` whose circuit is open (cool-down running or waiting for its trial)."""
+    return {row[0] for row in conn.execute(Q.flows_circuit_open, {"flows": flows})}
 
 
 def circuit_open(conn: Conn, flow: str, cooldown: float) -> float | None:

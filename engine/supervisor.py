@@ -59,6 +59,7 @@ from engine.migrate import require_schema
 from engine.queue import Queue, new_engine_id, validate_flow
 from engine.redact import describe_error
 from engine.telemetry import FlowCounts, encode_event
+from engine.vacuum import VacuumThread
 from engine.worker import WorkerSpec, worker_main
 
 log = logging.getLogger("skiplock.engine")
@@ -164,6 +165,8 @@ class Supervisor:
         self._scale_acks: list[tuple[int, str]] = []  # scale-downs acknowledged once the retiring exit
         self._stop_now = False  # `engine stop`: the workers are killed, not drained
         self.hooks = HookRunner()
+        self.vacuum = VacuumThread(self.dsn, f"{self.settings.application_name}-vacuum", engine.vacuum_dead_tuples,
+                                   engine.vacuum_check_interval)
         self._unreported_lost: dict[str, str] = {}  # worker id -> reason, marked lost once the database answers
         port = self.metrics_port if self.metrics_port is not None else engine.metrics_port
         if port is not None:  # the pipe exists before the first fork, so every worker inherits it
@@ -255,6 +258,7 @@ class Supervisor:
                 return EXIT_CONFIG
             self.log.info("metrics listening", extra={"host": self.settings.engine.metrics_host, "port": port})
         self.control_listener.start()
+        self.vacuum.start()
         for slot in self.slots:
             self._spawn(slot)
         engine = self.settings.engine
@@ -471,6 +475,7 @@ class Supervisor:
     # -- stop ----------------------------------------------------------------------------------------
 
     def _stop(self, code: int) -> int:
+        self.vacuum.stop()
         # Workers frozen through an outage cannot be resumed safely (nobody renewed them): kill them.
         frozen = set(self.liveness.frozen_pids())
         for pid in frozen:

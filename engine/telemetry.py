@@ -258,6 +258,8 @@ def encode_event(kind: EventKind, **fields: Any) -> str:
         return text
     for key in ("failures", "jobs", "flows", "workers"):
         value = event.get(key)
+        if isinstance(value, (list, dict)):  # a copy: the caller's list (a worker's flow names) stays whole
+            value = event[key] = type(value)(value)
         while value and len(orjson.dumps(event)) > MAX_EVENT_BYTES:
             if isinstance(value, list):
                 value.pop()

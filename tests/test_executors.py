@@ -392,3 +392,51 @@ def test_drain_of_an_empty_queue_and_sigterm_of_an_idle_engine_are_fast(dsn, tmp
         assert process.wait(10) == 0
         stops.append(time.monotonic() - t0)
     assert min(stops) < 0.3, f"SIGTERM of an idle engine: {stops}"
+
+
+# ---------------------------------------------------------------------------------------------
+# an inline batch and a concurrent flow in one worker
+
+
+@pytest.mark.slow
+def test_concurrent_flow_is_topped_up_while_an_inline_batch_runs(dsn, start_engine, tmp_path):
+    """One worker: a 2-second inline batch (40 jobs of 50 ms) beside a threaded flow that holds at most
+    8 jobs (concurrency 4 + batch 4). Without top-ups between inline jobs the threaded flow finishes
+    its 8 within 0.1 s and waits for the batch to end; with them it keeps running beside it."""
+    timed = tmp_path / "timed.txt"
+    config = (BASE + flow("slow", "sleepy", batch_size=40)
+              + flow("threaded", "sleepy", concurrency_per_worker=4, batch_size=4))
+    enqueue(dsn, "slow", [{"n": i, "sleep": 0.05} for i in range(40)])
+    enqueue(dsn, "threaded", [{"n": 1000 + i, "sleep": 0.01} for i in range(400)])
+    engine = start_engine(dsn, config, "--workers", "1", "--flows", "slow,threaded", "--drain",
+                          env={"SKIPLOCK_TEST_TIMED": str(timed)})
+    assert engine.wait(60) == 0, tail(engine)
+    all_done_once(dsn, 440)
+    spans = read_timed(str(timed))
+    inline = [(s, e) for n, _, _, s, e in spans if n < 1000]
+    first, last = min(s for s, _ in inline), max(e for _, e in inline)
+    beside = [n for n, _, _, s, e in spans if n >= 1000 and first + 0.3 < s < last - 0.1]
+    assert len(beside) > 40, f"{len(beside)} threaded jobs started while the inline batch ran"
+
+
+@pytest.mark.slow
+def test_async_odbc_jobs_do_not_share_the_main_threads_source_connection(dsn, pg_server, start_engine, tmp_path):
+    """An inline flow (main thread) and an async flow (its loop's thread) of one worker use the same
+    source: each thread has its own pyodbc connection (pyodbc connections are not shared by threads)."""
+    timed = tmp_path / "timed.txt"
+    database = psycopg.conninfo.conninfo_to_dict(dsn)["dbname"]
+    odbc = (f"Driver={{PostgreSQL Unicode}};Servername={pg_server.socket_dir};Port={pg_server.port};"
+            f"Database={database};UID=skiplock;CommLog=0;Debug=0")
+    config = (BASE + f'[sources.pgsrc]\nconnection_string = "{odbc}"\n'
+              + flow("inl", "odbc_backend", batch_size=5, sources=["pgsrc"])
+              + flow("aio", "async_odbc_backend", concurrency_per_worker=4, sources=["pgsrc"]))
+    enqueue(dsn, "inl", [{"n": i, "sleep": 0.02} for i in range(20)])
+    enqueue(dsn, "aio", [{"n": 100 + i} for i in range(40)])
+    engine = start_engine(dsn, config, "--workers", "1", "--flows", "inl,aio", "--drain",
+                          env={"SKIPLOCK_TEST_TIMED": str(timed)})
+    assert engine.wait(60) == 0, tail(engine)
+    all_done_once(dsn, 60)
+    lines = [line.split() for line in timed.read_text().splitlines()]
+    inline = {line[5] for line in lines if int(line[0]) < 100}
+    loop = {line[5] for line in lines if int(line[0]) >= 100}
+    assert len(inline) == 1 and len(loop) == 1 and not inline & loop, (inline, loop)

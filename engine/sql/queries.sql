@@ -581,6 +581,20 @@ WHERE flow = ANY(ARRAY(
 ORDER BY priority DESC, run_at
 LIMIT 1;
 
+-- name: flows_due
+-- Which of these flows have a job claimable now (not paused, circuit not open, below their fleet-wide
+-- concurrency: the gates of next_run_at), in one round trip: one probe of jobs_claim_idx per flow. A
+-- worker serving many flows claims only where there is work instead of one empty claim per flow.
+SELECT u.name FROM unnest(%(flows)s::text[]) AS u(name)
+WHERE EXISTS (SELECT 1 FROM skiplock.jobs j
+              WHERE j.flow = u.name AND j.status = 'pending' AND j.run_at <= now())
+  AND NOT EXISTS (SELECT 1 FROM skiplock.flows f
+                  WHERE f.name = u.name
+                    AND (f.paused OR (f.circuit_state = 'open' AND f.circuit_until > now())
+                         OR (f.policy->>'concurrency')::int <= (
+                             SELECT count(*) FROM skiplock.jobs r
+                             WHERE r.flow = u.name AND r.status = 'running')));
+
 -- name: events_notify
 SELECT pg_notify('skiplock_events', e) FROM unnest(%(events)s::text[]) AS e;
 
@@ -601,9 +615,10 @@ SET completed = s.completed + EXCLUDED.completed, failed = s.failed + EXCLUDED.f
 INSERT INTO skiplock.flows (name, policy) SELECT * FROM unnest(%(names)s::text[], %(policies)s::jsonb[])
 ON CONFLICT (name) DO UPDATE SET policy = EXCLUDED.policy, updated_at = now();
 
--- name: flows_state
-SELECT name, paused, circuit_state, extract(epoch FROM circuit_until - now())::float8 AS open_for
-FROM skiplock.flows WHERE name = ANY(%(flows)s::text[]);
+-- name: flows_circuit_open
+-- The tick's circuit refresh: only the names whose circuit is open (a worker of 1,000 flows reads a
+-- few names per tick, not 1,000 rows).
+SELECT name FROM skiplock.flows WHERE name = ANY(%(flows)s::text[]) AND circuit_state = 'open';
 
 -- name: circuit_open
 UPDATE skiplock.flows SET circuit_state = 'open', circuit_until = now() + make_interval(secs => %(cooldown)s),
@@ -650,6 +665,22 @@ SELECT pg_try_advisory_lock(hashtext('skiplock.rescue'));
 
 -- name: rescue_leader_release
 SELECT pg_advisory_unlock(hashtext('skiplock.rescue'));
+
+-- name: vacuum_leader
+-- One engine at a time watches the hot table's dead tuples (engine/vacuum.py). Session-level: held
+-- for the life of that engine's vacuum connection.
+SELECT pg_try_advisory_lock(hashtext('skiplock.vacuum'));
+
+-- name: jobs_dead_tuples
+-- Dead row versions in skiplock.jobs (each completed job leaves two: the claim's and the ack's), from
+-- the statistics (up to about a second behind).
+SELECT coalesce(n_dead_tup, 0) FROM pg_stat_user_tables WHERE relid = 'skiplock.jobs'::regclass;
+
+-- name: jobs_vacuum
+-- Frees the dead tuples for reuse between autovacuum's visits (its naptime is server-wide, 1 min by
+-- default, while a busy queue leaves millions of dead tuples a minute). SKIP_LOCKED: if autovacuum
+-- or another VACUUM holds the table, skip this round rather than wait. Autocommit only.
+VACUUM (SKIP_LOCKED) skiplock.jobs;
 
 -- name: worker_mark_lost
 -- The supervisor saw this worker's process die (or killed it): its jobs can be rescued now, not

@@ -58,6 +58,9 @@ class CircuitBreaker:
         cool-down (the claim SQL holds the flow), the first one after it is the half-open trial. Set as
         soon as the circuit is seen open, so a worker waking just after the cool-down cannot claim a
         full batch before the next tick."""
-        by_name: dict[str, FlowRuntime] = {f.name: f for f in flows}
-        for state in store.flows_state(conn, list(by_name)):
-            by_name[state.name].half_open = state.circuit_state == "open"
+        guarded = [f for f in flows if f.config.circuit is not None or f.half_open]
+        if not guarded:
+            return  # no flow here has a circuit: nothing to read each tick
+        open_now = store.flows_circuit_open(conn, [f.name for f in guarded])
+        for flow in guarded:
+            flow.half_open = flow.name in open_now

@@ -36,6 +36,7 @@ from engine.worker.outcome import BatchResultError, encode_result, failure, time
 
 HOLD_BOUND: Final = 2.0  # seconds a batch's unstarted jobs may wait behind the job that runs
 CANCEL_HARD_STOP: Final = 2.0  # after a forced cancel's SIGALRM, seconds before the inline hard stop
+TOP_UP_INTERVAL: Final = 0.05  # seconds between top-ups of concurrent flows while an inline batch runs
 ACTIVE: Final = pq.TransactionStatus.ACTIVE
 CHILD: Final = [False]  # set in a child forked by a handler: it must exit as soon as the handler returns
 
@@ -170,6 +171,17 @@ class InlineExecutor:
             end(ctx._pg, not batch.timed_out and not ctx.cancelled)  # a cancelled job's writes roll back
         return result
 
+    def _ack(self, token: int, done_ids: list[int], results: list[str | None] | None, failures: list[Failure],
+             tx: BatchTransaction | None) -> Any:
+        """The batch's one fenced ack: inside its transaction, or on its own with a fresh ack id."""
+        if tx is not None:
+            return tx.ack(token, done_ids, results, failures)
+        w = self.worker
+        max_attempts = self.flow.config.max_attempts
+        ack_id = new_ack_id()  # once, outside the retries: a retry reads the first outcome
+        return w.with_db("ack", lambda conn: ack_batch(conn, w.id, token, done_ids, results, failures,
+                                                       max_attempts, ack_id=ack_id))
+
     def run(self, rows: Any, token: int, trial: bool) -> None:
         w = self.worker
         flow = self.flow
@@ -190,9 +202,15 @@ class InlineExecutor:
         control = w.control
         cancelled = batch.cancelled
         started = clock()
+        # Concurrent flows of this worker are topped up between inline jobs, not only between batches.
+        top_up = w.top_up if w.concurrent_executors else None
+        next_top_up = started + TOP_UP_INTERVAL
         w.inline = batch
         try:
             for index, row in enumerate(rows):
+                if top_up is not None and clock() >= next_top_up:
+                    top_up()
+                    next_top_up = clock() + TOP_UP_INTERVAL
                 with lock:  # against the monitor releasing the rest of the batch
                     if index >= batch.end:
                         break
@@ -253,12 +271,7 @@ class InlineExecutor:
             with lock:
                 w.inline = None
                 unstarted = [r[0] for r in rows[stopped_at:batch.end]] if stopped_at is not None else []
-            if tx is not None:
-                ack = tx.ack(token, done_ids, results, failures)
-            else:
-                ack_id = new_ack_id()  # once, outside the retries: a retry reads the first outcome
-                ack = w.with_db("ack", lambda conn: ack_batch(conn, w.id, token, done_ids, results, failures,
-                                                              flow.config.max_attempts, ack_id=ack_id))
+            ack = self._ack(token, done_ids, results, failures, tx)
         finally:
             w.inline = None
             if tx is not None:
@@ -362,12 +375,7 @@ class BatchExecutor(InlineExecutor):
             w.inline = None
             run_s = time.monotonic() - started
             stored = results if any(r is not None for r in results) else None
-            if tx is not None:
-                ack = tx.ack(token, done_ids, stored, failures)
-            else:
-                ack_id = new_ack_id()  # once, outside the retries: a retry reads the first outcome
-                ack = w.with_db("ack", lambda conn: ack_batch(conn, w.id, token, done_ids, stored, failures,
-                                                              flow.config.max_attempts, ack_id=ack_id))
+            ack = self._ack(token, done_ids, stored, failures, tx)
         finally:
             w.inline = None
             if tx is not None:
@@ -833,6 +841,10 @@ class AsyncExecutor(_ConcurrentBase):
         self._abandoned: set[int] = set()  # cancelled jobs no longer waited for (loop thread only)
         self._apool: Any = None
         self._apool_lock: asyncio.Lock | None = None
+        # The loop's own sources: pyodbc connections must not be shared with the main thread's
+        # inline flows or another flow's loop (tasks of this loop take turns in its one thread).
+        self.registry = SourceRegistry(worker.spec.sources)
+        self.sources = self.registry.for_flow(flow.name, flow.config.sources)
 
     def start(self) -> None:
         self.thread.start()
@@ -889,8 +901,8 @@ class AsyncExecutor(_ConcurrentBase):
                 return
             timeout = flow.config.timeout
             started = time.monotonic()
-            ctx = (make_context(w, flow, row, lambda: AsyncPg(self._pool), token=token) if flow.with_context
-                   else None)
+            ctx = (make_context(w, flow, row, lambda: AsyncPg(self._pool), self.sources, token=token)
+                   if flow.with_context else None)
             result: Any = None
             exc: BaseException | None = None
             try:
@@ -962,6 +974,7 @@ class AsyncExecutor(_ConcurrentBase):
         self.release_unstarted()
 
         async def close() -> None:
+            self.registry.close()  # in the loop's thread, the only one that used these connections
             if self._apool is not None:
                 await self._apool.close(timeout=2)
 

@@ -52,6 +52,7 @@ log = logging.getLogger("skiplock.worker")
 TRANSIENT_DB_ERRORS: Final = (psycopg.OperationalError, psycopg.InterfaceError)
 DB_RETRY_SECONDS: Final = 60.0
 EMPTY_FLOW_RECHECK: Final = 0.1  # seconds an empty flow is skipped while the worker is busy with others
+DUE_PROBE_MIN: Final = 8  # above this many flows to look at, one flows_due probe replaces their empty claims
 LISTEN_READ_TIMEOUT: Final = 0.5  # the listener thread re-checks its stop flag this often
 STOP_MARGIN: Final = 0.5  # concurrent jobs get the grace period minus this before the worker exits
 
@@ -151,6 +152,7 @@ class Worker:
         self.telemetry_thread = TelemetryThread(self)
         self.monitor = Monitor(self)
         self.executors: list[Any] = []
+        self.concurrent_executors: list[Any] = []
         self._idle_reported = False
         self._notified = False
         self.listen_conn: psycopg.Connection[Any] | None = None
@@ -188,6 +190,7 @@ class Worker:
                 executor.start()
                 if isinstance(executor, ThreadExecutor):  # asyncio jobs time out in their own task
                     self.monitor.checks.append(executor.check)
+        self.concurrent_executors = [e for e in self.executors if e.concurrent]
         if any(not e.concurrent for e in self.executors):
             self.monitor.checks.append(inline_check(self))
         if any(e.concurrent for e in self.executors):
@@ -358,25 +361,39 @@ class Worker:
 
     def _loop(self) -> None:
         """One claim per flow per round, so a deep backlog of one flow cannot starve the others. A flow
-        that had nothing is skipped for EMPTY_FLOW_RECHECK while others keep the worker busy."""
+        that had nothing is skipped for EMPTY_FLOW_RECHECK while others keep the worker busy. Past
+        DUE_PROBE_MIN flows, one flows_due probe per round says which flows to claim from."""
         self.state = "idle"
         executors = self.executors
         recheck_at = [0.0] * len(executors)
+        many = len(executors) > DUE_PROBE_MIN
+        # Many flows: workers of one engine start their rounds at different flows, so they do not
+        # race each other for the same flow's jobs (the loser's claim comes back empty).
+        start = int(self.spec.index * 0.618034 * len(executors)) % len(executors) if many else 0
+        order = list(range(start, len(executors))) + list(range(start))
+        idle_probes = 0
         while not self.stopping:
             worked = False
             now = time.monotonic()
-            for i, executor in enumerate(executors):
+            if many:
+                self._skip_flows_without_work(recheck_at, now)
+            for i in order:
                 if self.stopping:
                     break
                 if recheck_at[i] > now:
                     continue
-                claimed = executor.step()
+                claimed = executors[i].step()
                 if claimed > 0:
                     worked = True
                 elif claimed == 0:
                     recheck_at[i] = now + EMPTY_FLOW_RECHECK
             if worked or self.stopping:
+                idle_probes = 0
                 continue
+            if many and idle_probes < 2 and self._due_elsewhere(recheck_at):
+                idle_probes += 1  # bounded: a due job we cannot claim (a lost worker) must not spin us
+                continue
+            idle_probes = 0
             if any(e.concurrent and e.in_hand for e in executors):
                 self.wake.wait(EMPTY_FLOW_RECHECK)  # a job finishing below the low-water mark wakes us
             else:
@@ -384,6 +401,45 @@ class Worker:
             if self._notified or not any(e.concurrent and e.in_hand for e in executors):
                 self._notified = False
                 recheck_at = [0.0] * len(executors)
+
+    def top_up(self) -> None:
+        """From inside an inline batch: claim for the concurrent flows that dropped below their
+        low-water mark, so their threads or tasks do not sit idle behind the inline jobs."""
+        for executor in self.concurrent_executors:
+            if self.stopping:
+                return
+            if executor.in_hand < executor.n:
+                executor.step()
+
+    def _skip_flows_without_work(self, recheck_at: list[float], now: float) -> None:
+        """Many flows: one flows_due probe instead of an empty claim per flow; the flows it finds
+        without work are skipped like a flow whose claim came back empty."""
+        names = self.flow_names
+        candidates = [i for i, at in enumerate(recheck_at) if at <= now]
+        if len(candidates) <= DUE_PROBE_MIN:
+            return
+        try:
+            with self.pool.connection() as conn:
+                due = store.flows_due(conn, [names[i] for i in candidates])
+        except TRANSIENT_DB_ERRORS:
+            return  # the claims find out, and retry
+        later = now + EMPTY_FLOW_RECHECK
+        for i in candidates:
+            if names[i] not in due:
+                recheck_at[i] = later
+
+    def _due_elsewhere(self, recheck_at: list[float]) -> bool:
+        """Many flows, a round without work: flows skipped for a while may have work by now (one
+        flows_due probe over all of them, cheaper than next_run_at's sort of a deep backlog)."""
+        try:
+            with self.pool.connection() as conn:
+                due = store.flows_due(conn, self.flow_names)
+        except TRANSIENT_DB_ERRORS:
+            return False
+        for i, name in enumerate(self.flow_names):
+            if name in due:
+                recheck_at[i] = 0.0
+        return bool(due)
 
     def _wait_for_work(self) -> None:
         self.state = "idle"

@@ -105,6 +105,15 @@ def odbc_backend(payload: dict[str, Any], ctx: Any) -> dict[str, Any]:
     return {"backend": backend}
 
 
+async def async_odbc_backend(payload: dict[str, Any], ctx: Any) -> dict[str, Any]:
+    """odbc_backend for the asyncio executor (the ODBC call itself blocks the loop briefly)."""
+    start = time.time()
+    backend = ctx.sources["pgsrc"].query_value("SELECT pg_backend_pid()")
+    await asyncio.sleep(float(payload.get("sleep", 0.01)))
+    _timed(payload, start, time.time(), f" {backend}")
+    return {"backend": backend}
+
+
 def hang(payload: dict[str, Any]) -> dict[str, Any]:
     start = time.time()
     time.sleep(float(payload.get("sleep", 0.0)))
