@@ -324,6 +324,15 @@ def _draw_plot(report: dict[str, Any]) -> str:
     return f"drain plot: {path}"
 
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_configure(config: pytest.Config) -> None:
+    # pyproject's addopts run the tests with pytest-xdist; benchmarks must run one at a time in one
+    # process (pytest-benchmark disables itself under xdist, and workloads would share the cores).
+    if hasattr(config.option, "numprocesses"):
+        config.option.numprocesses = None
+        config.option.dist = "no"
+
+
 def pytest_sessionfinish(session: pytest.Session) -> None:
     if not REPORT.rows:
         return

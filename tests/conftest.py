@@ -4,6 +4,7 @@
   `queue`), `scalar()`.
 - support.engines: real `engine run` processes (`start_engine`), `wait_for()`.
 - support.odbc: psqlODBC's per-process log files off for the whole run (ODBCSYSINI).
+- support.isolation: a per-process XDG_RUNTIME_DIR (parallel runs: pytest-xdist in pyproject addopts).
 """
 
-pytest_plugins = ["support.postgres", "support.engines", "support.odbc"]
+pytest_plugins = ["support.postgres", "support.engines", "support.odbc", "support.isolation"]
