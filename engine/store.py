@@ -539,7 +539,7 @@ def rescue_leader_release(conn: Conn) -> None:
 
 
 def worker_mark_lost(conn: Conn, reasons: Mapping[str, str]) -> list[str]:
-    """Mark workers lost, each with what happened ("exited with code -9"); the rescue writes it into
+    """Mark workers lost, each with what happened ("exited with signal 9 (SIGKILL)"); the rescue writes it into
     each rescued job's error."""
     return [row[0] for row in conn.execute(Q.worker_mark_lost, {"ids": list(reasons),
                                                                 "reasons": list(reasons.values())})]

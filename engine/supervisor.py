@@ -259,7 +259,7 @@ class Supervisor:
                 dead.append((slot, slot.process.exitcode if slot.process.exitcode is not None else -1))
         if not dead:
             return None
-        lost = {slot.worker_id: f"exited with code {code}" for slot, code in dead}
+        lost = {slot.worker_id: exit_reason(code) for slot, code in dead}
         for slot, code in dead:
             lived = now - slot.started_at
             slot.early_deaths = 0 if lived >= HEALTHY_RUN_SECONDS else slot.early_deaths + 1
@@ -417,7 +417,7 @@ class Supervisor:
                 # stay running until another engine rescues them.
                 reasons[slot.worker_id] = ("killed by a second signal" if self.signals >= 2 and slot.process.exitcode == -signal.SIGKILL
                                            else "killed while frozen" if slot.process.pid in frozen
-                                           else f"exited with code {slot.process.exitcode}")
+                                           else exit_reason(slot.process.exitcode))
         self.liveness.stop()
         killed = [w for w, reason in reasons.items() if reason == "killed after grace period"]
         if killed:
@@ -436,6 +436,16 @@ _BUILTIN_HINT: Final = (f"the built-in demo flows ({', '.join(BUILTIN_FLOW_NAMES
                         "or where the config names them ([flows.noop])")
 
 RETENTION_SLICE: Final = 10_000
+
+
+def exit_reason(code: int | None) -> str:
+    """What a worker's exit code says, for its lost_reason and so its jobs' errors."""
+    if code is not None and code < 0:
+        try:
+            return f"exited with signal {-code} ({signal.Signals(-code).name})"
+        except ValueError:
+            return f"exited with signal {-code}"
+    return f"exited with code {code}"
 
 
 def retention_pass(conn: psycopg.Connection[Any], engine: EngineConfig) -> dict[str, int]:

@@ -13,7 +13,7 @@ MAX_EVENT_BYTES (PostgreSQL's limit is 8000). A console attaching late reads his
 | dead_letter     | worker      | engine, worker, flow, jobs: [ids] (at most DEAD_SAMPLE), count |
 | worker_started  | worker      | engine, worker, host, pid, flows |
 | worker_stopped  | worker      | engine, worker, reason |
-| worker_lost     | supervisor  | engine, worker, reason ("exited with code N", "killed after grace period", "heartbeat stale", ...) |
+| worker_lost     | supervisor  | engine, worker, reason ("exited with signal 9 (SIGKILL)", "exited with code N", "killed after grace period", "heartbeat stale", ...) |
 | rescued         | supervisor  | engine, flows: {flow: {rescued, dead}}, workers: [ids] |
 | flow_paused     | operator    | flow (from `engine pause`, the console or the API) |
 | flow_resumed    | operator    | flow |
