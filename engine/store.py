@@ -12,7 +12,7 @@ field names are the statements' column aliases.
 from __future__ import annotations
 
 import secrets
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Final, Literal, NamedTuple, TypeVar
@@ -536,6 +536,19 @@ def rescue_leader(conn: Conn) -> bool:
 
 def rescue_leader_release(conn: Conn) -> None:
     conn.execute(Q.rescue_leader_release)
+
+
+def stalled_listeners(conn: Conn, application_name: str) -> set[tuple[int, Any]]:
+    """(pid, backend_start) of idle backends of `application_name` blocked writing to their client."""
+    return {(int(pid), started) for pid, started in conn.execute(
+        Q.stalled_listeners, {"application_name": application_name})}
+
+
+def stalled_listeners_terminate(conn: Conn, backends: Iterable[tuple[int, Any]]) -> int:
+    """Terminate those of `backends` still blocked; how many were."""
+    chosen = list(backends)
+    return int(_scalar(conn, Q.stalled_listeners_terminate, {"pids": [p for p, _ in chosen],
+                                                             "starts": [s for _, s in chosen]}) or 0)
 
 
 def worker_mark_lost(conn: Conn, reasons: Mapping[str, str]) -> list[str]:

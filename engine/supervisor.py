@@ -47,7 +47,7 @@ from engine.logs import ContextLogger, setup_logging
 from engine.migrate import require_schema
 from engine.queue import Queue, new_engine_id, validate_flow
 from engine.redact import describe_error
-from engine.telemetry import FlowCounts, encode_event
+from engine.telemetry import CONSOLE_APPLICATION_NAME, FlowCounts, encode_event
 from engine.worker import WorkerSpec, worker_main
 
 log = logging.getLogger("skiplock.engine")
@@ -138,6 +138,7 @@ class Supervisor:
                                        engine.stale_after, engine.heartbeat_interval)
         self.hooks = HookRunner()
         self._unreported_lost: dict[str, str] = {}  # worker id -> reason, marked lost once the database answers
+        self._stalled_listeners: set[tuple[int, Any]] = set()  # console backends seen blocked last pass
 
     # -- database work on short-lived connections (never open across a fork) -----------------------
 
@@ -308,8 +309,24 @@ class Supervisor:
             finally:
                 store.rescue_leader_release(conn)
             self._fire_orphaned_run_hooks(conn)
+            self._unpin_notify_queue(conn)
 
         self._db(act)
+
+    def _unpin_notify_queue(self, conn: psycopg.Connection[Any]) -> None:
+        """A console that stops reading its LISTEN connection pins PostgreSQL's NOTIFY queue for every
+        channel (issue 10 item 8): end its backends once they have been blocked writing to it for a
+        whole rescue interval (seen on two passes in a row)."""
+        try:
+            seen = store.stalled_listeners(conn, CONSOLE_APPLICATION_NAME)
+            blocked = seen & self._stalled_listeners
+            self._stalled_listeners = seen - blocked
+            if blocked:
+                ended = store.stalled_listeners_terminate(conn, blocked)
+                self.log.warning("ended console connections that stopped reading (they pin the NOTIFY queue)",
+                                 extra={"backends": sorted(pid for pid, _ in blocked), "ended": ended})
+        except psycopg.Error as exc:  # e.g. a role that may not signal the console's backends
+            self.log.warning("could not end stalled console connections: %s", describe_error(exc))
 
     def _schedule_pass(self) -> None:
         """Fire due schedule ticks when this engine holds the schedule leader lock (engine/schedules.py)."""

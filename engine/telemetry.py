@@ -41,6 +41,9 @@ import orjson
 
 EVENTS_CHANNEL: Final = "skiplock_events"
 ENQUEUED_CHANNEL: Final = "skiplock_enqueued"
+# The console's connections (its LISTEN feed among them) carry this application_name; the rescue
+# leader ends one that has stopped reading (supervisor._unpin_notify_queue).
+CONSOLE_APPLICATION_NAME: Final = "skiplock-console"
 EVENT_VERSION: Final = 1
 MAX_EVENT_BYTES: Final = 7900
 FAILURE_SAMPLE: Final = 5

@@ -556,6 +556,23 @@ WHERE state NOT IN ('stopped', 'lost')
 -- name: health_ping
 SELECT 1;
 
+-- name: stalled_listeners
+-- Idle console backends blocked sending to their client (a console that stopped reading: Ctrl-Z,
+-- SIGSTOP, a hung UI loop). A LISTENing backend in ClientWrite cannot advance its NOTIFY queue
+-- position, which pins pg_notification_queue_usage() for every channel until the queue is full and
+-- every NOTIFY (enqueue, rescue, ticks) fails. (pid, backend_start) names a backend across pid reuse.
+SELECT pid, backend_start FROM pg_stat_activity
+WHERE application_name = %(application_name)s AND state = 'idle' AND wait_event = 'ClientWrite';
+
+-- name: stalled_listeners_terminate
+-- Only backends still blocked as they were seen on the previous pass. The console reconnects by
+-- itself when it reads again and re-reads what it missed from the tables.
+SELECT count(*) FILTER (WHERE pg_terminate_backend(a.pid))
+FROM pg_stat_activity a
+JOIN unnest(%(pids)s::int[], %(starts)s::timestamptz[]) AS t(pid, started)
+  ON a.pid = t.pid AND a.backend_start = t.started
+WHERE a.state = 'idle' AND a.wait_event = 'ClientWrite';
+
 -- ---------------------------------------------------------------------------------------------
 -- The engine: worker loop, telemetry, supervisor
 
