@@ -195,3 +195,10 @@ def bad(payload: dict[str, Any]) -> Any:
 async def async_bad(payload: dict[str, Any]) -> Any:
     await asyncio.sleep(0)
     return bad(payload)
+
+
+def marked(payload: dict[str, Any]) -> dict[str, Any]:
+    """Returns the payload's `mark` in its result (a proxy can spot the ack that carries it)."""
+    start = time.time()
+    _timed(payload, start, time.time())
+    return {"n": payload["n"], "mark": payload.get("mark")}
