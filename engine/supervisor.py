@@ -139,6 +139,7 @@ class Supervisor:
         self.hooks = HookRunner()
         self._unreported_lost: dict[str, str] = {}  # worker id -> reason, marked lost once the database answers
         self._stalled_listeners: set[tuple[int, Any]] = set()  # console backends seen blocked last pass
+        self._unpin_failed = False
 
     # -- database work on short-lived connections (never open across a fork) -----------------------
 
@@ -326,7 +327,9 @@ class Supervisor:
                 self.log.warning("ended console connections that stopped reading (they pin the NOTIFY queue)",
                                  extra={"backends": sorted(pid for pid, _ in blocked), "ended": ended})
         except psycopg.Error as exc:  # e.g. a role that may not signal the console's backends
-            self.log.warning("could not end stalled console connections: %s", describe_error(exc))
+            if not self._unpin_failed:  # once: it would fail the same way every pass
+                self.log.warning("could not end stalled console connections: %s", describe_error(exc))
+            self._unpin_failed = True
 
     def _schedule_pass(self) -> None:
         """Fire due schedule ticks when this engine holds the schedule leader lock (engine/schedules.py)."""
