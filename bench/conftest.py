@@ -326,8 +326,8 @@ def _draw_plot(report: dict[str, Any]) -> str:
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_configure(config: pytest.Config) -> None:
-    # pyproject's addopts run the tests with pytest-xdist; benchmarks must run one at a time in one
-    # process (pytest-benchmark disables itself under xdist, and workloads would share the cores).
+    # The tests may run with pytest-xdist (-n); benchmarks must run one at a time in one process
+    # (pytest-benchmark disables itself under xdist, and workloads would share the cores).
     if hasattr(config.option, "numprocesses"):
         config.option.numprocesses = None
         config.option.dist = "no"
