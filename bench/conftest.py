@@ -340,6 +340,13 @@ def _draw_size_plot(report: dict[str, Any]) -> str:
                             f"{report['host']['loadavg_at_end'][0]:.1f}" + ("  SMOKE SIZES" if SMOKE else ""),
               colors=(BEFORE, ENGINE) if len(series) == 2 else (ENGINE,))
     return f"size plot: {path}"
+@pytest.hookimpl(tryfirst=True)
+def pytest_configure(config: pytest.Config) -> None:
+    # The tests may run with pytest-xdist (-n); benchmarks must run one at a time in one process
+    # (pytest-benchmark disables itself under xdist, and workloads would share the cores).
+    if hasattr(config.option, "numprocesses"):
+        config.option.numprocesses = None
+        config.option.dist = "no"
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:

@@ -68,3 +68,35 @@ async def async_wait_io(payload: dict[str, Any]) -> None:
     import asyncio
 
     await asyncio.sleep(IO_WAIT)
+
+
+# -- the chaos run (bench/chaos.py) ------------------------------------------------------------------
+
+_exec_fd: int | None = None
+_exec_pid = 0
+
+
+def _exec_file() -> int:
+    """One execution-record file per worker process, named by pid and open time (pids are reused over
+    a ten-minute run of kills and restarts)."""
+    global _exec_fd, _exec_pid
+    pid = os.getpid()
+    if _exec_fd is None or _exec_pid != pid:
+        directory = os.environ.get("SKIPLOCK_CHAOS_RECORDS") or "."
+        path = os.path.join(directory, f"exec-{pid}-{time.time_ns()}.txt")
+        _exec_fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        _exec_pid = pid
+    return _exec_fd
+
+
+def chaos(payload: dict[str, Any]) -> None:
+    """Writes `s N T` when it starts and `e N T` when it is done (one os.write each: nothing buffered
+    to lose when the worker is killed); a few jobs take `ms` milliseconds, so some are running
+    whenever a fault strikes."""
+    fd = _exec_file()
+    n = payload["n"]
+    os.write(fd, b"s %d %r\n" % (n, time.time()))
+    ms = payload.get("ms")
+    if ms:
+        time.sleep(ms / 1000)
+    os.write(fd, b"e %d %r\n" % (n, time.time()))

@@ -29,8 +29,9 @@ from engine import db, store
 from engine.queue import (CancelReport, DeadLetter, DeadLetterFilter, Job, JobFilter, JobSummary, Queue, RunningJob,
                           Schedule)
 from engine.health import Facts, Thresholds, read_facts
+from engine.telemetry import CONSOLE_APPLICATION_NAME
 
-APPLICATION_NAME: Final = "skiplock-console"
+APPLICATION_NAME: Final = CONSOLE_APPLICATION_NAME
 COUNT_CAP: Final = 5_000  # exact counts up to this many rows per flow and state, then an estimate
 HISTORY_MINUTES: Final = 60
 LATENCY_SECONDS: Final = 10.0  # a short window: the LIMITed sample is then close to now

@@ -12,7 +12,7 @@ field names are the statements' column aliases.
 from __future__ import annotations
 
 import secrets
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Final, Literal, NamedTuple, TypeVar
@@ -546,8 +546,21 @@ def rescue_leader_release(conn: Conn) -> None:
     conn.execute(Q.rescue_leader_release)
 
 
+def stalled_listeners(conn: Conn, application_name: str) -> set[tuple[int, Any]]:
+    """(pid, backend_start) of idle backends of `application_name` blocked writing to their client."""
+    return {(int(pid), started) for pid, started in conn.execute(
+        Q.stalled_listeners, {"application_name": application_name})}
+
+
+def stalled_listeners_terminate(conn: Conn, backends: Iterable[tuple[int, Any]]) -> int:
+    """Terminate those of `backends` still blocked; how many were."""
+    chosen = list(backends)
+    return int(_scalar(conn, Q.stalled_listeners_terminate, {"pids": [p for p, _ in chosen],
+                                                             "starts": [s for _, s in chosen]}) or 0)
+
+
 def worker_mark_lost(conn: Conn, reasons: Mapping[str, str]) -> list[str]:
-    """Mark workers lost, each with what happened ("exited with code -9"); the rescue writes it into
+    """Mark workers lost, each with what happened ("exited with signal 9 (SIGKILL)"); the rescue writes it into
     each rescued job's error."""
     return [row[0] for row in conn.execute(Q.worker_mark_lost, {"ids": list(reasons),
                                                                 "reasons": list(reasons.values())})]

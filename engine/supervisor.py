@@ -58,7 +58,7 @@ from engine.logs import ContextLogger, setup_logging
 from engine.migrate import require_schema
 from engine.queue import Queue, new_engine_id, validate_flow
 from engine.redact import describe_error
-from engine.telemetry import FlowCounts, encode_event
+from engine.telemetry import CONSOLE_APPLICATION_NAME, FlowCounts, encode_event
 from engine.vacuum import VacuumThread
 from engine.worker import WorkerSpec, worker_main
 
@@ -173,6 +173,8 @@ class Supervisor:
             self.metrics = EngineMetrics(self.engine_id, self.dsn, self.settings.application_name,
                                          engine.metrics_host, port, Thresholds.from_engine(engine),
                                          engine.metrics_interval)
+        self._stalled_listeners: set[tuple[int, Any]] = set()  # console backends seen blocked last pass
+        self._unpin_failed = False
 
     # -- database work on short-lived connections (never open across a fork) -----------------------
 
@@ -340,7 +342,7 @@ class Supervisor:
                 dead.append((slot, slot.process.exitcode if slot.process.exitcode is not None else -1))
         if not dead:
             return None
-        lost = {slot.worker_id: f"exited with code {code}" for slot, code in dead}
+        lost = {slot.worker_id: exit_reason(code) for slot, code in dead}
         for slot, code in dead:
             lived = now - slot.started_at
             slot.early_deaths = 0 if lived >= HEALTHY_RUN_SECONDS else slot.early_deaths + 1
@@ -389,8 +391,26 @@ class Supervisor:
             finally:
                 store.rescue_leader_release(conn)
             self._fire_orphaned_run_hooks(conn)
+            self._unpin_notify_queue(conn)
 
         self._db(act, session=True)
+
+    def _unpin_notify_queue(self, conn: psycopg.Connection[Any]) -> None:
+        """A console that stops reading its LISTEN connection pins PostgreSQL's NOTIFY queue for every
+        channel (issue 10 item 8): end its backends once they have been blocked writing to it for a
+        whole rescue interval (seen on two passes in a row)."""
+        try:
+            seen = store.stalled_listeners(conn, CONSOLE_APPLICATION_NAME)
+            blocked = seen & self._stalled_listeners
+            self._stalled_listeners = seen - blocked
+            if blocked:
+                ended = store.stalled_listeners_terminate(conn, blocked)
+                self.log.warning("ended console connections that stopped reading (they pin the NOTIFY queue)",
+                                 extra={"backends": sorted(pid for pid, _ in blocked), "ended": ended})
+        except psycopg.Error as exc:  # e.g. a role that may not signal the console's backends
+            if not self._unpin_failed:  # once: it would fail the same way every pass
+                self.log.warning("could not end stalled console connections: %s", describe_error(exc))
+            self._unpin_failed = True
 
     def _schedule_pass(self) -> None:
         """Fire due schedule ticks when this engine holds the schedule leader lock (engine/schedules.py)."""
@@ -506,7 +526,7 @@ class Supervisor:
                 # stay running until another engine rescues them.
                 reasons[slot.worker_id] = ("killed by a second signal" if self.signals >= 2 and slot.process.exitcode == -signal.SIGKILL
                                            else "killed while frozen" if slot.process.pid in frozen
-                                           else f"exited with code {slot.process.exitcode}")
+                                           else exit_reason(slot.process.exitcode))
         self.liveness.stop()
         killed = [w for w, reason in reasons.items() if reason == "killed after grace period"]
         if killed:
@@ -655,6 +675,16 @@ _BUILTIN_HINT: Final = (f"the built-in demo flows ({', '.join(BUILTIN_FLOW_NAMES
                         "or where the config names them ([flows.noop])")
 
 RETENTION_SLICE: Final = 10_000
+
+
+def exit_reason(code: int | None) -> str:
+    """What a worker's exit code says, for its lost_reason and so its jobs' errors."""
+    if code is not None and code < 0:
+        try:
+            return f"exited with signal {-code} ({signal.Signals(-code).name})"
+        except ValueError:
+            return f"exited with signal {-code}"
+    return f"exited with code {code}"
 
 
 def retention_pass(conn: psycopg.Connection[Any], engine: EngineConfig) -> dict[str, int]:

@@ -13,7 +13,7 @@ MAX_EVENT_BYTES (PostgreSQL's limit is 8000). A console attaching late reads his
 | dead_letter     | worker      | engine, worker, flow, jobs: [ids] (at most DEAD_SAMPLE), count |
 | worker_started  | worker      | engine, worker, host, pid, flows |
 | worker_stopped  | worker      | engine, worker, reason |
-| worker_lost     | supervisor  | engine, worker, reason ("exited with code N", "killed after grace period", "heartbeat stale", ...) |
+| worker_lost     | supervisor  | engine, worker, reason ("exited with signal 9 (SIGKILL)", "exited with code N", "killed after grace period", "heartbeat stale", ...) |
 | rescued         | supervisor  | engine, flows: {flow: {rescued, dead}}, workers: [ids] |
 | flow_paused     | operator    | flow (from `engine pause`, the console or the API) |
 | flow_resumed    | operator    | flow |
@@ -49,6 +49,9 @@ CANCEL_CHANNEL: Final = "skiplock_cancel"
 # What the supervisor writes down a worker's relay pipe for each notification it heard (engine/control.py).
 RELAY_ENQUEUED: Final = b"\0"
 RELAY_CANCEL: Final = b"c"
+# The console's connections (its LISTEN feed among them) carry this application_name; the rescue
+# leader ends one that has stopped reading (supervisor._unpin_notify_queue).
+CONSOLE_APPLICATION_NAME: Final = "skiplock-console"
 EVENT_VERSION: Final = 1
 MAX_EVENT_BYTES: Final = 7900
 FAILURE_SAMPLE: Final = 5

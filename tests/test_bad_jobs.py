@@ -103,3 +103,34 @@ def test_handler_stuck_past_its_hard_stop_fails_alone(dsn, start_engine, tmp_pat
     assert engine.wait(60) == 0, tail(engine)
     _check(dsn, ["stuck"], {"stuck": ("JobTimeout", "handler ran past its timeout")})
     assert log_has(engine, "handler ignored its timeout")
+
+
+CRASHES = {
+    "segfault": "worker exited with signal 11 (SIGSEGV) while running this job",
+    "abort": "worker exited with signal 6 (SIGABRT) while running this job",
+    "c_exit": "worker exited with code 7 while running this job",
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", list(CRASHES))
+def test_job_that_kills_its_worker_is_retried_alone_until_dead(dsn, start_engine, tmp_path, kind):
+    """A job that kills its worker from C (issue 10 item 4's last part): its batch is rescued with a
+    crash counted on each job, the claim hands each of them out alone, the neighbours complete on
+    that solo attempt, and the killer dies again alone and ends dead as WorkerCrashed."""
+    _enqueue_cases(dsn, [kind])
+    timed = tmp_path / "timed.txt"
+    engine = start_engine(dsn, _config(7), "--workers", "1", "--flows", "bad", "--drain",
+                          env={"SKIPLOCK_TEST_TIMED": str(timed)})
+    assert engine.wait(60) == 0, tail(engine)
+    assert len(log_has(engine, "worker died")) == 2, "the first attempt in the batch, the second alone"
+    (dead,) = rows(dsn, "SELECT payload->>'bad', error_type, error_message, attempts, crashes, errors "
+                        "FROM skiplock.jobs WHERE status = 'dead'")
+    assert dead[:5] == (kind, "WorkerCrashed", CRASHES[kind], 2, 2), dead
+    assert [e["type"] for e in dead[5]] == ["WorkerLost", "WorkerCrashed"]
+    assert scalar(dsn, "SELECT count(*) FROM skiplock.jobs WHERE status <> 'dead'") == 0
+    # The neighbours: the batch's crash used their first attempt; each then ran alone and completed.
+    assert rows(dsn, "SELECT count(*), min(attempts), max(attempts) FROM skiplock.jobs_done") == [(6, 2, 2)]
+    # Alone means alone: the second crash took no neighbour with it (each carries the first only).
+    assert rows(dsn, "SELECT DISTINCT jsonb_path_query_array(errors, '$[*].type')::text FROM skiplock.jobs_done") \
+        == [('["WorkerLost"]',)]

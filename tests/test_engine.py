@@ -173,15 +173,21 @@ def test_engine_killed_outright_is_rescued_by_another_engine(dsn, start_engine, 
     total = 400
     enqueue(dsn, "slow", [{"n": i, "sleep": 0.02} for i in range(total)])
     env = {"SKIPLOCK_TEST_RECORD": str(record)}
+    # Paused until both engines are up: however slowly the second starts, the first is still working.
+    with Queue(dsn) as q:
+        q.pause("slow")
     first = start_engine(dsn, SLOW, "--workers", "2", env=env)
-    wait_for(lambda: scalar(dsn, "SELECT count(*) FROM skiplock.workers WHERE state = 'busy'") == 2, 20,
-             message="the first engine to start working")
+    second = start_engine(dsn, SLOW, "--workers", "2", "--drain", env=env)
+    wait_for(lambda: scalar(dsn, "SELECT count(*) FROM skiplock.workers WHERE state = 'idle'") == 4, 30,
+             message="both engines")
     supervisor = first.process.pid
     workers = child_pids(supervisor)
     assert len(workers) == 2
     dead_ids = [r[0] for r in rows(dsn, "SELECT id FROM skiplock.workers WHERE pid = ANY(%s)", (workers,))]
-    second = start_engine(dsn, SLOW, "--workers", "2", "--drain", env=env)
-    wait_for(lambda: scalar(dsn, "SELECT count(*) FROM skiplock.workers") == 4, 20, message="the second engine")
+    with Queue(dsn) as q:
+        q.resume("slow")
+    wait_for(lambda: scalar(dsn, "SELECT count(*) FROM skiplock.workers WHERE state = 'busy' AND id = ANY(%s)",
+                            (dead_ids,)) == 2, 20, message="the first engine to start working")
 
     def freeze() -> set[int]:
         """Stop the whole first engine; keep it stopped only once its workers hold claimed jobs."""

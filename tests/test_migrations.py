@@ -194,6 +194,7 @@ def test_claim_plan_uses_the_claim_index(dsn: str, conn: psycopg.Connection) -> 
 
 
 def _with_extra(tmp_path: Any, name: str, text: str) -> Any:
+    """The real migrations plus a test file numbered 0900 and up: after any real one for a long while."""
     import shutil
 
     from engine.migrate import migrations_dir

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.xdist_group("packaging")  # one module fixture builds in the checkout
+
 ROOT = Path(__file__).resolve().parent.parent
 PIP_TIMEOUT_S = 120
 

@@ -216,3 +216,38 @@ def test_enqueue_many_to_a_database_never_reached_fails_at_once(dsn: str, proxy:
     with Queue(proxy.dsn(dsn)) as queue, pytest.raises(DatabaseUnavailable):
         queue.enqueue_many("x", [{}])
     assert time.monotonic() - started < 5
+
+
+@pytest.mark.slow
+def test_engine_ack_whose_reply_is_lost_is_retried_to_its_first_outcome(dsn: str, proxy: TcpProxy,
+                                                                         start_engine: Any, tmp_path: Any) -> None:
+    """A real `engine run` through the proxy: the ack of a batch that ends a run commits, its reply is
+    lost, and the worker's retry under the same ack id gets the first outcome back. Every job ran
+    once, the run's hook fired once, and the engine saw nothing refused or rescued."""
+    from support.engines import BASE, log_has, rows, tail
+    from support.exec_handlers import read_timed
+
+    timed, hooks = tmp_path / "timed.txt", tmp_path / "hooks.txt"
+    marker = "drop-the-reply-to-this-ack"
+    with Queue(dsn) as q:
+        q.enqueue_many("batch", [{"n": i, **({"mark": marker} if i == 5 else {})} for i in range(10)],
+                       run_id="r-lost-reply")
+    config = BASE + """
+[flows.batch]
+handler = "support.exec_handlers:marked"
+batch_size = 10
+on_complete = "support.handlers:on_run_complete"
+"""
+    proxy.drop_after_reply(marker.encode())
+    engine = start_engine(proxy.dsn(dsn), config, "--workers", "1", "--flows", "batch", "--drain",
+                          env={"SKIPLOCK_TEST_TIMED": str(timed), "SKIPLOCK_TEST_HOOKS": str(hooks)})
+    assert engine.wait(60) == 0, tail(engine)
+    assert proxy.drops_done == 1, "the ack's reply was dropped after the server committed it"
+    assert sorted(r[0] for r in read_timed(str(timed))) == list(range(10)), "every job ran exactly once"
+    assert [line.split()[:4] for line in hooks.read_text().splitlines()] == [["r-lost-reply", "10", "10", "0"]]
+    assert rows(dsn, "SELECT count(*), max(attempts) FROM skiplock.jobs_done") == [(10, 1)]
+    assert rows(dsn, "SELECT completed, dead FROM skiplock.runs WHERE id = 'r-lost-reply'") == [(10, 0)]
+    # The retry's answer is the first outcome, so the engine's own counts are right too.
+    assert rows(dsn, "SELECT sum(completed)::int FROM skiplock.stats_minute WHERE flow = 'batch'") == [(10,)]
+    assert not log_has(engine, "refused") and not log_has(engine, "rescued"), tail(engine)
+    assert not log_has(engine, "worker died"), tail(engine)

@@ -113,7 +113,7 @@ ON CONFLICT (id) DO UPDATE SET total = skiplock.runs.total + EXCLUDED.total;
 -- One flow at a time, priority (higher first) then FIFO by run_at. The paused/circuit check is not
 -- correlated, so PostgreSQL evaluates it once and claims nothing when the flow is held.
 WITH picked AS (
-    SELECT id FROM skiplock.jobs
+    SELECT id, crashes FROM skiplock.jobs
     WHERE flow = %(flow)s AND status = 'pending' AND run_at <= now()
       AND NOT EXISTS (
           SELECT 1 FROM skiplock.flows f
@@ -130,7 +130,12 @@ SET status = 'running', claimed_by = %(worker)s, claim_token = %(token)s, claime
     attempts = j.attempts + 1, updated_at = now()
 -- `= ANY(ARRAY(...))`, not a join: a join on `picked` lets the planner hash-join a Seq Scan of
 -- jobs when the table is small (B=100 on a few thousand rows); this form always takes the pkey.
-WHERE j.id = ANY(ARRAY(SELECT id FROM picked))
+-- A job that was held by a worker that died (crashes > 0, migration 0014) goes out alone: a batch
+-- of one, so if it kills this worker too no healthy job dies with it. The rest of `picked` stays
+-- pending (its row locks end with this statement).
+WHERE j.id = ANY(CASE WHEN EXISTS (SELECT 1 FROM picked WHERE crashes > 0)
+                      THEN ARRAY(SELECT id FROM picked WHERE crashes > 0 LIMIT 1)
+                      ELSE ARRAY(SELECT id FROM picked) END)
 RETURNING j.id, j.payload, j.attempts, coalesce(j.max_attempts, %(max_attempts)s), j.run_id,
           extract(epoch FROM j.claimed_at - j.run_at)::float8 * 1000.0 AS wait_ms;
 
@@ -248,30 +253,43 @@ RETURNING id, engine_id, host, pid;
 -- name: rescue_jobs
 -- Running jobs whose holder is lost or stopped, or unknown and silent for stale_after, go back to
 -- pending; the attempt they used stays counted, so a job that kills its worker every time ends dead.
+-- A holder the supervisor saw die (lost_reason set) counts a crash on each of its jobs, which the
+-- claim then hands out alone; a job that dies again while held alone (crashes > 0: it was claimed
+-- solo) is the one killing its workers, and its error says so (WorkerCrashed).
 WITH orphaned AS (
     -- reason: what the supervisor saw (worker_mark_lost), else the stale heartbeat.
-    SELECT j.id, coalesce(w.lost_reason, 'stopped heartbeating') AS reason FROM skiplock.jobs j
+    SELECT j.id, coalesce(w.lost_reason, 'stopped heartbeating') AS reason, w.lost_reason IS NOT NULL AS died,
+           j.crashes > 0 AS solo
+    FROM skiplock.jobs j
     LEFT JOIN skiplock.workers w ON w.id = j.claimed_by
     WHERE j.status = 'running'
       AND (w.state IN ('lost', 'stopped')
            OR (w.id IS NULL AND j.claimed_at < now() - make_interval(secs => %(stale_after)s)))
     LIMIT %(limit)s
     FOR UPDATE OF j SKIP LOCKED
+), kind AS (
+    SELECT id, reason, died,
+           CASE WHEN died AND solo THEN 'WorkerCrashed' ELSE 'WorkerLost' END AS error_type
+    FROM orphaned
 ), rescued AS (
     UPDATE skiplock.jobs j
     SET status = CASE WHEN j.attempts >= skiplock.max_attempts_for(j.flow, j.max_attempts)
                       THEN 'dead' ELSE 'pending' END::skiplock.job_status,
         finished_at = CASE WHEN j.attempts >= skiplock.max_attempts_for(j.flow, j.max_attempts)
                            THEN clock_timestamp() END,
-        error_type = 'WorkerLost',
-        error_message = 'worker ' || coalesce(j.claimed_by, '?') || ' ' || orphaned.reason || ' while running this job',
+        crashes = j.crashes + CASE WHEN k.died THEN 1 ELSE 0 END,
+        error_type = k.error_type,
+        error_message = CASE WHEN k.error_type = 'WorkerCrashed' THEN 'worker ' || k.reason || ' while running this job'
+                             ELSE 'worker ' || coalesce(j.claimed_by, '?') || ' ' || k.reason || ' while running this job' END,
         errors = skiplock.errors_append(j.errors, jsonb_build_object(
-            'attempt', j.attempts, 'at', clock_timestamp(), 'worker', j.claimed_by, 'type', 'WorkerLost',
-            'message', 'rescued: worker ' || orphaned.reason, 'traceback', NULL, 'permanent', false),
+            'attempt', j.attempts, 'at', clock_timestamp(), 'worker', j.claimed_by, 'type', k.error_type,
+            'message', CASE WHEN k.error_type = 'WorkerCrashed' THEN 'worker ' || k.reason || ' while running this job'
+                            ELSE 'rescued: worker ' || k.reason END,
+            'traceback', NULL, 'permanent', false),
             %(errors_kept)s),
         claimed_by = NULL, claim_token = NULL, updated_at = now()
-    FROM orphaned
-    WHERE j.id = orphaned.id
+    FROM kind k
+    WHERE j.id = k.id
     RETURNING j.id, j.flow, j.status, j.run_id
 ), run_progress AS (
     -- A job that dies here ends, like one that dies at ack: its run may be finished now (the
@@ -537,6 +555,23 @@ WHERE state NOT IN ('stopped', 'lost')
 
 -- name: health_ping
 SELECT 1;
+
+-- name: stalled_listeners
+-- Idle console backends blocked sending to their client (a console that stopped reading: Ctrl-Z,
+-- SIGSTOP, a hung UI loop). A LISTENing backend in ClientWrite cannot advance its NOTIFY queue
+-- position, which pins pg_notification_queue_usage() for every channel until the queue is full and
+-- every NOTIFY (enqueue, rescue, ticks) fails. (pid, backend_start) names a backend across pid reuse.
+SELECT pid, backend_start FROM pg_stat_activity
+WHERE application_name = %(application_name)s AND state = 'idle' AND wait_event = 'ClientWrite';
+
+-- name: stalled_listeners_terminate
+-- Only backends still blocked as they were seen on the previous pass. The console reconnects by
+-- itself when it reads again and re-reads what it missed from the tables.
+SELECT count(*) FILTER (WHERE pg_terminate_backend(a.pid))
+FROM pg_stat_activity a
+JOIN unnest(%(pids)s::int[], %(starts)s::timestamptz[]) AS t(pid, started)
+  ON a.pid = t.pid AND a.backend_start = t.started
+WHERE a.state = 'idle' AND a.wait_event = 'ClientWrite';
 
 -- ---------------------------------------------------------------------------------------------
 -- The engine: worker loop, telemetry, supervisor

@@ -8,6 +8,7 @@ prove concurrency from execution records: jobs of one process whose spans overla
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import os
 import sys
 import threading
@@ -186,6 +187,13 @@ def bad(payload: dict[str, Any]) -> Any:
                 except JobTimeout:
                     pass
             return {"stuck": True}
+        # Deaths from C, which no Python guard can turn into an exception: the worker process dies.
+        if kind == "segfault":
+            ctypes.string_at(0)
+        if kind == "abort":
+            os.abort()
+        if kind == "c_exit":
+            ctypes.CDLL(None)._exit(7)
         if kind == "password":
             raise RuntimeError("cannot connect to postgresql://u:hunter2@db.internal/x")
         return {"n": payload["n"]}
@@ -196,3 +204,10 @@ def bad(payload: dict[str, Any]) -> Any:
 async def async_bad(payload: dict[str, Any]) -> Any:
     await asyncio.sleep(0)
     return bad(payload)
+
+
+def marked(payload: dict[str, Any]) -> dict[str, Any]:
+    """Returns the payload's `mark` in its result (a proxy can spot the ack that carries it)."""
+    start = time.time()
+    _timed(payload, start, time.time())
+    return {"n": payload["n"], "mark": payload.get("mark")}
