@@ -201,8 +201,12 @@ def require_schema(conn: psycopg.Connection) -> None:
     versions = {version for version, _, _ in applied}
     if not KNOWN_MIGRATIONS <= versions:
         version = max(versions, default=0)
+        missing = sorted(KNOWN_MIGRATIONS - versions)
+        # Migrations may land out of order (gaps are allowed): name the ones missing below the top.
+        gap = ("" if version < REQUIRED_SCHEMA_VERSION else
+               f" (migration{'s' if len(missing) > 1 else ''} {', '.join(f'{m:04d}' for m in missing)} not applied)")
         raise SchemaOutdated(
-            f"database schema is at version {version}, this skiplock needs {REQUIRED_SCHEMA_VERSION}: "
+            f"database schema is at version {version}{gap}, this skiplock needs {REQUIRED_SCHEMA_VERSION}: "
             "run `engine migrate`"
         )
     code = _release(CODE_VERSION)
