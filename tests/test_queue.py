@@ -875,9 +875,9 @@ def test_health_check_healthy(queue: Queue, conn: psycopg.Connection) -> None:
 
 
 def test_health_check_degraded(queue: Queue, conn: psycopg.Connection) -> None:
-    register_worker(conn, "w1")
     register_worker(conn, "w2")
-    make_stale(conn, "w2")
+    make_stale(conn, "w2")  # may wait for the server to be up 2 x STALE: w1 registers after it, fresh
+    register_worker(conn, "w1")
     report = queue.health_check(stale_after=STALE)
     assert report["status"] == "degraded"
     assert report["workers"] == {"live": 1, "stale": 1, "lost": 0}  # each worker counted once
