@@ -867,7 +867,7 @@ def test_health_check_healthy(queue: Queue, conn: psycopg.Connection) -> None:
     assert database["status"] == "healthy" and database["connection"] is True
     assert isinstance(database["response_time_ms"], float) and database["response_time_ms"] >= 0
     assert report["schema"] == {"version": REQUIRED_SCHEMA_VERSION, "required": REQUIRED_SCHEMA_VERSION}
-    assert report["workers"] == {"live": 1, "stale": 0}
+    assert report["workers"] == {"live": 1, "stale": 0, "lost": 0}
     assert report["queue_status"] == {"pending_records": 3, "processing_records": 0, "failed_records": 0,
                                       "completed_records": 0, "cancelled_records": 0, "total_records": 3}
     assert set(report["instance_info"]) == {"instance_id", "hostname"}
@@ -875,12 +875,12 @@ def test_health_check_healthy(queue: Queue, conn: psycopg.Connection) -> None:
 
 
 def test_health_check_degraded(queue: Queue, conn: psycopg.Connection) -> None:
-    register_worker(conn, "w1")
     register_worker(conn, "w2")
-    make_stale(conn, "w2")
+    make_stale(conn, "w2")  # may wait for the server to be up 2 x STALE: w1 registers after it, fresh
+    register_worker(conn, "w1")
     report = queue.health_check(stale_after=STALE)
     assert report["status"] == "degraded"
-    assert report["workers"] == {"live": 1, "stale": 1}  # each worker counted once
+    assert report["workers"] == {"live": 1, "stale": 1, "lost": 0}  # each worker counted once
     assert any("stale" in reason for reason in report["reasons"])
     assert queue.health_check(stale_after=7200)["status"] == "healthy"
     slow = queue.health_check(stale_after=7200, slow_ms=-1)
