@@ -75,7 +75,7 @@ def test_scale_drain_and_stop_from_the_engines_view(dsn, start_engine, tmp_path)
         assert rows(dsn, "SELECT count(*) FROM skiplock.engine_commands") == [(1,)]
         await wait_until(pilot, lambda: str(table.get_row(a)[4]) == "3")
         app.last_action = None
-        await pilot.press("w")
+        await pilot.press("n")
         assert isinstance(app.screen, PromptScreen)
         await pilot.press("1", "enter")
         assert isinstance(app.screen, ConfirmScreen)
@@ -104,7 +104,7 @@ def test_read_only_offers_no_engine_action(dsn):
         await wait_until(pilot, lambda: screen.query_one("#engines", DataTable).row_count == 1)
         shown = {b.binding.action for b in app.active_bindings.values()}
         assert not shown & {"scale_by", "scale_to", "drain_engine", "stop_engine"}
-        await pilot.press("plus", "minus", "w", "r", "x")
+        await pilot.press("plus", "minus", "n", "r", "x")
         assert app.screen is screen
         assert dict(app.help_sections())["Engines"] == []
 

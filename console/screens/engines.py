@@ -28,7 +28,7 @@ class EnginesScreen(ConsoleScreen):
     BINDINGS = [
         Binding("plus", "scale_by(1)", "Worker +1", id="skiplock.engines.scale_up"),
         Binding("minus", "scale_by(-1)", "Worker -1", id="skiplock.engines.scale_down"),
-        Binding("w", "scale_to", "Scale to…", id="skiplock.engines.scale"),
+        Binding("n", "scale_to", "Scale to…", id="skiplock.engines.scale"),
         Binding("r", "drain_engine", "Drain", id="skiplock.engines.drain"),
         Binding("x", "stop_engine", "Stop", id="skiplock.engines.stop"),
     ]
