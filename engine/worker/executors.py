@@ -26,7 +26,8 @@ import psycopg
 from psycopg import pq
 
 from engine.handlers import FlowRuntime, JobContext, JobTimeout
-from engine.store import Failure, ack_batch, new_ack_id, release_batch
+from engine.stages import HANDOFF_TYPES, split
+from engine.store import Children, Failure, ack_batch, new_ack_id, release_batch
 from engine.sources import SourceRegistry
 from engine.telemetry import FailureSample
 from engine.worker.context import AsyncPg, BatchTransaction, PerJobPg, make_context, swallowed_error
@@ -62,7 +63,7 @@ class InlineBatch:
     """The batch the main thread runs now: shared with the monitor thread and the SIGALRM handler."""
 
     __slots__ = ("flow", "rows", "token", "tx", "index", "end", "started", "hard_stop", "timed_out",
-                 "ctx", "done_ids", "results", "failures", "whole")
+                 "ctx", "done_ids", "results", "failures", "whole", "children")
 
     def __init__(self, flow: FlowRuntime, rows: Any, token: int, tx: BatchTransaction | None,
                  whole: bool = False) -> None:
@@ -80,6 +81,7 @@ class InlineBatch:
         self.results: list[str | None] | None = None
         self.failures: list[Failure] = []
         self.whole = whole  # a batch handler: the batch is one call, nothing to release beside it
+        self.children = Children()  # Next(...) jobs of this batch's parents, inserted by its ack
 
 
 class InlineExecutor:
@@ -149,6 +151,9 @@ class InlineExecutor:
         lock = w.inline_lock
         done_ids = batch.done_ids
         failures = batch.failures
+        children = batch.children
+        flow_next = flow.config.next
+        known = w.known_flow
         results: list[str | None] | None = None
         samples: list[FailureSample] = []
         stopped_at: int | None = None
@@ -180,6 +185,8 @@ class InlineExecutor:
                         w.exit_child()
                     if timeout is not None and batch.timed_out:
                         raise timeout_error(timeout)  # it caught its JobTimeout and went on: it fails all the same
+                    if result is not None and (result.__class__ in HANDOFF_TYPES or flow_next is not None):
+                        result = split(result, row[0], flow_next, known, children)
                     if result is not None:
                         text = encode_result(result)
                         if results is None:
@@ -203,12 +210,14 @@ class InlineExecutor:
             with lock:
                 w.inline = None
                 unstarted = [r[0] for r in rows[stopped_at:batch.end]] if stopped_at is not None else []
+            kids = children or None
             if tx is not None:
-                ack = tx.ack(token, done_ids, results, failures)
+                ack = tx.ack(token, done_ids, results, failures, kids)
             else:
                 ack_id = new_ack_id()  # once, outside the retries: a retry reads the first outcome
                 ack = w.with_db("ack", lambda conn: ack_batch(conn, w.id, token, done_ids, results, failures,
-                                                              flow.config.max_attempts, ack_id=ack_id))
+                                                              flow.config.max_attempts, ack_id=ack_id,
+                                                              children=kids))
         finally:
             w.inline = None
             if tx is not None:
@@ -244,6 +253,8 @@ class BatchExecutor(InlineExecutor):
         done_ids: list[int] = []
         results: list[str | None] = []
         failures: list[Failure] = []
+        children = batch.children
+        flow_next = flow.config.next
         started = time.monotonic()
         w.inline = batch
         outcomes: Any = None
@@ -291,6 +302,8 @@ class BatchExecutor(InlineExecutor):
                     failures.append(failure(flow, row, item))
                     continue
                 try:
+                    if item is not None and (item.__class__ in HANDOFF_TYPES or flow_next is not None):
+                        item = split(item, row[0], flow_next, w.known_flow, children)
                     text = encode_result(item) if item is not None else None
                 except Exception as exc:
                     failures.append(failure(flow, row, exc))
@@ -300,12 +313,14 @@ class BatchExecutor(InlineExecutor):
             w.inline = None
             run_s = time.monotonic() - started
             stored = results if any(r is not None for r in results) else None
+            kids = children or None
             if tx is not None:
-                ack = tx.ack(token, done_ids, stored, failures)
+                ack = tx.ack(token, done_ids, stored, failures, kids)
             else:
                 ack_id = new_ack_id()  # once, outside the retries: a retry reads the first outcome
                 ack = w.with_db("ack", lambda conn: ack_batch(conn, w.id, token, done_ids, stored, failures,
-                                                              flow.config.max_attempts, ack_id=ack_id))
+                                                              flow.config.max_attempts, ack_id=ack_id,
+                                                              children=kids))
         finally:
             w.inline = None
             if tx is not None:
@@ -369,17 +384,19 @@ def _hard_stop(worker: Any, batch: InlineBatch) -> None:
         done = list(batch.done_ids)
         results = list(batch.results) if batch.results is not None else None
         failures = list(batch.failures)
+        children = batch.children or None
     timeout = timeout_error(flow.config.timeout)
     if batch.tx is not None:  # the finished jobs' writes sit in the batch's open transaction: they run again
         rest += done + [f.job_id for f in failures]
-        done, results, failures = [], None, []
+        done, results, failures, children = [], None, [], None
     failures += [failure(flow, row, timeout) for row in stuck]
     worker.log.error("handler ignored its timeout; acking what finished and replacing this worker",
                      extra={"flow": flow.name, "job": stuck[0][0]})
     try:
         ack_id = new_ack_id()
         ack = worker.with_db("ack", lambda conn: ack_batch(conn, worker.id, batch.token, done, results, failures,
-                                                           flow.config.max_attempts, ack_id=ack_id), quick=True)
+                                                           flow.config.max_attempts, ack_id=ack_id,
+                                                           children=children), quick=True)
         if rest:
             worker.with_db("release", lambda conn: release_batch(conn, worker.id, batch.token, rest), quick=True)
         worker.telemetry.record_batch(flow.name, ack.completed, len(failures), ack.dead_ids, 0.0, 0.0, [])
@@ -471,12 +488,16 @@ class _ConcurrentBase:
         flow = self.flow
         completer = self.worker.completer
         if exc is None:
+            kids = None
             try:
+                if result is not None and (result.__class__ in HANDOFF_TYPES or flow.config.next is not None):
+                    kids = Children()
+                    result = split(result, row[0], flow.config.next, self.worker.known_flow, kids)
                 text = encode_result(result) if result is not None else None
             except Exception as bad:
                 exc = bad
             else:
-                completer.done(flow, token, row, text, run_s * 1000.0, trial)
+                completer.done(flow, token, row, text, run_s * 1000.0, trial, kids or None)
                 return
         completer.failed(flow, token, row, failure(flow, row, exc), run_s * 1000.0, trial)
 
@@ -592,8 +613,11 @@ class ThreadExecutor(_ConcurrentBase):
                     ctx._enqueue = lambda flow_name, payload, **options: w.queue_on(conn).enqueue(
                         flow_name, payload, **options)
                 slot.ctx = ctx
+                kids = Children()
                 try:
                     result = flow.handler(row[1], ctx) if ctx is not None else flow.handler(row[1])
+                    if result is not None and (result.__class__ in HANDOFF_TYPES or flow.config.next is not None):
+                        result = split(result, row[0], flow.config.next, w.known_flow, kids)
                     text = encode_result(result) if result is not None else None
                 except BaseException as error:
                     exc = error
@@ -607,7 +631,7 @@ class ThreadExecutor(_ConcurrentBase):
                 if not mine or exc is not None:
                     raise psycopg.Rollback()
                 ack = ack_batch(conn, w.id, token, [row[0]], [text] if text is not None else None, [],
-                                flow.config.max_attempts)
+                                flow.config.max_attempts, children=kids or None)
                 if ack.refused:
                     raise psycopg.Rollback()  # rescued from us: its writes must not land
                 tx.__exit__(None, None, None)
