@@ -720,9 +720,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stop after this long, e.g. 30 or 2m (default: until Ctrl-C)")
     p.add_argument("--no-console", action="store_true",
                    help="print the status every 5 s instead of opening the console (also when stdout is not a terminal)")
-    p.add_argument("--example", choices=["survey"],
+    p.add_argument("--example", choices=["survey", "pipeline"],
                    help="run an example flow end to end instead of the demo load (survey: a SQLite "
-                        "source read over ODBC, scores written to Postgres; see engine/examples/survey)")
+                        "source read over ODBC, scores written to Postgres; see engine/examples/survey; "
+                        "pipeline: seed 004's documents as stages parse -> chunk -> embed, see "
+                        "engine/examples/pipeline)")
     p.set_defaults(func=cmd_dev)
 
     p = sub.add_parser("run", parents=[common], help="run the worker pool (see exit codes below)",

@@ -458,3 +458,27 @@ def test_cli_runs_seal_show_status_and_jobs_show(dsn):
     assert f"  job {child_id}  chunk  pending" in parent.stdout, parent.stdout
     child = _cli(dsn, "jobs", "show", str(child_id))
     assert f"parent: job {jobs[0].id}" in child.stdout
+
+
+# ---------------------------------------------------------------------------------------------
+# The example: seed 004's document pipeline
+
+
+def test_engine_dev_runs_the_pipeline_example(dsn, tmp_path):
+    env = {**os.environ, "SKIPLOCK_DSN": dsn}
+    env.pop("SKIPLOCK_ENV", None)
+    env.pop("SKIPLOCK_CONFIG", None)
+    result = subprocess.run([sys.executable, "-m", "engine.cli", "dev", "--example", "pipeline", "--workers", "2",
+                             "--data-dir", str(tmp_path / "data"), "--seconds", "90", "--no-console"],
+                            capture_output=True, text=True, env=env, timeout=150)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    out = result.stdout
+    assert "pipeline parse" in out and "-> chunk" in out and "-> embed" in out, out
+    run_id = out.split("as run ")[1].split()[0]
+    info = rows(dsn, "SELECT finished_at IS NOT NULL, total, completed, dead FROM skiplock.runs WHERE id = %s",
+                (run_id,))
+    [(finished, total, completed, dead)] = info
+    assert finished and dead == 1 and completed == total - 1
+    chunks = scalar(dsn, "SELECT count(*) FROM skiplock.jobs_done WHERE flow = 'embed' AND run_id = %s", (run_id,))
+    assert scalar(dsn, "SELECT count(*) FROM pipeline_embeddings") == chunks > 300
+    assert scalar(dsn, "SELECT count(*) FROM skiplock.jobs WHERE status = 'dead' AND flow = 'parse'") == 1
