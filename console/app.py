@@ -14,7 +14,7 @@ handlers below, and the app posts the answer back to the screen that asked. Scre
 `LiveState`, the clock, the theme. The header is `console.status.header_text()`, a pure function.
 
 Screens are modes, each one key away: overview (1/o), failures (2/f), dead letters (3/d), jobs (4/b),
-schedules (6/s); the job
+schedules (6/s), pipelines (8/l); the job
 detail is pushed on top (Enter, or j and an id). `/` filters, `?` lists every key, ctrl+p opens the
 command palette, z freezes the display, ctrl+r refreshes now. Every binding has an id, so a keymap
 file can rebind it. In read-only mode (`--read-only` or `[console] read_only = true`) the actions that
@@ -50,6 +50,7 @@ from console.messages import (ActionDone, ActionFinished, CancelJobs, ClearFailu
                               PurgeCancelled, PurgeJobs, PurgeMatching, RetryJobs, RetryMatching, SchedulesFailed,
                               SchedulesLoaded, SetFlowPaused, SetSchedulePaused, ShowDeadLetters, SnapshotFailed,
                               SnapshotLoaded, TriggerSchedule, UseFilter)
+from console.messages import LoadPipelines, PipelinesFailed, PipelinesLoaded
 from console.screens.base import BaseScreen, ConsoleScreen
 from console.screens.dead_letters import DeadLettersScreen
 from console.screens.failures import FailuresScreen
@@ -57,6 +58,7 @@ from console.screens.job import JobScreen
 from console.screens.jobs import JobsScreen
 from console.screens.modals import HelpScreen, PromptScreen
 from console.screens.overview import OverviewScreen
+from console.screens.pipelines import PipelinesScreen
 from console.screens.schedules import SchedulesScreen
 from console.state import WINDOWS, FailureRow, LiveState
 from console.status import Attachment, Colours, header_text, health
@@ -80,7 +82,7 @@ class ConsoleApp(App[None]):
     CSS_PATH = "console.tcss"
     TITLE = "skiplock console"
     MODES = {"overview": OverviewScreen, "failures": FailuresScreen, "dead": DeadLettersScreen, "jobs": JobsScreen,
-             "schedules": SchedulesScreen}
+             "schedules": SchedulesScreen, "pipelines": PipelinesScreen}
     DEFAULT_MODE = "overview"
     BINDINGS = [
         Binding("1,o", "show('overview')", "Overview", id="skiplock.overview"),
@@ -88,6 +90,7 @@ class ConsoleApp(App[None]):
         Binding("3,d", "show('dead')", "Dead letters", id="skiplock.dead_letters"),
         Binding("4,b", "show('jobs')", "Jobs", id="skiplock.jobs"),
         Binding("6,s", "show('schedules')", "Schedules", id="skiplock.schedules"),
+        Binding("8,l", "show('pipelines')", "Pipelines", id="skiplock.pipelines"),
         Binding("j", "open_job", "Job…", show=False, id="skiplock.job"),
         Binding("question_mark", "help", "Help", id="skiplock.help"),
         Binding("z", "freeze", "Freeze", id="skiplock.freeze"),
@@ -394,6 +397,8 @@ class ConsoleApp(App[None]):
         yield SystemCommand("Failures", "Live feed of failed attempts (2)", lambda: self.action_show("failures"))
         yield SystemCommand("Dead letters", "Inspect, retry, purge (3)", lambda: self.action_show("dead"))
         yield SystemCommand("Schedules", "Next fire, last job, pause, trigger (6)", lambda: self.action_show("schedules"))
+        yield SystemCommand("Pipelines", "Stages top to bottom: pending, dead, done/s (8)",
+                            lambda: self.action_show("pipelines"))
         yield SystemCommand("Open job", "Job detail by id (j)", self.action_open_job)
         yield SystemCommand("Refresh now", "Read the tables again (ctrl+r)", self.action_refresh)
         yield SystemCommand("Freeze display" if not self.frozen else "Unfreeze display", "z", self.action_freeze)
@@ -454,10 +459,11 @@ class ConsoleApp(App[None]):
     def _read_job(self, message: LoadJob) -> None:
         try:
             job = self.data.job(message.job_id)
+            children = self.data.job_children(message.job_id) if job is not None else []
         except (psycopg.Error, OSError) as exc:
             self.call_from_thread(self.notify, f"job {message.job_id}: {describe_error(exc)}", severity="error")
             return
-        _answer(message, JobLoaded(message.job_id, job))
+        _answer(message, JobLoaded(message.job_id, job, children))
 
     @on(LoadSchedules)
     def _on_load_schedules(self, message: LoadSchedules) -> None:
@@ -469,6 +475,19 @@ class ConsoleApp(App[None]):
             answer: SchedulesLoaded | SchedulesFailed = SchedulesLoaded(self.data.schedules())
         except (psycopg.Error, OSError) as exc:
             answer = SchedulesFailed(describe_error(exc))
+        if not get_current_worker().is_cancelled:
+            _answer(intent, answer)
+
+    @on(LoadPipelines)
+    def _on_load_pipelines(self, message: LoadPipelines) -> None:
+        self._read_pipelines(message)
+
+    @work(thread=True, exclusive=True, group="pipelines", exit_on_error=False)
+    def _read_pipelines(self, intent: LoadPipelines) -> None:
+        try:
+            answer: PipelinesLoaded | PipelinesFailed = PipelinesLoaded(self.data.pipelines())
+        except (psycopg.Error, OSError) as exc:
+            answer = PipelinesFailed(describe_error(exc))
         if not get_current_worker().is_cancelled:
             _answer(intent, answer)
 
@@ -607,7 +626,7 @@ def all_bindings() -> list[tuple[str, str, str]]:
     """(id, keys, description) of every binding, for --list-bindings."""
     found = []
     for owner in (ConsoleApp, ConsoleScreen, OverviewScreen, FailuresScreen, DeadLettersScreen, SchedulesScreen,
-                  JobScreen):
+                  JobScreen, PipelinesScreen):
         for binding in owner.BINDINGS:
             if isinstance(binding, Binding) and binding.id:
                 found.append((binding.id, binding.key, binding.description))

@@ -26,7 +26,9 @@ import orjson
 import psycopg
 
 from engine import db, store
+from engine.pipelines import Pipeline
 from engine.queue import CancelReport, DeadLetter, DeadLetterFilter, Job, JobFilter, JobSummary, Queue, Schedule
+from engine.store import ChildJob
 
 APPLICATION_NAME: Final = "skiplock-console"
 COUNT_CAP: Final = 5_000  # exact counts up to this many rows per flow and state, then an estimate
@@ -351,6 +353,12 @@ class DataSource:
             return SchedulePage(Queue(conn=conn, check_schema=False).schedules(), now.timestamp())
 
         return self._reading(read)
+
+    def pipelines(self) -> list[Pipeline]:
+        return self._reading(lambda conn: Queue(conn=conn, check_schema=False).pipelines())
+
+    def job_children(self, job_id: int, limit: int = 50) -> list[ChildJob]:
+        return self._reading(lambda conn: Queue(conn=conn, check_schema=False).job_children(job_id, limit))
 
     # -- operator actions: every one returns the ids it changed -------------------------------------
 
