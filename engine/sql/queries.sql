@@ -181,6 +181,9 @@ RETURNING j.id, j.payload, j.attempts, coalesce(j.max_attempts, %(max_attempts)s
 -- the receipt while this one ran: the caller reads it with ack_receipt_get.
 -- The join on unnest() lets the planner probe the primary key once per acked id. (`id = ANY($1)`
 -- was measured 25% slower here: as a filter on a generic plan its array is searched linearly.)
+-- Stages: the child_* arrays are the Next(...) jobs of the acked parents (engine/stages.py); only
+-- those of parents `done` took are inserted (skiplock.insert_children, migration 0008), into the
+-- parent's run, whose total grows here. A run finishes only once sealed.
 WITH ts AS MATERIALIZED (
     SELECT clock_timestamp() AS now
 ), prior AS (
