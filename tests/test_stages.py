@@ -234,14 +234,14 @@ backoff = { base = "0.05s", cap = "0.2s" }
 
 
 def test_three_stage_pipeline_under_kill_9(dsn, start_engine, tmp_path):
-    """parse (inline) -> chunk (threads, fan-out 2) -> embed (asyncio), workers killed -9 every ~1.5 s:
+    """parse (inline) -> chunk (threads, fan-out 2) -> embed (asyncio), workers killed -9 every 0.7 s:
     every item's final stage completes exactly once, every chain parse -> chunk -> embed is whole,
     and no stage job exists twice."""
     record = tmp_path / "record"
     register_flows(dsn, "parse", "chunk", "embed")
     Queue(dsn).enqueue_many("parse", [{"item": i} for i in range(ITEMS)], run_id="docs")
     engine = start_engine(dsn, _config(PIPELINE), "--workers", "3",
-                          env={"SKIPLOCK_TEST_RECORD": str(record), "SKIPLOCK_TEST_STAGE_SLEEP": "0.0005"})
+                          env={"SKIPLOCK_TEST_RECORD": str(record), "SKIPLOCK_TEST_STAGE_SLEEP": "0.001"})
     kills = 0
     deadline = time.monotonic() + 240
     rng = random.Random(15)
@@ -249,9 +249,9 @@ def test_three_stage_pipeline_under_kill_9(dsn, start_engine, tmp_path):
         done = scalar(dsn, "SELECT finished_at IS NOT NULL FROM skiplock.runs WHERE id = 'docs'")
         if done:
             break
-        time.sleep(1.5)
+        time.sleep(0.7)
         pids = _worker_pids(dsn)
-        if pids and kills < 20:
+        if pids and kills < 40:
             try:
                 os.kill(rng.choice(pids), signal.SIGKILL)
                 kills += 1
