@@ -465,13 +465,14 @@ class Queue:
         options = EnqueueOptions(priority, _delay_from(delay, run_at), max_attempts, run_id).validated()
         text = encode_payload(payload, "payload")
         _validate_key(dedupe_key, "dedupe key")
+        sealed = _seal_flag(seal, options.run_id)
         with self.connection() as conn, conn.transaction():
             _require_known_flow(conn, flow, allow_unknown_flow)
             job_id = store.enqueue_one(conn, flow, text, priority=options.priority, delay=options.delay,
                                        max_attempts=options.max_attempts, run_id=options.run_id,
                                        dedupe_key=dedupe_key)
             if options.run_id is not None:
-                _grow_run(conn, options.run_id, flow, 0 if job_id is None else 1, _seal_flag(seal, options.run_id))
+                _grow_run(conn, options.run_id, flow, 0 if job_id is None else 1, sealed)
         return job_id
 
     def enqueue_many(
