@@ -14,7 +14,7 @@ handlers below, and the app posts the answer back to the screen that asked. Scre
 `LiveState`, the clock, the theme. The header is `console.status.header_text()`, a pure function.
 
 Screens are modes, each one key away: overview (1/o), failures (2/f), dead letters (3/d), jobs (4/b),
-running (5/w), schedules (6/s), engines (7/g); the job
+running (5/w), schedules (6/s), engines (7/g), pipelines (8/l); the job
 detail is pushed on top (Enter, or j and an id). `/` filters, `?` lists every key, ctrl+p opens the
 command palette, z freezes the display, ctrl+r refreshes now. Every binding has an id, so a keymap
 file can rebind it. In read-only mode (`--read-only` or `[console] read_only = true`) the actions that
@@ -51,6 +51,7 @@ from console.messages import (ActionDone, ActionFinished, CancelJobs, ClearFailu
                               SnapshotLoaded, TriggerSchedule, UseFilter)
 from console.messages import CancelRunning, LoadRunning, RunningFailed, RunningLoaded
 from console.messages import EngineCommand, EnginesFailed, EnginesLoaded, LoadEngines
+from console.messages import LoadPipelines, PipelinesFailed, PipelinesLoaded
 from console.screens.base import BaseScreen, ConsoleScreen
 from console.screens.dead_letters import DeadLettersScreen
 from console.screens.engines import EnginesScreen
@@ -60,6 +61,7 @@ from console.screens.jobs import JobsScreen
 from console.screens.modals import HelpScreen, PromptScreen
 from console.screens.overview import OverviewScreen
 from console.screens.running import RunningScreen
+from console.screens.pipelines import PipelinesScreen
 from console.screens.schedules import SchedulesScreen
 from console.state import WINDOWS, FailureRow, LiveState
 from console.status import Attachment, Colours, header_text, health
@@ -88,7 +90,8 @@ class ConsoleApp(App[None]):
     CSS_PATH = "console.tcss"
     TITLE = "skiplock console"
     MODES = {"overview": OverviewScreen, "failures": FailuresScreen, "dead": DeadLettersScreen, "jobs": JobsScreen,
-             "schedules": SchedulesScreen, "running": RunningScreen, "engines": EnginesScreen}
+             "schedules": SchedulesScreen, "running": RunningScreen, "engines": EnginesScreen,
+             "pipelines": PipelinesScreen}
     DEFAULT_MODE = "overview"
     BINDINGS = [
         Binding("1,o", "show('overview')", "Overview", id="skiplock.overview"),
@@ -98,6 +101,7 @@ class ConsoleApp(App[None]):
         Binding("5,w", "show('running')", "Running", id="skiplock.running"),
         Binding("6,s", "show('schedules')", "Schedules", id="skiplock.schedules"),
         Binding("7,g", "show('engines')", "Engines", id="skiplock.engines"),
+        Binding("8,l", "show('pipelines')", "Pipelines", id="skiplock.pipelines"),
         Binding("j", "open_job", "Job…", show=False, id="skiplock.job"),
         Binding("question_mark", "help", "Help", id="skiplock.help"),
         Binding("z", "freeze", "Freeze", id="skiplock.freeze"),
@@ -415,6 +419,8 @@ class ConsoleApp(App[None]):
         yield SystemCommand("Running", "Jobs running now, progress, cancel (5)", lambda: self.action_show("running"))
         yield SystemCommand("Schedules", "Next fire, last job, pause, trigger (6)", lambda: self.action_show("schedules"))
         yield SystemCommand("Engines", "The fleet: scale, drain, stop (7)", lambda: self.action_show("engines"))
+        yield SystemCommand("Pipelines", "Stages top to bottom: pending, dead, done/s (8)",
+                            lambda: self.action_show("pipelines"))
         yield SystemCommand("Open job", "Job detail by id (j)", self.action_open_job)
         yield SystemCommand("Refresh now", "Read the tables again (ctrl+r)", self.action_refresh)
         yield SystemCommand("Freeze display" if not self.frozen else "Unfreeze display", "z", self.action_freeze)
@@ -475,10 +481,11 @@ class ConsoleApp(App[None]):
     def _read_job(self, message: LoadJob) -> None:
         try:
             job = self.data.job(message.job_id)
+            children = self.data.job_children(message.job_id) if job is not None else []
         except (psycopg.Error, OSError) as exc:
             self.call_from_thread(self.notify, f"job {message.job_id}: {describe_error(exc)}", severity="error")
             return
-        _answer(message, JobLoaded(message.job_id, job))
+        _answer(message, JobLoaded(message.job_id, job, children))
 
     @on(LoadSchedules)
     def _on_load_schedules(self, message: LoadSchedules) -> None:
@@ -490,6 +497,19 @@ class ConsoleApp(App[None]):
             answer: SchedulesLoaded | SchedulesFailed = SchedulesLoaded(self.data.schedules())
         except (psycopg.Error, OSError) as exc:
             answer = SchedulesFailed(describe_error(exc))
+        if not get_current_worker().is_cancelled:
+            _answer(intent, answer)
+
+    @on(LoadPipelines)
+    def _on_load_pipelines(self, message: LoadPipelines) -> None:
+        self._read_pipelines(message)
+
+    @work(thread=True, exclusive=True, group="pipelines", exit_on_error=False)
+    def _read_pipelines(self, intent: LoadPipelines) -> None:
+        try:
+            answer: PipelinesLoaded | PipelinesFailed = PipelinesLoaded(self.data.pipelines())
+        except (psycopg.Error, OSError) as exc:
+            answer = PipelinesFailed(describe_error(exc))
         if not get_current_worker().is_cancelled:
             _answer(intent, answer)
 
@@ -682,7 +702,7 @@ def all_bindings() -> list[tuple[str, str, str]]:
     """(id, keys, description) of every binding, for --list-bindings."""
     found = []
     for owner in (ConsoleApp, ConsoleScreen, OverviewScreen, FailuresScreen, DeadLettersScreen, SchedulesScreen,
-                  RunningScreen, EnginesScreen, JobScreen):
+                  RunningScreen, EnginesScreen, JobScreen, PipelinesScreen):
         for binding in owner.BINDINGS:
             if isinstance(binding, Binding) and binding.id:
                 found.append((binding.id, binding.key, binding.description))

@@ -26,9 +26,11 @@ import orjson
 import psycopg
 
 from engine import db, store
+from engine.pipelines import Pipeline
 from engine.queue import (CancelReport, DeadLetter, DeadLetterFilter, Job, JobFilter, JobSummary, Queue, RunningJob,
                           Schedule)
 from engine.health import Facts, Thresholds, read_facts
+from engine.store import ChildJob
 from engine.telemetry import CONSOLE_APPLICATION_NAME
 
 APPLICATION_NAME: Final = CONSOLE_APPLICATION_NAME
@@ -383,6 +385,12 @@ class DataSource:
             return RunningPage(Queue(conn=conn, check_schema=False).running(limit), now.timestamp(), limit)
 
         return self._reading(read)
+
+    def pipelines(self) -> list[Pipeline]:
+        return self._reading(lambda conn: Queue(conn=conn, check_schema=False).pipelines())
+
+    def job_children(self, job_id: int, limit: int = 50) -> list[ChildJob]:
+        return self._reading(lambda conn: Queue(conn=conn, check_schema=False).job_children(job_id, limit))
 
     # -- operator actions: every one returns the ids it changed -------------------------------------
 

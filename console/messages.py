@@ -20,7 +20,9 @@ from textual.message_pump import MessagePump
 
 from console.data import DeadLetterPage, EnginePage, JobsPage, RunningPage, SchedulePage, Snapshot
 from console.filters import Filter
+from engine.pipelines import Pipeline
 from engine.queue import DeadLetterFilter, Job, JobFilter
+from engine.store import ChildJob
 
 # -- from the feed and the snapshot reader ---------------------------------------------------------
 
@@ -171,6 +173,11 @@ class LoadSchedules(Intent):
 
 
 @dataclass
+class LoadPipelines(Intent):
+    """Read every pipeline's stages and counts; answered with PipelinesLoaded or PipelinesFailed."""
+
+
+@dataclass
 class SetSchedulePaused(Intent):
     name: str
     paused: bool
@@ -276,9 +283,20 @@ class EnginesFailed(Result):
 
 
 @dataclass
+class PipelinesLoaded(Result):
+    pipelines: list[Pipeline]
+
+
+@dataclass
+class PipelinesFailed(Result):
+    error: str
+
+
+@dataclass
 class JobLoaded(Result):
     job_id: int
     job: Job | None
+    children: list[ChildJob] = field(default_factory=list)  # the jobs its ack created (Next)
 
 
 @dataclass

@@ -138,6 +138,8 @@ def _payload_chunks(args: argparse.Namespace) -> Iterator[tuple[list[Any], list[
 
 def cmd_enqueue(args: argparse.Namespace) -> int:
     _check_range("--max-attempts", args.max_attempts, 1, INT4_MAX)
+    if args.no_seal and args.run is None:
+        raise ValidationError("--no-seal applies to a run: give --run RUN too")
     chunks = _payload_chunks(args)
     first = next(chunks)  # bad input is reported before connecting
     settings = _settings(args)
@@ -150,6 +152,7 @@ def cmd_enqueue(args: argparse.Namespace) -> int:
                 args.flow, payloads, priority=args.priority, delay=args.delay, run_id=args.run,
                 max_attempts=args.max_attempts, item_names=names,
                 dedupe_keys=[args.dedupe_key] if args.dedupe_key is not None else None,
+                seal=False if args.no_seal else None,
                 # A flow the config declares is the engines' own: known even before one has started.
                 allow_unknown_flow=args.allow_unknown_flow or args.flow in settings.flows,
             )
@@ -170,6 +173,52 @@ def cmd_status(args: argparse.Namespace) -> int:
     with _queue(args) as queue:
         print_status(queue, flow=args.flow, as_json=args.json)
     return EXIT_OK
+
+
+# -- runs and pipelines (issue 15) ----------------------------------------------------------------
+
+
+def cmd_runs_show(args: argparse.Namespace) -> int:
+    with _queue(args) as queue:
+        info, stages = queue.run(args.run)
+    if args.json:
+        print_json({"run": info.__dict__, "stages": [s.__dict__ for s in stages]})
+        return EXIT_OK
+    state = ("finished " + _age(info.finished_at)) if info.finished_at else ("open" if info.sealed else "open, not sealed")
+    print(f"run {info.id}  flow {info.flow}  {state}"
+          + (f"  reopened {info.reopened}x" if info.reopened else ""))
+    print(f"jobs {info.total}: {info.completed} completed, {info.dead} dead, {info.cancelled} cancelled"
+          + (f"; hook fired {_age(info.hook_fired_at)}" if info.hook_fired_at else ""))
+    print_table(("stage", "pending", "running", "dead", "completed", "cancelled"),
+                [(s.flow, s.pending, s.running, s.dead, s.completed, s.cancelled) for s in stages])
+    return EXIT_OK
+
+
+def cmd_runs_seal(args: argparse.Namespace) -> int:
+    with _queue(args) as queue:
+        sealed = queue.seal_run(args.run)
+    if sealed.was_sealed:
+        print(f"run {sealed.id} was already sealed")
+    elif sealed.finished:
+        print(f"sealed run {sealed.id}: all {sealed.total} job(s) had ended, so it finished now")
+    else:
+        print(f"sealed run {sealed.id}: it finishes after its last job "
+              f"({sealed.completed + sealed.dead} of {sealed.total} ended)")
+    return EXIT_OK
+
+
+def _add_runs_parser(sub: Any, common: argparse.ArgumentParser) -> None:
+    runs = sub.add_parser("runs", help="runs: show one's progress per stage, seal one a producer grew in chunks")
+    rsub = runs.add_subparsers(dest="runs_command", required=True, metavar="COMMAND")
+    p = rsub.add_parser("show", parents=[common], help="a run's state and its jobs per stage (pipeline order)")
+    p.add_argument("run")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_runs_show)
+    p = rsub.add_parser("seal", parents=[common],
+                        help="the run's producer is done adding (after `enqueue --run R --no-seal`): it "
+                             "finishes after its last job, or now if all have ended")
+    p.add_argument("run")
+    p.set_defaults(func=cmd_runs_seal)
 
 
 def cmd_health(args: argparse.Namespace) -> int:
@@ -345,6 +394,9 @@ def _where(items: list[str] | None) -> dict[str, object] | None:
     return found
 
 
+CHILDREN_SHOWN = 100  # `jobs show`: the first children of a fan-out
+
+
 def _age(moment: Any) -> str:
     if moment is None:
         return ""
@@ -375,10 +427,11 @@ def cmd_jobs_list(args: argparse.Namespace) -> int:
 def cmd_jobs_show(args: argparse.Namespace) -> int:
     with _queue(args) as queue:
         job = queue.job(args.id)
+        children = queue.job_children(args.id, CHILDREN_SHOWN) if job is not None else []
     if job is None:
         raise CliError(f"job {args.id} not found")
     if args.json:
-        print_json(job.to_dict())
+        print_json({**job.to_dict(), "children": [c.__dict__ for c in children]})
         return EXIT_OK
     _print_job(job)
     print(f"created {_age(job.created_at)}")
@@ -396,6 +449,12 @@ def cmd_jobs_show(args: argparse.Namespace) -> int:
     if job.status == "completed":
         print("result:")
         print(orjson.dumps(job.result, option=orjson.OPT_INDENT_2).decode())
+    if job.parent_id is not None:
+        print(f"parent: job {job.parent_id}")
+    if children:
+        print(f"children ({len(children)}{'+' if len(children) >= CHILDREN_SHOWN else ''}):")
+        for child in children:
+            print(f"  job {child.id}  {child.flow}  {child.status}")
     return EXIT_OK
 
 
@@ -639,9 +698,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-attempts", type=int, default=None, help="default: the flow's policy")
     p.add_argument("--allow-unknown-flow", action="store_true",
                    help="enqueue even though no engine has registered the flow yet (else refused)")
+    p.add_argument("--no-seal", action="store_true",
+                   help="with --run: more chunks follow, so the run may not finish yet; seal it with "
+                        "`engine runs seal RUN` after the last one")
     p.set_defaults(func=cmd_enqueue)
 
-    p = sub.add_parser("status", parents=[common], help="queue counts by flow")
+    p = sub.add_parser("status", parents=[common], help="queue counts by flow, and each pipeline's stages")
     p.add_argument("--flow")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_status)
@@ -730,6 +792,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_jobs_show)
     _add_schedule_parser(sub, common)
+    _add_runs_parser(sub, common)
 
     p = sub.add_parser("dev", parents=[common], help="embedded PostgreSQL, migrate, demo load: a first try")
     p.add_argument("--data-dir", type=Path, help=f"cluster directory (default {default_data_dir()})")
@@ -740,9 +803,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stop after this long, e.g. 30 or 2m (default: until Ctrl-C)")
     p.add_argument("--no-console", action="store_true",
                    help="print the status every 5 s instead of opening the console (also when stdout is not a terminal)")
-    p.add_argument("--example", choices=["survey"],
+    p.add_argument("--example", choices=["survey", "pipeline"],
                    help="run an example flow end to end instead of the demo load (survey: a SQLite "
-                        "source read over ODBC, scores written to Postgres; see engine/examples/survey)")
+                        "source read over ODBC, scores written to Postgres; see engine/examples/survey; "
+                        "pipeline: seed 004's documents as stages parse -> chunk -> embed, see "
+                        "engine/examples/pipeline)")
     p.set_defaults(func=cmd_dev)
 
     p = sub.add_parser("run", parents=[common], help="run the worker pool (see exit codes below)",

@@ -229,6 +229,13 @@ def _source_names(value: object, where: _Where) -> tuple[str, ...]:
     return tuple(_string_list(value, where))  # that they are declared is checked once all are known
 
 
+def _flow_name(value: object, where: _Where) -> str:
+    text = _text(value, where)
+    if not _NAME_RE.fullmatch(text):
+        raise ConfigError(f"{where} must be a flow name (1-63 letters, digits, '_', '.', '-'), got {_show(value)}")
+    return text
+
+
 _POSITIVE_DURATION: Final = _duration(positive=True)
 _DURATION: Final = _duration(positive=False)
 
@@ -322,6 +329,10 @@ class FlowConfig:
                        recorded=True)
     cancel_grace: float = _key(_DURATION, "after a running job's cancel request, how long the worker waits for "
                                "its handler before it stops waiting and ends the job cancelled", 10.0)
+    next: str | None = _key(_optional(_flow_name), "the next stage: a dict result becomes one job of that flow, "
+                            "inserted by the ack (engine/stages.py); false: none", None, recorded=True)
+    on_complete_repeat: bool = _key(_bool, "a run reopened by a retry or a late enqueue fires on_complete again "
+                                    "when it finishes again (default: once per run)", False, recorded=True)
 
 
 @dataclass(frozen=True)

@@ -127,7 +127,7 @@ def run_dev(options: DevOptions, open_console: ConsoleOpener | None = None) -> i
     if options.example:  # `engine dev --example survey`: an example flow instead of the demo
         import importlib
 
-        return int(importlib.import_module(f"engine.examples.{options.example}.dev").run_example(options))
+        return int(importlib.import_module(f"engine.examples.{options.example}.dev").run_example(options, open_console))
     settings = load_settings(options.config, env=options.env, dsn=options.dsn, builtin_flows=True)
     server, dsn = database_for(settings.dsn, options.data_dir or default_data_dir())
     try:

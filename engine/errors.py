@@ -41,6 +41,14 @@ class JobNotFound(ValidationError):
         self.job_id = job_id
 
 
+class RunNotFound(ValidationError):
+    """No run has this id (never enqueued, or purged after it finished)."""
+
+    def __init__(self, run_id: str) -> None:
+        super().__init__(f"run {run_id!r} not found")
+        self.run_id = run_id
+
+
 class JobFailed(SkiplockError):
     """Raised by `Queue.wait`: the job ended without a result. Base of JobDead and JobCancelled."""
 

@@ -26,13 +26,14 @@ import orjson
 import psycopg
 from psycopg_pool import ConnectionPool
 
-from engine import __version__, db, store
+from engine import __version__, db, pipelines, store
 from engine.redact import describe_error
 from engine.errors import (
     DatabaseUnavailable,
     JobCancelled,
     JobDead,
     JobNotFound,
+    RunNotFound,
     UnknownFlow,
     ValidationError,
     WaitTimeout,
@@ -172,6 +173,23 @@ def _require_known_flow(conn: psycopg.Connection[Any], flow: str, allow_unknown_
         + (f" (did you mean {close[0]!r}?)" if close else "")
         + f"; known flows: {shown or 'none yet'}. To enqueue for engines not deployed yet, pass "
           "allow_unknown_flow=True (engine enqueue --allow-unknown-flow)")
+
+
+def _seal_flag(seal: object, run_id: str | None) -> bool | None:
+    if seal is None:
+        return None
+    if not isinstance(seal, bool):
+        raise ValidationError(f"seal {seal!r} must be true, false or None")
+    if run_id is None:
+        raise ValidationError("seal applies to a run: give run_id too")
+    return seal
+
+
+def _grow_run(conn: psycopg.Connection[Any], run_id: str, flow: str, inserted: int, sealed: bool | None) -> None:
+    if inserted:
+        store.run_add_jobs(conn, run_id, flow, inserted, sealed)
+    elif sealed:  # nothing new (duplicates, or an empty last chunk): the seal still counts
+        store.run_seal(conn, run_id)
 
 
 def _cancel_states(status: str | Sequence[str] | None) -> set[str]:
@@ -426,20 +444,23 @@ class Queue:
         run_id: str | None = None,
         dedupe_key: str | None = None,
         allow_unknown_flow: bool = False,
+        seal: bool | None = None,
     ) -> int | None:
         """Enqueue one job; returns its id, or None when an unfinished job has the same dedupe key.
-        A flow no engine has registered is refused (UnknownFlow) unless `allow_unknown_flow`."""
+        A flow no engine has registered is refused (UnknownFlow) unless `allow_unknown_flow`.
+        `seal`: as enqueue_many's."""
         validate_flow(flow)
         options = EnqueueOptions(priority, _delay_from(delay, run_at), max_attempts, run_id).validated()
         text = encode_payload(payload, "payload")
         _validate_key(dedupe_key, "dedupe key")
+        sealed = _seal_flag(seal, options.run_id)
         with self.connection() as conn, conn.transaction():
             _require_known_flow(conn, flow, allow_unknown_flow)
             job_id = store.enqueue_one(conn, flow, text, priority=options.priority, delay=options.delay,
                                        max_attempts=options.max_attempts, run_id=options.run_id,
                                        dedupe_key=dedupe_key)
-            if job_id is not None and options.run_id is not None:
-                store.run_add_jobs(conn, options.run_id, flow, 1)
+            if options.run_id is not None:
+                _grow_run(conn, options.run_id, flow, 0 if job_id is None else 1, sealed)
         return job_id
 
     def enqueue_many(
@@ -456,6 +477,7 @@ class Queue:
         item_names: Sequence[str] | None = None,
         allow_unknown_flow: bool = False,
         batch_key: str | None = None,
+        seal: bool | None = None,
     ) -> EnqueueResult:
         """Enqueue many jobs of one flow in one transaction (COPY; unnest when dedupe keys are given).
 
@@ -469,6 +491,11 @@ class Queue:
         batch that had committed inserts nothing and returns the first outcome with
         `replayed=True`. When retries run out it raises DatabaseUnavailable naming the key: call
         again with that `batch_key` (within a day, ENQUEUE_RECEIPT_RETENTION) to retry safely.
+
+        With `run_id`: `seal=False` says more chunks of the run follow, so it cannot finish (and fire
+        its hook) before the last one: pass `seal=True` with the last chunk, or call seal_run(run_id).
+        Default (None): a new run is sealed; an existing run keeps its state. Jobs added to a run
+        that had finished reopen it (README: "Runs").
         """
         validate_flow(flow)
         options = EnqueueOptions(priority, _delay_from(delay, run_at), max_attempts, run_id).validated()
@@ -481,7 +508,8 @@ class Queue:
             for index, key in enumerate(dedupe_keys):
                 _validate_key(key, f"{item_names[index] if item_names else f'item {index}'}: dedupe key")
         key = _validate_key(batch_key, "batch key") or uuid.uuid4().hex
-        if not texts:
+        sealed = _seal_flag(seal, options.run_id)
+        if not texts and not (options.run_id is not None and sealed is not None):
             return EnqueueResult(0, 0, key)
 
         def attempt() -> EnqueueResult:
@@ -501,13 +529,57 @@ class Queue:
                     inserted = store.enqueue_copy(conn, flow, texts, priority=options.priority,
                                                   delay=options.delay, max_attempts=options.max_attempts,
                                                   run_id=options.run_id)
-                if options.run_id is not None and inserted:
-                    store.run_add_jobs(conn, options.run_id, flow, inserted)
+                if options.run_id is not None:
+                    _grow_run(conn, options.run_id, flow, inserted, sealed)
                 store.enqueue_receipt_record(conn, key, inserted, len(texts) - inserted)
             return EnqueueResult(inserted, len(texts) - inserted, key)
 
         return _retry_safe(f"enqueue of batch {key!r} ({len(texts)} jobs of {flow})", attempt, self._retry_for,
                            lambda: self._reached)
+
+    # -- runs and pipelines (issue 15) -----------------------------------------------------------
+
+    def seal_run(self, run_id: str) -> store.RunSealed:
+        """The run's producer has added its last chunk (enqueue_many(..., seal=False) before): the run
+        finishes once its jobs have all ended, or now if they have (its hook then fires from the
+        next rescue pass of an engine serving its flow). Sealing a sealed run changes nothing
+        (`was_sealed`). RunNotFound for an unknown run."""
+        _validate_key(run_id, "run id")
+        with self.connection() as conn, conn.transaction():
+            sealed = store.run_seal(conn, run_id)
+        if sealed is None:
+            raise RunNotFound(run_id)
+        return sealed
+
+    def run(self, run_id: str) -> tuple[store.RunInfo, list[store.RunStage]]:
+        """A run and its jobs per stage (flow), in pipeline order where its flows are linked."""
+        _validate_key(run_id, "run id")
+        with self.connection() as conn, conn.transaction():
+            info = store.run_get(conn, run_id)
+            if info is None:
+                raise RunNotFound(run_id)
+            stages = store.run_stages(conn, run_id)
+            links = store.pipeline_links(conn)
+        rank = {flow: i for i, flow in enumerate(f for chain in pipelines.chains(links) for f in chain)}
+        stages.sort(key=lambda s: (rank.get(s.flow, len(rank)), s.flow))
+        return info, stages
+
+    def pipelines(self) -> list[pipelines.Pipeline]:
+        """Each pipeline (flows linked by `next` or by parent -> child jobs) as its stages in order, with
+        pending, scheduled, running, dead and done per second per stage."""
+        with self.connection() as conn:
+            links = store.pipeline_links(conn)
+            if not links:
+                return []
+            live = {c.flow: c for c in store.status_live(conn, None)}
+            rates = store.flow_rates(conn)
+        return pipelines.build(links, live, rates)
+
+    def job_children(self, job_id: int, limit: int = 100) -> list[store.ChildJob]:
+        """The jobs `job_id`'s ack created (Next), any state, by id."""
+        _validate_id(job_id, "job id")
+        with self.connection() as conn:
+            return store.job_children(conn, job_id, limit)
 
     # -- hot path, for callers that run their own worker loop -------------------------------------
 
@@ -529,16 +601,19 @@ class Queue:
         max_attempts: int = DEFAULT_MAX_ATTEMPTS,
         *,
         ack_id: int | None = None,
+        children: store.Children | None = None,
     ) -> AckResult:
         """Acknowledge a claimed batch. Retried by itself on transient errors under one ack id
         (default: a new one per call; store.ack_batch), so a retry of an ack that had committed
-        returns the first outcome rather than reporting the jobs refused."""
+        returns the first outcome rather than reporting the jobs refused. `children`: Next(...) jobs
+        of the acked parents (engine.stages.split builds them), inserted by the same statement."""
         texts = None if results is None else [None if r is None else orjson.dumps(r).decode() for r in results]
         key = ack_id if ack_id is not None else store.new_ack_id()
 
         def attempt() -> AckResult:
             with self.connection() as conn:
-                return ack_batch(conn, worker_id, token, done_ids, texts, failures, max_attempts, ack_id=key)
+                return ack_batch(conn, worker_id, token, done_ids, texts, failures, max_attempts, ack_id=key,
+                                 children=children)
 
         return _retry_safe(f"ack {key}", attempt, self._retry_for,
                            lambda: self._reached)

@@ -9,6 +9,7 @@ from typing import Any, TextIO
 
 import orjson
 
+from engine.pipelines import Pipeline
 from engine.queue import Queue
 
 
@@ -27,8 +28,9 @@ def print_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], out: Text
 def print_status(queue: Queue, *, flow: str | None = None, as_json: bool = False, out: TextIO | None = None) -> None:
     """Counts by flow (one flow with `flow`) and a TOTAL row, or the whole status as JSON."""
     status = queue.get_queue_status(flow)
+    lines = [] if flow is not None else queue.pipelines()
     if as_json:
-        print_json(status, out)
+        print_json({**status, "pipelines": [p.to_dict() for p in lines]} if lines else status, out)
         return
     rows = [(name, c["pending"] - c["scheduled"], c["scheduled"], c["processing"], c["completed"], c["failed"],
              c["cancelled"], "yes" if c["paused"] else "")
@@ -38,6 +40,17 @@ def print_status(queue: Queue, *, flow: str | None = None, as_json: bool = False
                  status["cancelled_records"], ""))
     # "claimed", not "running": a worker claims a batch, so most of its claimed jobs wait their turn in it.
     print_table(("flow", "pending", "scheduled", "claimed", "completed", "dead", "cancelled", "paused"), rows, out)
+    for pipeline in lines:
+        print_pipeline(pipeline, out)
+
+
+def print_pipeline(pipeline: Pipeline, out: TextIO | None = None) -> None:
+    """One pipeline: its stages top to bottom, each with its counts and completions per second."""
+    stream = out or sys.stdout
+    stream.write(f"\npipeline {pipeline.name}\n")
+    rows = [(("  " if i else "") + ("-> " if i else "") + s.flow, s.pending, s.scheduled, s.running, s.dead,
+             f"{s.done_per_s:.1f}") for i, s in enumerate(pipeline.stages)]
+    print_table(("stage", "pending", "scheduled", "claimed", "dead", "done/s"), rows, stream)
 
 
 def clip(text: str | None, width: int) -> str:

@@ -12,6 +12,7 @@ field names are the statements' column aliases.
 from __future__ import annotations
 
 import secrets
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -60,6 +61,50 @@ class AckResult:
     dead_ids: list[int]
     finished_runs: list[str]
     refused: int
+    children: int = 0  # Next(...) jobs the ack inserted (engine/stages.py)
+
+
+class Children:
+    """The Next(...) children of an ack's parents, as the parallel arrays ack_batch sends: one entry
+    per child, validated by the worker (engine/stages.py). The ack inserts only the children of
+    parents it completed."""
+
+    __slots__ = ("parents", "flows", "payloads", "priorities", "delays", "max_attempts", "dedupe_keys")
+
+    def __init__(self) -> None:
+        self.parents: list[int] = []
+        self.flows: list[str] = []
+        self.payloads: list[str] = []  # JSON texts
+        self.priorities: list[int] = []
+        self.delays: list[float] = []
+        self.max_attempts: list[int | None] = []
+        self.dedupe_keys: list[str | None] = []
+
+    def add(self, parent: int, flow: str, payload: str, priority: int, delay: float, max_attempts: int | None,
+            dedupe_key: str | None) -> None:
+        self.parents.append(parent)
+        self.flows.append(flow)
+        self.payloads.append(payload)
+        self.priorities.append(priority)
+        self.delays.append(float(delay))
+        self.max_attempts.append(max_attempts)
+        self.dedupe_keys.append(dedupe_key)
+
+    def extend(self, other: "Children") -> None:
+        for name in self.__slots__:
+            getattr(self, name).extend(getattr(other, name))
+
+    def __len__(self) -> int:
+        return len(self.parents)
+
+    def params(self) -> dict[str, Any]:
+        return {"child_parents": self.parents, "child_flows": self.flows, "child_payloads": self.payloads,
+                "child_priorities": self.priorities, "child_delays": self.delays,
+                "child_max_attempts": self.max_attempts, "child_dedupe_keys": self.dedupe_keys}
+
+
+# The plain ack's children arrays: empty, built once.
+NO_CHILDREN: Final[Mapping[str, Any]] = Children().params()
 
 
 @dataclass(frozen=True)
@@ -119,6 +164,7 @@ class Job:
     progress: float | None = None
     progress_message: str | None = None
     progress_at: datetime | None = None
+    parent_id: int | None = None  # the job whose ack created this one (Next)
 
     def to_dict(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in self.__dataclass_fields__}
@@ -277,8 +323,10 @@ def _scalar(conn: Conn, sql: str, params: Mapping[str, Any] | None = None) -> An
 # Migrations and schema
 
 
-def migrations_lock(conn: Conn) -> None:
-    conn.execute(Q.migrations_lock)
+def migrations_lock(conn: Conn, poll: float = 0.05) -> None:
+    """Take the migration lock, polling outside any transaction (see queries.sql)."""
+    while not _scalar(conn, Q.migrations_lock):
+        time.sleep(poll)
 
 
 def migrations_unlock(conn: Conn) -> None:
@@ -385,8 +433,10 @@ def enqueue_receipt_get(conn: Conn, batch_key: str) -> EnqueueReceipt | None:
     return rows[0] if rows else None
 
 
-def run_add_jobs(conn: Conn, run_id: str, flow: str, count: int) -> None:
-    conn.execute(Q.run_add_jobs, {"run_id": run_id, "flow": flow, "count": count})
+def run_add_jobs(conn: Conn, run_id: str, flow: str, count: int, sealed: bool | None = None) -> None:
+    """`count` > 0 jobs join the run. `sealed`: False while more chunks follow, True for the last,
+    None: a new run is sealed, an existing one keeps its state."""
+    conn.execute(Q.run_add_jobs, {"run_id": run_id, "flow": flow, "count": count, "sealed": sealed})
 
 
 def notify_enqueued(conn: Conn) -> None:
@@ -425,9 +475,13 @@ def ack_batch(
     max_attempts: int = DEFAULT_MAX_ATTEMPTS,
     *,
     ack_id: int | None = None,
+    children: Children | None = None,
 ) -> AckResult:
     """Acknowledge a claimed batch in one statement. `results` are JSON texts parallel to done_ids;
-    `max_attempts` is the flow's policy, for jobs enqueued without their own.
+    `max_attempts` is the flow's policy, for jobs enqueued without their own. `children`: Next(...)
+    jobs to insert in the same statement, for those of their parents this ack completes (a parent
+    refused by the fence, or already acked by a try whose reply was lost, gets none); they inherit
+    the parent's run, whose total grows in the same statement.
 
     `ack_id` (new_ack_id(), chosen once per ack, before the first try) makes retries recoverable:
     the outcome is recorded with the ack, and a retry with the same id and the same arguments,
@@ -451,16 +505,17 @@ def ack_batch(
         "tracebacks": [f.traceback for f in failures],
         "delays": [float(f.delay) for f in failures],  # psycopg refuses lists mixing int and float
     }
+    params.update(children.params() if children else NO_CHILDREN)
     row = conn.execute(Q.ack_batch, params).fetchone()
     assert row is not None
     if not row[4]:  # a concurrent try with this ack id committed first: its outcome is the ack's
         assert ack_id is not None
         recorded = conn.execute(Q.ack_receipt_get, {"ack_id": ack_id}).fetchone()
         assert recorded is not None
-        row = recorded
+        row = recorded[:4] + (True, recorded[4])
     completed, retried, dead_ids, finished_runs = int(row[0]), int(row[1]), list(row[2]), list(row[3])
     refused = len(done_ids) + len(failures) - completed - retried - len(dead_ids)
-    return AckResult(completed, retried, dead_ids, finished_runs, refused)
+    return AckResult(completed, retried, dead_ids, finished_runs, refused, int(row[5]))
 
 
 def ack_receipt_get(conn: Conn, ack_id: int, acked: int) -> AckResult | None:
@@ -469,7 +524,8 @@ def ack_receipt_get(conn: Conn, ack_id: int, acked: int) -> AckResult | None:
     if row is None:
         return None
     completed, retried, dead_ids, finished_runs = int(row[0]), int(row[1]), list(row[2]), list(row[3])
-    return AckResult(completed, retried, dead_ids, finished_runs, acked - completed - retried - len(dead_ids))
+    return AckResult(completed, retried, dead_ids, finished_runs, acked - completed - retried - len(dead_ids),
+                     int(row[4]))
 
 
 def release_batch(conn: Conn, worker_id: str, token: int, ids: Sequence[int]) -> int:
@@ -1056,6 +1112,8 @@ def privileges_missing(conn: Conn, role: str, relation: str | None = None) -> li
 def privileges_ungranted_tables(conn: Conn) -> list[str]:
     """Tables of the skiplock schema on which no skiplock role holds any privilege."""
     return [row[0] for row in conn.execute(Q.privileges_ungranted_tables)]
+
+
 # The control plane (engine/control.py): engine rows and operators' commands
 
 
@@ -1169,3 +1227,75 @@ _LISTEN: Final = {"skiplock_enqueued": "listen_enqueued", "skiplock_control": "l
 def listen(conn: Conn, channel: str) -> None:
     """LISTEN on one of the engine's channels (engine.db.listen checks the connection first)."""
     conn.execute(getattr(Q, _LISTEN[channel]))
+
+
+# Stages, runs and pipelines (issue 15)
+
+
+@dataclass(frozen=True)
+class ChildJob:
+    id: int
+    flow: str
+    status: str
+
+
+@dataclass(frozen=True)
+class RunSealed:
+    id: str
+    was_sealed: bool
+    finished: bool
+    total: int
+    completed: int
+    dead: int
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    id: str
+    flow: str
+    total: int
+    completed: int
+    dead: int
+    cancelled: int
+    sealed: bool
+    reopened: int
+    created_at: datetime
+    finished_at: datetime | None
+    hook_fired_at: datetime | None
+
+
+@dataclass(frozen=True)
+class RunStage:
+    flow: str
+    pending: int
+    running: int
+    dead: int
+    completed: int
+    cancelled: int
+
+
+def job_children(conn: Conn, job_id: int, limit: int) -> list[ChildJob]:
+    return _rows(conn, ChildJob, Q.job_children, {"id": job_id, "limit": limit})
+
+
+def run_seal(conn: Conn, run_id: str) -> RunSealed | None:
+    """Seal the run (its producer added the last chunk); None for an unknown run."""
+    rows = _rows(conn, RunSealed, Q.run_seal, {"run_id": run_id})
+    return rows[0] if rows else None
+
+
+def run_get(conn: Conn, run_id: str) -> RunInfo | None:
+    rows = _rows(conn, RunInfo, Q.run_get, {"run_id": run_id})
+    return rows[0] if rows else None
+
+
+def run_stages(conn: Conn, run_id: str) -> list[RunStage]:
+    return _rows(conn, RunStage, Q.run_stages, {"run_id": run_id})
+
+
+def pipeline_links(conn: Conn) -> list[tuple[str, str]]:
+    return [(str(a), str(b)) for a, b in conn.execute(Q.pipeline_links).fetchall()]
+
+
+def flow_rates(conn: Conn) -> dict[str, float]:
+    return {str(flow): float(rate) for flow, rate in conn.execute(Q.flow_rates).fetchall()}

@@ -40,6 +40,8 @@ from engine.config import FlowConfig, Settings, load_settings
 from engine.handlers import FlowRuntime, JobContext, load_flow
 from engine.queue import ClaimedJob, Failure, Queue
 from engine.sources import SourceRegistry
+from engine.stages import HANDOFF_TYPES, split
+from engine.store import Children
 from engine.worker.outcome import encode_result, failure
 
 __all__ = ["Enqueued", "JobOutcome", "TestContext", "make_context", "run_pending"]  # and the job_context fixture
@@ -159,6 +161,7 @@ def _run_claimed(flow: FlowRuntime, queue: Queue, worker_id: str, token: int, jo
     results: list[Any] = []
     failures: list[Failure] = []
     snoozed: list[tuple[int, float]] = []
+    children = Children()
     ran: list[tuple[ClaimedJob, Any, BaseException | None, list[tuple[float, str | None]]]] = []
     for job in jobs:
         reports: list[tuple[float, str | None]] = []
@@ -166,7 +169,7 @@ def _run_claimed(flow: FlowRuntime, queue: Queue, worker_id: str, token: int, jo
         if ctx is not None:
             ctx._token = token
             ctx._report = _progress_writer(queue, worker_id, reports)
-        ok, result, error = run_job(flow, job, ctx)
+        ok, result, error = run_job(flow, job, ctx, lambda name: _known(queue, name), children)
         if ok:
             done.append(job.id)
             results.append(result)
@@ -176,7 +179,8 @@ def _run_claimed(flow: FlowRuntime, queue: Queue, worker_id: str, token: int, jo
             assert error is not None
             failures.append(failure_of(flow, job, error))
         ran.append((job, result, error, reports))
-    ack = queue.ack(worker_id, token, done, results, failures, flow.config.max_attempts)
+    ack = queue.ack(worker_id, token, done, results, failures, flow.config.max_attempts,
+                    children=children or None)
     if snoozed:
         with queue.connection() as conn:  # the worker's statement (engine/worker/control.py)
             store.snooze_jobs(conn, worker_id, token, [i for i, _ in snoozed], [d for _, d in snoozed])
@@ -206,12 +210,29 @@ def _job_context(flow: FlowRuntime, job: ClaimedJob, worker_id: str, queue: Queu
 # The worker's outcome rules (engine/worker/outcome.py): the same encoding of results and failures.
 
 
-def run_job(flow: FlowRuntime, job: ClaimedJob, ctx: JobContext | None) -> tuple[bool, Any, BaseException | None]:
+def _known(queue: Queue, name: str) -> bool:
+    from engine.errors import UnknownFlow
+    from engine.queue import _require_known_flow
+
+    try:
+        with queue.connection() as conn:
+            _require_known_flow(conn, name, False)
+    except UnknownFlow:
+        return False
+    return True
+
+
+def run_job(flow: FlowRuntime, job: ClaimedJob, ctx: JobContext | None, known: Callable[[str], bool] | None = None,
+            children: Children | None = None) -> tuple[bool, Any, BaseException | None]:
     """Call the handler as the worker does: (ok, result, error). ctx.pg commits when the handler returns
     and rolls back when it raises; a failed statement the handler swallowed fails the job; a result the
-    worker could not store (not JSON, or holding NUL) fails it too."""
+    worker could not store (not JSON, or holding NUL) fails it too. A returned Next(...) (engine.stages)
+    is validated as the worker does and added to `children`; the outcome's result is what is stored."""
     try:
         result = flow.handler(job.payload) if ctx is None else flow.handler(job.payload, ctx)
+        if result is not None and (result.__class__ in HANDOFF_TYPES or flow.config.next is not None):
+            result = split(result, job.id, flow.config.next, known or (lambda name: True),
+                           children if children is not None else Children())
         if result is not None:  # the outcome shows what the worker would store
             result = orjson.loads(encode_result(result))
     except Exception as exc:

@@ -59,3 +59,7 @@ GRANT UPDATE, DELETE ON skiplock.engine_commands TO skiplock_engine;
 GRANT INSERT, UPDATE ON skiplock.engine_commands TO skiplock_operator;
 -- Metrics (0010): the lease of the engine that reads the fleet-wide gauges.
 GRANT SELECT, INSERT, UPDATE, DELETE ON skiplock.metrics_leader TO skiplock_engine;
+-- Stages (0008): the parent -> child flow links the children insert records, read by the pipeline
+-- views; an operator's enqueue or retry inserts no children.
+GRANT SELECT ON skiplock.flow_links TO skiplock_engine, skiplock_operator, skiplock_viewer;
+GRANT INSERT, UPDATE ON skiplock.flow_links TO skiplock_engine;

@@ -743,13 +743,17 @@ def test_run_finishes_exactly_once_including_dead_jobs(queue: Queue, conn: psyco
     assert conn.execute("SELECT total, completed, dead, finished_at IS NOT NULL FROM skiplock.runs").fetchall() == [
         (3, 2, 1, True)]
     finished_at = one(conn, "SELECT finished_at FROM skiplock.runs WHERE id = 'r'")
-    # the operator retries the dead job; its success does not finish the run a second time
+    assert store.run_claim_hook(conn, "r", "first") is not None
+    # the operator retries the dead job: the run reopens (issue 15), and finishes again after it;
+    # its hook fired once already, and its flow does not ask for a repeat (on_complete_repeat)
     assert queue.retry_dead(queue_module.DeadLetterFilter(ids=[by_i[1]])) == [by_i[1]]
-    assert one(conn, "SELECT dead FROM skiplock.runs WHERE id = 'r'") == 0
+    assert conn.execute("SELECT dead, finished_at, reopened FROM skiplock.runs WHERE id = 'r'").fetchall() == [
+        (0, None, 1)]
     token, jobs = queue.claim("f", "w", 10)
-    assert queue.ack("w", token, [j.id for j in jobs]).finished_runs == []
-    assert conn.execute("SELECT total, completed, dead, finished_at FROM skiplock.runs").fetchall() == [
-        (3, 3, 0, finished_at)]
+    assert queue.ack("w", token, [j.id for j in jobs]).finished_runs == ["r"]
+    assert conn.execute("SELECT total, completed, dead, finished_at > %s FROM skiplock.runs", (finished_at,)).fetchall() == [
+        (3, 3, 0, True)]
+    assert store.run_claim_hook(conn, "r", "second") is None
 
 
 def test_run_whose_last_job_dies_finishes(queue: Queue, conn: psycopg.Connection) -> None:

@@ -22,6 +22,7 @@ from console.screens.modals import ConfirmScreen
 from console.widgets.header import StatusHeader
 from console.widgets.keybar import KeyBar
 from engine.queue import Job
+from engine.store import ChildJob
 
 OPERATOR_RETRY = "retried"
 
@@ -120,6 +121,7 @@ class JobScreen(BaseScreen):
         super().__init__()
         self.job_id = job_id
         self.job: Job | None = None
+        self.child_jobs: list[ChildJob] = []
         self.missing = False
 
     def compose(self) -> ComposeResult:
@@ -140,6 +142,7 @@ class JobScreen(BaseScreen):
 
     def on_job_loaded(self, message: JobLoaded) -> None:
         if message.job_id == self.job_id:
+            self.child_jobs = message.children
             self.job_loaded(message.job)
 
     def on_action_done(self, message: ActionDone) -> None:
@@ -167,6 +170,8 @@ class JobScreen(BaseScreen):
         head.append(f"  ·  attempt {job.attempts} of {job.max_attempts}")
         if job.run_id:
             head.append(f"  ·  run {job.run_id}")
+        if job.parent_id is not None:
+            head.append(f"  ·  parent job {job.parent_id}")
         if job.error_type:
             head.append(f"  ·  last error {job.error_type}: {fmt.clip(job.error_message, 60)}")
         if job.status == "running" and job.cancel_requested_at is not None:
@@ -197,7 +202,16 @@ class JobScreen(BaseScreen):
             result_body: Any = JSON(orjson.dumps(job.result).decode()) if job.result is not None else Text("null")
         else:
             result_body = Text(f"none yet ({job.status})", style="dim")
-        self.query_one("#job-result", Static).update(Group(result, result_body))
+        parts: list[Any] = [result, result_body]
+        children = self.child_jobs
+        if children:
+            kids = Text(f"\nNext stage: {len(children)} job(s)\n", style="bold underline")
+            for child in children[:20]:
+                kids.append(f"job {child.id}  {child.flow}  {child.status}\n")
+            if len(children) > 20:
+                kids.append(f"… and {len(children) - 20} more (engine jobs show {job.id})\n", style="dim")
+            parts.append(kids)
+        self.query_one("#job-result", Static).update(Group(*parts))
 
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
         allowed = super().check_action(action, parameters)

@@ -29,8 +29,11 @@ CREATE TABLE IF NOT EXISTS skiplock.schema_migrations (
 ALTER TABLE skiplock.schema_migrations ADD COLUMN IF NOT EXISTS min_code_version text;
 
 -- name: migrations_lock
--- Session-level: held across the per-file transactions, so two engines cannot race.
-SELECT pg_advisory_lock(hashtext('skiplock.migrate'));
+-- Session-level: held across the per-file transactions, so two engines cannot race. Tried, not
+-- waited for (the caller polls): a session blocked in pg_advisory_lock holds a snapshot, and the
+-- holder's CREATE INDEX CONCURRENTLY (a no-transaction migration) waits for every older snapshot,
+-- which would deadlock the two.
+SELECT pg_try_advisory_lock(hashtext('skiplock.migrate'));
 
 -- name: migrations_unlock
 SELECT pg_advisory_unlock(hashtext('skiplock.migrate'));
@@ -106,8 +109,37 @@ WHERE batch_key = %(batch_key)s;
 SELECT flow, inserted, skipped FROM skiplock.enqueue_receipts WHERE batch_key = %(batch_key)s;
 
 -- name: run_add_jobs
-INSERT INTO skiplock.runs (id, flow, total) VALUES (%(run_id)s, %(flow)s, %(count)s)
-ON CONFLICT (id) DO UPDATE SET total = skiplock.runs.total + EXCLUDED.total;
+-- `sealed`: false while the producer has more chunks to add (the run cannot finish before the
+-- chunk that seals it, or Queue.seal_run); NULL: a new run is sealed, an existing one keeps its
+-- state (a handler adding a discovered job must not seal a producer's run). Jobs added to a run that had finished reopen it: it
+-- finishes again after them, and its hook fires again only if its flow says so
+-- (on_complete_repeat).
+INSERT INTO skiplock.runs AS r (id, flow, total, sealed)
+VALUES (%(run_id)s, %(flow)s, %(count)s, coalesce(%(sealed)s::boolean, true))
+ON CONFLICT (id) DO UPDATE
+SET total = r.total + EXCLUDED.total, sealed = coalesce(%(sealed)s::boolean, r.sealed), finished_at = NULL,
+    reopened = r.reopened + (r.finished_at IS NOT NULL)::int,
+    hook_fired_at = CASE WHEN r.finished_at IS NOT NULL AND skiplock.run_hook_repeats(r.flow) THEN NULL
+                         ELSE r.hook_fired_at END,
+    hook_claimed_by = CASE WHEN r.finished_at IS NOT NULL AND skiplock.run_hook_repeats(r.flow) THEN NULL
+                           ELSE r.hook_claimed_by END;
+
+-- name: run_seal
+-- The producer has added its last chunk. A run whose jobs have all ended finishes here; sealed_at =
+-- finished_at tells the rescue pass that no ack will claim its hook (runs_claim_orphaned_hooks).
+-- Returns nothing for an unknown run.
+WITH r0 AS (
+    SELECT id, sealed, clock_timestamp() AS now FROM skiplock.runs WHERE id = %(run_id)s FOR UPDATE
+), sealed AS (
+    UPDATE skiplock.runs r
+    SET sealed = true,
+        sealed_at = CASE WHEN NOT r0.sealed THEN r0.now ELSE r.sealed_at END,
+        finished_at = CASE WHEN r.finished_at IS NULL AND NOT r0.sealed AND r.completed + r.dead >= r.total
+                           THEN r0.now ELSE r.finished_at END
+    FROM r0 WHERE r.id = r0.id
+    RETURNING r.id, r0.sealed AS was_sealed, r.finished_at IS NOT NULL AS finished, r.total, r.completed, r.dead
+)
+SELECT id, was_sealed, finished, total, completed, dead FROM sealed;
 
 -- name: claim_batch
 -- One flow at a time, priority (higher first) then FIFO by run_at. The paused/circuit check is not
@@ -154,24 +186,51 @@ RETURNING j.id, j.payload, j.attempts, coalesce(j.max_attempts, %(max_attempts)s
 -- the receipt while this one ran: the caller reads it with ack_receipt_get.
 -- The join on unnest() lets the planner probe the primary key once per acked id. (`id = ANY($1)`
 -- was measured 25% slower here: as a filter on a generic plan its array is searched linearly.)
+-- Stages: the child_* arrays are the Next(...) jobs of the acked parents (engine/stages.py); only
+-- those of parents `done` took are inserted (skiplock.insert_children, migration 0008), into the
+-- parent's run, whose total grows here. A run finishes only once sealed.
 WITH ts AS MATERIALIZED (
     SELECT clock_timestamp() AS now
 ), prior AS (
-    SELECT completed, retried, dead_ids, finished_runs FROM skiplock.ack_receipts WHERE id = %(ack_id)s
+    SELECT completed, retried, dead_ids, finished_runs, children FROM skiplock.ack_receipts WHERE id = %(ack_id)s
 ), done AS (
     DELETE FROM skiplock.jobs j
     USING unnest(%(done_ids)s::bigint[], %(results)s::jsonb[]) AS d(id, result)
     WHERE j.id = d.id AND j.status = 'running'
       AND j.claim_token = %(token)s AND j.claimed_by = %(worker)s
     RETURNING j.id, j.flow, j.payload, j.priority, j.attempts, j.max_attempts, j.claimed_by,
-              j.errors, d.result, j.run_id, j.created_at, j.claimed_at
+              j.errors, d.result, j.run_id, j.created_at, j.claimed_at, j.parent_id
 ), archived AS (
     INSERT INTO skiplock.jobs_done (id, flow, payload, priority, attempts, max_attempts, claimed_by,
-                                    errors, result, run_id, created_at, claimed_at, finished_at)
+                                    errors, result, run_id, created_at, claimed_at, finished_at, parent_id)
     SELECT id, flow, payload, priority, attempts, max_attempts, claimed_by, errors, result, run_id,
-           created_at, claimed_at, ts.now
+           created_at, claimed_at, ts.now, parent_id
     FROM done, ts
     RETURNING run_id
+), staged AS (
+    -- Next(...) children, one array element each, of parents this ack completed: joined to `done`,
+    -- so a refused parent (rescued, re-claimed) or a retry of a committed ack creates none. They
+    -- inherit the parent's run. The cardinality test is a one-time filter: nothing to do on the
+    -- plain path.
+    SELECT c.parent, d.flow AS parent_flow, d.run_id, c.flow, c.payload, c.priority, c.delay, c.max_attempts,
+           c.dedupe_key, c.n
+    FROM unnest(%(child_parents)s::bigint[], %(child_flows)s::text[], %(child_payloads)s::jsonb[],
+                %(child_priorities)s::smallint[], %(child_delays)s::float8[], %(child_max_attempts)s::integer[],
+                %(child_dedupe_keys)s::text[])
+         WITH ORDINALITY AS c(parent, flow, payload, priority, delay, max_attempts, dedupe_key, n)
+    JOIN done d ON d.id = c.parent
+    WHERE cardinality(%(child_parents)s::bigint[]) > 0
+), children AS (
+    -- skiplock.insert_children runs only when `staged` has rows (no INSERT, so no NOTIFY, otherwise).
+    SELECT k.child_id, k.child_run
+    FROM (SELECT array_agg(parent ORDER BY n) AS parents, array_agg(parent_flow ORDER BY n) AS parent_flows,
+                 array_agg(run_id ORDER BY n) AS runs, array_agg(flow ORDER BY n) AS flows,
+                 array_agg(payload ORDER BY n) AS payloads, array_agg(priority ORDER BY n) AS priorities,
+                 array_agg(delay ORDER BY n) AS delays, array_agg(max_attempts ORDER BY n) AS max_attempts,
+                 array_agg(dedupe_key ORDER BY n) AS dedupe_keys
+          FROM staged HAVING count(*) > 0) a
+    CROSS JOIN LATERAL skiplock.insert_children(a.parents, a.parent_flows, a.runs, a.flows, a.payloads,
+                                                a.priorities, a.delays, a.max_attempts, a.dedupe_keys) k
 ), failed AS (
     UPDATE skiplock.jobs j
     SET status = CASE WHEN f.permanent OR j.attempts >= coalesce(j.max_attempts, %(max_attempts)s)
@@ -193,15 +252,22 @@ WITH ts AS MATERIALIZED (
       AND j.claim_token = %(token)s AND j.claimed_by = %(worker)s
     RETURNING j.id, j.status, j.run_id
 ), run_delta AS (
-    SELECT run_id, count(*) FILTER (WHERE NOT dead) AS completed, count(*) FILTER (WHERE dead) AS dead
-    FROM (SELECT run_id, false AS dead FROM archived WHERE run_id IS NOT NULL
+    -- kind: 0 completed, 1 dead, 2 a child added to the run (its total grows in this statement, so
+    -- the run cannot finish between the parent's ack and its children's insert).
+    SELECT run_id, count(*) FILTER (WHERE kind = 0) AS completed, count(*) FILTER (WHERE kind = 1) AS dead,
+           count(*) FILTER (WHERE kind = 2) AS added
+    FROM (SELECT run_id, 0 AS kind FROM archived WHERE run_id IS NOT NULL
           UNION ALL
-          SELECT run_id, true FROM failed WHERE run_id IS NOT NULL AND status = 'dead') AS ended
+          SELECT run_id, 1 FROM failed WHERE run_id IS NOT NULL AND status = 'dead'
+          UNION ALL
+          SELECT child_run, 2 FROM children WHERE child_run IS NOT NULL) AS ended
     GROUP BY run_id
 ), run_progress AS (
+    -- A run finishes once sealed (a producer that enqueues in chunks seals it after the last one).
     UPDATE skiplock.runs r
-    SET completed = r.completed + d.completed, dead = r.dead + d.dead,
-        finished_at = CASE WHEN r.finished_at IS NULL AND r.completed + d.completed + r.dead + d.dead >= r.total
+    SET completed = r.completed + d.completed, dead = r.dead + d.dead, total = r.total + d.added,
+        finished_at = CASE WHEN r.finished_at IS NULL AND r.sealed
+                                AND r.completed + d.completed + r.dead + d.dead >= r.total + d.added
                            THEN ts.now ELSE r.finished_at END
     FROM run_delta d, ts
     WHERE r.id = d.run_id
@@ -210,10 +276,11 @@ WITH ts AS MATERIALIZED (
     SELECT (SELECT count(*) FROM archived)::int AS completed,
            (SELECT count(*) FROM failed WHERE status = 'pending')::int AS retried,
            (SELECT coalesce(array_agg(id), '{}') FROM failed WHERE status = 'dead') AS dead_ids,
-           (SELECT coalesce(array_agg(id), '{}') FROM run_progress WHERE finished_now) AS finished_runs
+           (SELECT coalesce(array_agg(id), '{}') FROM run_progress WHERE finished_now) AS finished_runs,
+           (SELECT count(*) FROM children)::int AS children
 ), receipt AS (
-    INSERT INTO skiplock.ack_receipts (id, completed, retried, dead_ids, finished_runs, created_at)
-    SELECT %(ack_id)s, o.completed, o.retried, o.dead_ids, o.finished_runs, ts.now
+    INSERT INTO skiplock.ack_receipts (id, completed, retried, dead_ids, finished_runs, children, created_at)
+    SELECT %(ack_id)s, o.completed, o.retried, o.dead_ids, o.finished_runs, o.children, ts.now
     FROM outcome o, ts
     WHERE %(ack_id)s::bigint IS NOT NULL AND NOT EXISTS (SELECT 1 FROM prior)
     ON CONFLICT (id) DO NOTHING
@@ -221,11 +288,12 @@ WITH ts AS MATERIALIZED (
 )
 SELECT coalesce(p.completed, o.completed), coalesce(p.retried, o.retried), coalesce(p.dead_ids, o.dead_ids),
        coalesce(p.finished_runs, o.finished_runs),
-       %(ack_id)s::bigint IS NULL OR p.completed IS NOT NULL OR EXISTS (SELECT 1 FROM receipt) AS recorded
+       %(ack_id)s::bigint IS NULL OR p.completed IS NOT NULL OR EXISTS (SELECT 1 FROM receipt) AS recorded,
+       coalesce(p.children, o.children)
 FROM outcome o LEFT JOIN prior p ON true;
 
 -- name: ack_receipt_get
-SELECT completed, retried, dead_ids, finished_runs FROM skiplock.ack_receipts WHERE id = %(ack_id)s;
+SELECT completed, retried, dead_ids, finished_runs, children FROM skiplock.ack_receipts WHERE id = %(ack_id)s;
 
 -- name: release_batch
 -- Graceful shutdown: give back claimed jobs that were never started, without burning an attempt.
@@ -296,7 +364,7 @@ WITH orphaned AS (
     -- supervisor fires the hook of finished runs through runs_claim_orphaned_hooks).
     UPDATE skiplock.runs r
     SET dead = r.dead + d.dead,
-        finished_at = CASE WHEN r.finished_at IS NULL AND r.completed + r.dead + d.dead >= r.total
+        finished_at = CASE WHEN r.finished_at IS NULL AND r.sealed AND r.completed + r.dead + d.dead >= r.total
                            THEN clock_timestamp() ELSE r.finished_at END
     FROM (SELECT run_id, count(*) AS dead FROM rescued WHERE status = 'dead' AND run_id IS NOT NULL
           GROUP BY run_id) AS d
@@ -331,7 +399,13 @@ WITH reset AS (
             AND (o.status IN ('pending', 'running') OR (o.status = 'dead' AND o.id > j.id))))
     RETURNING j.id, j.run_id
 ), runs_reopened AS (
-    UPDATE skiplock.runs r SET dead = r.dead - c.n
+    -- As dlq_retry: a finished run reopens.
+    UPDATE skiplock.runs r SET dead = r.dead - c.n, finished_at = NULL,
+        reopened = r.reopened + (r.finished_at IS NOT NULL)::int,
+        hook_fired_at = CASE WHEN r.finished_at IS NOT NULL AND skiplock.run_hook_repeats(r.flow) THEN NULL
+                             ELSE r.hook_fired_at END,
+        hook_claimed_by = CASE WHEN r.finished_at IS NOT NULL AND skiplock.run_hook_repeats(r.flow) THEN NULL
+                               ELSE r.hook_claimed_by END
     FROM (SELECT run_id, count(*) AS n FROM reset WHERE run_id IS NOT NULL GROUP BY run_id) c
     WHERE r.id = c.run_id
 )
@@ -355,14 +429,24 @@ SELECT id, flow, payload, status::text AS status, priority, run_at, attempts,
        skiplock.max_attempts_for(j.flow, j.max_attempts) AS max_attempts,
        claimed_by,
        claimed_at, error_type, error_message, errors, NULL::jsonb AS result, run_id, dedupe_key,
-       created_at, updated_at, finished_at, cancel_requested_at
+       created_at, updated_at, finished_at, cancel_requested_at, parent_id
 FROM skiplock.jobs j WHERE id = %(id)s
 UNION ALL
 SELECT id, flow, payload, status, priority, NULL, attempts, skiplock.max_attempts_for(j.flow, j.max_attempts),
        claimed_by,
-       claimed_at, NULL, NULL, errors, result, run_id, NULL, created_at, finished_at, finished_at, NULL
+       claimed_at, NULL, NULL, errors, result, run_id, NULL, created_at, finished_at, finished_at, NULL, parent_id
 FROM skiplock.jobs_done j WHERE id = %(id)s
 LIMIT 1;
+
+-- name: job_children
+-- The jobs a job's ack created (Next(...)), in any state: each table by its parent index.
+SELECT id, flow, status FROM (
+    SELECT id, flow, status::text AS status FROM skiplock.jobs WHERE parent_id = %(id)s
+    UNION ALL
+    SELECT id, flow, status FROM skiplock.jobs_done WHERE parent_id = %(id)s
+) c
+ORDER BY id
+LIMIT %(limit)s;
 
 -- name: dlq_retry
 -- Guarded by status: a job that is no longer dead is left alone. Skips a job whose dedupe key is
@@ -382,7 +466,15 @@ WITH retried AS (
             AND (o.status IN ('pending', 'running') OR (o.status = 'dead' AND o.id > j.id))))
     RETURNING j.id, j.run_id
 ), runs_reopened AS (
-    UPDATE skiplock.runs r SET dead = r.dead - c.n
+    -- The retried jobs' runs are unfinished again: a finished run reopens (finished_at cleared,
+    -- `reopened` counted) and finishes again after them. Its hook fires again only if its flow has
+    -- on_complete_repeat = true; else hook_fired_at stays and the next finish claims nothing.
+    UPDATE skiplock.runs r SET dead = r.dead - c.n, finished_at = NULL,
+        reopened = r.reopened + (r.finished_at IS NOT NULL)::int,
+        hook_fired_at = CASE WHEN r.finished_at IS NOT NULL AND skiplock.run_hook_repeats(r.flow) THEN NULL
+                             ELSE r.hook_fired_at END,
+        hook_claimed_by = CASE WHEN r.finished_at IS NOT NULL AND skiplock.run_hook_repeats(r.flow) THEN NULL
+                               ELSE r.hook_claimed_by END
     FROM (SELECT run_id, count(*) AS n FROM retried WHERE run_id IS NOT NULL GROUP BY run_id) c
     WHERE r.id = c.run_id
     RETURNING r.id
@@ -675,7 +767,9 @@ INSERT INTO skiplock.flows (name) VALUES (%(flow)s) ON CONFLICT (name) DO NOTHIN
 UPDATE skiplock.runs SET hook_fired_at = now()
 WHERE id IN (SELECT id FROM skiplock.runs
              WHERE finished_at IS NOT NULL AND hook_fired_at IS NULL
-               AND finished_at < now() - interval '10 seconds' AND flow = ANY(%(flows)s::text[])
+               -- finished by its seal (run_seal): no ack will claim it, so no need to wait
+               AND (finished_at < now() - interval '10 seconds' OR finished_at = sealed_at)
+               AND flow = ANY(%(flows)s::text[])
              LIMIT 100
              FOR UPDATE SKIP LOCKED)
   AND hook_fired_at IS NULL
@@ -798,7 +892,7 @@ WITH waiting AS (
 ), run_progress AS (
     UPDATE skiplock.runs r
     SET total = r.total - d.n, cancelled = r.cancelled + d.n,
-        finished_at = CASE WHEN r.finished_at IS NULL AND r.completed + r.dead >= r.total - d.n
+        finished_at = CASE WHEN r.finished_at IS NULL AND r.sealed AND r.completed + r.dead >= r.total - d.n
                            THEN now() ELSE r.finished_at END
     FROM (SELECT run_id, count(*) AS n FROM archived WHERE run_id IS NOT NULL GROUP BY run_id) AS d
     WHERE r.id = d.run_id
@@ -1534,3 +1628,49 @@ LISTEN skiplock_control;
 
 -- name: listen_cancel
 LISTEN skiplock_cancel;
+-- ---------------------------------------------------------------------------------------------
+-- Stages, runs and pipelines (issue 15)
+
+-- name: run_get
+SELECT id, flow, total, completed, dead, cancelled, sealed, reopened, created_at, finished_at, hook_fired_at
+FROM skiplock.runs WHERE id = %(run_id)s;
+
+-- name: run_stages
+-- A run's jobs per flow and state: unfinished and dead ones by jobs_run_idx; completed and
+-- cancelled ones from jobs_done, whose finished_at BRIN bounds the scan to the run's lifetime.
+WITH r AS (
+    SELECT id, created_at FROM skiplock.runs WHERE id = %(run_id)s
+)
+SELECT flow, sum(pending)::bigint AS pending, sum(running)::bigint AS running, sum(dead)::bigint AS dead,
+       sum(completed)::bigint AS completed, sum(cancelled)::bigint AS cancelled
+FROM (
+    SELECT j.flow, count(*) FILTER (WHERE j.status = 'pending') AS pending,
+           count(*) FILTER (WHERE j.status = 'running') AS running,
+           count(*) FILTER (WHERE j.status = 'dead') AS dead, 0 AS completed, 0 AS cancelled
+    FROM skiplock.jobs j, r WHERE j.run_id = r.id
+    GROUP BY j.flow
+    UNION ALL
+    SELECT d.flow, 0, 0, 0, count(*) FILTER (WHERE d.status = 'completed'), count(*) FILTER (WHERE d.status = 'cancelled')
+    FROM skiplock.jobs_done d, r WHERE d.run_id = r.id AND d.finished_at >= r.created_at
+    GROUP BY d.flow
+) s
+GROUP BY flow
+ORDER BY flow;
+
+-- name: pipeline_links
+-- Stage links: what acks saw (flow_links) and what flows declare (`next` in their recorded policy).
+SELECT parent_flow, child_flow FROM skiplock.flow_links
+UNION
+SELECT name, policy ->> 'next' FROM skiplock.flows WHERE policy ->> 'next' IS NOT NULL
+ORDER BY 1, 2
+LIMIT 1000;
+
+-- name: flow_rates
+-- Completed jobs per second per flow over the last full minute and the current one so far, from
+-- stats_minute by its primary key.
+SELECT flow, sum(completed)::float8
+             / greatest(extract(epoch FROM now() - (date_trunc('minute', now()) - interval '1 minute')), 1.0)
+             AS done_per_s
+FROM skiplock.stats_minute
+WHERE minute >= date_trunc('minute', now()) - interval '1 minute'
+GROUP BY flow;

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 
 from engine.handlers import FlowRuntime
-from engine.store import Failure, ack_batch, new_ack_id
+from engine.store import Children, Failure, ack_batch, new_ack_id
 from engine.telemetry import FailureSample
 
 FLUSH_COUNT: Final = 200
@@ -34,6 +34,7 @@ class _Group:
     samples: list[FailureSample] = field(default_factory=list)
     cancelled: list[int] = field(default_factory=list)  # rare paths, each its own fenced statement
     snoozed: list[tuple[int, float]] = field(default_factory=list)
+    children: Children | None = None  # Next(...) jobs of this group's parents
     wait_ms: float = 0.0
     run_ms: float = 0.0
 
@@ -71,9 +72,13 @@ class Completer:
         return group
 
     def done(self, flow: FlowRuntime, token: int, row: tuple[Any, ...], result: str | None, run_ms: float,
-             trial: bool = False) -> None:
+             trial: bool = False, children: Children | None = None) -> None:
         with self._cond:
             group = self._group(flow, token, trial)
+            if children is not None:
+                if group.children is None:
+                    group.children = Children()
+                group.children.extend(children)
             group.done_ids.append(row[0])
             group.results.append(result)
             group.wait_ms += row[5]
@@ -154,6 +159,7 @@ class Completer:
         results = group.results if any(r is not None for r in group.results) else None
         ack_id = new_ack_id()  # once, outside the retries: a retry after a lost reply reads the first outcome
         ack = w.with_db("ack", lambda conn: ack_batch(conn, w.id, token, group.done_ids, results, group.failures,
-                                                      flow.config.max_attempts, ack_id=ack_id))
+                                                      flow.config.max_attempts, ack_id=ack_id,
+                                                      children=group.children))
         w.after_ack(flow, ack, len(group.failures), group.wait_ms, group.run_ms, group.samples,
                     had_success=bool(group.done_ids), trial=group.trial)

@@ -21,7 +21,7 @@ from psycopg import pq
 from engine.handlers import FlowRuntime, JobContext
 from engine.logs import ContextLogger
 from engine.queue import Queue
-from engine.store import AckResult, Failure, ack_batch, ack_receipt_get, new_ack_id, release_batch
+from engine.store import AckResult, Children, Failure, ack_batch, ack_receipt_get, new_ack_id, release_batch
 from engine.worker.outcome import MESSAGE_CHARS, describe
 
 INERROR = pq.TransactionStatus.INERROR
@@ -144,7 +144,7 @@ class BatchTransaction:
             pass  # a broken connection: the pool discards it
 
     def ack(self, token: int, done_ids: list[int], results: list[str | None] | None,
-            failures: list[Failure]) -> AckResult:
+            failures: list[Failure], children: Children | None = None) -> AckResult:
         w = self.worker
         conn = self.conn
         assert conn is not None
@@ -152,7 +152,8 @@ class BatchTransaction:
         ids = done_ids + [f.job_id for f in failures]
         ack_id = new_ack_id()
         try:
-            ack = ack_batch(conn, w.id, token, done_ids, results, failures, max_attempts, ack_id=ack_id)
+            ack = ack_batch(conn, w.id, token, done_ids, results, failures, max_attempts, ack_id=ack_id,
+                            children=children)
             if ack.refused:
                 # Some of the batch was rescued from us: its writes must not land. Roll everything
                 # back and give back what we still hold; it runs again (the attempt is not counted).

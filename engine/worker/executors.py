@@ -28,7 +28,8 @@ from psycopg import pq
 from engine.errors import JobCancelled, Snooze
 from engine import db
 from engine.handlers import FlowRuntime, JobContext, JobTimeout
-from engine.store import Failure, ack_batch, new_ack_id, release_batch
+from engine.stages import HANDOFF_TYPES, split
+from engine.store import Children, Failure, ack_batch, new_ack_id, release_batch
 from engine.sources import SourceRegistry
 from engine.telemetry import FailureSample
 from engine.worker.context import AsyncPg, BatchTransaction, PerJobPg, make_context, swallowed_error
@@ -66,7 +67,8 @@ class InlineBatch:
     """The batch the main thread runs now: shared with the monitor thread and the SIGALRM handler."""
 
     __slots__ = ("flow", "rows", "token", "tx", "index", "end", "started", "hard_stop", "timed_out",
-                 "ctx", "done_ids", "results", "failures", "whole", "cancel_forced", "cancelled", "snoozed")
+                 "ctx", "done_ids", "results", "failures", "whole", "cancel_forced", "cancelled", "snoozed",
+                 "children")
 
     def __init__(self, flow: FlowRuntime, rows: Any, token: int, tx: BatchTransaction | None,
                  whole: bool = False) -> None:
@@ -87,6 +89,7 @@ class InlineBatch:
         self.cancel_forced = 0  # the job id whose cancel_grace passed: SIGALRM raises JobCancelled in it
         self.cancelled: list[int] = []  # ended cancelled (engine/worker/control.py): acked apart
         self.snoozed: list[tuple[int, float]] = []  # raised Snooze(delay): put back apart
+        self.children = Children()  # Next(...) jobs of this batch's parents, inserted by its ack
 
 
 class InlineExecutor:
@@ -172,15 +175,16 @@ class InlineExecutor:
         return result
 
     def _ack(self, token: int, done_ids: list[int], results: list[str | None] | None, failures: list[Failure],
-             tx: BatchTransaction | None) -> Any:
-        """The batch's one fenced ack: inside its transaction, or on its own with a fresh ack id."""
+             tx: BatchTransaction | None, children: Children | None) -> Any:
+        """The batch's one fenced ack (with its parents' Next children): inside its transaction, or on
+        its own with a fresh ack id."""
         if tx is not None:
-            return tx.ack(token, done_ids, results, failures)
+            return tx.ack(token, done_ids, results, failures, children)
         w = self.worker
         max_attempts = self.flow.config.max_attempts
         ack_id = new_ack_id()  # once, outside the retries: a retry reads the first outcome
         return w.with_db("ack", lambda conn: ack_batch(conn, w.id, token, done_ids, results, failures,
-                                                       max_attempts, ack_id=ack_id))
+                                                       max_attempts, ack_id=ack_id, children=children))
 
     def run(self, rows: Any, token: int, trial: bool) -> None:
         w = self.worker
@@ -195,6 +199,9 @@ class InlineExecutor:
         lock = w.inline_lock
         done_ids = batch.done_ids
         failures = batch.failures
+        children = batch.children
+        flow_next = flow.config.next
+        known = w.known_flow
         results: list[str | None] | None = None
         samples: list[FailureSample] = []
         stopped_at: int | None = None
@@ -242,6 +249,8 @@ class InlineExecutor:
                         continue
                     if timeout is not None and batch.timed_out:
                         raise timeout_error(timeout)  # it caught its JobTimeout and went on: it fails all the same
+                    if result is not None and (result.__class__ in HANDOFF_TYPES or flow_next is not None):
+                        result = split(result, row[0], flow_next, known, children)
                     if result is not None:
                         text = encode_result(result)
                         if results is None:
@@ -271,7 +280,7 @@ class InlineExecutor:
             with lock:
                 w.inline = None
                 unstarted = [r[0] for r in rows[stopped_at:batch.end]] if stopped_at is not None else []
-            ack = self._ack(token, done_ids, results, failures, tx)
+            ack = self._ack(token, done_ids, results, failures, tx, children or None)
         finally:
             w.inline = None
             if tx is not None:
@@ -309,6 +318,8 @@ class BatchExecutor(InlineExecutor):
         results: list[str | None] = []
         failures: list[Failure] = []
         failed_rows: list[Any] = []
+        children = batch.children
+        flow_next = flow.config.next
         started = time.monotonic()
         w.inline = batch
         outcomes: Any = None
@@ -365,6 +376,8 @@ class BatchExecutor(InlineExecutor):
                     failed_rows.append(row)
                     continue
                 try:
+                    if item is not None and (item.__class__ in HANDOFF_TYPES or flow_next is not None):
+                        item = split(item, row[0], flow_next, w.known_flow, children)
                     text = encode_result(item) if item is not None else None
                 except Exception as exc:
                     failures.append(failure(flow, row, exc))
@@ -375,7 +388,7 @@ class BatchExecutor(InlineExecutor):
             w.inline = None
             run_s = time.monotonic() - started
             stored = results if any(r is not None for r in results) else None
-            ack = self._ack(token, done_ids, stored, failures, tx)
+            ack = self._ack(token, done_ids, stored, failures, tx, children or None)
         finally:
             w.inline = None
             if tx is not None:
@@ -464,10 +477,11 @@ def _hard_stop(worker: Any, batch: InlineBatch) -> None:
         done = list(batch.done_ids)
         results = list(batch.results) if batch.results is not None else None
         failures = list(batch.failures)
+        children = batch.children or None
     timeout = timeout_error(flow.config.timeout)
     if batch.tx is not None:  # the finished jobs' writes sit in the batch's open transaction: they run again
         rest += done + [f.job_id for f in failures]
-        done, results, failures = [], None, []
+        done, results, failures, children = [], None, [], None
     requests = worker.control.requests
     cancelled = [row[0] for row in stuck if requests and row[0] in requests]  # cancel_grace passed
     failures += [failure(flow, row, timeout) for row in stuck if row[0] not in cancelled]
@@ -476,7 +490,8 @@ def _hard_stop(worker: Any, batch: InlineBatch) -> None:
     try:
         ack_id = new_ack_id()
         ack = worker.with_db("ack", lambda conn: ack_batch(conn, worker.id, batch.token, done, results, failures,
-                                                           flow.config.max_attempts, ack_id=ack_id), quick=True)
+                                                           flow.config.max_attempts, ack_id=ack_id,
+                                                           children=children), quick=True)
         if rest:
             worker.with_db("release", lambda conn: release_batch(conn, worker.id, batch.token, rest), quick=True)
         if batch.tx is None:
@@ -586,12 +601,16 @@ class _ConcurrentBase:
             completer.snoozed(flow, token, row[0], exc.delay, trial)
             return
         if exc is None:
+            kids = None
             try:
+                if result is not None and (result.__class__ in HANDOFF_TYPES or flow.config.next is not None):
+                    kids = Children()
+                    result = split(result, row[0], flow.config.next, self.worker.known_flow, kids)
                 text = encode_result(result) if result is not None else None
             except Exception as bad:
                 exc = bad
             else:
-                completer.done(flow, token, row, text, run_s * 1000.0, trial)
+                completer.done(flow, token, row, text, run_s * 1000.0, trial, kids or None)
                 return
         completer.failed(flow, token, row, failure(flow, row, exc), run_s * 1000.0, trial)
 
@@ -712,8 +731,11 @@ class ThreadExecutor(_ConcurrentBase):
                     ctx._enqueue = lambda flow_name, payload, **options: w.queue_on(conn).enqueue(
                         flow_name, payload, **options)
                 slot.ctx = ctx
+                kids = Children()
                 try:
                     result = flow.handler(row[1], ctx) if ctx is not None else flow.handler(row[1])
+                    if result is not None and (result.__class__ in HANDOFF_TYPES or flow.config.next is not None):
+                        result = split(result, row[0], flow.config.next, w.known_flow, kids)
                     text = encode_result(result) if result is not None else None
                 except BaseException as error:
                     exc = error
@@ -727,7 +749,7 @@ class ThreadExecutor(_ConcurrentBase):
                 if not mine or exc is not None or w.control.is_requested(row[0]):
                     raise psycopg.Rollback()  # failed, abandoned, snoozed or cancelled: no writes land
                 ack = ack_batch(conn, w.id, token, [row[0]], [text] if text is not None else None, [],
-                                flow.config.max_attempts)
+                                flow.config.max_attempts, children=kids or None)
                 if ack.refused:
                     raise psycopg.Rollback()  # rescued from us: its writes must not land
                 tx.__exit__(None, None, None)

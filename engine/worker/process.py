@@ -126,6 +126,7 @@ class Worker:
         self.id = spec.worker_id
         self.flows: list[FlowRuntime] = [load_flow(f) for f in spec.flows]
         self.flow_names = [f.name for f in self.flows]
+        self._known_flows = set(self.flow_names)  # Next(...) targets known to exist (stages.split)
         self.stopping = False
         self.closing = False
         self.exit_code = EXIT_OK
@@ -465,6 +466,22 @@ class Worker:
             if self.spec.report is not None:
                 self.spec.report.idle(self.spec.index)
         self.wake.wait(wait)
+
+    def known_flow(self, name: str) -> bool:
+        """Whether a Next(...) may name `name`: a flow this worker serves, or one an engine has
+        registered (looked up once per name and process, as enqueue does)."""
+        if name in self._known_flows:
+            return True
+        from engine.errors import UnknownFlow
+        from engine.queue import _require_known_flow
+
+        try:
+            with self.pool.connection() as conn:
+                _require_known_flow(conn, name, False)
+        except UnknownFlow:
+            return False
+        self._known_flows.add(name)
+        return True
 
     # -- after each ack ------------------------------------------------------------------------------
 

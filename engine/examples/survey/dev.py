@@ -36,7 +36,8 @@ MISSING_SURVEY_ID: Final = 999_999
 SAMPLE_SURVEYS: Final = 200
 
 
-def run_example(options: DevOptions) -> int:
+def run_example(options: DevOptions, open_console: object = None) -> int:
+    """`open_console` is accepted for the examples' common signature; this one prints instead."""
     config = str(options.config) if options.config else str(EXAMPLE_CONFIG)
     data_dir = Path(options.data_dir or default_data_dir())
     if not os.environ.get(ENV_VAR):
