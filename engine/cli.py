@@ -148,6 +148,7 @@ def cmd_enqueue(args: argparse.Namespace) -> int:
                 args.flow, payloads, priority=args.priority, delay=args.delay, run_id=args.run,
                 max_attempts=args.max_attempts, item_names=names,
                 dedupe_keys=[args.dedupe_key] if args.dedupe_key is not None else None,
+                keys=[args.key] * len(payloads) if args.key is not None else None,
                 # A flow the config declares is the engines' own: known even before one has started.
                 allow_unknown_flow=args.allow_unknown_flow or args.flow in settings.flows,
             )
@@ -554,6 +555,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--priority", type=int, default=0, help="higher runs first (default 0)")
     p.add_argument("--delay", type=_duration("--delay"), default=0.0, help="e.g. 30s, 5m")
     p.add_argument("--dedupe-key", help="skip if an unfinished job of the flow has this key")
+    p.add_argument("--key", help="concurrency key of every job enqueued (flows with concurrency_per_key); "
+                                 "default: the payload field the flow's concurrency_key names")
     p.add_argument("--max-attempts", type=int, default=None, help="default: the flow's policy")
     p.add_argument("--allow-unknown-flow", action="store_true",
                    help="enqueue even though no engine has registered the flow yet (else refused)")

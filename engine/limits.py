@@ -15,6 +15,10 @@ MAX_DURATION_S: Final = 100 * 365 * 86400.0
 MAX_DURATION_TEXT: Final = "36500d"
 MAX_WORKERS: Final = 1024  # processes per engine
 MAX_POOL_SIZE: Final = 1000  # connections per worker (PostgreSQL's max_connections is far lower)
+# Flow rate limits (rate_limit = "N/s|m|h"): at most this many job starts per second, and a burst
+# of at most this many tokens; far above what one database can claim, and exact in a float8.
+MAX_RATE_PER_S: Final = 1_000_000.0
+MAX_RATE_BURST: Final = 10_000_000
 
 
 def utf8_problem(text: str) -> str | None:

@@ -438,18 +438,23 @@ class Queue:
         run_id: str | None = None,
         dedupe_key: str | None = None,
         allow_unknown_flow: bool = False,
+        key: str | None = None,
     ) -> int | None:
         """Enqueue one job; returns its id, or None when an unfinished job has the same dedupe key.
-        A flow no engine has registered is refused (UnknownFlow) unless `allow_unknown_flow`."""
+        A flow no engine has registered is refused (UnknownFlow) unless `allow_unknown_flow`.
+        `key`: the job's concurrency key (default: the payload field the flow's concurrency_key names)."""
         validate_flow(flow)
         options = EnqueueOptions(priority, _delay_from(delay, run_at), max_attempts, run_id).validated()
         text = encode_payload(payload, "payload")
         _validate_key(dedupe_key, "dedupe key")
+        _validate_key(key, "concurrency key")
         with self.connection() as conn, conn.transaction():
             _require_known_flow(conn, flow, allow_unknown_flow)
             job_id = store.enqueue_one(conn, flow, text, priority=options.priority, delay=options.delay,
                                        max_attempts=options.max_attempts, run_id=options.run_id,
                                        dedupe_key=dedupe_key)
+            if job_id is not None and key is not None:
+                store.job_set_concurrency_key(conn, job_id, key)
             if job_id is not None and options.run_id is not None:
                 store.run_add_jobs(conn, options.run_id, flow, 1)
         return job_id
@@ -468,6 +473,7 @@ class Queue:
         item_names: Sequence[str] | None = None,
         allow_unknown_flow: bool = False,
         batch_key: str | None = None,
+        keys: Sequence[str | None] | None = None,
     ) -> EnqueueResult:
         """Enqueue many jobs of one flow in one transaction (COPY; unnest when dedupe keys are given).
 
@@ -481,6 +487,9 @@ class Queue:
         batch that had committed inserts nothing and returns the first outcome with
         `replayed=True`. When retries run out it raises DatabaseUnavailable naming the key: call
         again with that `batch_key` (within a day, ENQUEUE_RECEIPT_RETENTION) to retry safely.
+
+        `keys`: a concurrency key per payload (None: from the payload field the flow's
+        concurrency_key names, at claim).
         """
         validate_flow(flow)
         options = EnqueueOptions(priority, _delay_from(delay, run_at), max_attempts, run_id).validated()
@@ -492,6 +501,11 @@ class Queue:
                 raise ValidationError(f"{len(dedupe_keys)} dedupe keys for {len(texts)} payloads")
             for index, key in enumerate(dedupe_keys):
                 _validate_key(key, f"{item_names[index] if item_names else f'item {index}'}: dedupe key")
+        if keys is not None:
+            if len(keys) != len(texts):
+                raise ValidationError(f"{len(keys)} concurrency keys for {len(texts)} payloads")
+            for index, item_key in enumerate(keys):
+                _validate_key(item_key, f"{item_names[index] if item_names else f'item {index}'}: concurrency key")
         key = _validate_key(batch_key, "batch key") or uuid.uuid4().hex
         if not texts:
             return EnqueueResult(0, 0, key)
@@ -505,7 +519,12 @@ class Queue:
                     if receipt.flow != flow:
                         raise ValidationError(f"batch key {key!r} was used for flow {receipt.flow!r}, not {flow!r}")
                     return EnqueueResult(receipt.inserted, receipt.skipped, key, replayed=True)
-                if dedupe_keys is not None:
+                if keys is not None:
+                    inserted = store.enqueue_many_keyed(
+                        conn, flow, texts, list(dedupe_keys) if dedupe_keys is not None else [None] * len(texts),
+                        list(keys), priority=options.priority, delay=options.delay,
+                        max_attempts=options.max_attempts, run_id=options.run_id)
+                elif dedupe_keys is not None:
                     inserted = store.enqueue_many_dedupe(
                         conn, flow, texts, list(dedupe_keys), priority=options.priority, delay=options.delay,
                         max_attempts=options.max_attempts, run_id=options.run_id)
