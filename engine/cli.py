@@ -329,6 +329,21 @@ def cmd_wait(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_explain(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    try:
+        job_id = int(args.id)
+    except ValueError:
+        raise ValidationError(f"job id {args.id!r} must be an integer") from None
+    with _queue(args) as queue:
+        explanation = queue.explain(job_id, stale_after=settings.engine.stale_after)
+    if args.json:
+        sys.stdout.write(orjson.dumps(explanation.as_dict()).decode() + "\n")
+    else:
+        sys.stdout.write("\n".join(explanation.lines()) + "\n")
+    return EXIT_OK
+
+
 def _where(items: list[str] | None) -> dict[str, object] | None:
     if not items:
         return None
@@ -625,6 +640,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("id", type=int)
     p.add_argument("--timeout", type=_duration("--timeout"), default=30.0, help="e.g. 30s, 5m (default 30s)")
     p.set_defaults(func=cmd_wait)
+
+    p = sub.add_parser("explain", parents=[common], help="why a job is not running now (or what runs it)",
+                       description="For a pending or scheduled job, every reason it is not running now: flow "
+                                   "paused, circuit open, run_at in the future (backoff or delay), fleet "
+                                   "concurrency limit, rate limit, its concurrency key at its limit, no live "
+                                   "worker for its flow, jobs ahead of it. For a running job: its worker, how "
+                                   "long, heartbeat age. For an ended job: how it ended.",
+                       epilog="exit codes: 0 explained; 2 bad input or no such job")
+    p.add_argument("id", help="job id")  # parsed by cmd_explain: bad input is one line, not argparse's usage
+    p.add_argument("--json", action="store_true", help="one JSON object: status, reasons (kind, message, ...)")
+    p.set_defaults(func=cmd_explain)
 
     jobs = sub.add_parser("jobs", help="the job browser: list, show (any state)")
     jsub = jobs.add_subparsers(dest="jobs_command", required=True, metavar="ACTION")

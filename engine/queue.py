@@ -26,6 +26,7 @@ import psycopg
 from psycopg_pool import ConnectionPool
 
 from engine import __version__, db, store
+from engine.explain import AHEAD_CAP, Explanation, explain, explain_done
 from engine.redact import describe_error
 from engine.errors import (
     DatabaseUnavailable,
@@ -627,6 +628,20 @@ class Queue:
         _validate_id(job_id, "job id")
         with self.connection() as conn:
             return store.job_get(conn, job_id)
+
+    def explain(self, job_id: int, *, stale_after: float = 30.0) -> Explanation:
+        """Why job `job_id` is not running now: every reason (engine.explain.Reason, typed by `kind`),
+        or which worker runs it, or that it has ended. `stale_after`: the engines' setting, for "no
+        live worker serves its flow". JobNotFound for an id no job has (or a purged one)."""
+        _validate_id(job_id, "job id")
+        with self.connection() as conn:
+            facts = store.explain_job(conn, job_id, stale_after=stale_after, cap=AHEAD_CAP)
+            if facts is not None:
+                return explain(facts)
+            done = store.explain_done(conn, job_id)
+        if done is None:
+            raise JobNotFound(job_id)
+        return explain_done(job_id, done)
 
     def retry_dead(self, where: DeadLetterFilter) -> list[int]:
         """Dead jobs matching `where` go back to pending; returns their ids. Jobs no longer dead are

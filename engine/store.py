@@ -961,3 +961,19 @@ def schedule_trigger(conn: Conn, name: str) -> int | None:
 
 def schedules_list(conn: Conn, name: str | None = None, limit: int = 1000) -> list[Schedule]:
     return _rows(conn, Schedule, Q.schedules_list, {"name": name, "limit": limit})
+
+
+# ---------------------------------------------------------------------------------------------
+# Why is this job waiting? (engine/explain.py turns these facts into reasons)
+
+
+def explain_job(conn: Conn, job_id: int, *, stale_after: float, cap: int) -> dict[str, Any] | None:
+    """What keeps an unfinished or dead job where it is, as one row of named facts; None: not in the
+    hot table (ended: explain_done)."""
+    found = _dicts(conn, Q.explain_job, {"id": job_id, "stale_after": stale_after, "cap": cap})
+    return found[0] if found else None
+
+
+def explain_done(conn: Conn, job_id: int) -> dict[str, Any] | None:
+    found = _dicts(conn, Q.explain_done, {"id": job_id})
+    return found[0] if found else None

@@ -310,3 +310,95 @@ batch_size = 8
         engine.signal(signal.SIGTERM)
     for engine in engines:
         assert engine.wait(GRACE + 5) == 0, tail(engine)
+
+
+# --- engine explain -------------------------------------------------------------------------------
+
+
+def _explain(dsn: str, job_id: object, *more: str) -> dict:
+    import orjson
+
+    from support.cli import engine, ok
+    return orjson.loads(ok(engine("explain", str(job_id), "--json", *more, dsn=dsn)))
+
+
+def _kinds(found: dict) -> list[str]:
+    return [reason["kind"] for reason in found["reasons"]]
+
+
+def test_explain_names_every_reason_a_job_waits(dsn: str, conn: psycopg.Connection) -> None:
+    """One job held by everything at once (paused, circuit open, fleet limit, rate limit, its key at
+    its limit, no live worker, a job ahead of it): `engine explain` lists each, with its numbers."""
+    policy = {"concurrency": 1, "rate_limit": 0.01, "rate_burst": 1, "concurrency_key": "customer",
+              "concurrency_per_key": 1}
+    store.flows_sync(conn, {"held": __import__("json").dumps(policy)})
+    with Queue(dsn) as q:
+        q.enqueue("held", {"customer": "c1", "n": 0})
+        ahead = q.enqueue("held", {"customer": "c2", "n": 1})
+        target = q.enqueue("held", {"customer": "c1", "n": 2})
+    store.rate_bucket_ensure(conn, "held", 1.0)
+    running = _claim_keyed(conn, "held", "w-gone", 1, 1)
+    assert len(running) == 1 and ahead is not None
+    conn.execute("UPDATE skiplock.rate_buckets SET tokens = 0, updated_at = clock_timestamp()")
+    conn.execute("UPDATE skiplock.flows SET paused = true, circuit_state = 'open', "
+                 "circuit_until = now() + interval '60 seconds' WHERE name = 'held'")
+    found = _explain(dsn, target)
+    assert found["status"] == "pending"
+    assert _kinds(found) == ["paused", "circuit_open", "fleet_concurrency", "rate_limited", "key_limited",
+                             "no_worker", "queued_behind"], found
+    by_kind = {r["kind"]: r for r in found["reasons"]}
+    assert (by_kind["fleet_concurrency"]["count"], by_kind["fleet_concurrency"]["limit"]) == (1, 1)
+    assert by_kind["key_limited"]["key"] == "c1" and by_kind["key_limited"]["limit"] == 1
+    assert by_kind["queued_behind"]["count"] == 1
+    assert by_kind["circuit_open"]["until"] and by_kind["rate_limited"]["until"]
+    # the running job: its worker has no row (a custom claim loop), and nothing else holds it
+    running_found = _explain(dsn, running[0][0])
+    assert running_found["status"] == "running" and _kinds(running_found) == ["running"]
+    assert running_found["running"]["worker"] == "w-gone"
+    # text mode: one line of status, one per reason
+    from support.cli import engine, ok
+    text = ok(engine("explain", str(target), dsn=dsn)).splitlines()
+    assert text[0] == f"job {target} (held): pending, attempt 1 of 5" and len(text) == 8, text
+    assert text[1] == "- flow held is paused (engine resume held)"
+
+
+def test_explain_running_backoff_delayed_due_and_ended(dsn: str, conn: psycopg.Connection) -> None:
+    register_flows(dsn, "plain")
+    store.worker_register(conn, "w-live", "e1", "host-a", 4242, ["plain"], "0")
+    with Queue(dsn) as q:
+        first = q.enqueue("plain", {"n": 0})
+        retry = q.enqueue("plain", {"n": 1})
+        delayed = q.enqueue("plain", {"n": 2}, delay=60)
+        done = q.enqueue("plain", {"n": 3})
+    token = store.new_claim_token()
+    claimed = [r[0] for r in store.claim_batch(conn, "plain", "w-live", 3, token)]
+    assert claimed == [first, retry, done]
+    store.ack_batch(conn, "w-live", token, [done], [None],
+                    [store.Failure(retry, "Boom", "no", None, False, 60.0)])
+    found = _explain(dsn, first)
+    assert found["status"] == "running" and found["running"]["worker"] == "w-live"
+    assert found["running"]["pid"] == 4242 and found["running"]["heartbeat_age_s"] < 30
+    found = _explain(dsn, retry)
+    assert found["status"] == "scheduled" and _kinds(found) == ["backoff"]
+    assert found["reasons"][0]["count"] == 1 and "after attempt 1 (Boom)" in found["reasons"][0]["message"]
+    found = _explain(dsn, delayed)
+    assert found["status"] == "scheduled" and _kinds(found) == ["delayed"]
+    found = _explain(dsn, done)
+    assert found["status"] == "completed" and _kinds(found) == ["ended"]
+    with Queue(dsn) as q:
+        due = q.enqueue("plain", {"n": 4})
+        assert due is not None
+        assert [r.kind for r in q.explain(due).reasons] == ["due"]
+        dead = q.enqueue("plain", {"n": 5})
+        token = store.new_claim_token()
+        assert len(store.claim_batch(conn, "plain", "w-live", 2, token)) == 2
+        store.ack_batch(conn, "w-live", token, [due], [None], [store.Failure(dead, "Bad", "no", None, True, 0.0)])
+        explained = q.explain(dead)
+        assert explained.status == "dead" and explained.reasons[0].kind == "ended"
+
+
+def test_explain_bad_input(dsn: str) -> None:
+    from support.cli import engine, one_line_error
+    assert one_line_error(engine("explain", "987654", dsn=dsn)) == "engine: error: job 987654 not found\n"
+    assert "job id" in one_line_error(engine("explain", "-3", dsn=dsn))
+    assert "abc" in one_line_error(engine("explain", "abc", dsn=dsn))

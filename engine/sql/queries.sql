@@ -1288,3 +1288,47 @@ FROM skiplock.schedules s
 WHERE %(name)s::text IS NULL OR s.name = %(name)s
 ORDER BY s.name
 LIMIT %(limit)s;
+
+-- ---------------------------------------------------------------------------------------------
+-- Why is this job waiting? (issue 15 item 6): `engine explain`, Queue.explain, the console's job detail
+
+-- name: explain_job
+-- Everything the engine knows that keeps one job from running, in one statement (one snapshot), for
+-- engine/explain.py to turn into reasons. A job not in the hot table has ended (explain_done).
+-- `ahead`: due jobs the claim takes first (higher priority, or same priority and older), counted up
+-- to `cap` on the claim's index. The key is the one the claim would use (given, or the payload field).
+WITH job AS (
+    SELECT j.id, j.flow, j.status::text AS status, j.priority, j.run_at, j.attempts,
+           skiplock.max_attempts_for(j.flow, j.max_attempts) AS max_attempts, j.claimed_by, j.claimed_at,
+           j.created_at, j.finished_at, j.error_type, j.cancel_requested_at,
+           coalesce(j.concurrency_key, j.payload ->> (f.policy ->> 'concurrency_key')) AS concurrency_key,
+           f.name IS NOT NULL AS flow_known, coalesce(f.paused, false) AS paused, f.circuit_state, f.circuit_until,
+           coalesce(f.policy, '{}'::jsonb) AS policy
+    FROM skiplock.jobs j LEFT JOIN skiplock.flows f ON f.name = j.flow
+    WHERE j.id = %(id)s
+)
+SELECT job.*, now() AS now,
+       (SELECT count(*) FROM skiplock.jobs r WHERE r.flow = job.flow AND r.status = 'running') AS flow_running,
+       (SELECT count(*) FROM skiplock.jobs r
+        WHERE r.flow = job.flow AND r.status = 'running' AND r.concurrency_key IS NOT NULL
+          AND r.concurrency_key = job.concurrency_key) AS key_running,
+       b.tokens AS bucket_tokens, b.updated_at AS bucket_at,
+       (SELECT count(*) FROM skiplock.workers w
+        WHERE w.state NOT IN ('stopped', 'lost') AND job.flow = ANY(w.flows)
+          AND greatest(w.heartbeat_at, pg_postmaster_start_time()) >= now() - make_interval(secs => %(stale_after)s))
+           AS live_workers,
+       (SELECT count(*) FROM (
+            SELECT 1 FROM skiplock.jobs a
+            WHERE a.flow = job.flow AND a.status = 'pending' AND a.run_at <= now() AND a.id <> job.id
+              AND (a.priority > job.priority
+                   OR (a.priority = job.priority AND (a.run_at, a.id) < (job.run_at, job.id)))
+            LIMIT %(cap)s) AS before) AS ahead,
+       w.host AS worker_host, w.pid AS worker_pid, w.state AS worker_state, w.heartbeat_at AS worker_heartbeat_at
+FROM job
+LEFT JOIN skiplock.rate_buckets b ON b.flow = job.flow
+LEFT JOIN skiplock.workers w ON w.id = job.claimed_by;
+
+-- name: explain_done
+-- A job that left the hot table: completed or cancelled, found by the id BRIN of jobs_done.
+SELECT id, flow, status, attempts, claimed_by, finished_at FROM skiplock.jobs_done WHERE id = %(id)s
+ORDER BY finished_at DESC LIMIT 1;
