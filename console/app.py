@@ -454,10 +454,13 @@ class ConsoleApp(App[None]):
     def _read_job(self, message: LoadJob) -> None:
         try:
             job = self.data.job(message.job_id)
+            # Why it waits (or what runs it): for jobs that have not ended.
+            explanation = self.data.explain(message.job_id) if job is not None and job.status in (
+                "pending", "running") else None
         except (psycopg.Error, OSError) as exc:
             self.call_from_thread(self.notify, f"job {message.job_id}: {describe_error(exc)}", severity="error")
             return
-        _answer(message, JobLoaded(message.job_id, job))
+        _answer(message, JobLoaded(message.job_id, job, explanation))
 
     @on(LoadSchedules)
     def _on_load_schedules(self, message: LoadSchedules) -> None:

@@ -20,6 +20,7 @@ from textual.message_pump import MessagePump
 
 from console.data import DeadLetterPage, JobsPage, SchedulePage, Snapshot
 from console.filters import Filter
+from engine.explain import Explanation
 from engine.queue import DeadLetterFilter, Job, JobFilter
 
 # -- from the feed and the snapshot reader ---------------------------------------------------------
@@ -233,6 +234,7 @@ class SchedulesFailed(Result):
 class JobLoaded(Result):
     job_id: int
     job: Job | None
+    explanation: Explanation | None = None  # why it waits (pending, scheduled) or what runs it
 
 
 @dataclass

@@ -402,3 +402,31 @@ def test_explain_bad_input(dsn: str) -> None:
     assert one_line_error(engine("explain", "987654", dsn=dsn)) == "engine: error: job 987654 not found\n"
     assert "job id" in one_line_error(engine("explain", "-3", dsn=dsn))
     assert "abc" in one_line_error(engine("explain", "abc", dsn=dsn))
+
+
+def test_console_job_detail_says_why_a_job_waits(dsn: str, conn: psycopg.Connection) -> None:
+    """The console's job detail shows the reasons of `engine explain` for a job that has not ended,
+    and no such box for an ended one."""
+    import asyncio
+
+    from console.screens.job import JobScreen
+    from support.console_seed import make_app, wait_until
+
+    register_flows(dsn, "held")
+    with Queue(dsn) as q:
+        waiting = q.enqueue("held", {"n": 1})
+        q.pause("held")
+    app = make_app(dsn)
+
+    async def main() -> None:
+        async with app.run_test(size=(120, 40)) as pilot:
+            await wait_until(pilot, lambda: app.snapshots > 0 or app.database_down)
+            app.push_screen(JobScreen(int(waiting)))
+            await wait_until(pilot, lambda: isinstance(app.screen, JobScreen) and app.screen.job is not None)
+            box = app.screen.query_one("#job-why")
+            await wait_until(pilot, lambda: box.display)
+            text = str(box.render())
+            assert "Why it is not running now" in text and "flow held is paused" in text, text
+            assert "no live worker serves flow held" in text
+
+    asyncio.run(main())
