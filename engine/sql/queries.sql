@@ -647,8 +647,10 @@ WHERE j.flow = %(flow)s AND j.status = 'pending' AND j.run_at <= now()
   AND NOT EXISTS (SELECT 1 FROM skiplock.workers w WHERE w.id = %(worker)s AND w.state = 'lost')
   AND (coalesce(j.concurrency_key, j.payload ->> %(key_field)s::text) IS NULL
        OR ((SELECT count(*) FROM (
+                -- running, spelled as jobs_key_running_idx's predicate (see migration 0009)
                 SELECT 1 FROM skiplock.jobs r
-                WHERE r.flow = %(flow)s AND r.status = 'running' AND r.concurrency_key IS NOT NULL
+                WHERE r.status BETWEEN 'running' AND 'running' AND r.concurrency_key IS NOT NULL
+                  AND r.flow = %(flow)s
                   AND r.concurrency_key = coalesce(j.concurrency_key, j.payload ->> %(key_field)s::text)
                 LIMIT %(per_key)s) AS held) < %(per_key)s
            AND pg_try_advisory_xact_lock(hashtext('skiplock.key.' || %(flow)s),
@@ -683,8 +685,8 @@ WITH bucket AS MATERIALIZED (
     WHERE r.k IS NULL
        OR r.nth <= %(per_key)s - (SELECT count(*) FROM (
               SELECT 1 FROM skiplock.jobs x
-              WHERE x.flow = %(flow)s AND x.status = 'running' AND x.concurrency_key IS NOT NULL
-                AND x.concurrency_key = r.k
+              WHERE x.status BETWEEN 'running' AND 'running' AND x.concurrency_key IS NOT NULL
+                AND x.flow = %(flow)s AND x.concurrency_key = r.k
               LIMIT %(per_key)s) AS held)
     ORDER BY r.priority DESC, r.run_at, r.id
     LIMIT CASE WHEN %(rate)s::float8 IS NULL THEN %(limit)s::int
@@ -1310,8 +1312,8 @@ WITH job AS (
 SELECT job.*, now() AS now,
        (SELECT count(*) FROM skiplock.jobs r WHERE r.flow = job.flow AND r.status = 'running') AS flow_running,
        (SELECT count(*) FROM skiplock.jobs r
-        WHERE r.flow = job.flow AND r.status = 'running' AND r.concurrency_key IS NOT NULL
-          AND r.concurrency_key = job.concurrency_key) AS key_running,
+        WHERE r.status BETWEEN 'running' AND 'running' AND r.concurrency_key IS NOT NULL
+          AND r.flow = job.flow AND r.concurrency_key = job.concurrency_key) AS key_running,
        b.tokens AS bucket_tokens, b.updated_at AS bucket_at,
        (SELECT count(*) FROM skiplock.workers w
         WHERE w.state NOT IN ('stopped', 'lost') AND job.flow = ANY(w.flows)
