@@ -209,7 +209,7 @@ def test_migration_behind_an_open_batch_transaction_does_not_block_claims(empty_
 
     from engine import store
 
-    directory = _with_extra(tmp_path, "0009_probe.sql", "ALTER TABLE skiplock.jobs ADD COLUMN probe integer;\n")
+    directory = _with_extra(tmp_path, "0099_probe.sql", "ALTER TABLE skiplock.jobs ADD COLUMN probe integer;\n")
     with db.connect(empty_dsn) as conn:
         migrate(conn)
     register_flows(empty_dsn, "f")
@@ -239,27 +239,27 @@ def test_migration_behind_an_open_batch_transaction_does_not_block_claims(empty_
             slowest = max(slowest, time.monotonic() - started)
             time.sleep(0.05)
         assert slowest < 1.0, f"a claim waited {slowest:.2f} s behind the migration"
-        assert outcome == [] and 9 not in store.migrations_applied(claimer)
+        assert outcome == [] and 99 not in store.migrations_applied(claimer)
     finally:
         holder.commit()
     thread.join(30)
-    assert outcome == [[9]]
+    assert outcome == [[99]]
     assert claimer.execute("SELECT probe FROM skiplock.jobs LIMIT 1").fetchone() == (None,)
     # Giving up after retry_for: the file is not recorded.
-    directory = _with_extra(tmp_path / "again", "0010_probe2.sql",
+    directory = _with_extra(tmp_path / "again", "0100_probe2.sql",
                             "ALTER TABLE skiplock.jobs ADD COLUMN probe2 integer;\n")
-    (directory / "0009_probe.sql").write_text("ALTER TABLE skiplock.jobs ADD COLUMN probe integer;\n")
+    (directory / "0099_probe.sql").write_text("ALTER TABLE skiplock.jobs ADD COLUMN probe integer;\n")
     holder.execute("SELECT id FROM skiplock.jobs FOR UPDATE")
     with db.connect(empty_dsn) as conn, pytest.raises(psycopg.errors.LockNotAvailable):
         migrate(conn, directory, lock_timeout=0.1, retry_for=0.5)
     holder.rollback()
-    assert 10 not in store.migrations_applied(claimer)
+    assert 100 not in store.migrations_applied(claimer)
     claimer.close()
     holder.close()
 
 
 def test_a_no_transaction_migration_creates_an_index_concurrently(empty_dsn: str, tmp_path: Any) -> None:
-    directory = _with_extra(tmp_path, "0009_concurrent.sql", (
+    directory = _with_extra(tmp_path, "0099_concurrent.sql", (
         "-- An index built without blocking writes.\n"
         "-- skiplock: no-transaction\n"
         "\n"
@@ -270,7 +270,7 @@ def test_a_no_transaction_migration_creates_an_index_concurrently(empty_dsn: str
         "CREATE INDEX CONCURRENTLY IF NOT EXISTS jobs_probe2_idx ON skiplock.jobs (updated_at);\n"))
     with db.connect(empty_dsn) as conn:
         applied = migrate(conn, directory)
-        assert [m.version for m in applied][-1] == 9 and not applied[-1].transactional
+        assert [m.version for m in applied][-1] == 99 and not applied[-1].transactional
         valid = conn.execute("SELECT c.relname, i.indisvalid FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid"
                              " WHERE c.relname LIKE 'jobs_probe%' ORDER BY 1").fetchall()
         assert valid == [("jobs_probe2_idx", True), ("jobs_probe_idx", True)]
@@ -284,15 +284,15 @@ def test_old_code_refuses_a_schema_that_needs_newer_code(empty_dsn: str, tmp_pat
 
     from engine.migrate import CODE_VERSION, require_schema
 
-    directory = _with_extra(tmp_path, "0009_rename.sql", (
+    directory = _with_extra(tmp_path, "0099_rename.sql", (
         "-- Renames a column older engines read.\n"
         "-- skiplock: min-code-version 99.0\n"
         "ALTER TABLE skiplock.jobs RENAME COLUMN error_message TO last_error;\n"))
     with db.connect(empty_dsn) as conn:
         migrate(conn, directory)
-        assert conn.execute("SELECT min_code_version FROM skiplock.schema_migrations WHERE version = 9"
+        assert conn.execute("SELECT min_code_version FROM skiplock.schema_migrations WHERE version = 99"
                             ).fetchone() == ("99.0",)
-        message = (f"database schema migration 0009_rename needs skiplock >= 99.0; this is skiplock "
+        message = (f"database schema migration 0099_rename needs skiplock >= 99.0; this is skiplock "
                    f"{CODE_VERSION}: upgrade skiplock to run against this database")
         with pytest.raises(SchemaOutdated) as info:
             require_schema(conn)
@@ -310,13 +310,13 @@ def test_a_migration_for_older_code_is_accepted_and_directives_are_checked(empty
     from engine.errors import ConfigError
     from engine.migrate import require_schema
 
-    directory = _with_extra(tmp_path, "0009_add.sql", "-- skiplock: min-code-version 0.0.1\nSELECT 1;\n")
+    directory = _with_extra(tmp_path, "0099_add.sql", "-- skiplock: min-code-version 0.0.1\nSELECT 1;\n")
     with db.connect(empty_dsn) as conn:
         migrate(conn, directory)
         require_schema(conn)
-    bad = _with_extra(tmp_path / "bad", "0009_bad.sql", "-- fine\n-- skiplock: no-transactions\nSELECT 1;\n")
-    with pytest.raises(ConfigError, match=r"0009_bad.sql:2: unknown directive 'no-transactions'"):
+    bad = _with_extra(tmp_path / "bad", "0099_bad.sql", "-- fine\n-- skiplock: no-transactions\nSELECT 1;\n")
+    with pytest.raises(ConfigError, match=r"0099_bad.sql:2: unknown directive 'no-transactions'"):
         available_migrations(bad)
-    bad = _with_extra(tmp_path / "bad2", "0009_bad.sql", "-- skiplock: min-code-version soon\nSELECT 1;\n")
-    with pytest.raises(ConfigError, match=r"0009_bad.sql:1: min-code-version 'soon' is not a version"):
+    bad = _with_extra(tmp_path / "bad2", "0099_bad.sql", "-- skiplock: min-code-version soon\nSELECT 1;\n")
+    with pytest.raises(ConfigError, match=r"0099_bad.sql:1: min-code-version 'soon' is not a version"):
         available_migrations(bad)
