@@ -460,3 +460,18 @@ def test_key_probes_use_the_key_index_even_with_idle_statistics(dsn: str, conn: 
     for sql in (Q.claim_keyed_pick, Q.claim_keyed):
         plan = _generic_plan(conn, sql)
         assert "jobs_key_running_idx" in plan and "jobs_running_idx" not in plan, plan
+
+
+def test_engine_enqueue_key(dsn: str) -> None:
+    from support.cli import engine, ok, one_line_error
+
+    register_flows(dsn, "keyed")
+    assert ok(engine("enqueue", "keyed", "--payload", '{"n": 1}', "--count", "3", "--key", "acme", dsn=dsn)) \
+        == "enqueued 3 job(s) to keyed\n"
+    assert rows(dsn, "SELECT concurrency_key, count(*) FROM skiplock.jobs GROUP BY 1") == [("acme", 3)]
+    assert "concurrency key" in one_line_error(engine("enqueue", "keyed", "--payload", "{}", "--key", "", dsn=dsn))
+    assert "concurrency key" in one_line_error(engine("enqueue", "keyed", "--payload", "{}", "--key", "a\tb",
+                                                      dsn=dsn))
+    assert "--key" in ok(engine("enqueue", "--help"))
+    assert "why a job is not running" in ok(engine("explain", "--help")).replace("\n", " ") or \
+        "every reason" in ok(engine("explain", "--help"))
