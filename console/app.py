@@ -482,10 +482,13 @@ class ConsoleApp(App[None]):
         try:
             job = self.data.job(message.job_id)
             children = self.data.job_children(message.job_id) if job is not None else []
+            # Why it waits (or what runs it): for jobs that have not ended.
+            explanation = self.data.explain(message.job_id) if job is not None and job.status in (
+                "pending", "running") else None
         except (psycopg.Error, OSError) as exc:
             self.call_from_thread(self.notify, f"job {message.job_id}: {describe_error(exc)}", severity="error")
             return
-        _answer(message, JobLoaded(message.job_id, job, children))
+        _answer(message, JobLoaded(message.job_id, job, children, explanation))
 
     @on(LoadSchedules)
     def _on_load_schedules(self, message: LoadSchedules) -> None:

@@ -26,6 +26,8 @@ import orjson
 import psycopg
 
 from engine import db, store
+from engine.errors import JobNotFound
+from engine.explain import Explanation
 from engine.pipelines import Pipeline
 from engine.queue import (CancelReport, DeadLetter, DeadLetterFilter, Job, JobFilter, JobSummary, Queue, RunningJob,
                           Schedule)
@@ -363,6 +365,16 @@ class DataSource:
 
     def job(self, job_id: int) -> Job | None:
         return self._reading(lambda conn: Queue(conn=conn, check_schema=False).job(job_id))
+
+    def explain(self, job_id: int) -> Explanation | None:
+        """Why the job waits, or what runs it (None: no such job any more)."""
+        def read(conn: psycopg.Connection[Any]) -> Explanation | None:
+            try:
+                return Queue(conn=conn, check_schema=False).explain(job_id)
+            except JobNotFound:
+                return None
+
+        return self._reading(read)
 
     def jobs(self, where: JobFilter, limit: int = JOBS_LIMIT) -> JobsPage:
         def read(conn: psycopg.Connection[Any]) -> JobsPage:

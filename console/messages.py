@@ -21,6 +21,7 @@ from textual.message_pump import MessagePump
 from console.data import DeadLetterPage, EnginePage, JobsPage, RunningPage, SchedulePage, Snapshot
 from console.filters import Filter
 from engine.pipelines import Pipeline
+from engine.explain import Explanation
 from engine.queue import DeadLetterFilter, Job, JobFilter
 from engine.store import ChildJob
 
@@ -297,6 +298,7 @@ class JobLoaded(Result):
     job_id: int
     job: Job | None
     children: list[ChildJob] = field(default_factory=list)  # the jobs its ack created (Next)
+    explanation: Explanation | None = None  # why it waits (pending, scheduled) or what runs it
 
 
 @dataclass

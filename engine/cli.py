@@ -153,6 +153,7 @@ def cmd_enqueue(args: argparse.Namespace) -> int:
                 max_attempts=args.max_attempts, item_names=names,
                 dedupe_keys=[args.dedupe_key] if args.dedupe_key is not None else None,
                 seal=False if args.no_seal else None,
+                keys=[args.key] * len(payloads) if args.key is not None else None,
                 # A flow the config declares is the engines' own: known even before one has started.
                 allow_unknown_flow=args.allow_unknown_flow or args.flow in settings.flows,
             )
@@ -376,6 +377,21 @@ def cmd_wait(args: argparse.Namespace) -> int:
             sys.stderr.write(f"engine: error: {exc}\n")
             return EXIT_TIMEOUT
     sys.stdout.write(orjson.dumps(result).decode() + "\n")
+    return EXIT_OK
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    try:
+        job_id = int(args.id)
+    except ValueError:
+        raise ValidationError(f"job id {args.id!r} must be an integer") from None
+    with _queue(args) as queue:
+        explanation = queue.explain(job_id, stale_after=settings.engine.stale_after)
+    if args.json:
+        sys.stdout.write(orjson.dumps(explanation.as_dict()).decode() + "\n")
+    else:
+        sys.stdout.write("\n".join(explanation.lines()) + "\n")
     return EXIT_OK
 
 
@@ -695,6 +711,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--priority", type=int, default=0, help="higher runs first (default 0)")
     p.add_argument("--delay", type=_duration("--delay"), default=0.0, help="e.g. 30s, 5m")
     p.add_argument("--dedupe-key", help="skip if an unfinished job of the flow has this key")
+    p.add_argument("--key", help="concurrency key of every job enqueued (flows with concurrency_per_key); "
+                                 "default: the payload field the flow's concurrency_key names")
     p.add_argument("--max-attempts", type=int, default=None, help="default: the flow's policy")
     p.add_argument("--allow-unknown-flow", action="store_true",
                    help="enqueue even though no engine has registered the flow yet (else refused)")
@@ -767,6 +785,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("id", type=int)
     p.add_argument("--timeout", type=_duration("--timeout"), default=30.0, help="e.g. 30s, 5m (default 30s)")
     p.set_defaults(func=cmd_wait)
+
+    p = sub.add_parser("explain", parents=[common], help="why a job is not running now (or what runs it)",
+                       description="For a pending or scheduled job, every reason it is not running now: flow "
+                                   "paused, circuit open, run_at in the future (backoff or delay), fleet "
+                                   "concurrency limit, rate limit, its concurrency key at its limit, no live "
+                                   "worker for its flow, jobs ahead of it. For a running job: its worker, how "
+                                   "long, heartbeat age. For an ended job: how it ended.",
+                       epilog="exit codes: 0 explained; 2 bad input or no such job")
+    p.add_argument("id", help="job id")  # parsed by cmd_explain: bad input is one line, not argparse's usage
+    p.add_argument("--json", action="store_true", help="one JSON object: status, reasons (kind, message, ...)")
+    p.set_defaults(func=cmd_explain)
 
     jobs = sub.add_parser("jobs", help="the job browser: list, show (any state)")
     jsub = jobs.add_subparsers(dest="jobs_command", required=True, metavar="ACTION")

@@ -27,7 +27,8 @@ from pathlib import Path
 from typing import Any, Final, TypeVar
 
 from engine.errors import ConfigError
-from engine.limits import INT4_MAX, MAX_DURATION_S, MAX_DURATION_TEXT, MAX_POOL_SIZE, MAX_PORT, MAX_WORKERS, utf8_problem
+from engine.limits import (INT4_MAX, MAX_DURATION_S, MAX_DURATION_TEXT, MAX_POOL_SIZE, MAX_PORT, MAX_RATE_BURST,
+                           MAX_RATE_PER_S, MAX_WORKERS, utf8_problem)
 from engine.redact import secret_spans
 from engine.schedules import ScheduleError, ScheduleSpec, check_catch_up, check_every, check_payload, check_timezone, parse_cron
 
@@ -236,6 +237,27 @@ def _flow_name(value: object, where: _Where) -> str:
     return text
 
 
+_RATE_PERIODS: Final = {"s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def _rate(value: object, where: _Where) -> float:
+    """ "100/s", "30/m", "500/h" (also "2.5/s") -> job starts per second."""
+    if not isinstance(value, str):
+        raise ConfigError(f'{where} must be a string like "100/s", "30/m" or "500/h", got {_show(value)}')
+    count, slash, period = value.strip().partition("/")
+    try:
+        number = float(count) if slash and period.strip() in _RATE_PERIODS else math.nan
+    except ValueError:
+        number = math.nan
+    if not math.isfinite(number) or number <= 0:
+        raise ConfigError(f'{where} must be a positive count per period like "100/s", "30/m" or "500/h", '
+                          f"got {_show(value)}")
+    per_second = number / _RATE_PERIODS[period.strip()]
+    if per_second > MAX_RATE_PER_S:
+        raise ConfigError(f"{where} must be at most {MAX_RATE_PER_S:g}/s, got {_show(value)}")
+    return per_second
+
+
 _POSITIVE_DURATION: Final = _duration(positive=True)
 _DURATION: Final = _duration(positive=False)
 
@@ -333,6 +355,33 @@ class FlowConfig:
                             "inserted by the ack (engine/stages.py); false: none", None, recorded=True)
     on_complete_repeat: bool = _key(_bool, "a run reopened by a retry or a late enqueue fires on_complete again "
                                     "when it finishes again (default: once per run)", False, recorded=True)
+    # Flow control, enforced in the claim (README "Rate limits and per-key concurrency").
+    rate_limit: float | None = _key(
+        _optional(_rate), 'fleet-wide job starts per period: "100/s", "30/m" or "500/h"; false: none', None,
+        recorded=True)
+    rate_burst: int | None = _key(
+        _optional(_int(1, MAX_RATE_BURST)), "starts the rate limit may save up; unset: one second's worth, at least 1",
+        None, recorded=True)
+    concurrency_key: str | None = _key(
+        _optional(_text), "top-level payload key whose value is the job's concurrency key (else key= at enqueue)",
+        None, recorded=True)
+    concurrency_per_key: int | None = _key(
+        _optional(_int(1)), "fleet-wide limit of running jobs per concurrency key; unset with concurrency_key: 1",
+        None, recorded=True)
+
+    @property
+    def burst(self) -> float:
+        """The rate limit's bucket size (only meaningful with rate_limit)."""
+        if self.rate_burst is not None:
+            return float(self.rate_burst)
+        return float(max(1, math.ceil(self.rate_limit or 1.0)))
+
+    @property
+    def per_key(self) -> int | None:
+        """Running jobs allowed per concurrency key; None: the flow has no per-key limit."""
+        if self.concurrency_per_key is None and self.concurrency_key is None:
+            return None
+        return self.concurrency_per_key or 1
 
 
 @dataclass(frozen=True)

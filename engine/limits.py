@@ -25,6 +25,10 @@ MAX_ERROR_TYPE_CHARS: Final = 80
 # per second; what is left out is counted in a later line.
 FAILURE_LOG_BURST: Final = 10
 FAILURE_LOG_PER_SECOND: Final = 1.0
+# Flow rate limits (rate_limit = "N/s|m|h"): at most this many job starts per second, and a burst
+# of at most this many tokens; far above what one database can claim, and exact in a float8.
+MAX_RATE_PER_S: Final = 1_000_000.0
+MAX_RATE_BURST: Final = 10_000_000
 
 
 def utf8_problem(text: str) -> str | None:

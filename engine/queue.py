@@ -27,6 +27,7 @@ import psycopg
 from psycopg_pool import ConnectionPool
 
 from engine import __version__, db, pipelines, store
+from engine.explain import AHEAD_CAP, Explanation, explain, explain_done
 from engine.redact import describe_error
 from engine.errors import (
     DatabaseUnavailable,
@@ -445,20 +446,25 @@ class Queue:
         dedupe_key: str | None = None,
         allow_unknown_flow: bool = False,
         seal: bool | None = None,
+        key: str | None = None,
     ) -> int | None:
         """Enqueue one job; returns its id, or None when an unfinished job has the same dedupe key.
         A flow no engine has registered is refused (UnknownFlow) unless `allow_unknown_flow`.
-        `seal`: as enqueue_many's."""
+        `seal`: as enqueue_many's. `key`: the job's concurrency key (default: the payload field the
+        flow's concurrency_key names)."""
         validate_flow(flow)
         options = EnqueueOptions(priority, _delay_from(delay, run_at), max_attempts, run_id).validated()
         text = encode_payload(payload, "payload")
         _validate_key(dedupe_key, "dedupe key")
         sealed = _seal_flag(seal, options.run_id)
+        _validate_key(key, "concurrency key")
         with self.connection() as conn, conn.transaction():
             _require_known_flow(conn, flow, allow_unknown_flow)
             job_id = store.enqueue_one(conn, flow, text, priority=options.priority, delay=options.delay,
                                        max_attempts=options.max_attempts, run_id=options.run_id,
                                        dedupe_key=dedupe_key)
+            if job_id is not None and key is not None:
+                store.job_set_concurrency_key(conn, job_id, key)
             if options.run_id is not None:
                 _grow_run(conn, options.run_id, flow, 0 if job_id is None else 1, sealed)
         return job_id
@@ -478,6 +484,7 @@ class Queue:
         allow_unknown_flow: bool = False,
         batch_key: str | None = None,
         seal: bool | None = None,
+        keys: Sequence[str | None] | None = None,
     ) -> EnqueueResult:
         """Enqueue many jobs of one flow in one transaction (COPY; unnest when dedupe keys are given).
 
@@ -496,6 +503,9 @@ class Queue:
         its hook) before the last one: pass `seal=True` with the last chunk, or call seal_run(run_id).
         Default (None): a new run is sealed; an existing run keeps its state. Jobs added to a run
         that had finished reopen it (README: "Runs").
+
+        `keys`: a concurrency key per payload (None: from the payload field the flow's
+        concurrency_key names, at claim).
         """
         validate_flow(flow)
         options = EnqueueOptions(priority, _delay_from(delay, run_at), max_attempts, run_id).validated()
@@ -507,6 +517,11 @@ class Queue:
                 raise ValidationError(f"{len(dedupe_keys)} dedupe keys for {len(texts)} payloads")
             for index, key in enumerate(dedupe_keys):
                 _validate_key(key, f"{item_names[index] if item_names else f'item {index}'}: dedupe key")
+        if keys is not None:
+            if len(keys) != len(texts):
+                raise ValidationError(f"{len(keys)} concurrency keys for {len(texts)} payloads")
+            for index, item_key in enumerate(keys):
+                _validate_key(item_key, f"{item_names[index] if item_names else f'item {index}'}: concurrency key")
         key = _validate_key(batch_key, "batch key") or uuid.uuid4().hex
         sealed = _seal_flag(seal, options.run_id)
         if not texts and not (options.run_id is not None and sealed is not None):
@@ -521,7 +536,12 @@ class Queue:
                     if receipt.flow != flow:
                         raise ValidationError(f"batch key {key!r} was used for flow {receipt.flow!r}, not {flow!r}")
                     return EnqueueResult(receipt.inserted, receipt.skipped, key, replayed=True)
-                if dedupe_keys is not None:
+                if keys is not None:
+                    inserted = store.enqueue_many_keyed(
+                        conn, flow, texts, list(dedupe_keys) if dedupe_keys is not None else [None] * len(texts),
+                        list(keys), priority=options.priority, delay=options.delay,
+                        max_attempts=options.max_attempts, run_id=options.run_id)
+                elif dedupe_keys is not None:
                     inserted = store.enqueue_many_dedupe(
                         conn, flow, texts, list(dedupe_keys), priority=options.priority, delay=options.delay,
                         max_attempts=options.max_attempts, run_id=options.run_id)
@@ -678,6 +698,20 @@ class Queue:
                                               progress_message=progress.progress_message,
                                               progress_at=progress.progress_at)
             return job
+
+    def explain(self, job_id: int, *, stale_after: float = 30.0) -> Explanation:
+        """Why job `job_id` is not running now: every reason (engine.explain.Reason, typed by `kind`),
+        or which worker runs it, or that it has ended. `stale_after`: the engines' setting, for "no
+        live worker serves its flow". JobNotFound for an id no job has (or a purged one)."""
+        _validate_id(job_id, "job id")
+        with self.connection() as conn:
+            facts = store.explain_job(conn, job_id, stale_after=stale_after, cap=AHEAD_CAP)
+            if facts is not None:
+                return explain(facts)
+            done = store.explain_done(conn, job_id)
+        if done is None:
+            raise JobNotFound(job_id)
+        return explain_done(job_id, done)
 
     def retry_dead(self, where: DeadLetterFilter) -> list[int]:
         """Dead jobs matching `where` go back to pending; returns their ids. Jobs no longer dead are

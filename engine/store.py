@@ -390,6 +390,20 @@ def enqueue_many_dedupe(conn: Conn, flow: str, payloads: list[str], dedupe_keys:
     return cur.rowcount
 
 
+def enqueue_many_keyed(conn: Conn, flow: str, payloads: list[str], dedupe_keys: list[str | None],
+                       keys: list[str | None], *, priority: int, delay: float, max_attempts: int | None,
+                       run_id: str | None) -> int:
+    """enqueue_many_dedupe with a concurrency key per payload. Returns how many were inserted."""
+    cur = conn.execute(Q.enqueue_many_keyed, {
+        "flow": flow, "payloads": payloads, "dedupe_keys": dedupe_keys, "keys": keys, "priority": priority,
+        "delay": delay, "max_attempts": max_attempts, "run_id": run_id})
+    return cur.rowcount
+
+
+def job_set_concurrency_key(conn: Conn, job_id: int, key: str) -> None:
+    conn.execute(Q.job_set_concurrency_key, {"id": job_id, "key": key})
+
+
 def _copy_escape(text: str) -> str:
     # COPY text format: backslash is the escape character. orjson never emits raw tabs or newlines.
     return text.replace("\\", "\\\\")
@@ -544,6 +558,41 @@ def claim_flow_lock(conn: Conn, flow: str) -> None:
 
 def claim_running_count(conn: Conn, flow: str) -> int:
     return int(_scalar(conn, Q.claim_running_count, {"flow": flow}) or 0)
+
+
+# Flow control (rate limits, per-key concurrency): only limited flows send these.
+
+
+def rate_bucket_ensure(conn: Conn, flow: str, burst: float) -> None:
+    """Create the flow's token bucket, full, unless it exists."""
+    conn.execute(Q.rate_bucket_ensure, {"flow": flow, "burst": burst})
+
+
+def claim_rated(conn: Conn, flow: str, worker_id: str, limit: int, token: int, max_attempts: int, *,
+                rate: float, burst: float) -> list[tuple[Any, ...]]:
+    """claim_batch for a rate-limited flow: at most the whole tokens its bucket holds, debited in the
+    same statement. Rows as claim_batch's."""
+    return conn.execute(Q.claim_rated, {"flow": flow, "worker": worker_id, "limit": limit, "token": token,
+                                        "max_attempts": max_attempts, "rate": rate, "burst": burst}).fetchall()
+
+
+def rate_bucket_wait(conn: Conn, flow: str, *, rate: float, burst: float) -> float:
+    """Seconds until the flow's bucket holds a whole token (0: it does now, or it has no bucket)."""
+    return float(_scalar(conn, Q.rate_bucket_wait, {"flow": flow, "rate": rate, "burst": burst}) or 0.0)
+
+
+def claim_keyed(conn: Conn, flow: str, worker_id: str, limit: int, token: int, max_attempts: int, *,
+                key_field: str | None, per_key: int, rate: float | None = None,
+                burst: float | None = None) -> list[tuple[Any, ...]]:
+    """claim_batch for a flow with a per-key limit: two statements, which must share the caller's
+    transaction (the key locks the first takes are what make the second's counts exact). Rows as
+    claim_batch's."""
+    params = {"flow": flow, "worker": worker_id, "limit": limit, "key_field": key_field, "per_key": per_key}
+    ids = [row[0] for row in conn.execute(Q.claim_keyed_pick, params).fetchall()]
+    if not ids:
+        return []
+    params.update(ids=ids, token=token, max_attempts=max_attempts, rate=rate, burst=burst)
+    return conn.execute(Q.claim_keyed, params).fetchall()
 
 
 def next_run_at(conn: Conn, flows: list[str]) -> float | None:
@@ -1299,3 +1348,18 @@ def pipeline_links(conn: Conn) -> list[tuple[str, str]]:
 
 def flow_rates(conn: Conn) -> dict[str, float]:
     return {str(flow): float(rate) for flow, rate in conn.execute(Q.flow_rates).fetchall()}
+
+
+# Why is this job waiting? (engine/explain.py turns these facts into reasons)
+
+
+def explain_job(conn: Conn, job_id: int, *, stale_after: float, cap: int) -> dict[str, Any] | None:
+    """What keeps an unfinished or dead job where it is, as one row of named facts; None: not in the
+    hot table (ended: explain_done)."""
+    found = _dicts(conn, Q.explain_job, {"id": job_id, "stale_after": stale_after, "cap": cap})
+    return found[0] if found else None
+
+
+def explain_done(conn: Conn, job_id: int) -> dict[str, Any] | None:
+    found = _dicts(conn, Q.explain_done, {"id": job_id})
+    return found[0] if found else None

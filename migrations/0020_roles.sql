@@ -63,3 +63,7 @@ GRANT SELECT, INSERT, UPDATE, DELETE ON skiplock.metrics_leader TO skiplock_engi
 -- views; an operator's enqueue or retry inserts no children.
 GRANT SELECT ON skiplock.flow_links TO skiplock_engine, skiplock_operator, skiplock_viewer;
 GRANT INSERT, UPDATE ON skiplock.flow_links TO skiplock_engine;
+-- Flow control (0009): the claim refills and debits the rate-limited flows' token buckets; `engine
+-- explain` reads them.
+GRANT SELECT ON skiplock.rate_buckets TO skiplock_engine, skiplock_operator, skiplock_viewer;
+GRANT INSERT, UPDATE ON skiplock.rate_buckets TO skiplock_engine;

@@ -760,7 +760,8 @@ def test_recorded_policy_is_what_engines_store(tmp_path: Path) -> None:
     assert recorded_policy(flow) == {
         "batch_size": 7, "max_attempts": 5, "backoff": {"base": 2.0, "cap": 300.0, "jitter": 0.2},
         "timeout": 2.0, "concurrency": None, "circuit": {"failures": 3, "cooldown": 60.0},
-        "concurrency_per_worker": None, "batch": False, "next": None, "on_complete_repeat": False}
+        "concurrency_per_worker": None, "batch": False, "next": None, "on_complete_repeat": False,
+        "rate_limit": None, "rate_burst": None, "concurrency_key": None, "concurrency_per_key": None}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ from console.screens.base import BaseScreen
 from console.screens.modals import ConfirmScreen
 from console.widgets.header import StatusHeader
 from console.widgets.keybar import KeyBar
+from engine.explain import Explanation
 from engine.queue import Job
 from engine.store import ChildJob
 
@@ -128,6 +129,7 @@ class JobScreen(BaseScreen):
         yield StatusHeader(id="status")
         yield Static(Text(f"Job {self.job_id}  (loading…)", style="bold"), id="job-title", classes="title")
         with VerticalScroll(id="job-body"):
+            yield Static("", id="job-why", classes="box")
             yield Static("", id="job-timeline", classes="box")
             with Horizontal(id="job-data"):
                 yield Static("", id="job-payload", classes="box")
@@ -135,6 +137,7 @@ class JobScreen(BaseScreen):
         yield KeyBar()
 
     def on_mount(self) -> None:
+        self.query_one("#job-why", Static).display = False  # shown for jobs that have not ended
         self.ready = True
         self.update_header()
         self.query_one("#job-body").focus()
@@ -144,6 +147,7 @@ class JobScreen(BaseScreen):
         if message.job_id == self.job_id:
             self.child_jobs = message.children
             self.job_loaded(message.job)
+            self.show_explanation(message.explanation)
 
     def on_action_done(self, message: ActionDone) -> None:
         if not message.error:
@@ -212,6 +216,20 @@ class JobScreen(BaseScreen):
                 kids.append(f"… and {len(children) - 20} more (engine jobs show {job.id})\n", style="dim")
             parts.append(kids)
         self.query_one("#job-result", Static).update(Group(*parts))
+
+    def show_explanation(self, explanation: Explanation | None) -> None:
+        """The "why is it waiting" box: each reason on its own line (engine explain's text)."""
+        box = self.query_one("#job-why", Static)
+        if explanation is None or explanation.status not in ("pending", "scheduled", "running"):
+            box.display = False
+            return
+        text = Text()
+        text.append("Why it is not running now\n" if explanation.status != "running" else "Running\n",
+                    style="bold underline")
+        for reason in explanation.reasons:
+            text.append(f"{reason.message}\n")
+        box.update(text)
+        box.display = True
 
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
         allowed = super().check_action(action, parameters)

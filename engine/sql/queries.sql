@@ -93,6 +93,20 @@ FROM unnest(%(payloads)s::jsonb[], %(dedupe_keys)s::text[]) AS p(payload, dedupe
 ON CONFLICT (flow, dedupe_key) WHERE dedupe_key IS NOT NULL AND status IN ('pending', 'running')
 DO NOTHING;
 
+-- name: enqueue_many_keyed
+-- enqueue_many with concurrency keys (per item, NULL: from the payload at claim): unnest, like the
+-- dedupe path, so the plain COPY keeps its columns.
+INSERT INTO skiplock.jobs (flow, payload, priority, run_at, max_attempts, run_id, dedupe_key, concurrency_key)
+SELECT %(flow)s, p.payload, %(priority)s, clock_timestamp() + make_interval(secs => %(delay)s), %(max_attempts)s,
+       %(run_id)s, p.dedupe_key, p.concurrency_key
+FROM unnest(%(payloads)s::jsonb[], %(dedupe_keys)s::text[], %(keys)s::text[]) AS p(payload, dedupe_key, concurrency_key)
+ON CONFLICT (flow, dedupe_key) WHERE dedupe_key IS NOT NULL AND status IN ('pending', 'running')
+DO NOTHING;
+
+-- name: job_set_concurrency_key
+-- Queue.enqueue(key=...): in the enqueue's transaction, so no claim sees the job without its key.
+UPDATE skiplock.jobs SET concurrency_key = %(key)s WHERE id = %(id)s AND status = 'pending';
+
 -- name: enqueue_receipt_claim
 -- First statement of a keyed enqueue_many transaction. No row back: the key is taken (a batch that
 -- already committed, or one committing now: this waits for it), and enqueue_receipt_get tells what
@@ -689,6 +703,135 @@ SELECT pg_advisory_xact_lock(hashtext('skiplock.flow.' || %(flow)s));
 
 -- name: claim_running_count
 SELECT count(*) FROM skiplock.jobs WHERE flow = %(flow)s AND status = 'running';
+
+-- ---------------------------------------------------------------------------------------------
+-- Flow control: rate limits and per-key concurrency (issue 15 items 4-5). Only flows with a
+-- rate_limit or a per-key limit send these; every other flow keeps claim_batch as it is.
+
+-- name: rate_bucket_ensure
+-- A new bucket starts full (one burst). Sent once per worker per limited flow, at its first claim.
+INSERT INTO skiplock.rate_buckets (flow, tokens) VALUES (%(flow)s, %(burst)s)
+ON CONFLICT (flow) DO NOTHING;
+
+-- name: claim_rated
+-- claim_batch for a rate-limited flow: the bucket row is locked (FOR UPDATE waits for the claimer
+-- before us and reads its committed debit), refilled by `rate` tokens per second since its last
+-- claim up to `burst`, and debited by exactly the number of jobs this statement claims, so claimers
+-- on every engine take turns on one row and never take more than it holds. A missing bucket holds
+-- nothing (rate_bucket_ensure creates it).
+WITH bucket AS MATERIALIZED (
+    SELECT b.flow, clock_timestamp() AS ts,
+           least(%(burst)s::float8, b.tokens + %(rate)s::float8
+                 * greatest(extract(epoch FROM clock_timestamp() - b.updated_at)::float8, 0)) AS avail
+    FROM skiplock.rate_buckets b WHERE b.flow = %(flow)s
+    FOR UPDATE
+), picked AS (
+    SELECT id FROM skiplock.jobs
+    WHERE flow = %(flow)s AND status = 'pending' AND run_at <= now()
+      AND NOT EXISTS (
+          SELECT 1 FROM skiplock.flows f
+          WHERE f.name = %(flow)s
+            AND (f.paused OR (f.circuit_state = 'open' AND f.circuit_until > now())))
+      AND NOT EXISTS (SELECT 1 FROM skiplock.workers w WHERE w.id = %(worker)s AND w.state = 'lost')
+    ORDER BY priority DESC, run_at, id
+    LIMIT least(%(limit)s::int, coalesce((SELECT floor(avail)::int FROM bucket), 0))
+    FOR UPDATE SKIP LOCKED
+), claimed AS (
+    UPDATE skiplock.jobs j
+    SET status = 'running', claimed_by = %(worker)s, claim_token = %(token)s, claimed_at = clock_timestamp(),
+        attempts = j.attempts + 1, updated_at = now()
+    WHERE j.id = ANY(ARRAY(SELECT id FROM picked))
+    RETURNING j.id, j.payload, j.attempts, coalesce(j.max_attempts, %(max_attempts)s), j.run_id,
+              extract(epoch FROM j.claimed_at - j.run_at)::float8 * 1000.0 AS wait_ms
+), debit AS (
+    UPDATE skiplock.rate_buckets r
+    SET tokens = b.avail - (SELECT count(*) FROM claimed), updated_at = b.ts
+    FROM bucket b WHERE r.flow = b.flow
+)
+SELECT * FROM claimed;
+
+-- name: rate_bucket_wait
+-- After a rate-limited claim came back empty: seconds until the bucket holds one whole token
+-- (0: it holds one now, so the flow had nothing due). The worker sleeps that long, not a poll.
+SELECT greatest((1.0 - least(%(burst)s::float8, b.tokens + %(rate)s::float8
+                             * greatest(extract(epoch FROM clock_timestamp() - b.updated_at)::float8, 0)))
+                / %(rate)s::float8, 0)
+FROM skiplock.rate_buckets b WHERE b.flow = %(flow)s;
+
+-- name: claim_keyed_pick
+-- First statement of a per-key claim transaction: up to `limit` due jobs whose key has room in this
+-- statement's snapshot, taking a transaction-level advisory lock per key as it goes (skipping a key
+-- another claimer holds now). Rows are not locked here. The scan walks the claim's index and probes
+-- jobs_key_running_idx once per candidate (at most `per_key` entries), so its cost grows with the
+-- candidates it examines (the batch, plus jobs of blocked keys ahead of them), not with the number
+-- of keys. Jobs without a key are not limited.
+SELECT j.id FROM skiplock.jobs j
+WHERE j.flow = %(flow)s AND j.status = 'pending' AND j.run_at <= now()
+  AND NOT EXISTS (
+      SELECT 1 FROM skiplock.flows f
+      WHERE f.name = %(flow)s
+        AND (f.paused OR (f.circuit_state = 'open' AND f.circuit_until > now())))
+  AND NOT EXISTS (SELECT 1 FROM skiplock.workers w WHERE w.id = %(worker)s AND w.state = 'lost')
+  AND (coalesce(j.concurrency_key, j.payload ->> %(key_field)s::text) IS NULL
+       OR ((SELECT count(*) FROM (
+                -- running, spelled as jobs_key_running_idx's predicate (see migration 0009)
+                SELECT 1 FROM skiplock.jobs r
+                WHERE r.status BETWEEN 'running' AND 'running' AND r.concurrency_key IS NOT NULL
+                  AND r.flow = %(flow)s
+                  AND r.concurrency_key = coalesce(j.concurrency_key, j.payload ->> %(key_field)s::text)
+                LIMIT %(per_key)s) AS held) < %(per_key)s
+           AND pg_try_advisory_xact_lock(hashtext('skiplock.key.' || %(flow)s),
+                                         hashtext(coalesce(j.concurrency_key, j.payload ->> %(key_field)s::text)))))
+ORDER BY j.priority DESC, j.run_at, j.id
+LIMIT %(limit)s;
+
+-- name: claim_keyed
+-- Second statement: claims the picked jobs whose key still has room. Its snapshot is taken after
+-- the key locks were granted, so it sees every claim of those keys that committed before (a count
+-- in the pick statement could miss the claim of the lock's previous holder). Within the batch, a
+-- key gets at most its remaining room, in claim order. The claim stamps each job's key, so running
+-- jobs are found by jobs_key_running_idx. With `rate` (a rate-limited keyed flow) the bucket is
+-- refilled and debited as in claim_rated; without it the bucket CTE reads nothing.
+WITH bucket AS MATERIALIZED (
+    SELECT b.flow, clock_timestamp() AS ts,
+           least(%(burst)s::float8, b.tokens + %(rate)s::float8
+                 * greatest(extract(epoch FROM clock_timestamp() - b.updated_at)::float8, 0)) AS avail
+    FROM skiplock.rate_buckets b WHERE b.flow = %(flow)s AND %(rate)s::float8 IS NOT NULL
+    FOR UPDATE
+), locked AS (
+    SELECT j.id, j.priority, j.run_at, coalesce(j.concurrency_key, j.payload ->> %(key_field)s::text) AS k
+    FROM skiplock.jobs j
+    WHERE j.id = ANY(%(ids)s::bigint[]) AND j.flow = %(flow)s AND j.status = 'pending'
+    FOR UPDATE SKIP LOCKED
+), ranked AS (
+    SELECT l.id, l.priority, l.run_at, l.k,
+           row_number() OVER (PARTITION BY l.k ORDER BY l.priority DESC, l.run_at, l.id) AS nth
+    FROM locked l
+), allowed AS (
+    SELECT r.id FROM ranked r
+    WHERE r.k IS NULL
+       OR r.nth <= %(per_key)s - (SELECT count(*) FROM (
+              SELECT 1 FROM skiplock.jobs x
+              WHERE x.status BETWEEN 'running' AND 'running' AND x.concurrency_key IS NOT NULL
+                AND x.flow = %(flow)s AND x.concurrency_key = r.k
+              LIMIT %(per_key)s) AS held)
+    ORDER BY r.priority DESC, r.run_at, r.id
+    LIMIT CASE WHEN %(rate)s::float8 IS NULL THEN %(limit)s::int
+               ELSE least(%(limit)s::int, coalesce((SELECT floor(avail)::int FROM bucket), 0)) END
+), claimed AS (
+    UPDATE skiplock.jobs j
+    SET status = 'running', claimed_by = %(worker)s, claim_token = %(token)s, claimed_at = clock_timestamp(),
+        attempts = j.attempts + 1, updated_at = now(),
+        concurrency_key = coalesce(j.concurrency_key, j.payload ->> %(key_field)s::text)
+    WHERE j.id = ANY(ARRAY(SELECT id FROM allowed))
+    RETURNING j.id, j.payload, j.attempts, coalesce(j.max_attempts, %(max_attempts)s), j.run_id,
+              extract(epoch FROM j.claimed_at - j.run_at)::float8 * 1000.0 AS wait_ms
+), debit AS (
+    UPDATE skiplock.rate_buckets r
+    SET tokens = b.avail - (SELECT count(*) FROM claimed), updated_at = b.ts
+    FROM bucket b WHERE r.flow = b.flow
+)
+SELECT * FROM claimed;
 
 -- name: next_run_at
 -- How long an idle worker may sleep: the earliest scheduled job of its highest priority. Flows that
@@ -1674,3 +1817,46 @@ SELECT flow, sum(completed)::float8
 FROM skiplock.stats_minute
 WHERE minute >= date_trunc('minute', now()) - interval '1 minute'
 GROUP BY flow;
+-- ---------------------------------------------------------------------------------------------
+-- Why is this job waiting? (issue 15 item 6): `engine explain`, Queue.explain, the console's job detail
+
+-- name: explain_job
+-- Everything the engine knows that keeps one job from running, in one statement (one snapshot), for
+-- engine/explain.py to turn into reasons. A job not in the hot table has ended (explain_done).
+-- `ahead`: due jobs the claim takes first (higher priority, or same priority and older), counted up
+-- to `cap` on the claim's index. The key is the one the claim would use (given, or the payload field).
+WITH job AS (
+    SELECT j.id, j.flow, j.status::text AS status, j.priority, j.run_at, j.attempts,
+           skiplock.max_attempts_for(j.flow, j.max_attempts) AS max_attempts, j.claimed_by, j.claimed_at,
+           j.created_at, j.finished_at, j.error_type, j.cancel_requested_at,
+           coalesce(j.concurrency_key, j.payload ->> (f.policy ->> 'concurrency_key')) AS concurrency_key,
+           f.name IS NOT NULL AS flow_known, coalesce(f.paused, false) AS paused, f.circuit_state, f.circuit_until,
+           coalesce(f.policy, '{}'::jsonb) AS policy
+    FROM skiplock.jobs j LEFT JOIN skiplock.flows f ON f.name = j.flow
+    WHERE j.id = %(id)s
+)
+SELECT job.*, now() AS now,
+       (SELECT count(*) FROM skiplock.jobs r WHERE r.flow = job.flow AND r.status = 'running') AS flow_running,
+       (SELECT count(*) FROM skiplock.jobs r
+        WHERE r.status BETWEEN 'running' AND 'running' AND r.concurrency_key IS NOT NULL
+          AND r.flow = job.flow AND r.concurrency_key = job.concurrency_key) AS key_running,
+       b.tokens AS bucket_tokens, b.updated_at AS bucket_at,
+       (SELECT count(*) FROM skiplock.workers w
+        WHERE w.state NOT IN ('stopped', 'lost') AND job.flow = ANY(w.flows)
+          AND greatest(w.heartbeat_at, pg_postmaster_start_time()) >= now() - make_interval(secs => %(stale_after)s))
+           AS live_workers,
+       (SELECT count(*) FROM (
+            SELECT 1 FROM skiplock.jobs a
+            WHERE a.flow = job.flow AND a.status = 'pending' AND a.run_at <= now() AND a.id <> job.id
+              AND (a.priority > job.priority
+                   OR (a.priority = job.priority AND (a.run_at, a.id) < (job.run_at, job.id)))
+            LIMIT %(cap)s) AS before) AS ahead,
+       w.host AS worker_host, w.pid AS worker_pid, w.state AS worker_state, w.heartbeat_at AS worker_heartbeat_at
+FROM job
+LEFT JOIN skiplock.rate_buckets b ON b.flow = job.flow
+LEFT JOIN skiplock.workers w ON w.id = job.claimed_by;
+
+-- name: explain_done
+-- A job that left the hot table: completed or cancelled, found by the id BRIN of jobs_done.
+SELECT id, flow, status, attempts, claimed_by, finished_at FROM skiplock.jobs_done WHERE id = %(id)s
+ORDER BY finished_at DESC LIMIT 1;

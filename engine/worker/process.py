@@ -387,7 +387,9 @@ class Worker:
                 if claimed > 0:
                     worked = True
                 elif claimed == 0:
-                    recheck_at[i] = now + EMPTY_FLOW_RECHECK
+                    # A rate-limited or key-blocked flow is held until it can claim again.
+                    hold = executor.producer.hold_until
+                    recheck_at[i] = hold if hold > now else now + EMPTY_FLOW_RECHECK
             if worked or self.stopping:
                 idle_probes = 0
                 continue
@@ -396,12 +398,22 @@ class Worker:
                 continue
             idle_probes = 0
             if any(e.concurrent and e.in_hand for e in executors):
-                self.wake.wait(EMPTY_FLOW_RECHECK)  # a job finishing below the low-water mark wakes us
+                # a job finishing below the low-water mark wakes us; a held flow's hold ends
+                self.wake.wait(min(EMPTY_FLOW_RECHECK, max(self._earliest_hold() - time.monotonic(), 0.0)))
             else:
                 self._wait_for_work()
             if self._notified or not any(e.concurrent and e.in_hand for e in executors):
+                if self._notified:
+                    for e in executors:
+                        e.producer.woken()
                 self._notified = False
-                recheck_at = [0.0] * len(executors)
+                recheck_at = [e.producer.hold_until for e in executors]
+
+    def _earliest_hold(self) -> float:
+        """When the first held (rate-limited or key-blocked) flow may claim again; inf: none held."""
+        now = time.monotonic()
+        return min((e.producer.hold_until for e in self.executors if e.producer.hold_until > now),
+                   default=float("inf"))
 
     def top_up(self) -> None:
         """From inside an inline batch: claim for the concurrent flows that dropped below their
@@ -450,9 +462,13 @@ class Worker:
                 self.wake.wait(FLUSH_INTERVAL)
                 return
         wait = self.spec.engine.poll_interval
+        now = time.monotonic()
+        # Held flows have due jobs they cannot claim yet: leave them out, and wake when the hold ends.
+        flows = [e.flow.name for e in self.executors if e.producer.hold_until <= now]
+        wait = min(wait, self._earliest_hold() - now)
         try:
             with self.pool.connection() as conn:
-                next_due = store.next_run_at(conn, self.flow_names)
+                next_due = store.next_run_at(conn, flows) if flows else None
         except TRANSIENT_DB_ERRORS as exc:
             self.log.warning("database call next_run_at failed: %s", exc)
             self.wake.wait(0.1)

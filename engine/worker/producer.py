@@ -6,10 +6,18 @@ and the open circuit. Size: never more than `batch_size` per claim; a concurrent
 most `concurrency_per_worker` + one batch in hand and claims again once what it holds drops below
 `concurrency_per_worker` (the low-water mark); the inline executor claims about HOLD_TARGET seconds
 of work (from the flow's observed run time), so slow jobs are not hoarded.
+
+Flow control: a rate-limited flow claims through claim_rated (the token bucket is refilled and debited
+by the claim statement); a flow with a per-key limit through claim_keyed (two statements in one
+transaction). Every other flow sends claim_batch unchanged. A limited flow whose claim comes back
+empty is held (`hold_until`, monotonic): until its bucket holds a token, or, blocked by its keys,
+for KEY_RECHECK doubling to KEY_RECHECK_MAX while claims stay empty (a finished job of another
+worker sends no wake-up). The worker's loop skips held flows and sleeps until the earliest hold ends.
 """
 
 from __future__ import annotations
 
+import time
 from typing import Any, Final
 
 from engine import store
@@ -18,6 +26,8 @@ from engine.store import claim_batch, new_claim_token
 
 HOLD_TARGET: Final = 1.0  # seconds of work the inline executor claims at once
 RUN_TIME_WEIGHT: Final = 0.3  # EWMA weight of a batch's mean run time
+KEY_RECHECK: Final = 0.05  # seconds a flow whose keys are all blocked waits before claiming again
+KEY_RECHECK_MAX: Final = 1.0
 
 
 class Producer:
@@ -26,6 +36,14 @@ class Producer:
         self.flow = flow
         self.batch_size = flow.config.batch_size
         self.mean_run = 0.0  # seconds per job, observed (inline executor)
+        config = flow.config
+        self.rate = config.rate_limit
+        self.burst = config.burst
+        self.per_key = config.per_key
+        self.limited = self.rate is not None or self.per_key is not None
+        self.hold_until = 0.0  # monotonic; a limited flow with nothing claimable now is skipped until then
+        self._key_backoff = KEY_RECHECK
+        self._bucket_ready = False
 
     def inline_limit(self) -> int:
         if self.flow.half_open:
@@ -65,11 +83,59 @@ class Producer:
         flow = self.flow
         concurrency = flow.config.concurrency
         with w.pool.connection() as conn:
-            if concurrency is None:
+            if concurrency is None and not self.limited:
                 return claim_batch(conn, flow.name, w.id, limit, token, flow.config.max_attempts)
+            if self.limited:
+                return self._claim_limited(conn, limit, token, concurrency)
             with conn.transaction():
                 store.claim_flow_lock(conn, flow.name)
                 room = concurrency - store.claim_running_count(conn, flow.name)
                 if room <= 0:
                     return []
                 return claim_batch(conn, flow.name, w.id, min(limit, room), token, flow.config.max_attempts)
+
+    def _claim_limited(self, conn: Any, limit: int, token: int, concurrency: int | None) -> list[tuple[Any, ...]]:
+        """The claim of a rate-limited or per-key-limited flow (and its fleet limit, if it has one)."""
+        w = self.worker
+        name = self.flow.name
+        config = self.flow.config
+        rate = self.rate
+        if rate is not None and not self._bucket_ready:
+            store.rate_bucket_ensure(conn, name, self.burst)
+            self._bucket_ready = True
+        if concurrency is None and self.per_key is None:
+            assert rate is not None
+            rows = store.claim_rated(conn, name, w.id, limit, token, config.max_attempts, rate=rate, burst=self.burst)
+        else:
+            with conn.transaction():
+                if concurrency is not None:
+                    store.claim_flow_lock(conn, name)
+                    limit = min(limit, concurrency - store.claim_running_count(conn, name))
+                    if limit <= 0:
+                        return []
+                if self.per_key is not None:
+                    rows = store.claim_keyed(conn, name, w.id, limit, token, config.max_attempts,
+                                             key_field=config.concurrency_key, per_key=self.per_key,
+                                             rate=rate, burst=self.burst if rate is not None else None)
+                else:
+                    assert rate is not None
+                    rows = store.claim_rated(conn, name, w.id, limit, token, config.max_attempts,
+                                             rate=rate, burst=self.burst)
+        if rows:
+            self._key_backoff = KEY_RECHECK
+            return rows
+        wait = 0.0
+        if rate is not None:
+            wait = store.rate_bucket_wait(conn, name, rate=rate, burst=self.burst)
+        if wait <= 0 and self.per_key is not None:
+            wait = self._key_backoff  # blocked keys, or nothing due: look again soon, then less often
+            self._key_backoff = min(self._key_backoff * 2, KEY_RECHECK_MAX)
+        if wait > 0:
+            self.hold_until = time.monotonic() + wait
+        return rows
+
+    def woken(self) -> None:
+        """An enqueue wake-up: a keyed flow looks again at once (its rate hold stays)."""
+        self._key_backoff = KEY_RECHECK
+        if self.rate is None:
+            self.hold_until = 0.0

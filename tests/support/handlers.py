@@ -109,3 +109,18 @@ def slow_hook(run_id: str, summary: dict[str, Any]) -> None:
     _append_line("SKIPLOCK_TEST_HOOKS", f"start {run_id} {time.time():.6f}")
     time.sleep(float(os.environ.get("SKIPLOCK_TEST_HOOK_SLEEP", "0")))
     _append_line("SKIPLOCK_TEST_HOOKS", f"end {run_id} {time.time():.6f}")
+
+
+# --- tests/test_flow_control.py -------------------------------------------------------------------
+
+
+def record_keyed(payload: dict[str, Any]) -> None:
+    """Writes `start|end n customer pid unix_time` lines to SKIPLOCK_TEST_SPANS around a `sleep`, so an
+    execution killed part way shows its start without an end."""
+    def mark(kind: str) -> None:
+        _append_line("SKIPLOCK_TEST_SPANS",
+                     f"{kind} {payload['n']} {payload.get('customer', '-')} {os.getpid()} {time.time():.6f}")
+
+    mark("start")
+    time.sleep(float(payload.get("sleep", 0.0)))
+    mark("end")
