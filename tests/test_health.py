@@ -12,7 +12,6 @@ import asyncio
 import json
 import logging
 from pathlib import Path
-from typing import Any
 
 import psycopg
 import pytest

@@ -388,7 +388,7 @@ class Worker:
                     worked = True
                 elif claimed == 0:
                     # A rate-limited or key-blocked flow is held until it can claim again.
-                    hold = executor.producer.hold_until
+                    hold = executors[i].producer.hold_until
                     recheck_at[i] = hold if hold > now else now + EMPTY_FLOW_RECHECK
             if worked or self.stopping:
                 idle_probes = 0
