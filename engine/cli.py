@@ -370,11 +370,11 @@ def cmd_wait(args: argparse.Namespace) -> int:
     with _queue(args) as queue:
         try:
             result = queue.wait(args.id, timeout=args.timeout)
-        except JobFailed as exc:
-            sys.stderr.write(f"engine: error: {exc}\n")
+        except JobFailed as exc:  # the job's outcome, not an error of the command
+            sys.stderr.write(f"engine: {exc}\n")
             return EXIT_DEGRADED
         except WaitTimeout as exc:
-            sys.stderr.write(f"engine: error: {exc}\n")
+            sys.stderr.write(f"engine: {exc}\n")
             return EXIT_TIMEOUT
     sys.stdout.write(orjson.dumps(result).decode() + "\n")
     return EXIT_OK

@@ -291,7 +291,9 @@ batch_size = 8
     env = {"SKIPLOCK_TEST_SPANS": str(spans)}
     engines = [start_engine(dsn, config, "--workers", "2", env=env) for _ in range(2)]
     wait_for(lambda: len(_spans(spans)) >= 60, 30, message="60 jobs started")
-    victim = rows(dsn, "SELECT pid FROM skiplock.workers WHERE state = 'busy' ORDER BY pid LIMIT 1")[0][0]
+    busy = "SELECT pid FROM skiplock.workers WHERE state = 'busy' ORDER BY pid LIMIT 1"
+    wait_for(lambda: rows(dsn, busy), 10, message="a worker reporting busy")  # reported once a tick
+    victim = rows(dsn, busy)[0][0]
     os.kill(victim, signal.SIGKILL)
     killed_at = time.time()
     wait_for(lambda: scalar(dsn, "SELECT count(*) FROM skiplock.jobs_done WHERE flow = 'keyed'") == 400, 90,

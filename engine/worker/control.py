@@ -148,6 +148,8 @@ class Control:
         ended, finished_runs = w.with_db("ack cancelled", lambda conn: store.ack_cancelled(conn, w.id, token, ids))
         if ended:
             w.log.info("jobs cancelled", extra={"flow": flow.name, "jobs": ended})
+            if w.metrics is not None:
+                w.metrics.cancelled(flow.name, len(ended))
         if finished_runs:
             w._fire_run_hooks(finished_runs)
 
