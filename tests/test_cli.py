@@ -10,6 +10,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -390,18 +391,24 @@ def test_health_unhealthy_on_outdated_schema(empty_dsn: str) -> None:
     assert report["schema"] == {"version": 0, "required": REQUIRED_SCHEMA_VERSION}
 
 
-def test_health_degraded_on_stale_worker(dsn: str) -> None:
+def test_health_degraded_on_stale_worker(dsn: str, tmp_path: Path) -> None:
+    # Heartbeat ages count from the server's start at the earliest, and the suite's server may be
+    # seconds old (one per xdist worker): a short stale_after, and a server older than it.
+    config = tmp_path / "config.toml"
+    config.write_text('[global]\nstale_after = "3s"\nheartbeat_interval = "1s"\n')
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute("INSERT INTO skiplock.workers (id, engine_id, host, pid, state, heartbeat_at) "
                      "VALUES ('ghost:1', 'e1', 'ghost', 1, 'idle', now() - interval '1 hour')")
+        uptime = conn.execute("SELECT extract(epoch FROM now() - pg_postmaster_start_time())::float8").fetchone()[0]
+        time.sleep(max(0.0, 4.0 - uptime))
         conn.execute("INSERT INTO skiplock.workers (id, engine_id, host, pid, state, heartbeat_at) "
                      "VALUES ('alive:1', 'e1', 'alive', 2, 'busy', now())")
-    result = engine("health", dsn=dsn)
+    result = engine("health", "--config", str(config), dsn=dsn)
     assert result.returncode == 1, (result.stdout, result.stderr)
     lines = result.stdout.splitlines()
     assert lines[0].startswith("degraded: database up")
     assert lines[1:] == ["  - 1 worker(s) with stale heartbeats"]
-    result = engine("health", "--json", dsn=dsn)
+    result = engine("health", "--json", "--config", str(config), dsn=dsn)
     assert result.returncode == 1
     report = json.loads(result.stdout)
     assert report["status"] == "degraded"
@@ -409,7 +416,7 @@ def test_health_degraded_on_stale_worker(dsn: str) -> None:
     # a stopped worker's old heartbeat is not a problem
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute("UPDATE skiplock.workers SET state = 'stopped' WHERE id = 'ghost:1'")
-    assert engine("health", dsn=dsn).returncode == 0
+    assert engine("health", "--config", str(config), dsn=dsn).returncode == 0
 
 
 # ---------------------------------------------------------------------------------------------

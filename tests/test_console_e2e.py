@@ -88,7 +88,7 @@ def test_engine_dev_opens_the_console_and_quitting_stops_everything():
     env = {k: v for k, v in os.environ.items() if not k.startswith("SKIPLOCK_")}
     env["TERM"] = "xterm-256color"
     process = subprocess.Popen(
-        [sys.executable, "-m", "engine.cli", "dev", "--data-dir", str(base / "pgdata"), "--seconds", "6",
+        [sys.executable, "-m", "engine.cli", "dev", "--data-dir", str(base / "pgdata"), "--seconds", "10",
          "--jobs", "200"], stdin=slave, stdout=slave, stderr=slave, env=env, close_fds=True)
     os.close(slave)
     output = bytearray()

@@ -66,14 +66,14 @@ def test_scale_drain_and_stop_from_the_engines_view(dsn, start_engine, tmp_path)
         screen = app.screen
         assert isinstance(screen, EnginesScreen)
         table = screen.query_one("#engines", DataTable)
-        await wait_until(pilot, lambda: table.row_count == 2)
+        await wait_until(pilot, lambda: table.row_count == 2, timeout=30)
         assert [str(r.key.value) for r in table.ordered_rows] == [a, b]
         assert [str(c) for c in table.get_row(a)][4:8:3] == ["2", "running"]
         assert await act(pilot, "plus") == f"engine {a[:12]}: scaled from 2 to 3 worker(s)"
         assert live_workers(dsn, a) == 3
         await act(pilot, "minus", confirm=False)  # "n": nothing sent
         assert rows(dsn, "SELECT count(*) FROM skiplock.engine_commands") == [(1,)]
-        await wait_until(pilot, lambda: str(table.get_row(a)[4]) == "3")
+        await wait_until(pilot, lambda: str(table.get_row(a)[4]) == "3", timeout=30)
         app.last_action = None
         await pilot.press("n")
         assert isinstance(app.screen, PromptScreen)
