@@ -87,6 +87,8 @@ def test_engine_dev_opens_the_console_and_quitting_stops_everything():
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
     env = {k: v for k, v in os.environ.items() if not k.startswith("SKIPLOCK_")}
     env["TERM"] = "xterm-256color"
+    env.pop("COLUMNS", None)  # set by pytest-xdist workers; it would override the terminal size below
+    env.pop("LINES", None)
     process = subprocess.Popen(
         [sys.executable, "-m", "engine.cli", "dev", "--data-dir", str(base / "pgdata"), "--seconds", "10",
          "--jobs", "200"], stdin=slave, stdout=slave, stderr=slave, env=env, close_fds=True)
