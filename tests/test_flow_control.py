@@ -312,9 +312,16 @@ batch_size = 8
     second = {r[0] for r in rows(dsn, "SELECT (payload ->> 'n')::int FROM skiplock.jobs_done "
                                       "WHERE flow = 'keyed' AND attempts = 2")}
     assert {n for n, _ in unfinished} <= second, (unfinished, second)
-    # every job of every key ran to its end exactly once
-    ended = sorted(n for (n, _), span in found.items() if "end" in span)
-    assert ended == list(range(400))
+    # every job of every key ran to its end; twice only when the victim had finished it and the kill
+    # cut off its (buffered) ack: at least once, never lost
+    ends: dict[int, int] = {}
+    for (n, _), span in found.items():
+        if "end" in span:
+            ends[n] = ends.get(n, 0) + 1
+    assert sorted(ends) == list(range(400))
+    victim_ended = {n for (n, pid), span in found.items() if pid == victim and "end" in span}
+    assert {n for n, count in ends.items() if count > 1} <= victim_ended
+    assert max(ends.values()) <= 2
     for engine in engines:
         engine.signal(signal.SIGTERM)
     for engine in engines:
