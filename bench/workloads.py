@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import psutil
 import psycopg
 
 from bench.handlers import read_stamps
@@ -257,14 +258,22 @@ class Engine:
         return self
 
     def _wait_ready(self, timeout: float = 60.0) -> None:
-        """Every worker has registered and LISTENs (the last step before its loop)."""
+        """Every worker has registered (the step before its loop), and the supervisor LISTENs
+        (it relays wake-ups to its workers)."""
         assert self.conn is not None and self.process is not None
         deadline = time.monotonic() + timeout
         while True:
+            try:
+                pids = [child.pid for child in psutil.Process(self.process.pid).children()]
+            except psutil.NoSuchProcess:
+                pids = []
+            ready = self.conn.execute(
+                "SELECT count(*) FROM skiplock.workers WHERE pid = ANY(%s) AND state NOT IN ('stopped', 'lost')",
+                (pids,)).fetchone()[0]
             listening = self.conn.execute(
-                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND query = %s",
-                (f"LISTEN {ENQUEUED_CHANNEL}",)).fetchone()[0]
-            if listening >= self.workers:
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND query LIKE 'LISTEN %%'"
+                " AND application_name LIKE '%%-supervisor'").fetchone()[0]
+            if ready >= self.workers and listening > 0:
                 break
             if self.process.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"engine did not start: see {self.log_path}:\n{self.log_tail()}")
