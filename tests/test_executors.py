@@ -188,7 +188,9 @@ def test_per_job_timeouts_under_concurrency(dsn, start_engine, tmp_path, mode):
 @pytest.mark.slow
 def test_too_many_stuck_threads_replace_the_worker(dsn, start_engine, tmp_path):
     config = BASE + flow("t", "hang", concurrency_per_worker=4, timeout="0.3s", max_attempts=1)
-    enqueue(dsn, "t", [{"n": i, "sleep": 30} for i in range(3)] + [{"n": 10 + i, "sleep": 0.01} for i in range(20)])
+    # Enough quick jobs that some are still pending when the third stuck thread replaces the worker:
+    # with a few, the drain could end first and the worker's exit 5 came during the engine's stop.
+    enqueue(dsn, "t", [{"n": i, "sleep": 30} for i in range(3)] + [{"n": 10 + i, "sleep": 0.05} for i in range(60)])
     engine = start_engine(dsn, config, "--workers", "1", "--flows", "t", "--drain",
                           env={"SKIPLOCK_TEST_TIMED": str(tmp_path / "timed.txt")})
     assert engine.wait(30) == 0, tail(engine)
@@ -196,7 +198,7 @@ def test_too_many_stuck_threads_replace_the_worker(dsn, start_engine, tmp_path):
     died = log_has(engine, "worker died")
     assert died and died[0]["exit_code"] == 5
     assert rows(dsn, "SELECT count(*), min(error_type) FROM skiplock.jobs WHERE status = 'dead'") == [(3, "JobTimeout")]
-    assert scalar(dsn, "SELECT count(*) FROM skiplock.jobs_done") == 20
+    assert scalar(dsn, "SELECT count(*) FROM skiplock.jobs_done") == 60
     assert scalar(dsn, "SELECT max(attempts) FROM skiplock.jobs_done") == 1
 
 
