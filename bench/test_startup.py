@@ -12,6 +12,7 @@ readiness), after a second of idling.
 from __future__ import annotations
 
 import os
+import resource
 import signal
 import statistics
 import subprocess
@@ -35,20 +36,28 @@ def _env(dsn: str, repo: Path) -> dict[str, str]:
     return env
 
 
-def empty_drain_seconds(dsn: str, workdir: Path, repo: Path = REPO) -> float:
-    """One `engine run --drain` on a queue with nothing in it, spawn to exit."""
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def empty_drain_seconds(dsn: str, workdir: Path, repo: Path = REPO) -> tuple[float, float]:
+    """One `engine run --drain` on a queue with nothing in it: seconds from spawn to exit, and the CPU
+    seconds of the engine and its workers (load-independent, unlike the first)."""
     config = workdir / "empty-drain.toml"
     config.write_text("[global]\nlog_format = \"json\"\n\n" + _toml_flow("noop", {"handler": NOOP}) + "\n")
     log_path = workdir / "empty-drain.log"
     with open(log_path, "wb") as log:
+        cpu = _children_cpu()
         started = time.perf_counter()
         code = subprocess.call([sys.executable, "-m", "engine.cli", "run", "--config", str(config), "--workers",
                                 str(WORKERS), "--flows", "noop", "--drain"], stdout=log, stderr=subprocess.STDOUT,
                                env=_env(dsn, repo), cwd=repo, preexec_fn=_die_with_parent)
         elapsed = time.perf_counter() - started
+        cpu = _children_cpu() - cpu
     if code != 0:
         raise AssertionError(f"empty drain exited {code}: see {log_path}")
-    return elapsed
+    return elapsed, cpu
 
 
 def sigterm_stop_seconds(dsn: str, workdir: Path, repo: Path = REPO) -> float:
@@ -81,19 +90,23 @@ def test_empty_drain_and_idle_sigterm(benchmark, bench_dsn: str, workdir: Path) 
     with psycopg.connect(bench_dsn, autocommit=True) as conn:
         conn.execute("INSERT INTO skiplock.flows (name) VALUES ('noop'), ('idle') ON CONFLICT DO NOTHING")
 
-    def run() -> tuple[list[float], list[float]]:
-        drains, stops = [], []
+    def run() -> tuple[list[float], list[float], list[float]]:
+        drains, cpus, stops = [], [], []
         for _ in range(RUNS):  # interleaved, so the load of the moment hits both
-            drains.append(empty_drain_seconds(bench_dsn, workdir))
+            seconds, cpu = empty_drain_seconds(bench_dsn, workdir)
+            drains.append(seconds)
+            cpus.append(cpu)
             stops.append(sigterm_stop_seconds(bench_dsn, workdir))
-        return drains, stops
+        return drains, cpus, stops
 
-    drains, stops = benchmark.pedantic(run, rounds=1, iterations=1)
-    figures = {"empty_drain": _summary(drains), "idle_sigterm": _summary(stops), "workers": WORKERS,
-               "loadavg": os.getloadavg()[0]}
+    load = os.getloadavg()[0]
+    drains, cpus, stops = benchmark.pedantic(run, rounds=1, iterations=1)
+    figures = {"empty_drain": _summary(drains), "empty_drain_cpu": _summary(cpus), "idle_sigterm": _summary(stops),
+               "workers": WORKERS, "loadavg": [load, os.getloadavg()[0]]}
     REPORT.figures["startup"] = figures
     for key, label, goal in (("empty_drain", "engine run --drain, empty queue, spawn to exit", 0.4),
                              ("idle_sigterm", "idle engine, SIGTERM to exit", 0.3)):
         f = figures[key]
         record(Target(f"{label} (median of {len(drains)})", f["median"], "s", goal=goal, lower_is_better=True))
         record(Target(f"  best / worst: {f['best']:.3f} / {f['max']:.3f} s", f["best"], "s"))
+    record(Target("  empty drain, CPU of the engine's processes (median)", figures["empty_drain_cpu"]["median"], "s"))
