@@ -5,8 +5,8 @@ Simulated engines: 20 MetricsHubs, each with its own HTTP server (engine/metrics
 holding the figures of 4 workers x FLOWS flows, and its own GaugeReader on the same database, which
 holds a realistic queue (FLOWS flows with pending, scheduled, running and dead jobs, 80 worker rows).
 One 15 s interval's work (20 lease claims, one leader reading, 20 scrapes over HTTP) runs back to back;
-its cost is this process's CPU time (servers, scrapers and readers: the scraper's own share makes it
-conservative) plus the CPU of each PostgreSQL backend that served a call (from /proc), over 15 s.
+its cost is this process's CPU time (servers and readers; the scraper is another process) plus the
+growth of the CPU of each PostgreSQL backend the readers opened (from /proc), over 15 s.
 """
 
 from __future__ import annotations

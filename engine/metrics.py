@@ -12,8 +12,9 @@ Where each figure comes from:
   folds a replaced worker's figures into the engine's totals, and counts its own rescues.
 - Fleet-wide gauges (queue depth per flow and state, the oldest due job's age, live/stale/lost workers)
   are read every `metrics_interval` by the one engine holding the metrics lease (table
-  skiplock.metrics_leader), with the bounded, index-backed statements the console and health use.
-  Other engines export only their own figures. A scrape reads memory only: no statement per scrape.
+  skiplock.metrics_leader), with bounded index-only statements (metrics_flow_gauges, health's).
+  Other engines export only their own figures. A scrape reads memory only: no statement per scrape,
+  and the text is written here, not by prometheus-client (10x its speed; its process collector stays).
 - `/healthz`: the supervisor loop runs and it has live worker processes (a database outage freezes
   workers, it does not fail /healthz: an orchestrator restarting the engine would not help).
   `/readyz`: engine/health.py's verdict (the database answers and the schema is current; degraded is
