@@ -30,6 +30,7 @@ unreachable or outdated at start; 3 a second signal forced the stop; 4 workers k
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import itertools
 import logging
 import multiprocessing
@@ -213,8 +214,8 @@ class Supervisor:
             self._db(listen, session=True)
 
     def _spawn(self, slot: Slot) -> None:
-        # Imported at the first fork, still before it (the workers inherit it): a --drain that finds
-        # nothing to do at start never loads the worker's modules.
+        # Loaded by _supervise before the first fork (the workers inherit it), and only then: a --drain
+        # that finds nothing to do at start never loads the workers' modules.
         from engine.worker import WorkerSpec, worker_main
 
         slot.generation += 1
@@ -265,6 +266,7 @@ class Supervisor:
         checked_at_start = self.drain and self.metrics is None  # a metrics port is opened (or refused) first
         if checked_at_start and self._drained_at_start():
             return self._stop(EXIT_OK)  # nothing forked, nothing to wait for
+        importlib.import_module("engine.worker")  # now, not at the first fork: /healthz opens next
         self.liveness.start()
         if self.metrics is not None:
             try:
