@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Any
+import functools
+from typing import TYPE_CHECKING, Any
 
 import orjson
 import psycopg
 import psycopg.types.json
-import psycopg_pool.pool
-from psycopg_pool import ConnectionPool
-from psycopg_pool.base import AttemptWithBackoff
+
+if TYPE_CHECKING:
+    from psycopg_pool import ConnectionPool
 
 # jsonb arrives decoded by orjson: several times faster than json.loads on the claim path.
 psycopg.types.json.set_json_loads(orjson.loads)
@@ -19,19 +20,23 @@ RECONNECT_FIRST_S = 0.1
 RECONNECT_CAP_S = 0.5
 
 
-class _BoundedBackoff(AttemptWithBackoff):
+@functools.cache
+def _bound_pool_backoff() -> None:
     """psycopg_pool waits 1, 2, 4, 8 s... between reconnect tries, so after an outage a worker
-    would lag the database's return by up to that. Ours: 0.1 s, then at most every 0.5 s."""
+    would lag the database's return by up to that. Ours: 0.1 s, then at most every 0.5 s. Done at
+    the first pool: the supervisor opens none, so `engine run` loads psycopg_pool in workers only."""
+    import psycopg_pool.pool
+    from psycopg_pool.base import AttemptWithBackoff
 
-    INITIAL_DELAY = RECONNECT_FIRST_S
+    class _BoundedBackoff(AttemptWithBackoff):
+        INITIAL_DELAY = RECONNECT_FIRST_S
 
-    def update_delay(self, now: float) -> None:
-        super().update_delay(now)
-        self.delay = min(self.delay, RECONNECT_CAP_S)
+        def update_delay(self, now: float) -> None:
+            super().update_delay(now)
+            self.delay = min(self.delay, RECONNECT_CAP_S)
 
-
-# psycopg_pool offers no parameter for its backoff: its module-level name is the one hook there is.
-psycopg_pool.pool.AttemptWithBackoff = _BoundedBackoff  # type: ignore[misc]
+    # psycopg_pool offers no parameter for its backoff: its module-level name is the one hook there is.
+    psycopg_pool.pool.AttemptWithBackoff = _BoundedBackoff  # type: ignore[misc]
 
 
 def _options(application_name: str, statement_timeout_ms: int | None) -> dict[str, Any]:
@@ -107,6 +112,9 @@ def open_pool(
 ) -> ConnectionPool:
     """Open a pool in the calling process. Never create one before a fork: the children would share
     its sockets ("5 pools, 4 of which with broken connections")."""
+    from psycopg_pool import ConnectionPool
+
+    _bound_pool_backoff()
     pool = ConnectionPool(
         dsn,
         min_size=min_size,

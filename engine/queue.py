@@ -20,14 +20,12 @@ from contextlib import contextmanager
 import dataclasses
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any, Final, NamedTuple
+from typing import TYPE_CHECKING, Any, Final, NamedTuple
 
 import orjson
 import psycopg
-from psycopg_pool import ConnectionPool
 
 from engine import __version__, db, pipelines, store
-from engine.explain import AHEAD_CAP, Explanation, explain, explain_done
 from engine.redact import describe_error
 from engine.errors import (
     DatabaseUnavailable,
@@ -66,6 +64,11 @@ from engine.store import (  # noqa: F401  (re-exported: engine/worker.py imports
 )
 from engine.schedules import ScheduleError, ScheduleSpec, check_name
 from engine.telemetry import encode_event
+
+if TYPE_CHECKING:  # imported where used: `engine run` needs neither
+    from psycopg_pool import ConnectionPool
+
+    from engine.explain import Explanation
 
 FLOW_NAME: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")  # fullmatch: "$" lets a final "\n" in
 MAX_KEY_LENGTH: Final = 255
@@ -703,6 +706,8 @@ class Queue:
         """Why job `job_id` is not running now: every reason (engine.explain.Reason, typed by `kind`),
         or which worker runs it, or that it has ended. `stale_after`: the engines' setting, for "no
         live worker serves its flow". JobNotFound for an id no job has (or a purged one)."""
+        from engine.explain import AHEAD_CAP, explain, explain_done
+
         _validate_id(job_id, "job id")
         with self.connection() as conn:
             facts = store.explain_job(conn, job_id, stale_after=stale_after, cap=AHEAD_CAP)

@@ -910,6 +910,23 @@ def metrics_leader_claim(conn: Conn, engine_id: str, lease: float) -> bool:
     return bool(_scalar(conn, Q.metrics_leader_claim, {"engine": engine_id, "lease": lease}))
 
 
+@dataclass(frozen=True)
+class MetricsFlowGauges:
+    """One flow's queue gauges; each count stops at the cap it was read with."""
+
+    name: str
+    ready: int
+    scheduled: int
+    pending_total: int
+    retrying: int
+    running: int
+    dead: int
+
+
+def metrics_flow_gauges(conn: Conn, cap: int) -> list[MetricsFlowGauges]:
+    return _rows(conn, MetricsFlowGauges, Q.metrics_flow_gauges, {"cap": cap})
+
+
 def metrics_leader_release(conn: Conn, engine_id: str) -> None:
     conn.execute(Q.metrics_leader_release, {"engine": engine_id})
 

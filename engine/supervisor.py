@@ -30,6 +30,7 @@ unreachable or outdated at start; 3 a second signal forced the stop; 4 workers k
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import itertools
 import logging
 import multiprocessing
@@ -40,7 +41,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import orjson
 import psycopg
@@ -53,14 +54,15 @@ from engine.hooks import HookRunner
 from engine.limits import MAX_PORT, MAX_WORKERS
 from engine.health import Thresholds
 from engine.liveness import EngineLiveness
-from engine.metrics import EngineMetrics
 from engine.logs import ContextLogger, setup_logging
 from engine.migrate import require_schema
 from engine.queue import Queue, new_engine_id, validate_flow
 from engine.redact import describe_error
 from engine.telemetry import CONSOLE_APPLICATION_NAME, FlowCounts, encode_event
 from engine.vacuum import VacuumThread
-from engine.worker import WorkerSpec, worker_main
+
+if TYPE_CHECKING:
+    from engine.metrics import EngineMetrics
 
 log = logging.getLogger("skiplock.engine")
 
@@ -170,6 +172,8 @@ class Supervisor:
         self._unreported_lost: dict[str, str] = {}  # worker id -> reason, marked lost once the database answers
         port = self.metrics_port if self.metrics_port is not None else engine.metrics_port
         if port is not None:  # the pipe exists before the first fork, so every worker inherits it
+            from engine.metrics import EngineMetrics
+
             self.metrics = EngineMetrics(self.engine_id, self.dsn, self.settings.application_name,
                                          engine.metrics_host, port, Thresholds.from_engine(engine),
                                          engine.metrics_interval)
@@ -199,11 +203,21 @@ class Supervisor:
             store.engine_register(conn, self.engine_id, os.uname().nodename, os.getpid(), __version__,
                                   self.workers, self.settings.engine.stale_after, [f.name for f in self.flows])
 
-        self._db(sync)
         # LISTEN through PgBouncer loses notifications: refuse at start (exit 2), in one line.
-        self._db(lambda conn: db.listen(conn, control.CONTROL_CHANNEL), session=True)
+        def listen(conn: psycopg.Connection[Any]) -> None:
+            db.listen(conn, control.CONTROL_CHANNEL)
+
+        if self.listen_dsn in (None, self.dsn):
+            self._db(lambda conn: (sync(conn), listen(conn)))
+        else:
+            self._db(sync)
+            self._db(listen, session=True)
 
     def _spawn(self, slot: Slot) -> None:
+        # Loaded by _supervise before the first fork (the workers inherit it), and only then: a --drain
+        # that finds nothing to do at start never loads the workers' modules.
+        from engine.worker import WorkerSpec, worker_main
+
         slot.generation += 1
         slot.worker_id = f"{os.uname().nodename}:{os.getpid()}:{self.engine_id[:8]}:{slot.index}.{slot.generation}"
         spec = WorkerSpec(slot.index, slot.worker_id, self.engine_id, self.dsn,
@@ -249,6 +263,10 @@ class Supervisor:
         signal.signal(signal.SIGINT, self._on_signal)
         self.log.info("engine starting", extra={"workers": self.workers, "flows": [f.name for f in self.flows],
                                                 "pid": os.getpid(), "version": __version__})
+        checked_at_start = self.drain and self.metrics is None  # a metrics port is opened (or refused) first
+        if checked_at_start and self._drained_at_start():
+            return self._stop(EXIT_OK)  # nothing forked, nothing to wait for
+        importlib.import_module("engine.worker")  # now, not at the first fork: /healthz opens next
         self.liveness.start()
         if self.metrics is not None:
             try:
@@ -267,7 +285,7 @@ class Supervisor:
         next_rescue = time.monotonic() + engine.rescue_interval
         next_drain_check = time.monotonic() + DRAIN_CHECK_INTERVAL
         next_retention = time.monotonic() + 5.0
-        next_schedules = time.monotonic()
+        next_schedules = time.monotonic() + (schedules.PASS_INTERVAL if checked_at_start else 0.0)  # that ran one
         while not self.signals:
             sentinels: list[Any] = [s.process.sentinel for s in self._all_slots() if s.process is not None]
             multiprocessing.connection.wait(sentinels + [self.control_wake] + ([self.report] if self.drain else []),
@@ -309,8 +327,7 @@ class Supervisor:
                 reported = self.drain and self.report.take()
                 if self.drain and self.report.all_idle([s.index for s in self.slots]) and (reported or now >= next_drain_check):
                     next_drain_check = now + DRAIN_CHECK_INTERVAL
-                    if self._drained():
-                        self._report_drained()
+                    if self._db(self._drained):
                         return self._stop(EXIT_OK)
             except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
                 self.log.warning("supervisor database call failed (will retry): %s", exc)
@@ -412,12 +429,15 @@ class Supervisor:
                 self.log.warning("could not end stalled console connections: %s", describe_error(exc))
             self._unpin_failed = True
 
-    def _schedule_pass(self) -> None:
+    def _schedule_pass(self, conn: psycopg.Connection[Any] | None = None) -> None:
         """Fire due schedule ticks when this engine holds the schedule leader lock (engine/schedules.py)."""
         def bad(name: str, exc: Exception) -> None:
             self.log.error("schedule cannot be evaluated", extra={"schedule": name, "error": str(exc)})
 
-        result = self._db(lambda conn: schedules.run_pass(conn, self.settings.engine.stale_after, bad))
+        def run(c: psycopg.Connection[Any]) -> Any:
+            return schedules.run_pass(c, self.settings.engine.stale_after, bad)
+
+        result = self._db(run) if conn is None else run(conn)
         if result.skipped:  # downtime: say what catch_up dropped (fires alone are in the jobs table)
             self.log.info("schedule ticks missed", extra={"fired": result.fired, "skipped": result.skipped})
 
@@ -471,17 +491,34 @@ class Supervisor:
 
         self._db(act)
 
-    def _drained(self) -> bool:
-        """--drain: nothing due and nothing running (--wait-scheduled: nothing pending at all)."""
+    def _drained_at_start(self) -> bool:
+        """--drain, before any fork: the schedule pass (due ticks enqueue jobs), then the drain check,
+        on one connection. Drained already: the engine stops without starting a worker."""
+        def act(conn: psycopg.Connection[Any]) -> bool:
+            self._schedule_pass(conn)
+            return self._drained(conn)
+
+        try:
+            return bool(self._db(act))
+        except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
+            self.log.warning("supervisor database call failed (will retry): %s", exc)
+            return False  # the loop below retries, as for any drain check
+
+    def _drained(self, conn: psycopg.Connection[Any]) -> bool:
+        """--drain: nothing due and nothing running (--wait-scheduled: nothing pending at all); if so,
+        the log says so, with what is left for later."""
         names = [f.name for f in self.flows]
         remaining = store.drain_remaining if self.wait_scheduled else store.drain_due
-        return not self._db(lambda conn: remaining(conn, names))
+        if remaining(conn, names):
+            return False
+        self._report_drained(conn, names)
+        return True
 
-    def _report_drained(self) -> None:
+    def _report_drained(self, conn: psycopg.Connection[Any], names: list[str]) -> None:
         if self.wait_scheduled:
             self.log.info("drain complete: nothing pending or running")
             return
-        later = self._db(lambda conn: store.drain_scheduled(conn, [f.name for f in self.flows]))
+        later = store.drain_scheduled(conn, names)
         if not later:
             self.log.info("drain complete: nothing due or running, nothing scheduled for later")
             return

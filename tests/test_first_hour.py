@@ -137,6 +137,8 @@ def test_version_everywhere(dsn: str, tmp_path: Path) -> None:
     # exit 1: degraded, no engine runs here; the report carries the version all the same
     assert json.loads(engine("health", "--json", dsn=dsn).stdout)["version"] == __version__
     config = write_app(tmp_path)
+    # a job to run: a drain that finds nothing due at start forks no worker
+    ok(engine("enqueue", "hello", "--config", str(config), "--payload", '{"name": "v"}', dsn=dsn))
     result = engine("run", "--config", str(config), "--drain", "--app-dir", str(tmp_path), dsn=dsn, timeout=120)
     starting = [r for r in log_records(result.stdout) if r["msg"] == "engine starting"]
     assert starting[0]["version"] == __version__

@@ -9,8 +9,11 @@ outdated schema.
 from __future__ import annotations
 
 import json
+import signal
+import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -244,3 +247,171 @@ def test_leader_gauges_past_the_cap_are_estimates(dsn: str) -> None:
     assert 200 <= big["ready"] <= 400 and 20 <= big["dead"] <= 80, big  # estimates, not the cap
     assert 55 <= gauges.oldest["big"] <= 120
     assert gauges.workers == {"live": 0, "stale": 0, "lost": 0}
+
+
+# ---------------------------------------------------------------------------------------------
+# the leader lease and the gauge reader
+
+
+@pytest.mark.xdist_group("timed")  # times a takeover against the metrics interval
+def test_leader_killed_or_stopped_another_engine_takes_over(dsn: str, start_engine: Any) -> None:
+    """Killed (-9): its lease runs out (3 intervals after its last renewal) and another engine takes it
+    at its next try, so the fleet gauges return within 4 intervals. Stopped: it releases the lease and
+    the next try (1 interval) takes it."""
+    interval = 0.5
+    register_flows(dsn, "metered")
+
+    def leads(port: int) -> bool:
+        try:
+            m = scrape(port)
+        except OSError:
+            return False
+        return m["skiplock_metrics_leader"][()] == 1 and (("flow", "metered"), ("state", "ready")) in \
+            m.get("skiplock_queue_jobs", {})
+
+    first = start_engine(dsn, CONFIG, "--workers", "1", "--metrics-port", "0")
+    first_port = port_of(first)
+    wait_for(lambda: leads(first_port), 30, 0.1, message="the first engine to lead")
+    second = start_engine(dsn, CONFIG, "--workers", "1", "--metrics-port", "0")
+    second_port = port_of(second)
+    wait_for(lambda: scrape(second_port).get("skiplock_engine_workers", {}).get(()) == 1, 30, 0.1,
+             message="the second engine's worker")
+    assert scrape(second_port)["skiplock_metrics_leader"][()] == 0  # the lease is held: no second reader
+    first.process.kill()
+    killed = time.monotonic()
+    first.process.wait(10)
+    wait_for(lambda: leads(second_port), 30, 0.05, message="the second engine to take the lease")
+    taken = time.monotonic() - killed
+    assert taken <= 4 * interval + 1.5, taken  # the bound plus the scrape's and the load's slack
+
+    third = start_engine(dsn, CONFIG, "--workers", "1", "--metrics-port", "0")
+    third_port = port_of(third)
+    wait_for(lambda: scrape(third_port).get("skiplock_engine_workers", {}).get(()) == 1, 30, 0.1,
+             message="the third engine's worker")
+    second.signal(signal.SIGTERM)
+    stopped = time.monotonic()
+    assert second.wait(30) == 0, tail(second)
+    wait_for(lambda: leads(third_port), 30, 0.05, message="the third engine to take the released lease")
+    released = time.monotonic() - stopped
+    assert released < 3 * interval + 1.5, released  # sooner than the lease: it was released
+
+
+def test_gauge_reader_keeps_one_connection_and_reopens_after_a_cut(dsn: str) -> None:
+    from engine import db
+    from engine.health import Thresholds
+    from engine.metrics import GaugeReader, MetricsHub, MetricsPipe
+
+    register_flows(dsn, "metered")
+    with TcpProxy(unix_socket_of(dsn)) as proxy:
+        opened: list[int] = []
+
+        def connect() -> Any:
+            conn = db.connect(proxy.dsn(dsn))
+            opened.append(conn.info.backend_pid)
+            return conn
+
+        hub = MetricsHub("engine-a", MetricsPipe())
+        reader = GaugeReader(hub, connect, Thresholds(), 0.5)
+        for _ in range(3):
+            reader.once()
+        assert hub.leader and hub.gauges is not None and "metered" in hub.gauges.flows
+        assert len(opened) == 1  # one connection for every interval
+        proxy.cut()
+        with pytest.raises(psycopg.Error):
+            reader.once()
+        proxy.restore()
+        reader.once()
+        assert hub.leader and len(opened) == 2  # a new connection after the failed one
+        reader.stop()
+        rows = psycopg.connect(dsn, autocommit=True).execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE pid = ANY(%s)", (opened,)).fetchone()
+        assert rows == (0,)  # stop closed it
+        with psycopg.connect(dsn, autocommit=True) as conn:  # and released the lease
+            assert conn.execute("SELECT count(*) FROM skiplock.metrics_leader").fetchone() == (0,)
+
+
+def test_lease_tries_of_other_engines_write_nothing(dsn: str) -> None:
+    """Every engine tries for the lease every interval: while another engine holds it, a try neither
+    locks the row (ON CONFLICT alone would: xmax) nor writes it (the NOT EXISTS guard), so twenty
+    engines cost reads."""
+    from engine import db, store
+
+    with db.connect(dsn) as conn:
+        assert store.metrics_leader_claim(conn, "engine-a", 10.0)
+        held = conn.execute("SELECT xmin::text, xmax::text, until FROM skiplock.metrics_leader").fetchone()
+        for other in ("engine-b", "engine-c"):
+            assert not store.metrics_leader_claim(conn, other, 10.0)
+        assert conn.execute("SELECT xmin::text, xmax::text, until FROM skiplock.metrics_leader").fetchone() == held
+        assert store.metrics_leader_claim(conn, "engine-a", 10.0)  # the holder renews
+        assert conn.execute("SELECT xmin::text FROM skiplock.metrics_leader").fetchone()[0] != held[0]
+        conn.execute("UPDATE skiplock.metrics_leader SET until = now() - interval '1 second'")
+        assert store.metrics_leader_claim(conn, "engine-b", 10.0)  # a run-out lease is taken
+        assert conn.execute("SELECT engine_id FROM skiplock.metrics_leader").fetchone() == ("engine-b",)
+
+
+# ---------------------------------------------------------------------------------------------
+# the exposition against the README's table (the contract)
+
+
+def _readme_metrics() -> dict[str, tuple[str, dict[str, set[str] | None]]]:
+    """metric -> (type, label -> its documented values or None), from README.md's table."""
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    start = text.index("| metric | type | labels | what |")
+    out: dict[str, tuple[str, dict[str, set[str] | None]]] = {}
+    for line in text[start:].splitlines()[2:]:
+        if not line.startswith("|"):
+            break
+        name, kind, labels = (cell.strip() for cell in line.strip("|").split("|")[:3])
+        name = name.strip("`")
+        if name.endswith("*"):
+            continue  # process_*: prometheus-client's own
+        found: dict[str, set[str] | None] = {}
+        current = None
+        for token in (t.strip() for t in labels.split(",") if t.strip()):
+            if ":" in token:
+                current, value = (part.strip() for part in token.split(":", 1))
+                found[current] = {value}
+            elif current is not None:
+                found[current].add(token)  # type: ignore[union-attr]
+            else:
+                found[token] = None
+        out[name] = (kind, found)
+    return out
+
+
+def test_exposition_matches_the_readme_table() -> None:
+    """Every family the README lists, with its type and labels (and their documented values), and no
+    other: what the leader renders with every kind of figure present."""
+    import time as clock
+
+    from engine.metrics import FlowFigures, Gauges, MetricsHub, MetricsPipe
+
+    hub = MetricsHub("engine-a", MetricsPipe())
+    figures = FlowFigures(counts=[5, 3, 1, 2, 1], errors={'Value"Error\\': 2}, wait=[1] * 11, run=[1] * 11,
+                          wait_sum=0.5, run_sum=0.25)
+    hub.take({"k": "flow", "id": "w0", "s": 0, "flow": "a", **figures.frame()})
+    hub.take({"k": "worker", "id": "w0", "s": 0, "pool": {"size": 2, "available": 1, "waiting": 0, "max": 4},
+              "circuits": {"a": True}})
+    hub.add_rescued({"a": 3})
+    hub.live_workers = lambda: 1
+    hub.leader = True
+    hub.gauges = Gauges(clock.monotonic(), {"a": {"ready": 4, "dead": 1}}, {"a": 2.5},
+                        {"live": 1, "stale": 0, "lost": 0})
+    families = {f.name: f for f in text_string_to_metric_families(hub.render())}
+    documented = _readme_metrics()
+    rendered = {(f"{name}_total" if f.type == "counter" else name): f for name, f in families.items()}
+    assert sorted(rendered) == sorted(documented)
+    for name, (kind, labels) in documented.items():
+        family = rendered[name]
+        assert family.type == kind, name
+        assert family.samples, name
+        for sample in family.samples:
+            names = set(sample.labels) - ({"le"} if kind == "histogram" else set())
+            assert names == set(labels), (name, sample)
+        for label, values in labels.items():
+            if values is not None:
+                assert {s.labels[label] for s in family.samples} == values, (name, label)
+    failed = rendered["skiplock_jobs_failed_total"].samples
+    assert [(s.labels["error_type"], s.value) for s in failed] == [('Value"Error\\', 2.0), ("unknown", 1.0)]
+    buckets = [s for s in rendered["skiplock_job_wait_seconds"].samples if s.name.endswith("_bucket")]
+    assert [s.value for s in buckets] == [float(i) for i in range(1, 12)] and buckets[-1].labels["le"] == "+Inf"

@@ -1349,12 +1349,69 @@ LIMIT 200;
 
 -- name: metrics_leader_claim
 -- One engine at a time reads the fleet-wide gauges: the holder renews its lease, another takes it
--- once it has run out. A row back: this engine leads until `lease` seconds from now.
+-- once it has run out. A row back: this engine leads until `lease` seconds from now. While another
+-- engine's lease runs, the NOT EXISTS leaves nothing to insert: no row lock, no transaction id, no
+-- WAL for the other engines' tries every interval (ON CONFLICT alone would lock the row each time).
 INSERT INTO skiplock.metrics_leader AS m (id, engine_id, until)
-VALUES (1, %(engine)s, now() + make_interval(secs => %(lease)s))
+SELECT 1, %(engine)s::text, now() + make_interval(secs => %(lease)s)
+WHERE NOT EXISTS (SELECT FROM skiplock.metrics_leader h
+                  WHERE h.id = 1 AND h.engine_id <> %(engine)s::text AND h.until >= now())
 ON CONFLICT (id) DO UPDATE SET engine_id = excluded.engine_id, until = excluded.until
 WHERE m.engine_id = excluded.engine_id OR m.until < now()
 RETURNING true;
+
+-- name: metrics_flow_gauges
+-- The leader's fleet-wide queue gauges, each count stopping at `cap` (engine/metrics.py estimates
+-- ready and dead past it). Flows as console_flows finds them. Index-only: ready and scheduled from the
+-- first `cap` entries of jobs_claim_idx (a backlog's heap rows are never read), retrying from
+-- jobs_retrying_idx, running and dead from their partial indexes.
+WITH RECURSIVE ref AS (
+    SELECT now() AS now
+), pending_flows(flow) AS (
+    (SELECT flow FROM skiplock.jobs WHERE status = 'pending' ORDER BY flow LIMIT 1)
+    UNION ALL
+    SELECT (SELECT j.flow FROM skiplock.jobs j WHERE j.status = 'pending' AND j.flow > p.flow
+            ORDER BY j.flow LIMIT 1)
+    FROM pending_flows p WHERE p.flow IS NOT NULL
+), dead_flows(flow) AS (
+    (SELECT flow FROM skiplock.jobs WHERE status = 'dead' ORDER BY flow LIMIT 1)
+    UNION ALL
+    SELECT (SELECT j.flow FROM skiplock.jobs j WHERE j.status = 'dead' AND j.flow > d.flow
+            ORDER BY j.flow LIMIT 1)
+    FROM dead_flows d WHERE d.flow IS NOT NULL
+), names AS (
+    SELECT name FROM skiplock.flows
+    UNION SELECT flow FROM pending_flows WHERE flow IS NOT NULL
+    UNION SELECT flow FROM dead_flows WHERE flow IS NOT NULL
+    UNION SELECT DISTINCT flow FROM skiplock.stats_minute, ref
+          WHERE minute >= date_trunc('minute', ref.now) - interval '1 hour'
+)
+SELECT n.name, p.ready, p.scheduled, p.total AS pending_total, t.retrying, r.running, d.dead
+FROM names n
+CROSS JOIN ref
+CROSS JOIN LATERAL (
+    SELECT count(*) FILTER (WHERE s.run_at <= ref.now) AS ready,
+           count(*) FILTER (WHERE s.run_at > ref.now) AS scheduled,
+           count(*) AS total
+    FROM (SELECT j.run_at FROM skiplock.jobs j
+          WHERE j.flow = n.name AND j.status = 'pending'
+          ORDER BY j.priority DESC, j.run_at, j.id LIMIT %(cap)s) s
+) p
+CROSS JOIN LATERAL (
+    SELECT count(*) AS retrying FROM (SELECT 1 FROM skiplock.jobs j
+                                      WHERE j.flow = n.name AND j.status = 'pending' AND j.attempts > 0
+                                      LIMIT %(cap)s) s
+) t
+CROSS JOIN LATERAL (
+    SELECT count(*) AS running FROM (SELECT 1 FROM skiplock.jobs j
+                                     WHERE j.status = 'running' AND j.flow = n.name LIMIT %(cap)s) s
+) r
+CROSS JOIN LATERAL (
+    SELECT count(*) AS dead FROM (SELECT 1 FROM skiplock.jobs j
+                                  WHERE j.flow = n.name AND j.status = 'dead' LIMIT %(cap)s) s
+) d
+ORDER BY n.name
+LIMIT 200;
 
 -- name: metrics_leader_release
 -- At shutdown, so another engine takes over at its next read instead of after the lease.

@@ -1,0 +1,101 @@
+"""Fast start (issue 12 item 7): what `engine run --drain` loads and does before it can exit.
+
+Timing lives in bench/test_startup.py; here the causes, which cannot flake on a loaded machine: the
+empty drain imports none of the modules only workers, metrics or other commands need, and forks no
+worker; a drain with work (or a schedule due at start) still runs it.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import psycopg
+
+from tests.support.cli import base_env, engine, ok
+from tests.support.postgres import register_flows
+
+REPO = Path(__file__).resolve().parents[1]
+
+# The drain path, in this process: engine.cli's main, the module table printed where the supervisor
+# ends the process (os._exit skips atexit).
+DRAIN = """
+import json, os, sys
+real_exit = os._exit
+def report(code):
+    print(json.dumps(sorted(sys.modules)), flush=True)
+    real_exit(code)
+os._exit = report
+from engine.cli import main
+main(sys.argv[1:])
+"""
+
+# Loaded only when needed: by the workers (forked only when there is work), with a metrics port, or
+# by other commands.
+NOT_ON_THE_EMPTY_DRAIN = (
+    "engine.worker", "engine.worker.process", "engine.worker.executors", "engine.sources", "tenacity",
+    "psycopg_pool", "engine.metrics", "prometheus_client", "http.server", "engine.explain", "textual",
+)
+
+CONFIG = """
+[global]
+log_format = "json"
+
+[flows.quick]
+handler = "engine.flows.builtin:noop"
+"""
+
+
+def drain(dsn: str, tmp_path: Path, config: str = CONFIG) -> tuple[set[str], list[dict]]:
+    path = tmp_path / "config.toml"
+    path.write_text(config)
+    result = subprocess.run([sys.executable, "-c", DRAIN, "run", "--config", str(path), "--workers", "2", "--drain"],
+                            capture_output=True, text=True, timeout=120, cwd=REPO,
+                            env=base_env(SKIPLOCK_DSN=dsn))
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = result.stdout.splitlines()
+    modules = set(json.loads(lines[-1]))
+    log = [json.loads(line) for line in result.stderr.splitlines() + lines[:-1] if line.startswith("{")]
+    return modules, log
+
+
+def test_empty_drain_loads_no_worker_metrics_or_console_module(dsn: str, tmp_path: Path) -> None:
+    register_flows(dsn, "quick")
+    modules, log = drain(dsn, tmp_path)
+    assert "engine.supervisor" in modules  # the drain path ran
+    assert [m for m in NOT_ON_THE_EMPTY_DRAIN if m in modules] == []
+    messages = [line["msg"] for line in log]
+    assert "drain complete: nothing due or running, nothing scheduled for later" in messages, messages
+    assert not any("worker started" in m for m in messages), messages  # nothing forked
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        assert conn.execute("SELECT count(*) FROM skiplock.workers").fetchone() == (0,)
+        assert conn.execute("SELECT state, exit_code FROM skiplock.engines").fetchall() == [("stopped", 0)]
+
+
+def test_drain_with_jobs_forks_workers_and_runs_them(dsn: str, tmp_path: Path) -> None:
+    register_flows(dsn, "quick")
+    ok(engine("enqueue", "quick", "--payload", "{}", "--count", "3", dsn=dsn))
+    modules, log = drain(dsn, tmp_path)
+    assert "engine.worker.process" in modules  # imported in the supervisor before its fork
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        assert conn.execute("SELECT count(*) FROM skiplock.jobs_done WHERE flow = 'quick'").fetchone() == (3,)
+        assert conn.execute("SELECT count(*) FROM skiplock.workers").fetchone() == (2,)
+
+
+def test_schedule_due_at_start_fires_and_its_job_runs(dsn: str, tmp_path: Path) -> None:
+    """The start's schedule pass comes before the check that may skip the workers: a tick due at start
+    enqueues a job, so the drain has work and runs it."""
+    register_flows(dsn, "quick")
+    config = CONFIG + '\n[schedules.tick]\nflow = "quick"\nevery = "1h"\n'
+    drain(dsn, tmp_path, config)  # declares the schedule; its first tick is an hour away
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        assert conn.execute("SELECT count(*) FROM skiplock.jobs_done").fetchone() == (0,)
+        # its tick of this hour is due, and the last pass was just now (no downtime to catch up on)
+        conn.execute("UPDATE skiplock.schedules SET next_at = date_trunc('hour', now()), "
+                     "checked_at = now() - interval '1 second' WHERE name = 'tick'")
+    modules, _ = drain(dsn, tmp_path, config)
+    assert "engine.worker.process" in modules
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        assert conn.execute("SELECT count(*) FROM skiplock.jobs_done WHERE flow = 'quick'").fetchone() == (1,)
