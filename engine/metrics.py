@@ -13,8 +13,8 @@ Where each figure comes from:
 - Fleet-wide gauges (queue depth per flow and state, the oldest due job's age, live/stale/lost workers)
   are read every `metrics_interval` by the one engine holding the metrics lease (table
   skiplock.metrics_leader), with bounded index-only statements (metrics_flow_gauges, health's).
-  Other engines export only their own figures. A scrape reads memory only: no statement per scrape,
-  and the text is written here, not by prometheus-client (10x its speed; its process collector stays).
+  Other engines export only their own figures. A scrape reads memory only: no statement per scrape;
+  prometheus-client renders the text (its generate_latest is most of a scrape's cost).
 - `/healthz`: the supervisor loop runs and it has live worker processes (a database outage freezes
   workers, it does not fail /healthz: an orchestrator restarting the engine would not help).
   `/readyz`: engine/health.py's verdict (the database answers and the schema is current; degraded is
@@ -26,12 +26,11 @@ from __future__ import annotations
 import bisect
 import http.server
 import logging
-import math
 import os
 import select
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -296,143 +295,104 @@ class MetricsHub:
             return out
 
     def render(self) -> str:
-        """This engine's part of /metrics in Prometheus' text format (the README's table of metrics)."""
+        """This engine's families in Prometheus' text format (the supervisor's process figures aside)."""
+        from prometheus_client import generate_latest
+
+        return generate_latest(_Collector(self)).decode()  # type: ignore[arg-type] (any object with collect())
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+
         totals = self.totals()
+        names = sorted(totals)
+        families: dict[str, Any] = {
+            key: CounterMetricFamily(f"skiplock_jobs_{key}", f"jobs {key} by this engine's workers", labels=["flow"])
+            for key in ("completed", "dead", "retried", "cancelled")}
+        failed = CounterMetricFamily("skiplock_jobs_failed", "failed attempts by flow and error type "
+                                     f"(at most {MAX_ERROR_TYPES_PER_FLOW} types per flow, then 'other')",
+                                     labels=["flow", "error_type"])
+        wait = HistogramMetricFamily("skiplock_job_wait_seconds", "from run_at to claim (each batch at its mean)",
+                                     labels=["flow"])
+        run = HistogramMetricFamily("skiplock_job_run_seconds", "handler run time (each batch at its mean)",
+                                    labels=["flow"])
+        for name in names:
+            f = totals[name]
+            for index, key in enumerate(COUNTERS):
+                if key != "failed":
+                    families[key].add_metric([name], f.counts[index])
+            typed = sum(f.errors.values())
+            for error, count in sorted(f.errors.items()):
+                failed.add_metric([name, error], count)
+            if f.counts[1] > typed:  # failures the worker counted before it knew their type (none today)
+                failed.add_metric([name, "unknown"], f.counts[1] - typed)
+            wait.add_metric([name], _buckets(WAIT_BUCKETS, f.wait), f.wait_sum)
+            run.add_metric([name], _buckets(RUN_BUCKETS, f.run), f.run_sum)
+        rescued = CounterMetricFamily("skiplock_jobs_rescued", "jobs this engine rescued from lost workers",
+                                      labels=["flow"])
         with self._lock:
-            rescued = sorted(self.rescued.items())
+            for name, count in sorted(self.rescued.items()):
+                rescued.add_metric([name], count)
             infos = list(self.worker_info.values())
             gauges = self.gauges
             leader = self.leader
-        out = Exposition()
-        names = sorted(totals)
-        flow_labels = {name: f'flow="{_escape(name)}"' for name in names}
-        for index, key in enumerate(COUNTERS):
-            if key == "failed":
-                continue
-            out.family(f"skiplock_jobs_{key}_total", "counter", f"jobs {key} by this engine's workers")
-            for name in names:
-                out.sample(f"skiplock_jobs_{key}_total", "{" + flow_labels[name] + "}", totals[name].counts[index])
-        out.family("skiplock_jobs_failed_total", "counter", "failed attempts by flow and error type "
-                   f"(at most {MAX_ERROR_TYPES_PER_FLOW} types per flow, then 'other')")
-        for name in names:
-            f = totals[name]
-            for error, count in sorted(f.errors.items()):
-                out.sample("skiplock_jobs_failed_total", f'{{{flow_labels[name]},error_type="{_escape(error)}"}}',
-                           count)
-            typed = sum(f.errors.values())
-            if f.counts[1] > typed:  # failures the worker counted before it knew their type (none today)
-                out.sample("skiplock_jobs_failed_total", f'{{{flow_labels[name]},error_type="unknown"}}',
-                           f.counts[1] - typed)
-        out.family("skiplock_jobs_rescued_total", "counter", "jobs this engine rescued from lost workers")
-        for name, count in rescued:
-            out.sample("skiplock_jobs_rescued_total", f'{{flow="{_escape(name)}"}}', count)
-        for metric, about, bounds, pick in (
-                ("skiplock_job_wait_seconds", "from run_at to claim (each batch at its mean)", _WAIT_LE,
-                 lambda f: (f.wait, f.wait_sum)),
-                ("skiplock_job_run_seconds", "handler run time (each batch at its mean)", _RUN_LE,
-                 lambda f: (f.run, f.run_sum))):
-            out.family(metric, "histogram", about)
-            for name in names:
-                counts, total_s = pick(totals[name])
-                out.histogram(metric, flow_labels[name], bounds, counts, total_s)
-        out.family("skiplock_pool_connections", "gauge", "database connections of this engine's worker pools")
+        yield from families.values()
+        yield failed
+        yield rescued
+        yield wait
+        yield run
+        pool = GaugeMetricFamily("skiplock_pool_connections", "database connections of this engine's worker pools",
+                                 labels=["state"])
         for state in ("size", "available", "waiting", "max"):
-            out.sample("skiplock_pool_connections", f'{{state="{state}"}}',
-                       sum(int((i.get("pool") or {}).get(state, 0)) for i in infos))
-        out.family("skiplock_circuit_open", "gauge", "1 while a flow's circuit is open (as this engine's workers see it)")
+            pool.add_metric([state], sum(int((i.get("pool") or {}).get(state, 0)) for i in infos))
+        yield pool
+        circuit = GaugeMetricFamily("skiplock_circuit_open", "1 while a flow's circuit is open (as this engine's "
+                                    "workers see it)", labels=["flow"])
         opened: dict[str, bool] = {}
         for info in infos:
             for name, is_open in (info.get("circuits") or {}).items():
                 opened[name] = opened.get(name, False) or bool(is_open)
         for name, is_open in sorted(opened.items()):
-            out.sample("skiplock_circuit_open", f'{{flow="{_escape(name)}"}}', 1 if is_open else 0)
-        out.family("skiplock_engine_workers", "gauge", "worker processes this engine runs")
-        out.sample("skiplock_engine_workers", "", self.live_workers())
-        out.family("skiplock_engine_info", "gauge", "this engine")
-        out.sample("skiplock_engine_info", f'{{version="{_escape(__version__)}",engine="{_escape(self.engine_id)}"}}', 1)
-        out.family("skiplock_metrics_leader", "gauge", "1 on the engine that exports the fleet-wide gauges")
-        out.sample("skiplock_metrics_leader", "", 1 if leader and gauges is not None else 0)
-        if leader and gauges is not None:
-            self._render_gauges(out, gauges)
-        return out.text()
-
-    @staticmethod
-    def _render_gauges(out: Exposition, gauges: Gauges) -> None:
-        out.family("skiplock_queue_jobs", "gauge", "jobs per flow and state, fleet-wide (leader only; exact to "
-                   "10,000, then ready and dead are the planner's estimate, the others stop)")
+            circuit.add_metric([name], 1.0 if is_open else 0.0)
+        yield circuit
+        own = GaugeMetricFamily("skiplock_engine_workers", "worker processes this engine runs")
+        own.add_metric([], self.live_workers())
+        yield own
+        info = GaugeMetricFamily("skiplock_engine_info", "this engine", labels=["version", "engine"])
+        info.add_metric([__version__, self.engine_id], 1.0)
+        yield info
+        lead = GaugeMetricFamily("skiplock_metrics_leader", "1 on the engine that exports the fleet-wide gauges")
+        lead.add_metric([], 1.0 if leader and gauges is not None else 0.0)
+        yield lead
+        if not leader or gauges is None:
+            return
+        depth = GaugeMetricFamily("skiplock_queue_jobs", "jobs per flow and state, fleet-wide (leader only; "
+                                  "exact to 10,000, then ready and dead are the planner's estimate, the others stop)", labels=["flow", "state"])
         for name, states in sorted(gauges.flows.items()):
-            flow = _escape(name)
             for state in GAUGE_STATES:
-                out.sample("skiplock_queue_jobs", f'{{flow="{flow}",state="{state}"}}', states.get(state, 0))
-        out.family("skiplock_queue_oldest_pending_seconds", "gauge", "age of the oldest due job per flow (leader only)")
+                depth.add_metric([name, state], states.get(state, 0))
+        yield depth
+        oldest = GaugeMetricFamily("skiplock_queue_oldest_pending_seconds", "age of the oldest due job per flow "
+                                   "(leader only)", labels=["flow"])
         for name, age in sorted(gauges.oldest.items()):
-            out.sample("skiplock_queue_oldest_pending_seconds", f'{{flow="{_escape(name)}"}}', age)
-        out.family("skiplock_workers", "gauge", "workers fleet-wide: live, stale (no heartbeat for stale_after), "
-                   "lost in the last 10 min (leader only)")
+            oldest.add_metric([name], age)
+        yield oldest
+        workers = GaugeMetricFamily("skiplock_workers", "workers fleet-wide: live, stale (no heartbeat for "
+                                    "stale_after), lost in the last 10 min (leader only)", labels=["state"])
         for state in ("live", "stale", "lost"):
-            out.sample("skiplock_workers", f'{{state="{state}"}}', gauges.workers.get(state, 0))
-        out.family("skiplock_gauges_age_seconds", "gauge", "how old the leader's reading is")
-        out.sample("skiplock_gauges_age_seconds", "", max(time.monotonic() - gauges.at, 0.0))
+            workers.add_metric([state], gauges.workers.get(state, 0))
+        yield workers
+        age = GaugeMetricFamily("skiplock_gauges_age_seconds", "how old the leader's reading is")
+        age.add_metric([], max(time.monotonic() - gauges.at, 0.0))
+        yield age
 
 
-# Prometheus' text format 0.0.4, written directly: prometheus-client's generate_latest validates and
-# escapes every label name and value of every sample, about 6 ms for 20 flows (700 samples) per scrape.
-
-
-def _escape(value: str) -> str:
-    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
-
-
-def _number(value: float) -> str:
-    if isinstance(value, int):
-        return f"{value}.0"
-    if value != value:
-        return "NaN"
-    if value in (math.inf, -math.inf):
-        return "+Inf" if value > 0 else "-Inf"
-    return repr(value)
-
-
-def _le(bounds: tuple[float, ...]) -> tuple[str, ...]:
-    return (*(f',le="{bound!r}"}}' for bound in bounds), ',le="+Inf"}')
-
-
-_WAIT_LE: Final = _le(WAIT_BUCKETS)
-_RUN_LE: Final = _le(RUN_BUCKETS)
-
-
-class Exposition:
-    def __init__(self) -> None:
-        self._parts: list[str] = []
-
-    def family(self, name: str, kind: str, about: str) -> None:
-        about = about.replace("\\", "\\\\").replace("\n", "\\n")
-        self._parts.append(f"# HELP {name} {about}\n# TYPE {name} {kind}\n")
-
-    def sample(self, name: str, labels: str, value: float) -> None:
-        """`labels`: "" or the rendered set, braces included ({flow="a"}), values escaped."""
-        self._parts.append(f"{name}{labels} {_number(value)}\n")
-
-    def histogram(self, name: str, labels: str, le: tuple[str, ...], counts: list[int], total_s: float) -> None:
-        """`counts` per bucket (not cumulative), +Inf last; `le`: from _le, one per bucket."""
-        parts = self._parts
-        cumulative = 0
-        for suffix, count in zip(le, counts):
-            cumulative += count
-            parts.append(f"{name}_bucket{{{labels}{suffix} {cumulative}.0\n")
-        parts.append(f"{name}_count{{{labels}}} {cumulative}.0\n{name}_sum{{{labels}}} {_number(total_s)}\n")
-
-    def add_families(self, families: Iterable[Any]) -> None:
-        """prometheus-client's metric families (its process collector's): few samples, rendered here too."""
-        for family in families:
-            name = f"{family.name}_total" if family.type == "counter" else family.name
-            self.family(name, family.type, family.documentation)
-            for s in family.samples:
-                labels = ",".join(f'{k}="{_escape(str(v))}"' for k, v in s.labels.items())
-                self.sample(s.name, "{" + labels + "}" if labels else "", s.value)
-
-    def text(self) -> str:
-        return "".join(self._parts)
+def _buckets(bounds: tuple[float, ...], counts: list[int]) -> list[tuple[str, float]]:
+    out: list[tuple[str, float]] = []
+    total = 0
+    for bound, count in zip((*bounds, float("inf")), counts):
+        total += count
+        out.append(("+Inf" if bound == float("inf") else repr(bound), total))
+    return out
 
 
 def read_gauges(conn: Any, thresholds: Thresholds, cap: int) -> Gauges:
@@ -593,16 +553,12 @@ class MetricsServer:
     """A threading HTTP server in the supervisor: /metrics, /healthz, /readyz."""
 
     def __init__(self, host: str, port: int, hub: MetricsHub, readiness: Readiness) -> None:
+        from prometheus_client import CollectorRegistry, generate_latest
         from prometheus_client.process_collector import ProcessCollector
 
-        process = ProcessCollector(registry=None)  # the supervisor's own CPU and memory
-
-        def exposition() -> bytes:
-            out = hub.render()
-            tail = Exposition()
-            tail.add_families(process.collect())
-            return (out + tail.text()).encode()
-
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(_Collector(hub))
+        ProcessCollector(registry=registry)  # the supervisor's own CPU and memory
         self.hub = hub
         self.readiness = readiness
         server = self
@@ -611,7 +567,7 @@ class MetricsServer:
             def do_GET(self) -> None:  # noqa: N802 (http.server's name)
                 path = self.path.split("?", 1)[0]
                 if path == "/metrics":
-                    self._send(200, exposition(), "text/plain; version=0.0.4; charset=utf-8")
+                    self._send(200, generate_latest(registry), "text/plain; version=0.0.4; charset=utf-8")
                 elif path == "/healthz":
                     problems = liveness_problems(server.hub, time.monotonic())
                     self._send(503 if problems else 200, _body("unhealthy" if problems else "ok", problems))
@@ -643,6 +599,14 @@ class MetricsServer:
     def stop(self) -> None:
         self.httpd.shutdown()
         self.httpd.server_close()
+
+
+class _Collector:
+    def __init__(self, hub: MetricsHub) -> None:
+        self.hub = hub
+
+    def collect(self) -> Iterator[Any]:
+        return self.hub.collect()
 
 
 @dataclass
