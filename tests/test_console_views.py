@@ -5,26 +5,13 @@ real PostgreSQL."""
 
 from __future__ import annotations
 
-import asyncio
-
 import psycopg
 from textual.pilot import Pilot
 from textual.widgets import DataTable, Static
 
 from console.app import ConsoleApp, all_bindings
 from console.screens.job import JobScreen
-from support.console_seed import make_app, seed, wait_until
-
-SIZE = (120, 40)
-
-
-def run(app: ConsoleApp, scenario) -> None:
-    async def main() -> None:
-        async with app.run_test(size=SIZE) as pilot:
-            await wait_until(pilot, lambda: app.snapshots > 0)
-            await scenario(pilot)
-
-    asyncio.run(main())
+from support.console_seed import make_app, run, seed, wait_until
 
 
 def title(app: ConsoleApp, title_id: str) -> str:

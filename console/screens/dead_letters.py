@@ -85,7 +85,7 @@ class DeadLettersScreen(PagedScreen[DeadLetterPage, DeadLetter]):
         self.selected -= set(message.changed)  # type: ignore[arg-type]  # the app reads again (DeadLettersChanged)
 
     def page_loaded(self) -> None:
-        self.selected &= {d.id for d in self.items()}
+        self.selected &= {d.id for d in self.listed()}
 
     def filter_changed(self) -> None:
         self.selected.clear()
@@ -99,8 +99,8 @@ class DeadLettersScreen(PagedScreen[DeadLetterPage, DeadLetter]):
         snapshot = self.console.state.snapshot
         return max(self.page.now, snapshot.now) if snapshot is not None else self.page.now
 
-    def items(self) -> list[DeadLetter]:
-        return self.page.letters if self.page is not None else []
+    def items(self, page: DeadLetterPage) -> list[DeadLetter]:
+        return page.letters
 
     def key_of(self, item: DeadLetter) -> str:
         return str(item.id)

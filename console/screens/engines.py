@@ -37,8 +37,8 @@ class EnginesScreen(PagedScreen[EnginePage, EngineRow]):
     def load(self) -> LoadEngines:
         return LoadEngines()
 
-    def items(self) -> list[EngineRow]:
-        return self.page.engines if self.page is not None else []
+    def items(self, page: EnginePage) -> list[EngineRow]:
+        return page.engines
 
     def key_of(self, item: EngineRow) -> str:
         return item.id

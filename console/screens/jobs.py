@@ -67,8 +67,8 @@ class JobsScreen(PagedScreen[JobsPage, JobSummary]):
         self.error = None
         self.reload()
 
-    def items(self) -> list[JobSummary]:
-        return self.page.jobs if self.page is not None else []
+    def items(self, page: JobsPage) -> list[JobSummary]:
+        return page.jobs
 
     def key_of(self, item: JobSummary) -> str:
         return str(item.id)

@@ -109,9 +109,13 @@ class PagedScreen(TableScreen, Generic[PageT, ItemT]):
         """The read this view needs now; None when it cannot ask (then `self.error` says why)."""
         raise NotImplementedError
 
-    def items(self) -> Sequence[ItemT]:
+    def items(self, page: PageT) -> Sequence[ItemT]:
         """Everything the page holds, before the console's own filtering."""
         raise NotImplementedError
+
+    def listed(self) -> Sequence[ItemT]:
+        """The items of the page read (none before the first)."""
+        return self.items(self.page) if self.page is not None else ()
 
     def key_of(self, item: ItemT) -> str:
         """The main-table row key of an item."""
@@ -122,14 +126,12 @@ class PagedScreen(TableScreen, Generic[PageT, ItemT]):
         return True
 
     def visible(self) -> list[ItemT]:
-        return [item for item in self.items() if self.matches(item)] if self.page is not None else []
+        return [item for item in self.listed() if self.matches(item)]
 
     def current(self) -> ItemT | None:
         """The item under the main table's cursor."""
         key = self.cursor_key(self.main_table())
-        if key is None or self.page is None:
-            return None
-        return next((item for item in self.items() if self.key_of(item) == key), None)
+        return next((item for item in self.listed() if self.key_of(item) == key), None) if key is not None else None
 
     def begin(self) -> None:
         self.reload()
@@ -200,7 +202,7 @@ class PagedScreen(TableScreen, Generic[PageT, ItemT]):
         sync_rows(self.main_table(), self.rows(page, shown))
         if self.error is not None:  # the rows are the last page read
             self.show_title(Text(self.error, style="bold red"))
-        elif self.EMPTY and self.filter.empty and not self.items():
+        elif self.EMPTY and self.filter.empty and not self.items(page):
             self.show_title(Text(self.EMPTY, style="dim"))
         else:
             self.show_title(self.summary(page, shown))

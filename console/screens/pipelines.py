@@ -28,8 +28,8 @@ class PipelinesScreen(PagedScreen[list[Pipeline], Pipeline]):
     def load(self) -> LoadPipelines:
         return LoadPipelines()
 
-    def items(self) -> list[Pipeline]:
-        return self.page or []
+    def items(self, page: list[Pipeline]) -> list[Pipeline]:
+        return page
 
     def matches(self, item: Pipeline) -> bool:
         wanted = self.filter

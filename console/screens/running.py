@@ -30,8 +30,8 @@ class RunningScreen(PagedScreen[RunningPage, RunningJob]):
     def load(self) -> LoadRunning:
         return LoadRunning()
 
-    def items(self) -> list[RunningJob]:
-        return self.page.jobs if self.page is not None else []
+    def items(self, page: RunningPage) -> list[RunningJob]:
+        return page.jobs
 
     def key_of(self, item: RunningJob) -> str:
         return str(item.id)

@@ -31,8 +31,8 @@ class SchedulesScreen(PagedScreen[SchedulePage, Schedule]):
     def load(self) -> LoadSchedules:
         return LoadSchedules()
 
-    def items(self) -> list[Schedule]:
-        return self.page.schedules if self.page is not None else []
+    def items(self, page: SchedulePage) -> list[Schedule]:
+        return page.schedules
 
     def key_of(self, item: Schedule) -> str:
         return item.name
@@ -43,7 +43,7 @@ class SchedulesScreen(PagedScreen[SchedulePage, Schedule]):
                 and wanted.matches_text(item.name, item.flow, item.cron, item.last_outcome))
 
     def job_of(self, key: str) -> int | None:
-        schedule = next((s for s in self.items() if s.name == key), None)
+        schedule = next((s for s in self.listed() if s.name == key), None)
         return schedule.last_job_id if schedule is not None and schedule.last_job_id else None
 
     def rows(self, page: SchedulePage, shown: list[Schedule]) -> list[Row]:
