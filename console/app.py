@@ -78,8 +78,9 @@ SCREEN_KEYS: Final = (("Overview", OverviewScreen), ("Failures", FailuresScreen)
 WRITE_ACTIONS: Final = frozenset().union(*(screen.write_actions() for _, screen in SCREEN_KEYS))
 FLUSH_INTERVAL_S: Final = 0.5
 SOON_S: Final = 0.25  # an event that makes counts stale brings the next snapshot this close
-KEY_NAMES: Final = {"slash": "/", "question_mark": "?", "space": "space", "escape": "esc", "enter": "enter",
-                    "backspace": "backspace", "ctrl+r": "ctrl+r", "ctrl+p": "ctrl+p", "ctrl+c": "ctrl+c"}
+KEY_NAMES: Final = {"slash": "/", "question_mark": "?", "plus": "+", "minus": "-", "space": "space", "escape": "esc",
+                    "enter": "enter", "backspace": "backspace", "ctrl+r": "ctrl+r", "ctrl+p": "ctrl+p",
+                    "ctrl+c": "ctrl+c"}
 TABLE_KEYS: Final = (("↑ ↓ pgup pgdn home end", "move"), ("enter", "open the row (job, or a flow's dead letters)"),
                      ("tab", "next table"))
 

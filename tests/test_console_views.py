@@ -5,11 +5,14 @@ real PostgreSQL."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import psycopg
 from textual.pilot import Pilot
 from textual.widgets import DataTable, Static
 
 from console.app import ConsoleApp, all_bindings
+from console.screens.base import ConsoleScreen
 from console.screens.job import JobScreen
 from support.console_seed import make_app, run, seed, wait_until
 
@@ -101,3 +104,19 @@ def test_every_key_of_every_view_is_in_help_list_bindings_and_the_palette(dsn):
                 assert binding.description in palette, binding.description
 
     run(app, scenario)
+
+
+def test_the_readme_names_every_view_and_key():
+    """The README's console section: every view's key and every binding's keys, as `?` shows them."""
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme[readme.index("## The console"):]
+    section = section.split("\n## ")[0]
+    app = make_app("host=/nowhere")  # never attached: only its key names are read
+    owners = [ConsoleApp, ConsoleScreen, *ConsoleApp.MODES.values(), JobScreen]
+    missing = [(owner.__name__, key) for owner in owners for binding in owner.BINDINGS
+               for key in app.binding_keys(binding).split(", ") if f"`{key}`" not in section]
+    assert not missing
+    for view in ConsoleApp.MODES:
+        shot = f"docs/img/console-{'dead-letters' if view == 'dead' else view}.svg"
+        assert f"]({shot})" in section, shot
+        assert (Path(__file__).resolve().parent.parent / shot).is_file(), shot
