@@ -120,3 +120,33 @@ def test_the_readme_names_every_view_and_key():
         shot = f"docs/img/console-{'dead-letters' if view == 'dead' else view}.svg"
         assert f"]({shot})" in section, shot
         assert (Path(__file__).resolve().parent.parent / shot).is_file(), shot
+
+
+def test_a_view_reads_its_page_once_when_opened(dsn):
+    """Textual resumes a new mode's screen twice: the view still asks for one read, not three."""
+    seed(dsn)
+    app = make_app(dsn)
+    reads: list[str] = []
+    read_page = app._read_page
+
+    def counted(intent):
+        reads.append(type(intent).__name__)
+        return read_page(intent)
+
+    app._read_page = counted  # the thread each Load intent runs in (ConsoleApp._on_load)
+
+    async def scenario(pilot: Pilot) -> None:
+        for key in "345678":
+            await pilot.press(key)
+            await wait_until(pilot, lambda: getattr(app.screen, "page", None) is not None)
+            await pilot.pause(0.3)
+        opened = list(reads)
+        reads.clear()
+        await pilot.press("7")  # shown again: a live view reads again, once
+        await wait_until(pilot, lambda: reads == ["LoadEngines"])
+        await pilot.pause(0.3)
+        assert reads == ["LoadEngines"]
+        assert opened == ["LoadDeadLetters", "LoadJobs", "LoadRunning", "LoadSchedules", "LoadEngines",
+                          "LoadPipelines"]
+
+    run(app, scenario)

@@ -102,6 +102,7 @@ class PagedScreen(TableScreen, Generic[PageT, ItemT]):
         self.error: str | None = None  # why the page could not be read (or asked for)
         self.loaded_at = 0.0  # monotonic time of the page
         self.stale = False  # something changed while the view was hidden: read again when shown
+        self.asked_at: float | None = None  # monotonic time of the read asked for, until its answer
 
     # -- the page -------------------------------------------------------------------------------------
 
@@ -137,8 +138,15 @@ class PagedScreen(TableScreen, Generic[PageT, ItemT]):
         self.reload()
 
     def resumed(self) -> None:
+        if self.awaiting():
+            return  # the answer on its way is as fresh (Textual resumes a new mode's screen twice)
         if self.LIVE or self.stale or time.monotonic() - self.loaded_at > self.console.refresh_interval:
             self.call_after_refresh(self.reload)
+
+    def awaiting(self) -> bool:
+        """A read was asked for and not answered yet (for at most a refresh interval: an answer lost to a
+        crash does not stop the reads)."""
+        return self.asked_at is not None and time.monotonic() - self.asked_at < self.console.refresh_interval
 
     def reload(self) -> None:
         self.stale = False
@@ -147,6 +155,7 @@ class PagedScreen(TableScreen, Generic[PageT, ItemT]):
             self.page = None
             self.update_view({"all"})
             return
+        self.asked_at = time.monotonic()
         self.ask(intent)
 
     def on_page_loaded(self, message: PageLoaded) -> None:
@@ -154,6 +163,7 @@ class PagedScreen(TableScreen, Generic[PageT, ItemT]):
             return  # the answer to an older question (another filter) arrived late
         self.page = message.page
         self.loaded_at = time.monotonic()
+        self.asked_at = None
         self.error = None
         self.page_loaded()
         self.update_view({"all"})
@@ -163,6 +173,7 @@ class PagedScreen(TableScreen, Generic[PageT, ItemT]):
 
     def on_page_failed(self, message: PageFailed) -> None:
         if message.intent == self.load():
+            self.asked_at = None
             self.error = f"(cannot read: {message.error})"
             self.update_view({"all"})
 
