@@ -26,6 +26,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Iterable
+from functools import partial
 from datetime import datetime, tzinfo
 from pathlib import Path
 from typing import Any, Final
@@ -43,15 +44,11 @@ from textual.worker import get_current_worker
 
 from console.data import COUNT_CAP, DataSource
 from console.feed import Feed
-from console.messages import (ActionDone, ActionFinished, CancelJobs, ClearFailures, CycleWindow, DeadLettersChanged,
-                              DeadLettersFailed, DeadLettersLoaded, FeedEvents, FeedStatus, Intent, JobLoaded,
-                              JobsFailed, JobsLoaded, LoadDeadLetters, LoadJob, LoadJobs, LoadSchedules, OpenJob,
-                              PurgeCancelled, PurgeJobs, PurgeMatching, RetryJobs, RetryMatching, SchedulesFailed,
-                              SchedulesLoaded, SetFlowPaused, SetSchedulePaused, ShowDeadLetters, SnapshotFailed,
-                              SnapshotLoaded, TriggerSchedule, UseFilter)
-from console.messages import CancelRunning, LoadRunning, RunningFailed, RunningLoaded
-from console.messages import EngineCommand, EnginesFailed, EnginesLoaded, LoadEngines
-from console.messages import LoadPipelines, PipelinesFailed, PipelinesLoaded
+from console.messages import (ActionDone, ActionFinished, CancelJobs, CancelRunning, ClearFailures, CycleWindow,
+                              DeadLettersChanged, EngineCommand, FeedEvents, FeedStatus, Intent, JobLoaded, Load,
+                              LoadDeadLetters, LoadJob, OpenJob, PageFailed, PageLoaded, PurgeCancelled, PurgeJobs,
+                              PurgeMatching, RetryJobs, RetryMatching, SetFlowPaused, SetSchedulePaused,
+                              ShowDeadLetters, SnapshotFailed, SnapshotLoaded, TriggerSchedule, UseFilter)
 from console.screens.base import BaseScreen, ConsoleScreen
 from console.screens.dead_letters import DeadLettersScreen
 from console.screens.engines import EnginesScreen
@@ -73,15 +70,17 @@ from engine.health import Thresholds
 from engine.queue import DeadLetterFilter
 from engine.redact import describe_error, redact_dsn
 
-# Actions that write to the database: hidden (check_action -> False) in read-only mode.
-WRITE_ACTIONS: Final = frozenset({"toggle_pause", "retry_one", "retry_selected", "retry_all", "purge_selected",
-                                  "purge_older", "retry", "purge", "cancel_one", "cancel_matching", "retry_dead_matching",
-                                  "purge_matching", "toggle_schedule", "trigger_schedule", "cancel_running",
-                                  "scale_by", "scale_to", "drain_engine", "stop_engine"})
+# Each screen with keys of its own, in the order `?` and --list-bindings show them.
+SCREEN_KEYS: Final = (("Overview", OverviewScreen), ("Failures", FailuresScreen), ("Dead letters", DeadLettersScreen),
+                      ("Jobs", JobsScreen), ("Running", RunningScreen), ("Schedules", SchedulesScreen),
+                      ("Engines", EnginesScreen), ("Job", JobScreen))
+# Actions that write to the database (each screen's WriteBindings): not offered in read-only mode.
+WRITE_ACTIONS: Final = frozenset().union(*(screen.write_actions() for _, screen in SCREEN_KEYS))
 FLUSH_INTERVAL_S: Final = 0.5
 SOON_S: Final = 0.25  # an event that makes counts stale brings the next snapshot this close
-KEY_NAMES: Final = {"slash": "/", "question_mark": "?", "space": "space", "escape": "esc", "enter": "enter",
-                    "backspace": "backspace", "ctrl+r": "ctrl+r", "ctrl+p": "ctrl+p", "ctrl+c": "ctrl+c"}
+KEY_NAMES: Final = {"slash": "/", "question_mark": "?", "plus": "+", "minus": "-", "space": "space", "escape": "esc",
+                    "enter": "enter", "backspace": "backspace", "ctrl+r": "ctrl+r", "ctrl+p": "ctrl+p",
+                    "ctrl+c": "ctrl+c"}
 TABLE_KEYS: Final = (("↑ ↓ pgup pgdn home end", "move"), ("enter", "open the row (job, or a flow's dead letters)"),
                      ("tab", "next table"))
 
@@ -398,13 +397,7 @@ class ConsoleApp(App[None]):
         return [
             ("Everywhere", rows(self.BINDINGS) + [("ctrl+p", "command palette")]),
             ("Every list", rows(ConsoleScreen.BINDINGS) + list(TABLE_KEYS)),
-            ("Overview", rows(OverviewScreen.BINDINGS)),
-            ("Failures", rows(FailuresScreen.BINDINGS)),
-            ("Dead letters", rows(DeadLettersScreen.BINDINGS)),
-            ("Running", rows(RunningScreen.BINDINGS)),
-            ("Schedules", rows(SchedulesScreen.BINDINGS)),
-            ("Engines", rows(EnginesScreen.BINDINGS)),
-            ("Job", rows(JobScreen.BINDINGS)),
+            *((title, rows(screen.BINDINGS)) for title, screen in SCREEN_KEYS),
             ("Filter qualifiers", [("flow:NAME", "one flow"), ("error:TYPE", "one error type"),
                                    ("status:S", "paused/active/open (flows), dead/retrying (failures)"),
                                    ("age:>7d  age:<10m", "died or failed longer / shorter ago"),
@@ -416,6 +409,7 @@ class ConsoleApp(App[None]):
         yield SystemCommand("Overview", "Throughput, flows, workers, runs (1)", lambda: self.action_show("overview"))
         yield SystemCommand("Failures", "Live feed of failed attempts (2)", lambda: self.action_show("failures"))
         yield SystemCommand("Dead letters", "Inspect, retry, purge (3)", lambda: self.action_show("dead"))
+        yield SystemCommand("Jobs", "Any job in any state: cancel, retry, purge (4)", lambda: self.action_show("jobs"))
         yield SystemCommand("Running", "Jobs running now, progress, cancel (5)", lambda: self.action_show("running"))
         yield SystemCommand("Schedules", "Next fire, last job, pause, trigger (6)", lambda: self.action_show("schedules"))
         yield SystemCommand("Engines", "The fleet: scale, drain, stop (7)", lambda: self.action_show("engines"))
@@ -455,18 +449,20 @@ class ConsoleApp(App[None]):
         self.state.failures_version += 1
         self._redraw(force={"failures"})
 
-    @on(LoadDeadLetters)
-    def _on_load_dead_letters(self, message: LoadDeadLetters) -> None:
-        self.dead_screen = message.origin
-        self._read_dead_letters(message)
+    @on(Load)
+    def _on_load(self, message: Load) -> None:
+        if isinstance(message, LoadDeadLetters):
+            self.dead_screen = message.origin  # told when dead letters change
+        # One reader per kind of page; a newer request cancels the older one's answer.
+        self.run_worker(partial(self._read_page, message), group=type(message).__name__, exclusive=True,
+                        thread=True, exit_on_error=False)
 
-    @work(thread=True, exclusive=True, group="dead_letters", exit_on_error=False)
-    def _read_dead_letters(self, intent: LoadDeadLetters) -> None:
+    def _read_page(self, intent: Load) -> None:
         try:
-            answer: DeadLettersLoaded | DeadLettersFailed = DeadLettersLoaded(self.data.dead_letters(intent.where))
-        except (psycopg.Error, OSError) as exc:
-            answer = DeadLettersFailed(intent.where, describe_error(exc))
-        if not get_current_worker().is_cancelled:  # a newer request supersedes this answer
+            answer: PageLoaded | PageFailed = PageLoaded(intent, intent.read(self.data))
+        except (psycopg.Error, OSError, SkiplockError) as exc:
+            answer = PageFailed(intent, describe_error(exc) if isinstance(exc, psycopg.Error) else str(exc))
+        if not get_current_worker().is_cancelled:
             _answer(intent, answer)
 
     def _dead_letters_changed(self, soon: bool = False) -> None:
@@ -490,32 +486,6 @@ class ConsoleApp(App[None]):
             return
         _answer(message, JobLoaded(message.job_id, job, children, explanation))
 
-    @on(LoadSchedules)
-    def _on_load_schedules(self, message: LoadSchedules) -> None:
-        self._read_schedules(message)
-
-    @work(thread=True, exclusive=True, group="schedules", exit_on_error=False)
-    def _read_schedules(self, intent: LoadSchedules) -> None:
-        try:
-            answer: SchedulesLoaded | SchedulesFailed = SchedulesLoaded(self.data.schedules())
-        except (psycopg.Error, OSError) as exc:
-            answer = SchedulesFailed(describe_error(exc))
-        if not get_current_worker().is_cancelled:
-            _answer(intent, answer)
-
-    @on(LoadPipelines)
-    def _on_load_pipelines(self, message: LoadPipelines) -> None:
-        self._read_pipelines(message)
-
-    @work(thread=True, exclusive=True, group="pipelines", exit_on_error=False)
-    def _read_pipelines(self, intent: LoadPipelines) -> None:
-        try:
-            answer: PipelinesLoaded | PipelinesFailed = PipelinesLoaded(self.data.pipelines())
-        except (psycopg.Error, OSError) as exc:
-            answer = PipelinesFailed(describe_error(exc))
-        if not get_current_worker().is_cancelled:
-            _answer(intent, answer)
-
     @on(SetSchedulePaused)
     def _on_set_schedule_paused(self, message: SetSchedulePaused) -> None:
         if self.read_only:
@@ -536,19 +506,6 @@ class ConsoleApp(App[None]):
         name = message.name
         self._perform(message, f"triggered schedule {name}:", lambda: [self.data.trigger_schedule(name)], None,
                       unit="job enqueued")
-
-    @on(LoadEngines)
-    def _on_load_engines(self, message: LoadEngines) -> None:
-        self._read_engines(message)
-
-    @work(thread=True, exclusive=True, group="engines", exit_on_error=False)
-    def _read_engines(self, intent: LoadEngines) -> None:
-        try:
-            answer: EnginesLoaded | EnginesFailed = EnginesLoaded(self.data.engines())
-        except (psycopg.Error, OSError) as exc:
-            answer = EnginesFailed(describe_error(exc))
-        if not get_current_worker().is_cancelled:
-            _answer(intent, answer)
 
     @on(EngineCommand)
     def _on_engine_command(self, message: EngineCommand) -> None:
@@ -592,36 +549,10 @@ class ConsoleApp(App[None]):
         where = message.where
         self._perform(message, "purged", lambda: self.data.purge(where), None)
 
-    @on(LoadJobs)
-    def _on_load_jobs(self, message: LoadJobs) -> None:
-        self._read_jobs(message)
-
-    @work(thread=True, exclusive=True, group="jobs", exit_on_error=False)
-    def _read_jobs(self, intent: LoadJobs) -> None:
-        try:
-            answer: JobsLoaded | JobsFailed = JobsLoaded(self.data.jobs(intent.where))
-        except (psycopg.Error, OSError, SkiplockError) as exc:
-            answer = JobsFailed(intent.where, describe_error(exc) if isinstance(exc, psycopg.Error) else str(exc))
-        if not get_current_worker().is_cancelled:
-            _answer(intent, answer)
-
     @on(CancelJobs)
     def _on_cancel_jobs(self, message: CancelJobs) -> None:
         ids = list(message.ids)
         self._perform(message, "cancelled", lambda: self.data.cancel(ids).cancelled, len(ids), unit="job(s)")
-
-    @on(LoadRunning)
-    def _on_load_running(self, message: LoadRunning) -> None:
-        self._read_running(message)
-
-    @work(thread=True, exclusive=True, group="running", exit_on_error=False)
-    def _read_running(self, intent: LoadRunning) -> None:
-        try:
-            answer: RunningLoaded | RunningFailed = RunningLoaded(self.data.running())
-        except (psycopg.Error, OSError) as exc:
-            answer = RunningFailed(describe_error(exc))
-        if not get_current_worker().is_cancelled:
-            _answer(intent, answer)
 
     @on(CancelRunning)
     def _on_cancel_running(self, message: CancelRunning) -> None:
@@ -704,8 +635,7 @@ def load_keymap(path: Path | None) -> dict[str, str]:
 def all_bindings() -> list[tuple[str, str, str]]:
     """(id, keys, description) of every binding, for --list-bindings."""
     found = []
-    for owner in (ConsoleApp, ConsoleScreen, OverviewScreen, FailuresScreen, DeadLettersScreen, SchedulesScreen,
-                  RunningScreen, EnginesScreen, JobScreen, PipelinesScreen):
+    for owner in (ConsoleApp, ConsoleScreen, *(screen for _, screen in SCREEN_KEYS)):
         for binding in owner.BINDINGS:
             if isinstance(binding, Binding) and binding.id:
                 found.append((binding.id, binding.key, binding.description))

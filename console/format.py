@@ -117,3 +117,9 @@ def clip(text: str | None, width: int) -> str:
         return ""
     text = " ".join(text.split())
     return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def id_list(ids: list[int], shown: int = 12) -> str:
+    """The first `shown` ids and how many more: what a confirmation names."""
+    text = ", ".join(str(i) for i in ids[:shown])
+    return text + (f" and {len(ids) - shown} more" if len(ids) > shown else "")

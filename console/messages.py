@@ -18,7 +18,7 @@ from typing import Any
 from textual.message import Message
 from textual.message_pump import MessagePump
 
-from console.data import DeadLetterPage, EnginePage, JobsPage, RunningPage, SchedulePage, Snapshot
+from console.data import DataSource, DeadLetterPage, EnginePage, JobsPage, RunningPage, SchedulePage, Snapshot
 from console.filters import Filter
 from engine.pipelines import Pipeline
 from engine.explain import Explanation
@@ -92,10 +92,22 @@ class ShowDeadLetters(Intent):
 
 
 @dataclass
-class LoadDeadLetters(Intent):
-    """Read a page of dead letters matching `where`; answered with DeadLettersLoaded or DeadLettersFailed."""
+class Load(Intent):
+    """Read what a view shows, in a thread; answered with PageLoaded or PageFailed, which carry this
+    intent (so a view can tell an answer to an older question from the one it waits for)."""
+
+    def read(self, data: DataSource) -> Any:
+        raise NotImplementedError
+
+
+@dataclass
+class LoadDeadLetters(Load):
+    """A page of dead letters matching `where`, with the counts by error type."""
 
     where: DeadLetterFilter
+
+    def read(self, data: DataSource) -> DeadLetterPage:
+        return data.dead_letters(self.where)
 
 
 @dataclass
@@ -130,10 +142,13 @@ class PurgeMatching(Intent):
 
 
 @dataclass
-class LoadJobs(Intent):
-    """Read the jobs matching `where` (any state); answered with JobsLoaded or JobsFailed."""
+class LoadJobs(Load):
+    """The jobs matching `where` (any state)."""
 
     where: JobFilter
+
+    def read(self, data: DataSource) -> JobsPage:
+        return data.jobs(self.where)
 
 
 @dataclass
@@ -144,8 +159,11 @@ class CancelJobs(Intent):
 
 
 @dataclass
-class LoadRunning(Intent):
-    """Read the jobs running now; answered with RunningLoaded or RunningFailed."""
+class LoadRunning(Load):
+    """The jobs running now."""
+
+    def read(self, data: DataSource) -> RunningPage:
+        return data.running()
 
 
 @dataclass
@@ -169,13 +187,19 @@ class SetFlowPaused(Intent):
 
 
 @dataclass
-class LoadSchedules(Intent):
-    """Read every schedule; answered with SchedulesLoaded or SchedulesFailed."""
+class LoadSchedules(Load):
+    """Every schedule."""
+
+    def read(self, data: DataSource) -> SchedulePage:
+        return data.schedules()
 
 
 @dataclass
-class LoadPipelines(Intent):
-    """Read every pipeline's stages and counts; answered with PipelinesLoaded or PipelinesFailed."""
+class LoadPipelines(Load):
+    """Every pipeline's stages and their counts."""
+
+    def read(self, data: DataSource) -> list[Pipeline]:
+        return data.pipelines()
 
 
 @dataclass
@@ -192,8 +216,11 @@ class TriggerSchedule(Intent):
 
 
 @dataclass
-class LoadEngines(Intent):
-    """Read the fleet's engines; answered with EnginesLoaded or EnginesFailed."""
+class LoadEngines(Load):
+    """The fleet's engines."""
+
+    def read(self, data: DataSource) -> EnginePage:
+        return data.engines()
 
 
 @dataclass
@@ -224,13 +251,18 @@ class Result(Message, bubble=False):
 
 
 @dataclass
-class DeadLettersLoaded(Result):
-    page: DeadLetterPage
+class PageLoaded(Result):
+    """What a Load intent read (its `read()`'s return)."""
+
+    intent: Load
+    page: Any
 
 
 @dataclass
-class DeadLettersFailed(Result):
-    where: DeadLetterFilter
+class PageFailed(Result):
+    """A Load intent's read failed: `error` says why (redacted)."""
+
+    intent: Load
     error: str
 
 
@@ -240,57 +272,6 @@ class DeadLettersChanged(Result):
     of events), so wait a moment before reading again."""
 
     soon: bool = False
-
-
-@dataclass
-class JobsLoaded(Result):
-    page: JobsPage
-
-
-@dataclass
-class JobsFailed(Result):
-    where: JobFilter
-    error: str
-
-
-@dataclass
-class RunningLoaded(Result):
-    page: RunningPage
-
-
-@dataclass
-class RunningFailed(Result):
-    error: str
-
-
-@dataclass
-class SchedulesLoaded(Result):
-    page: SchedulePage
-
-
-@dataclass
-class SchedulesFailed(Result):
-    error: str
-
-
-@dataclass
-class EnginesLoaded(Result):
-    page: EnginePage
-
-
-@dataclass
-class EnginesFailed(Result):
-    error: str
-
-
-@dataclass
-class PipelinesLoaded(Result):
-    pipelines: list[Pipeline]
-
-
-@dataclass
-class PipelinesFailed(Result):
-    error: str
 
 
 @dataclass

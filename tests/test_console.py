@@ -30,25 +30,14 @@ from console.screens.overview import OverviewScreen
 from console.state import LiveState
 from engine.sql import Q
 from engine.telemetry import encode_event
-from support.console_seed import FIXED_NOW, failure_events, make_app, seed, wait_until
+from support.console_seed import FIXED_NOW, failure_events, make_app, run, seed, wait_until
 from support.postgres import scalar
-
-SIZE = (120, 40)
 
 
 @pytest.fixture
 def seeded(dsn: str) -> str:
     seed(dsn)
     return dsn
-
-
-def run(app: ConsoleApp, scenario) -> None:
-    async def main() -> None:
-        async with app.run_test(size=SIZE) as pilot:
-            await wait_until(pilot, lambda: app.snapshots > 0 or app.database_down)
-            await scenario(pilot)
-
-    asyncio.run(main())
 
 
 async def dead_screen_ready(pilot: Pilot) -> DeadLettersScreen:

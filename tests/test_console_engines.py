@@ -3,8 +3,6 @@ the control plane, each behind a confirmation; nothing of it in read-only mode."
 
 from __future__ import annotations
 
-import asyncio
-
 from textual.pilot import Pilot
 from textual.widgets import DataTable
 
@@ -12,7 +10,7 @@ from console.app import ConsoleApp
 from console.screens.engines import EnginesScreen
 from console.screens.modals import ConfirmScreen, PromptScreen
 from engine import db, store
-from support.console_seed import make_app, wait_until
+from support.console_seed import make_app, run as run_attached, wait_until
 from support.engines import BASE, rows, wait_for
 
 SIZE = (140, 40)
@@ -28,12 +26,7 @@ def live_workers(dsn: str, engine_id: str) -> int:
 
 
 def run(app: ConsoleApp, scenario) -> None:
-    async def main() -> None:
-        async with app.run_test(size=SIZE) as pilot:
-            await wait_until(pilot, lambda: app.snapshots > 0)
-            await scenario(pilot)
-
-    asyncio.run(main())
+    run_attached(app, scenario, SIZE)
 
 
 def start(dsn, start_engine, tmp_path, workers: int):

@@ -3,35 +3,21 @@ SQL, opening the job detail, bulk cancel / retry / purge with confirmation, hidd
 
 from __future__ import annotations
 
-import asyncio
-
 import psycopg
 import pytest
 from textual.pilot import Pilot
 from textual.widgets import DataTable
 
-from console.app import ConsoleApp
 from console.screens.job import JobScreen
 from console.screens.jobs import JobsScreen
 from console.screens.modals import ConfirmScreen
-from support.console_seed import make_app, seed, wait_until
-
-SIZE = (120, 40)
+from support.console_seed import make_app, run, seed, wait_until
 
 
 @pytest.fixture
 def seeded(dsn: str) -> str:
     seed(dsn)
     return dsn
-
-
-def run(app: ConsoleApp, scenario) -> None:
-    async def main() -> None:
-        async with app.run_test(size=SIZE) as pilot:
-            await wait_until(pilot, lambda: app.snapshots > 0 or app.database_down)
-            await scenario(pilot)
-
-    asyncio.run(main())
 
 
 async def jobs_screen(pilot: Pilot) -> JobsScreen:

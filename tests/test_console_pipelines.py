@@ -3,7 +3,6 @@ the real PostgreSQL."""
 
 from __future__ import annotations
 
-import asyncio
 import io
 
 import psycopg
@@ -13,9 +12,7 @@ from textual.widgets import DataTable, Static
 
 from console.screens.job import JobScreen
 from console.screens.pipelines import PipelinesScreen
-from support.console_seed import make_app, seed, wait_until
-
-SIZE = (120, 40)
+from support.console_seed import make_app, run, seed, wait_until
 
 
 def seed_pipeline(dsn: str) -> None:
@@ -37,15 +34,6 @@ def _plain(widget: Static) -> str:
     console = Console(width=120, record=True, file=io.StringIO())
     console.print(widget.content)
     return console.export_text()
-
-
-def run(app, scenario) -> None:
-    async def main() -> None:
-        async with app.run_test(size=SIZE) as pilot:
-            await wait_until(pilot, lambda: app.snapshots > 0)
-            await scenario(pilot)
-
-    asyncio.run(main())
 
 
 def test_pipelines_view_shows_stages_top_to_bottom(dsn):

@@ -8,7 +8,6 @@ Update the SVG after a deliberate change with
 
 from __future__ import annotations
 
-import asyncio
 from datetime import timedelta
 
 import psycopg
@@ -16,12 +15,11 @@ import pytest
 from textual.pilot import Pilot
 from textual.widgets import DataTable, Static
 
-from console.app import ConsoleApp
 from console.screens.job import JobScreen
 from console.screens.jobs import JobsScreen
 from console.screens.modals import ConfirmScreen
 from console.screens.running import RunningScreen
-from support.console_seed import FIXED_NOW, make_app, seed, wait_until
+from support.console_seed import FIXED_NOW, make_app, run, seed, wait_until
 from support.postgres import scalar
 
 SIZE = (120, 40)
@@ -51,15 +49,6 @@ def seeded(dsn: str) -> str:
     seed(dsn)
     seed_running(dsn)
     return dsn
-
-
-def run(app: ConsoleApp, scenario) -> None:
-    async def main() -> None:
-        async with app.run_test(size=SIZE) as pilot:
-            await wait_until(pilot, lambda: app.snapshots > 0)
-            await scenario(pilot)
-
-    asyncio.run(main())
 
 
 async def running_shown(pilot: Pilot, key: str = "w") -> RunningScreen:

@@ -7,7 +7,6 @@ Update the SVG after a deliberate change with
 
 from __future__ import annotations
 
-import asyncio
 from datetime import timedelta
 
 import psycopg
@@ -15,10 +14,9 @@ import pytest
 from textual.pilot import Pilot
 from textual.widgets import DataTable
 
-from console.app import ConsoleApp
 from console.screens.modals import ConfirmScreen
 from console.screens.schedules import SchedulesScreen
-from support.console_seed import FIXED_NOW, make_app, seed, wait_until
+from support.console_seed import FIXED_NOW, make_app, run, seed, wait_until
 from support.postgres import scalar
 
 SIZE = (120, 40)
@@ -60,15 +58,6 @@ def seeded(dsn: str) -> str:
     seed(dsn)
     seed_schedules(dsn)
     return dsn
-
-
-def run(app: ConsoleApp, scenario) -> None:
-    async def main() -> None:
-        async with app.run_test(size=SIZE) as pilot:
-            await wait_until(pilot, lambda: app.snapshots > 0)
-            await scenario(pilot)
-
-    asyncio.run(main())
 
 
 async def schedules_shown(pilot: Pilot) -> SchedulesScreen:

@@ -1,9 +1,12 @@
 """What the screens share. `BaseScreen`: the status header, the key bar, the way to ask the app for
-something (`ask`: an intent message, answered to this screen). `ConsoleScreen`: a main screen (one key
-away), with the `/` filter line."""
+something (`ask`: an intent message, answered to this screen), the confirmation before an action, the
+keys read-only mode hides (`WriteBinding`). `ConsoleScreen`: a main screen (one key away), with the `/`
+filter line. The table views build on these in console/screens/listing.py."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
 from textual.app import ComposeResult
@@ -13,11 +16,18 @@ from textual.widgets import DataTable, Input
 
 from console.filters import Filter, FilterError, parse_filter
 from console.messages import Intent, UseFilter
+from console.screens.modals import ConfirmScreen
 from console.widgets.header import StatusHeader, refresh_header
 from console.widgets.keybar import KeyBar
 
 if TYPE_CHECKING:
     from console.app import ConsoleApp
+
+
+@dataclass(frozen=True)
+class WriteBinding(Binding):
+    """A key whose action writes to the database: read-only mode does not offer it (not in the key bar,
+    not in `?`, and the key does nothing)."""
 
 
 class FilterInput(Input):
@@ -54,8 +64,24 @@ class BaseScreen(Screen[None]):
     def update_view(self, changed: set[str]) -> None:
         """Redraw what `changed` touches ('all', 'snapshot', 'counts', 'failures', 'dead', ...)."""
 
+    @classmethod
+    def write_actions(cls) -> frozenset[str]:
+        """The actions of this screen's `WriteBinding`s (names without their arguments)."""
+        return frozenset(b.action.split("(")[0] for b in cls.BINDINGS if isinstance(b, WriteBinding))
+
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
         return self.console.check_write(action)
+
+    def confirm(self, title: str, body: str, label: str, then: Callable[[], object], *, danger: bool = True,
+                declined: str = "cancelled: nothing changed") -> None:
+        """Ask in a modal; `then()` only on yes (`declined` is said otherwise)."""
+        def answered(yes: bool | None) -> None:
+            if yes:
+                then()
+            else:
+                self.notify(declined, timeout=3)
+
+        self.app.push_screen(ConfirmScreen(title, body, label, danger=danger), answered)
 
 
 class ConsoleScreen(BaseScreen):
@@ -80,13 +106,23 @@ class ConsoleScreen(BaseScreen):
     def body(self) -> ComposeResult:
         return iter(())
 
+    # Textual runs the handler (on_mount, on_screen_resume, on_...) of every class in the MRO: a
+    # subclass extends these through the hooks below, never by defining the handler again.
     def on_mount(self) -> None:
+        self.prepare()
         line = self.query_one("#filter", FilterInput)
         line.display = False
         line.cursor_blink = not self.console.fixed_clock  # snapshots: nothing moves
         self.ready = True
         self.update_header()
         self.update_view({"all"})
+        self.begin()
+
+    def prepare(self) -> None:
+        """Before the first draw (the tables' columns, the focus)."""
+
+    def begin(self) -> None:
+        """After the first draw (the first read)."""
 
     def on_screen_resume(self) -> None:
         if not self.ready:
@@ -94,6 +130,10 @@ class ConsoleScreen(BaseScreen):
         # Paint what the screen showed last time at once (the key's answer), then bring it up to date.
         self.update_header()
         self.call_after_refresh(self.update_view, {"all"})
+        self.resumed()
+
+    def resumed(self) -> None:
+        """Shown again (after the first time)."""
 
     def on_use_filter(self, message: UseFilter) -> None:
         if self.ready:

@@ -6,10 +6,9 @@ confirmation in a modal, and reports how many rows it changed.
 
 from __future__ import annotations
 
-import time
+from typing import Any
 
 from rich.text import Text
-from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.timer import Timer
 from textual.widgets import DataTable, Static
@@ -17,11 +16,12 @@ from textual.widgets import DataTable, Static
 from console import format as fmt
 from console.data import DeadLetterPage
 from console.filters import Filter
-from console.messages import (ActionDone, DeadLettersChanged, DeadLettersFailed, DeadLettersLoaded, LoadDeadLetters,
-                              OpenJob, PurgeJobs, PurgeMatching, RetryJobs, RetryMatching)
-from console.screens.base import ConsoleScreen
-from console.screens.modals import ConfirmScreen, PromptScreen
-from console.widgets.tables import Table, sync_rows
+from console.messages import (ActionDone, DeadLettersChanged, LoadDeadLetters, PurgeJobs, PurgeMatching, RetryJobs,
+                              RetryMatching)
+from console.screens.base import WriteBinding
+from console.screens.listing import PagedScreen, Row
+from console.screens.modals import PromptScreen
+from console.widgets.tables import sync_rows
 from engine.queue import DeadLetter, DeadLetterFilter
 
 LETTER_COLUMNS = (("sel", " "), ("id", "Job"), ("flow", "Flow"), ("error", "Error"), ("message", "Message"),
@@ -32,46 +32,27 @@ DAY = 86400.0
 SETTLE_S = 0.5  # after a burst of dead-letter events, read the page once, this long after the first
 
 
-class DeadLettersScreen(ConsoleScreen):
+class DeadLettersScreen(PagedScreen[DeadLetterPage, DeadLetter]):
+    NAME = "Dead letters"
+    TABLES = (("groups", GROUP_COLUMNS), ("dead", LETTER_COLUMNS))
+    REDRAW_ON = frozenset({"all", "dead"})
+    EMPTY = "none: a job lands here when it fails its last attempt"
     FILTER_HINT = "flow:NAME error:TYPE age:>7d age:<1h  free text"
     BINDINGS = [
         Binding("space", "toggle_select", "Select", id="skiplock.dlq.select"),
         Binding("a", "select_all", "Select all", show=False, id="skiplock.dlq.select_all"),
         Binding("e", "same_error", "Same error", show=False, id="skiplock.dlq.same_error"),
-        Binding("r", "retry_one", "Retry", id="skiplock.dlq.retry"),
-        Binding("R", "retry_selected", "Retry selected", id="skiplock.dlq.retry_selected"),
-        Binding("A", "retry_all", "Retry all matching", id="skiplock.dlq.retry_all"),
-        Binding("x", "purge_selected", "Purge", id="skiplock.dlq.purge"),
-        Binding("X", "purge_older", "Purge older than…", id="skiplock.dlq.purge_older"),
+        WriteBinding("r", "retry_one", "Retry", id="skiplock.dlq.retry"),
+        WriteBinding("R", "retry_selected", "Retry selected", id="skiplock.dlq.retry_selected"),
+        WriteBinding("A", "retry_all", "Retry all matching", id="skiplock.dlq.retry_all"),
+        WriteBinding("x", "purge_selected", "Purge", id="skiplock.dlq.purge"),
+        WriteBinding("X", "purge_older", "Purge older than…", id="skiplock.dlq.purge_older"),
     ]
 
     def __init__(self) -> None:
         super().__init__()
-        self.page: DeadLetterPage | None = None
         self.selected: set[int] = set()
-        self.error: str | None = None
-        self.loaded_at = 0.0  # monotonic time of the page
-        self.stale = False  # a dead letter arrived since the page was read
-        self._drawn: tuple[object, ...] | None = None
         self._reload_timer: Timer | None = None
-
-    def body(self) -> ComposeResult:
-        yield Static("", id="groups-title", classes="title")
-        yield Table(id="groups", cursor_type="row")
-        yield Static("", id="dead-title", classes="title")
-        yield Table(id="dead", cursor_type="row")
-
-    def on_mount(self) -> None:
-        self.query_one("#groups", DataTable).add_columns(*[(label, key) for key, label in GROUP_COLUMNS])
-        self.query_one("#dead", DataTable).add_columns(*[(label, key) for key, label in LETTER_COLUMNS])
-        self.query_one("#dead", DataTable).focus()
-        super().on_mount()
-        self.reload()
-
-    def on_screen_resume(self) -> None:
-        super().on_screen_resume()
-        if self.ready and (self.stale or time.monotonic() - self.loaded_at > self.console.refresh_interval):
-            self.call_after_refresh(self.reload)
 
     # -- data -------------------------------------------------------------------------------------------
 
@@ -80,16 +61,8 @@ class DeadLettersScreen(ConsoleScreen):
         return DeadLetterFilter(flow=self.filter.flow, error_type=self.filter.error,
                                 older_than=self.filter.older_than)
 
-    def reload(self) -> None:
-        self.stale = False
-        self.ask(LoadDeadLetters(self.where()))
-
-    def on_dead_letters_loaded(self, message: DeadLettersLoaded) -> None:
-        self.page_loaded(message.page)
-
-    def on_dead_letters_failed(self, message: DeadLettersFailed) -> None:
-        if message.where == self.where():
-            self.error = message.error
+    def load(self) -> LoadDeadLetters:
+        return LoadDeadLetters(self.where())
 
     def on_dead_letters_changed(self, message: DeadLettersChanged) -> None:
         if not self.is_current:
@@ -108,18 +81,11 @@ class DeadLettersScreen(ConsoleScreen):
 
             self._reload_timer = self.set_timer(SETTLE_S, fire)
 
-    def on_action_done(self, message: ActionDone) -> None:
-        self.selected -= set(message.changed)  # type: ignore[arg-type]
+    def after_action(self, message: ActionDone) -> None:
+        self.selected -= set(message.changed)  # type: ignore[arg-type]  # the app reads again (DeadLettersChanged)
 
-    def page_loaded(self, page: DeadLetterPage) -> None:
-        if page.where != self.where():
-            return  # an older filter's answer arrived late
-        self.page = page
-        self.loaded_at = time.monotonic()
-        self.error = None
-        known = {d.id for d in page.letters}
-        self.selected &= known
-        self.update_view({"all"})
+    def page_loaded(self) -> None:
+        self.selected &= {d.id for d in self.listed()}
 
     def filter_changed(self) -> None:
         self.selected.clear()
@@ -133,57 +99,57 @@ class DeadLettersScreen(ConsoleScreen):
         snapshot = self.console.state.snapshot
         return max(self.page.now, snapshot.now) if snapshot is not None else self.page.now
 
-    def visible(self) -> list[DeadLetter]:
-        if self.page is None:
-            return []
-        wanted = self.filter
-        now = self.age_now()
-        letters = []
-        for letter in self.page.letters:
-            age = now - letter.finished_at.timestamp() if letter.finished_at else None
-            if not wanted.matches_age(age):
-                continue
-            if not wanted.matches_text(letter.id, letter.flow, letter.error_type, letter.error_message, letter.run_id):
-                continue
-            letters.append(letter)
-        return letters
+    def items(self, page: DeadLetterPage) -> list[DeadLetter]:
+        return page.letters
+
+    def key_of(self, item: DeadLetter) -> str:
+        return str(item.id)
+
+    def matches(self, item: DeadLetter) -> bool:
+        age = self.age_now() - item.finished_at.timestamp() if item.finished_at else None
+        return self.filter.matches_age(age) and self.filter.matches_text(
+            item.id, item.flow, item.error_type, item.error_message, item.run_id)
+
+    def job_of(self, key: str) -> int | None:
+        return int(key)
 
     # -- drawing ------------------------------------------------------------------------------------------
 
-    def update_view(self, changed: set[str]) -> None:
-        if not ({"all", "dead"} & changed):
-            return
-        page = self.page
-        now = self.age_now() if page is not None else None
-        drawn = (id(page), now, self.filter, frozenset(self.selected), self.console.read_only)
-        if drawn == self._drawn:
-            return  # nothing to redraw: resuming the screen costs nothing
-        self._drawn = drawn
+    def drawn_key(self) -> tuple[object, ...]:
+        now = self.age_now() if self.page is not None else None
+        return (*super().drawn_key(), now, frozenset(self.selected))
+
+    def draw(self) -> None:
+        super().draw()
+        if self.page is not None:
+            self._draw_groups(self.page)
+
+    def _draw_groups(self, page: DeadLetterPage) -> None:
         theme = self.console.current_theme
-        tz = self.console.tz
-        if page is None:
-            self.query_one("#dead-title", Static).update(Text("Dead letters  (loading…)", style="bold"))
-            return
-        groups = []
+        groups: list[Row] = []
         for group in page.by_error:
             if self.filter.error and group["error_type"] != self.filter.error:
                 continue
             key = f"{group['flow']}\x00{group['error_type']}"
             groups.append((key, [group["flow"], Text(group["error_type"], style="bold"),
                                  Text(f"{group['count']:,}", style=theme.error or "red"),
-                                 fmt.stamp(group["last_at"], tz), fmt.clip(group["sample_message"], 60)]))
-        sync_rows(self.query_one("#groups", DataTable), groups)
-        self.query_one("#groups", DataTable).styles.height = min(len(groups), 6) + 1
+                                 fmt.stamp(group["last_at"], self.console.tz), fmt.clip(group["sample_message"], 60)]))
+        table = self.query_one("#groups", DataTable)
+        sync_rows(table, groups)
+        table.styles.height = min(len(groups), 6) + 1
         total = sum(int(g["count"]) for g in page.by_error
                     if not self.filter.error or g["error_type"] == self.filter.error)
         title = Text("By error type ", style="bold")
         title.append(f"{total:,} dead letter(s){' in ' + self.filter.flow if self.filter.flow else ''}", style="dim")
         self.query_one("#groups-title", Static).update(title)
 
-        letters = self.visible()
-        rows = []
-        for letter in letters:
-            age = now - letter.finished_at.timestamp() if letter.finished_at and now is not None else None
+    def rows(self, page: DeadLetterPage, shown: list[DeadLetter]) -> list[Row]:
+        theme = self.console.current_theme
+        tz = self.console.tz
+        now = self.age_now()
+        rows: list[Row] = []
+        for letter in shown:
+            age = now - letter.finished_at.timestamp() if letter.finished_at else None
             mark = Text("✓", style=f"bold {theme.accent}") if letter.id in self.selected else Text(" ")
             rows.append((str(letter.id), [
                 mark, str(letter.id), letter.flow, Text(letter.error_type or "?", style="bold"),
@@ -191,22 +157,16 @@ class DeadLettersScreen(ConsoleScreen):
                 f"{letter.attempts} of {letter.max_attempts}" if letter.max_attempts else str(letter.attempts),
                 fmt.stamp(letter.finished_at, tz), fmt.age(age),
             ]))
-        sync_rows(self.query_one("#dead", DataTable), rows)
-        title = Text("Dead letters ", style="bold")
+        return rows
+
+    def summary(self, page: DeadLetterPage, shown: list[DeadLetter]) -> Text:
         more = " (list limit; narrow the filter)" if len(page.letters) >= page.limit else ""
-        title.append(f"{len(letters):,} shown{more}", style="dim")
+        summary = Text().append(f"{len(shown):,} shown{more}", style="dim")
         if self.selected:
-            title.append(f"  ·  {len(self.selected)} selected", style=f"bold {theme.accent}")
-        title.append(self.filter_label(), style="bold")
-        self.query_one("#dead-title", Static).update(title)
+            summary.append(f"  ·  {len(self.selected)} selected", style=f"bold {self.console.current_theme.accent}")
+        return summary
 
     # -- selection -----------------------------------------------------------------------------------------
-
-    def current(self) -> DeadLetter | None:
-        key = self.cursor_key(self.query_one("#dead", DataTable))
-        if key is None or self.page is None:
-            return None
-        return next((d for d in self.page.letters if str(d.id) == key), None)
 
     def action_toggle_select(self) -> None:
         letter = self.current()
@@ -238,21 +198,12 @@ class DeadLettersScreen(ConsoleScreen):
 
     # -- actions -----------------------------------------------------------------------------------------------
 
-    def _confirm(self, title: str, body: str, label: str, then: object) -> None:
-        def answered(yes: bool | None) -> None:
-            if yes:
-                then()  # type: ignore[operator]
-            else:
-                self.notify("cancelled: nothing changed", timeout=3)
-
-        self.app.push_screen(ConfirmScreen(title, body, label), answered)
-
     def action_retry_one(self) -> None:
         letter = self.current()
         if letter is None:
             self.notify("no dead letter here", severity="warning")
             return
-        self._confirm("Retry dead letter", f"Retry job {letter.id} ({letter.flow}, {letter.error_type})?\n"
+        self.confirm("Retry dead letter", f"Retry job {letter.id} ({letter.flow}, {letter.error_type})?\n"
                       "It goes back to pending with its attempts reset.", "Retry",
                       lambda: self.ask(RetryJobs([letter.id])))
 
@@ -261,8 +212,8 @@ class DeadLettersScreen(ConsoleScreen):
         if not ids:
             self.notify("nothing selected (space selects)", severity="warning")
             return
-        self._confirm("Retry dead letters", f"Retry {len(ids)} selected dead letter(s)?\n"
-                      f"Jobs: {_list_ids(ids)}", "Retry", lambda: self.ask(RetryJobs(ids)))
+        self.confirm("Retry dead letters", f"Retry {len(ids)} selected dead letter(s)?\n"
+                      f"Jobs: {fmt.id_list(ids)}", "Retry", lambda: self.ask(RetryJobs(ids)))
 
     def action_retry_all(self) -> None:
         page = self.page
@@ -274,17 +225,17 @@ class DeadLettersScreen(ConsoleScreen):
             if not ids:
                 self.notify("no dead letter matches the filter", severity="warning")
                 return
-            self._confirm("Retry all matching", f"Retry the {len(ids)} dead letter(s) shown?\n"
+            self.confirm("Retry all matching", f"Retry the {len(ids)} dead letter(s) shown?\n"
                           "(free text and age:< are applied by the console, so exactly the rows listed)",
                           "Retry", lambda: self.ask(RetryJobs(ids)))
             return
         where = self.where()
         count = self._matching_count()
         if where.is_empty():
-            self._confirm("Retry ALL dead letters", f"Retry every dead letter ({count})?", "Retry all",
+            self.confirm("Retry ALL dead letters", f"Retry every dead letter ({count})?", "Retry all",
                           lambda: self.ask(RetryMatching(where)))
             return
-        self._confirm("Retry all matching", f"Retry every dead letter matching `{wanted.describe()}` ({count})?",
+        self.confirm("Retry all matching", f"Retry every dead letter matching `{wanted.describe()}` ({count})?",
                       "Retry", lambda: self.ask(RetryMatching(where)))
 
     def _matching_count(self) -> str:
@@ -303,7 +254,7 @@ class DeadLettersScreen(ConsoleScreen):
         if not ids:
             self.notify("nothing selected (space selects)", severity="warning")
             return
-        self._confirm("Purge dead letters", f"Delete {len(ids)} dead letter(s) for good?\nJobs: {_list_ids(ids)}",
+        self.confirm("Purge dead letters", f"Delete {len(ids)} dead letter(s) for good?\nJobs: {fmt.id_list(ids)}",
                       "Purge", lambda: self.ask(PurgeJobs(ids)))
 
     def action_purge_older(self) -> None:
@@ -320,24 +271,16 @@ class DeadLettersScreen(ConsoleScreen):
             where = DeadLetterFilter(flow=self.filter.flow, error_type=self.filter.error, older_than=days * DAY)
             scope = " ".join(p for p in (f"flow:{self.filter.flow}" if self.filter.flow else "",
                                          f"error:{self.filter.error}" if self.filter.error else "") if p)
-            self._confirm("Purge old dead letters",
+            self.confirm("Purge old dead letters",
                           f"Delete every dead letter older than {days:g} day(s){' matching ' + scope if scope else ''}"
                           " for good?", "Purge", lambda: self.ask(PurgeMatching(where)))
 
         self.app.push_screen(PromptScreen("Purge dead letters older than how many days?", "days", "7",
                                           hint="Enter: next (asks again before deleting) · Esc: cancel"), got_days)
 
-    def on_data_table_row_selected(self, event: DataTable.RowSelected) -> None:
-        key = event.row_key.value
-        if key is None:
-            return
-        if event.data_table.id == "dead":
-            self.ask(OpenJob(int(str(key))))
-        elif event.data_table.id == "groups":
-            flow, error = str(key).split("\x00", 1)
+    def chosen(self, table: DataTable[Any], key: str) -> None:
+        if table.id == "groups":  # a group: its letters
+            flow, error = key.split("\x00", 1)
             self.set_filter(Filter(flow=flow, error=error, text=f"flow:{flow} error:{error}"))
-
-
-def _list_ids(ids: list[int], shown: int = 12) -> str:
-    text = ", ".join(str(i) for i in ids[:shown])
-    return text + (f" and {len(ids) - shown} more" if len(ids) > shown else "")
+            return
+        super().chosen(table, key)

@@ -3,39 +3,27 @@
 from __future__ import annotations
 
 from rich.text import Text
-from textual.app import ComposeResult
 from textual.binding import Binding
-from textual.widgets import DataTable, Static
 
 from console import format as fmt
-from console.messages import ClearFailures, OpenJob
-from console.screens.base import ConsoleScreen
+from console.messages import ClearFailures
+from console.screens.listing import Row, TableScreen
 from console.state import FailureRow
-from console.widgets.tables import Table, sync_rows
+from console.widgets.tables import sync_rows
 
 COLUMNS = (("time", "Time"), ("flow", "Flow"), ("job", "Job"), ("attempt", "Attempt"), ("outcome", "Outcome"),
            ("error", "Error"), ("message", "Message"))
 MAX_ROWS = 200  # the newest; the filter reaches all MAX_FAILURES kept
 
 
-class FailuresScreen(ConsoleScreen):
+class FailuresScreen(TableScreen):
+    NAME = "Failures"
+    TABLES = (("failures", COLUMNS),)
+    REDRAW_ON = frozenset({"all", "tick"})  # every redraw the app asks for: the feed lives in its state
     FILTER_HINT = "flow:NAME error:TYPE status:dead|retrying age:<10m  free text"
     BINDINGS = [
         Binding("c", "clear", "Clear feed", id="skiplock.failures.clear"),
     ]
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._drawn: tuple[object, ...] | None = None
-
-    def body(self) -> ComposeResult:
-        yield Static("", id="failures-title", classes="title")
-        yield Table(id="failures", cursor_type="row")
-
-    def on_mount(self) -> None:
-        self.query_one("#failures", DataTable).add_columns(*[(label, key) for key, label in COLUMNS])
-        self.query_one("#failures", DataTable).focus()
-        super().on_mount()
 
     def visible(self) -> list[FailureRow]:
         wanted = self.filter
@@ -57,15 +45,13 @@ class FailuresScreen(ConsoleScreen):
                 break
         return rows
 
-    def update_view(self, changed: set[str]) -> None:
-        state = self.console.state
-        drawn = (state.failures_version, self.filter)
-        if drawn == self._drawn:
-            return  # nothing new: resuming the screen costs nothing
-        self._drawn = drawn
+    def drawn_key(self) -> tuple[object, ...]:
+        return (self.console.state.failures_version, self.filter)
+
+    def draw(self) -> None:
         theme = self.console.current_theme
         tz = self.console.tz
-        rows = []
+        rows: list[Row] = []
         now = self.console.now()
         shown = self.visible()
         for row in shown:
@@ -80,28 +66,27 @@ class FailuresScreen(ConsoleScreen):
                 Text(row.type, style="bold"),
                 fmt.clip(row.message, 80),
             ]))
-        sync_rows(self.query_one("#failures", DataTable), rows)
-        self._update_title(len(shown))
+        sync_rows(self.main_table(), rows)
+        self.show_title(self._summary(len(shown)))
 
-    def _update_title(self, shown: int) -> None:
+    def _summary(self, shown: int) -> Text:
         state = self.console.state
         listed = len(state.failures)
-        title = Text("Failures ", style="bold")
-        text = f"{listed:,} listed" if shown == listed else f"{shown:,} of {listed:,} listed match"
+        if not listed and not state.failures_dropped:
+            text = "none yet: failed attempts appear here as the engines report them"
+        else:
+            text = f"{listed:,} listed" if shown == listed else f"{shown:,} of {listed:,} listed match"
         if shown >= MAX_ROWS:
             text += f" (the newest {MAX_ROWS} shown: filter to reach the rest)"
-        title.append(text, style="dim")
+        summary = Text().append(text, style="dim")
         if state.failures_dropped:
             # Workers send a sample of each tick's failures and count the rest: those are in no row.
-            title.append(f"  ·  {state.failures_dropped:,} more failed attempt(s) counted, not sampled", style="dim")
-        title.append("  ·  live over NOTIFY; 'dead letter' rows read at attach", style="dim")
-        title.append(self.filter_label(), style="bold")
-        self.query_one("#failures-title", Static).update(title)
+            summary.append(f"  ·  {state.failures_dropped:,} more failed attempt(s) counted, not sampled", style="dim")
+        summary.append("  ·  live over NOTIFY; 'dead letter' rows read at attach", style="dim")
+        return summary
 
     def action_clear(self) -> None:
         self.ask(ClearFailures())
 
-    def on_data_table_row_selected(self, event: DataTable.RowSelected) -> None:
-        key = event.row_key.value
-        if key is not None:
-            self.ask(OpenJob(int(str(key).split(":", 1)[0])))
+    def job_of(self, key: str) -> int | None:
+        return int(key.split(":", 1)[0])  # job:attempt:source

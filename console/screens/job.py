@@ -17,8 +17,7 @@ from textual.widgets import Static
 
 from console import format as fmt
 from console.messages import ActionDone, JobLoaded, LoadJob, PurgeJobs, RetryJobs
-from console.screens.base import BaseScreen
-from console.screens.modals import ConfirmScreen
+from console.screens.base import BaseScreen, WriteBinding
 from console.widgets.header import StatusHeader
 from console.widgets.keybar import KeyBar
 from engine.explain import Explanation
@@ -114,8 +113,8 @@ def _when(value: Any) -> float:
 class JobScreen(BaseScreen):
     BINDINGS = [
         Binding("escape,backspace", "back", "Back", id="skiplock.job.back"),
-        Binding("r", "retry", "Retry", id="skiplock.job.retry"),
-        Binding("x", "purge", "Purge", id="skiplock.job.purge"),
+        WriteBinding("r", "retry", "Retry", id="skiplock.job.retry"),
+        WriteBinding("x", "purge", "Purge", id="skiplock.job.purge"),
     ]
 
     def __init__(self, job_id: int) -> None:
@@ -246,24 +245,10 @@ class JobScreen(BaseScreen):
         if self.job is None or self.job.status != "dead":
             return
         job_id = self.job_id
-
-        def answered(yes: bool | None) -> None:
-            if yes:
-                self.ask(RetryJobs([job_id]))
-            else:
-                self.notify("cancelled: nothing changed", timeout=3)
-
-        self.app.push_screen(ConfirmScreen("Retry dead letter", f"Retry job {job_id}?", "Retry"), answered)
+        self.confirm("Retry dead letter", f"Retry job {job_id}?", "Retry", lambda: self.ask(RetryJobs([job_id])))
 
     def action_purge(self) -> None:
         if self.job is None or self.job.status != "dead":
             return
         job_id = self.job_id
-
-        def answered(yes: bool | None) -> None:
-            if yes:
-                self.ask(PurgeJobs([job_id]))
-            else:
-                self.notify("cancelled: nothing changed", timeout=3)
-
-        self.app.push_screen(ConfirmScreen("Purge dead letter", f"Delete job {job_id} for good?", "Purge"), answered)
+        self.confirm("Purge dead letter", f"Delete job {job_id} for good?", "Purge", lambda: self.ask(PurgeJobs([job_id])))

@@ -14,7 +14,7 @@ from console import format as fmt
 from console.data import FlowRow, Snapshot, WorkerRow
 from console.filters import Filter
 from console.messages import CycleWindow, SetFlowPaused, ShowDeadLetters
-from console.screens.base import ConsoleScreen
+from console.screens.base import ConsoleScreen, WriteBinding
 from console.data import LATENCY_MIN_SAMPLES, Latency
 from console.state import WINDOW_NAMES, history_means, history_totals
 from console.widgets.chart import ThroughputChart
@@ -34,7 +34,7 @@ class OverviewScreen(ConsoleScreen):
     FILTER_HINT = "flow:NAME status:paused|active|open  free text"
     BINDINGS = [
         Binding("t", "window", "Window", id="skiplock.window"),
-        Binding("p", "toggle_pause", "Pause/resume flow", id="skiplock.pause_flow"),
+        WriteBinding("p", "toggle_pause", "Pause/resume flow", id="skiplock.pause_flow"),
     ]
 
     def body(self) -> ComposeResult:
@@ -49,12 +49,11 @@ class OverviewScreen(ConsoleScreen):
         yield Static("", id="workers-title", classes="title")
         yield Table(id="workers", cursor_type="row", show_cursor=False)
 
-    def on_mount(self) -> None:
+    def prepare(self) -> None:
         self.query_one("#flows", DataTable).add_columns(*[(label, key) for key, label in FLOW_COLUMNS])
         self.query_one("#workers", DataTable).add_columns(*[(label, key) for key, label in WORKER_COLUMNS])
         self.query_one("#runs", DataTable).add_columns(*[(label, key) for key, label in RUN_COLUMNS])
         self.query_one("#flows", DataTable).focus()
-        super().on_mount()
 
     def _series(self, points: int) -> tuple[list[float], list[float]]:
         app = self.console
@@ -128,6 +127,10 @@ class OverviewScreen(ConsoleScreen):
         sync_rows(self.query_one("#flows", DataTable), rows)
         shown = f"{len(flows)} of {len(snapshot.flows)}" if len(flows) != len(snapshot.flows) else f"{len(flows)}"
         title = Text("Flows ", style="bold")
+        if not snapshot.flows:
+            title.append("none yet: an engine adds the flows it serves when it starts (`engine run`)", style="dim")
+            self.query_one("#flows-title", Static).update(title)
+            return
         title.append(f"{shown}  ·  Enter: dead letters of the flow", style="dim")
         if not self.console.read_only:
             title.append("  ·  p: pause/resume", style="dim")

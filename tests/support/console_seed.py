@@ -141,6 +141,16 @@ def make_app(dsn: str, **kwargs) -> ConsoleApp:
     return ConsoleApp(dsn, **options)
 
 
+def run(app: ConsoleApp, scenario, size: tuple[int, int] = (120, 40)) -> None:
+    """Run `scenario(pilot)` on the app once it has read its first snapshot (or found the database down)."""
+    async def main() -> None:
+        async with app.run_test(size=size) as pilot:
+            await wait_until(pilot, lambda: app.snapshots > 0 or app.database_down)
+            await scenario(pilot)
+
+    asyncio.run(main())
+
+
 async def wait_until(pilot: Pilot, predicate, timeout: float = 10.0) -> None:
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
