@@ -479,6 +479,13 @@ def claim_batch(conn: Conn, flow: str, worker_id: str, limit: int, token: int,
     return cur.fetchall()
 
 
+def _results_by_id(done_ids: Sequence[int], results: Sequence[str | None] | None) -> str | None:
+    """The JSON texts of `results` as one JSON object by job id (ack_batch looks each row up in it)."""
+    if results is None:
+        return None
+    return "{" + ",".join(f'"{i}":{r}' for i, r in zip(done_ids, results) if r is not None) + "}"
+
+
 def ack_batch(
     conn: Conn,
     worker_id: str,
@@ -511,7 +518,7 @@ def ack_batch(
         "worker": worker_id,
         "token": token,
         "done_ids": list(done_ids),
-        "results": list(results) if results is not None else None,
+        "results": _results_by_id(done_ids, results),
         "fail_ids": [f.job_id for f in failures],
         "permanent": [f.permanent for f in failures],
         "error_types": [f.error_type for f in failures],
