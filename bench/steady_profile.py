@@ -26,6 +26,7 @@ from typing import Any
 import psutil
 import psycopg
 
+from bench.conftest import new_database
 from bench.steady import RawPair, engine_step
 from bench.workloads import STAMP, Engine
 
@@ -178,25 +179,10 @@ def show(name: str, rate: float, figures: dict[str, Any]) -> None:
         print(f"   {us:7.1f} us/job {wal:6.0f} B/job {calls:6} calls {rows:8} rows  {q}")
 
 
-def _new_database(server: str, name: str) -> str:
-    from engine import db
-    from engine.migrate import migrate
-
-    with psycopg.connect(server, autocommit=True) as conn:
-        conn.execute(f"DROP DATABASE IF EXISTS {name}")
-        conn.execute(f"CREATE DATABASE {name}")
-    info = psycopg.conninfo.conninfo_to_dict(server)
-    info["dbname"] = name
-    dsn = psycopg.conninfo.make_conninfo(**{k: str(v) for k, v in info.items()})
-    with db.connect(dsn) as conn:
-        migrate(conn)
-    return dsn
-
-
 def run(server: str, postmaster: int, rate: float, seconds: float, rounds: int, workdir: Path) -> list[dict[str, Any]]:
     out = []
     for r in range(rounds):
-        raw_dsn = _new_database(server, f"profile_raw_{r}")
+        raw_dsn = new_database(server)
         raw = RawPair(raw_dsn)
         probe = Probe(raw_dsn, postmaster, None)
         probe.start()
@@ -206,7 +192,7 @@ def run(server: str, postmaster: int, rate: float, seconds: float, rounds: int, 
         show(f"raw pair round {r}", rate, figures)
         out.append({"side": "raw", "round": r, **figures})
 
-        dsn = _new_database(server, f"profile_engine_{r}")
+        dsn = new_database(server)
         flows = {"steady": {"handler": STAMP, "batch_size": 500}}
         with Engine(dsn, workdir, 2, flows, name=f"profile-{r}") as engine:
             engine.queue.resume("steady")
