@@ -1,6 +1,7 @@
 """Where a steady-state job's cost goes, engine against the raw pair, at one offered rate both sustain.
 
     python -m bench.steady_profile [--rate 3000] [--seconds 20] [--rounds 2] [--dsn DSN]
+    python -m bench.steady_profile --ramp 7000,10000,14000,21000 --seconds 10
 
 Without --dsn it starts its own PostgreSQL (default durability) with pg_stat_statements loaded. Each
 round runs the raw pair, then the engine (2 workers, batch 500, the steady flow of test_steady.py),
@@ -9,6 +10,9 @@ each on a fresh database, and prints per completed job: WAL bytes by resource ma
 postgres process, /proc), the clients' CPU (engine processes, producer), and the statements that
 took the server's time (pg_stat_statements). These figures do not move with the machine's load;
 the rates beside them do.
+
+--ramp runs steady steps instead (bench/steady.py's), the raw pair and the engine in turn at each
+offered rate, so a change of load hits both sides alike.
 """
 
 from __future__ import annotations
@@ -57,7 +61,9 @@ def _cpu(pids: list[int]) -> float:
     return total
 
 
-def _postgres_pids(postmaster: int) -> list[int]:
+def _postgres_pids(postmaster: int | None) -> list[int]:
+    if postmaster is None:  # --dsn without --postmaster: no server CPU
+        return []
     proc = psutil.Process(postmaster)
     return [postmaster, *(c.pid for c in proc.children(recursive=True))]
 
@@ -79,7 +85,7 @@ class Sampler(threading.Thread):
     children (the engine, the producer, the raw pair), sampled every 0.2 s: processes that exit
     before the step ends keep their last sample."""
 
-    def __init__(self, dsn: str, postmaster: int, engine: int | None) -> None:
+    def __init__(self, dsn: str, postmaster: int | None, engine: int | None) -> None:
         super().__init__(daemon=True)
         self.conn = psycopg.connect(dsn, autocommit=True)
         self.postmaster = postmaster
@@ -101,7 +107,7 @@ class Sampler(threading.Thread):
                 pass
         clients = [c.pid for c in psutil.Process().children(recursive=True)]
         for pid in [*server, *clients]:
-            cpu = _cpu([pid]) if pid != self.postmaster else psutil.Process(pid).cpu_times().user
+            cpu = _cpu([pid]) if pid != self.postmaster else psutil.Process(pid).cpu_times().user  # not its children's
             if pid in server:
                 label = "server " + labels.get(pid, "postmaster" if pid == self.postmaster else self.labels.get(pid, "other")).replace("skiplock-", "")
             else:
@@ -133,7 +139,7 @@ class Sampler(threading.Thread):
 class Probe:
     """Counters of one database around one step."""
 
-    def __init__(self, dsn: str, postmaster: int, engine: int | None) -> None:
+    def __init__(self, dsn: str, postmaster: int | None, engine: int | None) -> None:
         self.conn = psycopg.connect(dsn, autocommit=True)
         self.dsn = dsn
         self.postmaster = postmaster
@@ -207,6 +213,33 @@ def run(server: str, postmaster: int, rate: float, seconds: float, rounds: int, 
     return out
 
 
+def ramp_interleaved(server: str, rates: list[float], seconds: float, workdir: Path) -> list[dict[str, Any]]:
+    """The raw pair and the engine at the same offered rates, a step of each in turn (so both see the
+    same machine), until each side has failed two steps."""
+    raw = RawPair(new_database(server))
+    failed = {"raw": 0, "engine": 0}
+    out: list[dict[str, Any]] = []
+    flows = {"steady": {"handler": STAMP, "batch_size": 500}}
+    with Engine(new_database(server), workdir, 2, flows, name="ramp") as engine:
+        engine.queue.resume("steady")
+        for rate in rates:
+            for side in ("raw", "engine"):
+                if failed[side] >= 2:
+                    continue
+                load = os.getloadavg()[0]
+                s = raw.step(rate, seconds) if side == "raw" else engine_step(engine, "steady", rate, seconds)
+                failed[side] += 0 if s.sustained else 1
+                print(f"{side:6} offered {rate:7.0f} completed {s.achieved:7.0f}/s sustained {s.sustained!s:5} "
+                      f"shed {s.shed:6} backlog {s.backlog_end:6} WAL {s.wal_per_job:5.0f} B/job load {load:.1f}",
+                      flush=True)
+                out.append({"side": side, "load": load, **s.to_dict()})
+    best = {side: max([o["rate"] for o in out if o["side"] == side and o["sustained"]] or [0.0])
+            for side in ("raw", "engine")}
+    print(f"best sustained: raw {best['raw']:.0f}, engine {best['engine']:.0f} j/s"
+          + (f" ({best['engine'] / best['raw']:.0%})" if best["raw"] else ""))
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.steady_profile", description=__doc__.split("\n\n")[0])
     parser.add_argument("--rate", type=float, default=3000.0)
@@ -214,6 +247,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--dsn", help="a server with pg_stat_statements in shared_preload_libraries (superuser)")
     parser.add_argument("--postmaster", type=int, help="with --dsn: the server's postmaster pid, for its CPU")
+    parser.add_argument("--ramp", metavar="RATES", help="instead: interleaved steady steps of both sides at "
+                        "these offered rates (comma-separated j/s), --seconds each")
     parser.add_argument("--json", help="write the figures here")
     parser.add_argument("--explain", metavar="LOG", help="log sampled plans (auto_explain: ANALYZE, BUFFERS, WAL) "
                         "of the engine's statements and copy the server's log here")
@@ -236,7 +271,10 @@ def main(argv: list[str] | None = None) -> int:
             dsn = server.dsn("postgres")
             assert server.process is not None
             postmaster = server.process.pid
-        figures = run(dsn, postmaster, args.rate, args.seconds, args.rounds, workdir)
+        if args.ramp:
+            figures = ramp_interleaved(dsn, [float(r) for r in args.ramp.split(",")], args.seconds, workdir)
+        else:
+            figures = run(dsn, postmaster, args.rate, args.seconds, args.rounds, workdir)
         if args.json:
             Path(args.json).write_text(json.dumps(figures, indent=1, default=str))
     finally:
