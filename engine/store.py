@@ -511,6 +511,23 @@ def ack_batch(
     a retried ack that had committed reports its jobs refused. Receipts live ACK_RECEIPT_RETENTION.
     In a caller's transaction the receipt commits with it: after a lost COMMIT, ack_receipt_get
     (ack_id) on a fresh connection tells whether it landed."""
+    params = ack_params(worker_id, token, done_ids, results, failures, max_attempts, ack_id=ack_id, children=children)
+    row = conn.execute(Q.ack_batch, params).fetchone()
+    assert row is not None
+    if not row[4]:  # a concurrent try with this ack id committed first: its outcome is the ack's
+        assert ack_id is not None
+        recorded = conn.execute(Q.ack_receipt_get, {"ack_id": ack_id}).fetchone()
+        assert recorded is not None
+        row = recorded[:4] + (True, recorded[4])
+    completed, retried, dead_ids, finished_runs = int(row[0]), int(row[1]), list(row[2]), list(row[3])
+    refused = len(done_ids) + len(failures) - completed - retried - len(dead_ids)
+    return AckResult(completed, retried, dead_ids, finished_runs, refused, int(row[5]))
+
+
+def ack_params(worker_id: str, token: int, done_ids: Sequence[int], results: Sequence[str | None] | None,
+               failures: Sequence[Failure], max_attempts: int, *, ack_id: int | None = None,
+               children: Children | None = None) -> dict[str, Any]:
+    """ack_batch's statement parameters."""
     params: dict[str, Any] = {
         "ack_id": ack_id,
         "errors_kept": ERRORS_KEPT,
@@ -527,16 +544,7 @@ def ack_batch(
         "delays": [float(f.delay) for f in failures],  # psycopg refuses lists mixing int and float
     }
     params.update(children.params() if children else NO_CHILDREN)
-    row = conn.execute(Q.ack_batch, params).fetchone()
-    assert row is not None
-    if not row[4]:  # a concurrent try with this ack id committed first: its outcome is the ack's
-        assert ack_id is not None
-        recorded = conn.execute(Q.ack_receipt_get, {"ack_id": ack_id}).fetchone()
-        assert recorded is not None
-        row = recorded[:4] + (True, recorded[4])
-    completed, retried, dead_ids, finished_runs = int(row[0]), int(row[1]), list(row[2]), list(row[3])
-    refused = len(done_ids) + len(failures) - completed - retried - len(dead_ids)
-    return AckResult(completed, retried, dead_ids, finished_runs, refused, int(row[5]))
+    return params
 
 
 def ack_receipt_get(conn: Conn, ack_id: int, acked: int) -> AckResult | None:

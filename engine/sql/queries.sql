@@ -159,7 +159,7 @@ SELECT id, was_sealed, finished, total, completed, dead FROM sealed;
 -- One flow at a time, priority (higher first) then FIFO by run_at. The paused/circuit check is not
 -- correlated, so PostgreSQL evaluates it once and claims nothing when the flow is held.
 WITH picked AS (
-    SELECT ctid, crashes FROM skiplock.jobs
+    SELECT id, crashes FROM skiplock.jobs
     WHERE flow = %(flow)s AND status = 'pending' AND run_at <= now()
       AND NOT EXISTS (
           SELECT 1 FROM skiplock.flows f
@@ -174,16 +174,14 @@ WITH picked AS (
 UPDATE skiplock.jobs j
 SET status = 'running', claimed_by = %(worker)s, claim_token = %(token)s, claimed_at = clock_timestamp(),
     attempts = j.attempts + 1, updated_at = now()
--- By the locked versions' ctids (`= ANY(ARRAY(...))`: a Tid Scan whatever the statistics say). By
--- id, the planner probed the pkey once per row, or, when the statistics said the table was small,
--- seq-scanned the whole table with its dead space (measured: 2 ms for an empty claim at steady
--- state). Our row locks keep those versions current until the UPDATE.
+-- `= ANY(ARRAY(...))`, not a join: a join on `picked` lets the planner hash-join a Seq Scan of
+-- jobs when the table is small (B=100 on a few thousand rows); this form always takes the pkey.
 -- A job that was held by a worker that died (crashes > 0, migration 0014) goes out alone: a batch
 -- of one, so if it kills this worker too no healthy job dies with it. The rest of `picked` stays
 -- pending (its row locks end with this statement).
-WHERE j.ctid = ANY(CASE WHEN EXISTS (SELECT 1 FROM picked WHERE crashes > 0)
-                        THEN ARRAY(SELECT ctid FROM picked WHERE crashes > 0 LIMIT 1)
-                        ELSE ARRAY(SELECT ctid FROM picked) END)
+WHERE j.id = ANY(CASE WHEN EXISTS (SELECT 1 FROM picked WHERE crashes > 0)
+                      THEN ARRAY(SELECT id FROM picked WHERE crashes > 0 LIMIT 1)
+                      ELSE ARRAY(SELECT id FROM picked) END)
 RETURNING j.id, j.payload, j.attempts, coalesce(j.max_attempts, %(max_attempts)s), j.run_id,
           extract(epoch FROM j.claimed_at - j.run_at)::float8 * 1000.0 AS wait_ms;
 
