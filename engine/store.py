@@ -479,6 +479,13 @@ def claim_batch(conn: Conn, flow: str, worker_id: str, limit: int, token: int,
     return cur.fetchall()
 
 
+def _results_by_id(done_ids: Sequence[int], results: Sequence[str | None] | None) -> str | None:
+    """The JSON texts of `results` as one JSON object by job id (ack_batch looks each row up in it)."""
+    if results is None:
+        return None
+    return "{" + ",".join(f'"{i}":{r}' for i, r in zip(done_ids, results) if r is not None) + "}"
+
+
 def ack_batch(
     conn: Conn,
     worker_id: str,
@@ -504,22 +511,7 @@ def ack_batch(
     a retried ack that had committed reports its jobs refused. Receipts live ACK_RECEIPT_RETENTION.
     In a caller's transaction the receipt commits with it: after a lost COMMIT, ack_receipt_get
     (ack_id) on a fresh connection tells whether it landed."""
-    params: dict[str, Any] = {
-        "ack_id": ack_id,
-        "errors_kept": ERRORS_KEPT,
-        "max_attempts": max_attempts,
-        "worker": worker_id,
-        "token": token,
-        "done_ids": list(done_ids),
-        "results": list(results) if results is not None else None,
-        "fail_ids": [f.job_id for f in failures],
-        "permanent": [f.permanent for f in failures],
-        "error_types": [f.error_type for f in failures],
-        "messages": [f.message for f in failures],
-        "tracebacks": [f.traceback for f in failures],
-        "delays": [float(f.delay) for f in failures],  # psycopg refuses lists mixing int and float
-    }
-    params.update(children.params() if children else NO_CHILDREN)
+    params = ack_params(worker_id, token, done_ids, results, failures, max_attempts, ack_id=ack_id, children=children)
     row = conn.execute(Q.ack_batch, params).fetchone()
     assert row is not None
     if not row[4]:  # a concurrent try with this ack id committed first: its outcome is the ack's
@@ -530,6 +522,29 @@ def ack_batch(
     completed, retried, dead_ids, finished_runs = int(row[0]), int(row[1]), list(row[2]), list(row[3])
     refused = len(done_ids) + len(failures) - completed - retried - len(dead_ids)
     return AckResult(completed, retried, dead_ids, finished_runs, refused, int(row[5]))
+
+
+def ack_params(worker_id: str, token: int, done_ids: Sequence[int], results: Sequence[str | None] | None,
+               failures: Sequence[Failure], max_attempts: int, *, ack_id: int | None = None,
+               children: Children | None = None) -> dict[str, Any]:
+    """ack_batch's statement parameters."""
+    params: dict[str, Any] = {
+        "ack_id": ack_id,
+        "errors_kept": ERRORS_KEPT,
+        "max_attempts": max_attempts,
+        "worker": worker_id,
+        "token": token,
+        "done_ids": list(done_ids),
+        "results": _results_by_id(done_ids, results),
+        "fail_ids": [f.job_id for f in failures],
+        "permanent": [f.permanent for f in failures],
+        "error_types": [f.error_type for f in failures],
+        "messages": [f.message for f in failures],
+        "tracebacks": [f.traceback for f in failures],
+        "delays": [float(f.delay) for f in failures],  # psycopg refuses lists mixing int and float
+    }
+    params.update(children.params() if children else NO_CHILDREN)
+    return params
 
 
 def ack_receipt_get(conn: Conn, ack_id: int, acked: int) -> AckResult | None:
