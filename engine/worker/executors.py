@@ -130,7 +130,15 @@ class InlineExecutor:
         signal.pthread_kill(threading.main_thread().ident or 0, signal.SIGALRM)
 
     def step(self) -> int:
-        rows, token, trial = self.producer.claim(self.producer.inline_limit())
+        rows, token, trial = self.producer.claim(self.claim_limit())
+        return self.take(rows, token, trial)
+
+    def claim_limit(self) -> int:
+        """How many jobs to claim now (<= 0: none)."""
+        return self.producer.inline_limit()
+
+    def take(self, rows: Any, token: int, trial: bool) -> int:
+        """Run what a claim (this flow's own, or claim_flows across flows) returned."""
         if not rows:
             return 0
         self.worker.busy()
@@ -297,13 +305,8 @@ class InlineExecutor:
 class BatchExecutor(InlineExecutor):
     """`batch = true`: handler(payloads) or handler(payloads, ctx) -> one result or Exception per job."""
 
-    def step(self) -> int:
-        rows, token, trial = self.producer.claim(self.producer.batch_size if not self.flow.half_open else 1)
-        if not rows:
-            return 0
-        self.worker.busy()
-        self.run(rows, token, trial)
-        return len(rows)
+    def claim_limit(self) -> int:
+        return self.producer.batch_size if not self.flow.half_open else 1
 
     def run(self, rows: Any, token: int, trial: bool) -> None:
         w = self.worker
@@ -549,10 +552,16 @@ class _ConcurrentBase:
 
     def step(self) -> int:
         """Top up: claim if what we hold dropped below the low-water mark. -1: full, nothing claimed."""
-        limit = self.producer.concurrent_limit(self.in_hand, self.n)
+        limit = self.claim_limit()
         if limit <= 0:
             return -1
         rows, token, trial = self.producer.claim(limit)
+        return self.take(rows, token, trial)
+
+    def claim_limit(self) -> int:
+        return self.producer.concurrent_limit(self.in_hand, self.n)
+
+    def take(self, rows: Any, token: int, trial: bool) -> int:
         if not rows:
             return 0
         self.worker.busy()
