@@ -879,24 +879,24 @@ WHERE EXISTS (SELECT 1 FROM skiplock.jobs j
 -- concurrency, a rate or a per-key limit are not sent here (claim_rated, claim_keyed). A crashed
 -- job (crashes > 0) goes out alone, as in claim_batch. Rows: the flow's index in `flows` (1-based),
 -- priority and run_at (the caller orders each flow's rows), then claim_batch's columns.
-WITH wanted AS (
-    SELECT u.flow, u.lim, u.token, u.max_attempts, u.ord
+WITH picked AS MATERIALIZED (
+    SELECT p.id, p.crashes, u.token, u.max_attempts, u.ord
     FROM unnest(%(flows)s::text[], %(limits)s::int[], %(tokens)s::bigint[], %(max_attempts)s::int[])
          WITH ORDINALITY AS u(flow, lim, token, max_attempts, ord)
-    WHERE NOT EXISTS (SELECT 1 FROM skiplock.flows f
-                      WHERE f.name = u.flow
-                        AND (f.paused OR (f.circuit_state = 'open' AND f.circuit_until > now())))
-      AND NOT EXISTS (SELECT 1 FROM skiplock.workers w WHERE w.id = %(worker)s AND w.state = 'lost')
-), picked AS MATERIALIZED (
-    SELECT p.id, p.crashes, u.token, u.max_attempts, u.ord
-    FROM wanted u CROSS JOIN LATERAL (
+    -- The gates inside the lateral, not as a join: a join (a hash anti join) would reorder the flows.
+    -- They name no column of jobs, so each is checked once per flow, before its index scan.
+    CROSS JOIN LATERAL (
         SELECT j.id, j.crashes FROM skiplock.jobs j
         WHERE j.flow = u.flow AND j.status = 'pending' AND j.run_at <= now()
+          AND NOT EXISTS (SELECT 1 FROM skiplock.flows f
+                          WHERE f.name = u.flow
+                            AND (f.paused OR (f.circuit_state = 'open' AND f.circuit_until > now())))
+          AND NOT EXISTS (SELECT 1 FROM skiplock.workers w WHERE w.id = %(worker)s AND w.state = 'lost')
         ORDER BY j.priority DESC, j.run_at, j.id
         LIMIT u.lim
         FOR UPDATE SKIP LOCKED) AS p
     LIMIT %(total)s
-), chosen AS (
+), chosen AS MATERIALIZED (
     SELECT id, token, max_attempts, ord FROM picked WHERE NOT EXISTS (SELECT 1 FROM picked WHERE crashes > 0)
     UNION ALL
     (SELECT id, token, max_attempts, ord FROM picked WHERE crashes > 0 LIMIT 1)
@@ -905,7 +905,8 @@ UPDATE skiplock.jobs j
 SET status = 'running', claimed_by = %(worker)s, claim_token = c.token, claimed_at = clock_timestamp(),
     attempts = j.attempts + 1, updated_at = now()
 FROM chosen c
-WHERE j.id = c.id
+-- `= ANY(ARRAY(...))` beside the join, as in claim_batch: the scan of jobs takes the pkey.
+WHERE j.id = ANY(ARRAY(SELECT id FROM chosen)) AND j.id = c.id
 RETURNING c.ord, j.priority, j.run_at, j.id, j.payload, j.attempts, coalesce(j.max_attempts, c.max_attempts), j.run_id,
           extract(epoch FROM j.claimed_at - j.run_at)::float8 * 1000.0 AS wait_ms;
 
