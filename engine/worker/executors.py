@@ -288,7 +288,10 @@ class InlineExecutor:
             with lock:
                 w.inline = None
                 unstarted = [r[0] for r in rows[stopped_at:batch.end]] if stopped_at is not None else []
-            ack = self._ack(token, done_ids, results, failures, tx, children or None)
+            # Batches of one claim_flows statement: their acks commit together (Worker._claim_across).
+            deferred = w.deferred_acks if tx is None else None
+            if deferred is None:
+                ack = self._ack(token, done_ids, results, failures, tx, children or None)
         finally:
             w.inline = None
             if tx is not None:
@@ -298,8 +301,15 @@ class InlineExecutor:
         end_apart(w, flow, token, batch)
         ran = len(done_ids) + len(failures) + len(batch.cancelled) + len(batch.snoozed)
         self.producer.observe(ran, run_s)
-        w.after_ack(flow, ack, len(failures), sum(r[5] for r in rows[:ran]), run_s * 1000.0, samples,
-                    had_success=bool(done_ids), trial=trial)
+        wait_ms = sum(r[5] for r in rows[:ran])
+
+        def after(ack: Any) -> None:
+            w.after_ack(flow, ack, len(failures), wait_ms, run_s * 1000.0, samples, had_success=bool(done_ids),
+                        trial=trial)
+        if deferred is not None:
+            deferred.add(flow, token, done_ids, results, failures, children or None, after)
+        else:
+            after(ack)
 
 
 class BatchExecutor(InlineExecutor):

@@ -83,6 +83,47 @@ class WorkerSpec:
     relay_fd: int | None = None
 
 
+@dataclass
+class _Deferred:
+    flow: FlowRuntime
+    token: int
+    done_ids: list[int]
+    results: list[str | None] | None
+    failures: list[Any]
+    children: Any
+    after: Any  # the batch's after_ack, called with its AckResult
+
+
+class DeferredAcks:
+    """The acks of the inline batches one claim_flows statement handed out, sent together: one
+    transaction (one commit, one WAL flush) instead of one per flow. Each keeps its own statement,
+    token fence and ack id; a retry after a lost reply re-sends them all with the same ids (the
+    receipts of a committed try answer). Crash semantics are those of one batch of their size."""
+
+    def __init__(self, worker: "Worker") -> None:
+        self.worker = worker
+        self.items: list[_Deferred] = []
+
+    def add(self, flow: FlowRuntime, token: int, done_ids: list[int], results: list[str | None] | None,
+            failures: list[Any], children: Any, after: Any) -> None:
+        self.items.append(_Deferred(flow, token, done_ids, results, failures, children, after))
+
+    def flush(self) -> None:
+        items, self.items = self.items, []
+        if not items:
+            return
+        w = self.worker
+        ack_ids = [store.new_ack_id() for _ in items]  # once, outside the retries
+
+        def send(conn: Any) -> list[AckResult]:
+            with conn.transaction():
+                return [store.ack_batch(conn, w.id, d.token, d.done_ids, d.results, d.failures,
+                                        d.flow.config.max_attempts, ack_id=ack_id, children=d.children)
+                        for d, ack_id in zip(items, ack_ids)]
+        for d, ack in zip(items, w.with_db("ack", send)):
+            d.after(ack)
+
+
 class Wakeup:
     """A self-pipe: set() from any thread or a signal handler; wait() in the main loop."""
 
@@ -162,6 +203,7 @@ class Worker:
         self._look_at = 0.0  # monotonic: the idle worker's next look at every flow (_wait_for_work)
         self._cross_total = max((f.config.batch_size for f in self.flows), default=1)  # jobs per claim_flows
         self._served_up_to = 0  # _claim_across
+        self.deferred_acks: DeferredAcks | None = None  # while _claim_across runs the batches it claimed
         self.listen_conn: psycopg.Connection[Any] | None = None
 
     # -- lifecycle -----------------------------------------------------------------------------------
@@ -485,16 +527,23 @@ class Worker:
         full = sum(len(rows) for rows in got) >= total
         last = max((k for k, rows in enumerate(got) if rows), default=-1)
         later = now + EMPTY_FLOW_RECHECK
-        for k, (pos, claim, rows) in enumerate(zip(picked, claims, got)):
-            i = across[pos]
-            if not rows:
-                if not full or k < last:  # reached and empty; past the last served, not reached
-                    recheck_at[i] = later
-                continue
-            if self.stopping:  # claimed, not started: back to pending, attempts refunded
-                self.with_db("release", lambda conn: store.claim_release_token(conn, self.id, claim.token))
-                continue
-            executors[i].take(rows, claim.token, False)
+        if sum(1 for rows in got if rows) > 1:
+            self.deferred_acks = DeferredAcks(self)
+        try:
+            for k, (pos, claim, rows) in enumerate(zip(picked, claims, got)):
+                i = across[pos]
+                if not rows:
+                    if not full or k < last:  # reached and empty; past the last served, not reached
+                        recheck_at[i] = later
+                    continue
+                if self.stopping:  # claimed, not started: back to pending, attempts refunded
+                    self.with_db("release", lambda conn: store.claim_release_token(conn, self.id, claim.token))
+                    continue
+                executors[i].take(rows, claim.token, False)
+        finally:
+            deferred, self.deferred_acks = self.deferred_acks, None
+            if deferred is not None:
+                deferred.flush()
         if full and last >= 0:
             self._served_up_to = picked[last] + 1
         return last >= 0
