@@ -504,6 +504,7 @@ class Worker:
         executors = self.executors
         self._served_up_to = 0
         claims, picked = [], []
+        base = store.new_claim_token()  # one random draw per statement: flow k's token is base ^ k
         for pos, i in enumerate(across):
             if recheck_at[i] > now or executors[i].flow.half_open:
                 continue  # a half-open circuit's trial goes through the flow's own claim
@@ -511,7 +512,7 @@ class Worker:
             if limit <= 0:
                 continue
             picked.append(pos)
-            claims.append(store.FlowClaim(executors[i].flow.name, limit, store.new_claim_token(),
+            claims.append(store.FlowClaim(executors[i].flow.name, limit, base ^ pos,
                                           executors[i].flow.config.max_attempts))
         if not claims:
             return False
