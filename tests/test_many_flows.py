@@ -8,6 +8,7 @@ spread over 200 and 1,000 flows all run, each once."""
 from __future__ import annotations
 
 import time
+from types import SimpleNamespace
 
 import orjson
 import psycopg
@@ -15,6 +16,7 @@ import pytest
 
 from engine import db, store
 from engine.queue import Queue
+from engine.worker.process import DeferredAcks
 from engine.telemetry import MAX_EVENT_BYTES, RELAY_CANCEL, RelayRead, encode_event, parse_relay, relay_enqueued
 from support.engines import BASE, rows, tail, wait_for
 from support.postgres import register_flows, scalar
@@ -274,3 +276,37 @@ def test_a_spread_backlog_with_a_paused_flow_and_an_open_circuit_runs_once(dsn: 
             q.enqueue(name, {"n": 100_000})
     wait_for(lambda: scalar(dsn, "SELECT count(*) FROM skiplock.jobs_done WHERE payload->>'n' = '100000'")
              == len(names[::41]), 30, message="the single jobs done")
+
+
+class _AckingWorker:
+    """What DeferredAcks needs of a worker: its id and a connection (a real one)."""
+
+    def __init__(self, conn: psycopg.Connection) -> None:
+        self.id = "w"
+        self.conn = conn
+
+    def with_db(self, what: str, action):
+        return action(self.conn)
+
+
+def test_deferred_acks_commit_together_and_stay_fenced(dsn: str, queue: Queue, conn: psycopg.Connection) -> None:
+    """The acks of one claim_flows statement's batches go in one transaction, each fenced by its own
+    token: a batch rescued and re-claimed by another worker meanwhile is refused, the others complete."""
+    register_flows(dsn, "a", "b", "c")
+    for name in ("a", "b", "c"):
+        queue.enqueue(name, {})
+    claims = _claims(["a", "b", "c"], 10)
+    got = store.claim_flows(conn, "w", claims, 10)
+    conn.execute("UPDATE skiplock.jobs SET status = 'pending', claimed_by = NULL, claim_token = NULL "
+                 "WHERE flow = 'b'")  # as the rescue of a lost worker leaves it
+    assert len(store.claim_batch(conn, "b", "w2", 10, store.new_claim_token())) == 1
+    flow = SimpleNamespace(config=SimpleNamespace(max_attempts=5))
+    acked: list = []
+    deferred = DeferredAcks(_AckingWorker(conn))  # type: ignore[arg-type]
+    for claim, flow_rows in zip(claims, got):
+        deferred.add(flow, claim.token, [flow_rows[0][0]], None, [], None, acked.append)
+    deferred.flush()
+    assert [(ack.completed, ack.refused) for ack in acked] == [(1, 0), (0, 1), (1, 0)]
+    assert rows(dsn, "SELECT flow, status, claimed_by FROM skiplock.jobs") == [("b", "running", "w2")]
+    # one transaction wrote both completions
+    assert rows(dsn, "SELECT count(*), count(DISTINCT xmin::text) FROM skiplock.jobs_done") == [(2, 1)]
