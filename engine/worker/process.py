@@ -448,6 +448,7 @@ class Worker:
         while not self.stopping:
             worked = False
             now = time.monotonic()
+            skipping = many and not focus and any(at > now for at in recheck_at)  # else this round looks at all
             if focus:
                 visit = [i for i in order if i in focus]
             else:
@@ -473,7 +474,7 @@ class Worker:
             if worked or self.stopping:
                 idle_probes = 0
                 continue
-            if many and not focus and idle_probes < 2 and self._due_elsewhere(recheck_at):
+            if skipping and idle_probes < 2 and self._due_elsewhere(recheck_at):
                 idle_probes += 1  # bounded: a due job we cannot claim (a lost worker) must not spin us
                 continue
             idle_probes = 0
