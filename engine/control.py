@@ -32,7 +32,7 @@ from engine import db, store
 from engine.errors import SkiplockError, ValidationError
 from engine.limits import MAX_WORKERS
 from engine.redact import describe_error
-from engine.telemetry import CANCEL_CHANNEL, ENQUEUED_CHANNEL, RELAY_CANCEL, RELAY_ENQUEUED
+from engine.telemetry import CANCEL_CHANNEL, ENQUEUED_CHANNEL, RELAY_CANCEL, RELAY_ENQUEUED, relay_enqueued
 
 log = logging.getLogger("skiplock.engine")
 
@@ -204,7 +204,7 @@ class ControlListener:
                     while not self._stop.is_set():
                         for note in conn.notifies(timeout=1.0):
                             if note.channel == ENQUEUED_CHANNEL:
-                                self.relay(RELAY_ENQUEUED)
+                                self.relay(relay_enqueued(note.payload))
                             elif note.channel == CANCEL_CHANNEL:
                                 self.relay(RELAY_CANCEL)
                             elif note.payload == self.engine_id:

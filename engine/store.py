@@ -616,9 +616,40 @@ def next_run_at(conn: Conn, flows: list[str]) -> float | None:
     return None if value is None else float(value)
 
 
-def flows_due(conn: Conn, flows: list[str]) -> set[str]:
-    """Those of `flows` with a job claimable now (one round trip, however many flows)."""
-    return {row[0] for row in conn.execute(Q.flows_due, {"flows": flows})}
+def flows_due(conn: Conn, flows: list[str], rates: Sequence[tuple[float, float] | None] | None = None) -> set[str]:
+    """Those of `flows` with a job claimable now (one round trip, however many flows). `rates`, beside
+    `flows`: (rate, burst) of a rate-limited flow, which is due only with a token in its bucket."""
+    limits = rates if rates is not None else [None] * len(flows)
+    return {row[0] for row in conn.execute(Q.flows_due, {
+        "flows": flows, "rates": [r[0] if r else None for r in limits], "bursts": [r[1] if r else None for r in limits]})}
+
+
+class FlowClaim(NamedTuple):
+    """One flow's part of a claim_flows statement."""
+
+    flow: str
+    limit: int
+    token: int
+    max_attempts: int
+
+
+def claim_flows(conn: Conn, worker_id: str, claims: Sequence[FlowClaim], total: int) -> list[list[tuple[Any, ...]]]:
+    """claim_batch across `claims` in one autocommit statement, at most `total` jobs in all: per claim,
+    in its order, the rows (claim_batch's columns) claimed under its token."""
+    got: list[list[tuple[Any, ...]]] = [[] for _ in claims]
+    if not claims:
+        return got
+    cur = conn.execute(Q.claim_flows, {
+        "worker": worker_id, "total": total, "flows": [c.flow for c in claims], "limits": [c.limit for c in claims],
+        "tokens": [c.token for c in claims], "max_attempts": [c.max_attempts for c in claims]})
+    ranked: list[list[tuple[Any, ...]]] = [[] for _ in claims]
+    for row in cur.fetchall():
+        ranked[row[0] - 1].append(row)
+    for i, rows in enumerate(ranked):
+        if rows:
+            rows.sort(key=lambda r: (-r[1], r[2], r[3]))  # claim_batch's order: priority, then FIFO
+            got[i] = [r[3:] for r in rows]
+    return got
 
 
 # ---------------------------------------------------------------------------------------------

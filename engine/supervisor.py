@@ -58,7 +58,7 @@ from engine.logs import ContextLogger, setup_logging
 from engine.migrate import require_schema
 from engine.queue import Queue, new_engine_id, validate_flow
 from engine.redact import describe_error
-from engine.telemetry import CONSOLE_APPLICATION_NAME, FlowCounts, encode_event
+from engine.telemetry import CONSOLE_APPLICATION_NAME, RELAY_ENQUEUED, RELAY_FLOW, FlowCounts, encode_event
 from engine.vacuum import VacuumThread
 
 if TYPE_CHECKING:
@@ -162,6 +162,7 @@ class Supervisor:
         # Enqueue wake-ups relayed to the workers: slot index -> write end of that worker's pipe.
         self._relays: dict[int, int] = {}
         self._relay_lock = threading.Lock()  # a write never meets a closed (and reused) descriptor
+        self._relay_owed: set[int] = set()  # pipes that lost a flow-named wake-up (_relay)
         self._retiring: list[tuple[Slot, float]] = []  # scaled away: SIGTERMed, reaped without restart
         self._spare: dict[int, Slot] = {}  # slots scaled away, kept for their generation counters
         self._scale_acks: list[tuple[int, str]] = []  # scale-downs acknowledged once the retiring exit
@@ -586,18 +587,25 @@ class Supervisor:
 
     # -- control plane (engine/control.py) -------------------------------------------------------------
 
-    def _relay(self, kind: bytes) -> None:
-        """On the listener thread: a byte to every worker (a full pipe already says "look"; a cancel
-        lost to a full pipe is still found by the worker's once-a-second re-read)."""
+    def _relay(self, record: bytes) -> None:
+        """On the listener thread: a record to every worker (a full pipe already says "look"; a cancel
+        lost to a full pipe is still found by the worker's once-a-second re-read). A flow-named record
+        lost to a full pipe is owed: the next write to that pipe says "look at every flow" first."""
         with self._relay_lock:
             for fd in self._relays.values():
+                owed = fd in self._relay_owed
                 try:
-                    os.write(fd, kind)
+                    os.write(fd, RELAY_ENQUEUED + record if owed else record)
                 except OSError:  # BlockingIOError: already woken; EPIPE: that worker is gone
-                    pass
+                    if record[:1] == RELAY_FLOW:
+                        self._relay_owed.add(fd)
+                else:
+                    if owed:
+                        self._relay_owed.discard(fd)
 
     def _close_relay(self, fd: int) -> None:
         with self._relay_lock:
+            self._relay_owed.discard(fd)
             os.close(fd)
 
     def _all_slots(self) -> list[Slot]:

@@ -46,9 +46,52 @@ import orjson
 EVENTS_CHANNEL: Final = "skiplock_events"
 ENQUEUED_CHANNEL: Final = "skiplock_enqueued"
 CANCEL_CHANNEL: Final = "skiplock_cancel"
-# What the supervisor writes down a worker's relay pipe for each notification it heard (engine/control.py).
+# What the supervisor writes down a worker's relay pipe for each notification it heard (engine/control.py):
+# one byte for "jobs somewhere" and for a cancel; RELAY_FLOW, the flow's name and RELAY_END for an
+# enqueue wake-up naming its flow (migration 0023). A record is one write of under PIPE_BUF: atomic.
 RELAY_ENQUEUED: Final = b"\0"
 RELAY_CANCEL: Final = b"c"
+RELAY_FLOW: Final = b"f"
+RELAY_END: Final = b"\n"
+RELAY_FLOW_MAX: Final = 63  # bytes of a name (a flow name's limit); a longer payload relays as RELAY_ENQUEUED
+
+
+def relay_enqueued(payload: str) -> bytes:
+    """The relay record of a skiplock_enqueued notification's payload ('' or a flow's name)."""
+    name = payload.encode()
+    if not name or len(name) > RELAY_FLOW_MAX or RELAY_END in name:
+        return RELAY_ENQUEUED
+    return RELAY_FLOW + name + RELAY_END
+
+
+@dataclass
+class RelayRead:
+    """What a read of the relay pipe said: jobs anywhere, jobs of named flows, a cancel."""
+
+    anywhere: bool = False
+    flows: set[str] = field(default_factory=set)
+    cancel: bool = False
+
+
+def parse_relay(data: bytes, read: RelayRead) -> bytes:
+    """Adds the complete records of `data` to `read`; returns an incomplete last record (its rest is
+    in the next read). An unknown byte counts as a wake-up for every flow."""
+    i, n = 0, len(data)
+    while i < n:
+        b = data[i:i + 1]
+        if b == RELAY_FLOW:
+            end = data.find(RELAY_END, i + 1)
+            if end < 0:
+                return data[i:]
+            read.flows.add(data[i + 1:end].decode(errors="replace"))
+            i = end + 1
+            continue
+        if b == RELAY_CANCEL:
+            read.cancel = True
+        else:
+            read.anywhere = True
+        i += 1
+    return b""
 # The console's connections (its LISTEN feed among them) carry this application_name; the rescue
 # leader ends one that has stopped reading (supervisor._unpin_notify_queue).
 CONSOLE_APPLICATION_NAME: Final = "skiplock-console"

@@ -1,19 +1,23 @@
 """One engine serving many flows (issue 17 item 3): the flows_due probe that replaces one empty claim
-per flow, the worker keeping every one of its flows (an oversized event once trimmed the caller's
-list in place, and a worker of 1,000 flows lost the last few from its own list), and jobs spread over
-1,000 flows all run, each once."""
+per flow (and its rate-limit gate), claim_flows (a batch across flows in one statement: per-flow
+limits, tokens and priority order, held flows left alone), the enqueue wake-up naming its flow and
+its relay records, the worker keeping every one of its flows (an oversized event once trimmed the
+caller's list in place, and a worker of 1,000 flows lost the last few from its own list), and jobs
+spread over 200 and 1,000 flows all run, each once."""
 
 from __future__ import annotations
 
 import time
+from types import SimpleNamespace
 
 import orjson
 import psycopg
 import pytest
 
-from engine import store
+from engine import db, store
 from engine.queue import Queue
-from engine.telemetry import MAX_EVENT_BYTES, encode_event
+from engine.worker.process import DeferredAcks
+from engine.telemetry import MAX_EVENT_BYTES, RELAY_CANCEL, RelayRead, encode_event, parse_relay, relay_enqueued
 from support.engines import BASE, rows, tail, wait_for
 from support.postgres import register_flows, scalar
 
@@ -123,3 +127,186 @@ def test_of_two_engines_one_holds_the_vacuum_connection(dsn: str, start_engine, 
     for engine in engines:
         engine.signal(15)
         assert engine.wait(30) == 0, tail(engine)
+
+
+# -- claim_flows, flows_due's rate gate, the flow-named wake-up (issue 17 item 3, second pass) -----
+
+SPREAD = 200
+
+
+def _claims(names: list[str], limit: int) -> list[store.FlowClaim]:
+    return [store.FlowClaim(name, limit, store.new_claim_token(), 5) for name in names]
+
+
+def test_claim_flows_takes_each_flow_by_priority_under_its_own_token_and_skips_held_flows(
+        dsn: str, queue: Queue, conn: psycopg.Connection) -> None:
+    names = [f"s{i:03d}" for i in range(SPREAD)]
+    register_flows(dsn, *names)
+    for name in names:
+        for priority in (0, 5, 1):
+            queue.enqueue(name, {"p": priority}, priority=priority)
+    queue.pause("s007")
+    store.circuit_open(conn, "s011", 60)
+    held = {"s007", "s011"}
+    seen: list[int] = []
+    first = True
+    while True:
+        claims = _claims(names, 2)
+        got = store.claim_flows(conn, "w", claims, 100)
+        taken = sum(len(flow_rows) for flow_rows in got)
+        if not taken:
+            break
+        assert taken <= 100
+        for claim, flow_rows in zip(claims, got):
+            assert len(flow_rows) <= 2
+            assert not (flow_rows and claim.flow in held)
+            if flow_rows:  # every row carries its flow's token: its ack is fenced by it
+                tokens = rows_of(conn, "SELECT DISTINCT flow, claim_token FROM skiplock.jobs WHERE id = ANY(%s)",
+                                 [r[0] for r in flow_rows])
+                assert tokens == [(claim.flow, claim.token)]
+            seen += [r[0] for r in flow_rows]
+        if first:  # the first statement: flows in the order given, 2 each, the highest priorities first
+            served = [c.flow for c, flow_rows in zip(claims, got) if flow_rows]
+            assert served == [n for n in names if n not in held][:50]
+            for flow_rows in got:
+                if flow_rows:
+                    assert [r[1]["p"] for r in flow_rows] == [5, 1]
+            first = False
+    assert len(seen) == len(set(seen)) == 3 * (SPREAD - len(held))
+    assert scalar(dsn, "SELECT count(*) FROM skiplock.jobs WHERE status = 'pending'") == 3 * len(held)
+
+
+def rows_of(conn: psycopg.Connection, sql: str, ids: list[int]) -> list[tuple]:
+    return conn.execute(sql, (ids,)).fetchall()
+
+
+def test_claim_flows_acks_are_fenced_by_each_flows_token(dsn: str, queue: Queue, conn: psycopg.Connection) -> None:
+    register_flows(dsn, "a", "b")
+    queue.enqueue("a", {})
+    queue.enqueue("b", {})
+    claims = _claims(["a", "b"], 10)
+    (a_rows, b_rows) = store.claim_flows(conn, "w", claims, 10)
+    assert len(a_rows) == len(b_rows) == 1
+    wrong = store.ack_batch(conn, "w", claims[0].token, [b_rows[0][0]])  # a's token on b's job
+    assert (wrong.completed, wrong.refused) == (0, 1)
+    right = store.ack_batch(conn, "w", claims[1].token, [b_rows[0][0]])
+    assert right.completed == 1
+    assert scalar(dsn, "SELECT status FROM skiplock.jobs WHERE flow = 'a'") == "running"
+
+
+def test_claim_flows_sends_a_crashed_job_out_alone(dsn: str, queue: Queue, conn: psycopg.Connection) -> None:
+    register_flows(dsn, "a", "b")
+    queue.enqueue_many("a", [{}, {}])
+    crashed = queue.enqueue("b", {})
+    conn.execute("UPDATE skiplock.jobs SET crashes = 1 WHERE id = %s", (crashed,))
+    got = store.claim_flows(conn, "w", _claims(["a", "b"], 10), 10)
+    assert [len(flow_rows) for flow_rows in got] == [0, 1] and got[1][0][0] == crashed
+
+
+def test_flows_due_leaves_out_a_rate_limited_flow_whose_bucket_is_empty(
+        dsn: str, queue: Queue, conn: psycopg.Connection) -> None:
+    names = [f"r{i:03d}" for i in range(SPREAD)]
+    register_flows(dsn, *names)
+    for name in names:
+        queue.enqueue(name, {})
+    rated = {"r005": (0.01, 1.0), "r150": (100.0, 100.0)}  # one nearly empty for a minute, one refilled at once
+    rates = [rated.get(name) for name in names]
+    conn.execute("INSERT INTO skiplock.rate_buckets (flow, tokens, updated_at) "
+                 "VALUES ('r005', 0.2, now()), ('r150', 0, now() - interval '1 second')")
+    assert store.flows_due(conn, names, rates) == set(names) - {"r005"}
+    assert store.flows_due(conn, names) == set(names)  # without the rates: every flow with a due job
+    conn.execute("UPDATE skiplock.rate_buckets SET tokens = 1 WHERE flow = 'r005'")
+    assert "r005" in store.flows_due(conn, names, rates)
+
+
+def test_the_enqueue_wake_up_names_its_flow_and_stays_bounded(dsn: str, conn: psycopg.Connection) -> None:
+    names = [f"n{i:02d}" for i in range(40)]
+    register_flows(dsn, *names)
+    conn.execute("LISTEN skiplock_enqueued")
+    with Queue(dsn) as q:
+        q.enqueue("n00", {})
+        q.enqueue("n01", {}, delay=60)  # not due: every worker recomputes its sleep
+        q.enqueue_many("n02", [{}, {}])
+    assert [n.payload for n in conn.notifies(timeout=1.0, stop_after=3)] == ["n00", "", "n02"]
+    with psycopg.connect(dsn, autocommit=True) as tx, tx.transaction():  # 40 flows twice: 32 named, then ''
+        q = Queue(conn=tx, check_schema=False)
+        for name in names + names:
+            q.enqueue(name, {})
+    got = [n.payload for n in conn.notifies(timeout=1.0, stop_after=40)]
+    assert got == names[:32] + [""]
+
+
+def test_relay_records_survive_a_read_that_cuts_them() -> None:
+    data = RELAY_CANCEL + relay_enqueued("f0001") + relay_enqueued("") + relay_enqueued("x" * 64) + relay_enqueued("b")
+    read = RelayRead()
+    rest = parse_relay(data[:4], read)
+    assert rest and read.cancel and not read.flows and not read.anywhere
+    assert parse_relay(rest + data[4:], read) == b""
+    assert read.flows == {"f0001", "b"} and read.anywhere  # '' and an over-long name: every flow
+
+
+@pytest.mark.slow
+def test_a_spread_backlog_with_a_paused_flow_and_an_open_circuit_runs_once(dsn: str, start_engine, tmp_path) -> None:
+    """200 flows, 5 jobs each: the workers claim across flows (claim_flows); the paused flow and the
+    one whose circuit is open keep theirs; the rest run exactly once. Then an idle engine's workers,
+    woken by enqueues naming their flows, run them."""
+    names = [f"m{i:04d}" for i in range(SPREAD)]
+    register_flows(dsn, *names)
+    with Queue(dsn) as q:
+        for i, name in enumerate(names):
+            q.enqueue_many(name, [{"n": 5 * i + k} for k in range(5)])
+        q.pause("m0007")
+    with db.connect(dsn) as c:
+        store.circuit_open(c, "m0011", 600)
+    record = tmp_path / "record.txt"
+    engine = start_engine(dsn, many_flows_config(SPREAD), "--workers", "2", env={"SKIPLOCK_TEST_RECORD": str(record)})
+    wait_for(lambda: scalar(dsn, "SELECT count(*) FROM skiplock.jobs_done") >= 5 * (SPREAD - 2), 60,
+             message="the spread backlog done")
+    time.sleep(0.5)
+    assert scalar(dsn, "SELECT count(*) FROM skiplock.jobs_done") == 5 * (SPREAD - 2)
+    assert scalar(dsn, "SELECT count(DISTINCT id) FROM skiplock.jobs_done") == 5 * (SPREAD - 2)
+    assert rows(dsn, "SELECT flow, count(*) FROM skiplock.jobs WHERE status = 'pending' GROUP BY flow ORDER BY flow") \
+        == [("m0007", 5), ("m0011", 5)]
+    runs = record.read_text().split()[::2]
+    assert len(runs) == len(set(runs)) == 5 * (SPREAD - 2), tail(engine)
+    wait_for(lambda: scalar(dsn, "SELECT count(*) FROM skiplock.workers WHERE state = 'idle'") == 2, 30,
+             message="two idle workers")
+    with Queue(dsn) as q:
+        for name in names[::41]:
+            q.enqueue(name, {"n": 100_000})
+    wait_for(lambda: scalar(dsn, "SELECT count(*) FROM skiplock.jobs_done WHERE payload->>'n' = '100000'")
+             == len(names[::41]), 30, message="the single jobs done")
+
+
+class _AckingWorker:
+    """What DeferredAcks needs of a worker: its id and a connection (a real one)."""
+
+    def __init__(self, conn: psycopg.Connection) -> None:
+        self.id = "w"
+        self.conn = conn
+
+    def with_db(self, what: str, action):
+        return action(self.conn)
+
+
+def test_deferred_acks_commit_together_and_stay_fenced(dsn: str, queue: Queue, conn: psycopg.Connection) -> None:
+    """The acks of one claim_flows statement's batches go in one transaction, each fenced by its own
+    token: a batch rescued and re-claimed by another worker meanwhile is refused, the others complete."""
+    register_flows(dsn, "a", "b", "c")
+    for name in ("a", "b", "c"):
+        queue.enqueue(name, {})
+    claims = _claims(["a", "b", "c"], 10)
+    got = store.claim_flows(conn, "w", claims, 10)
+    conn.execute("UPDATE skiplock.jobs SET status = 'pending', claimed_by = NULL, claim_token = NULL "
+                 "WHERE flow = 'b'")  # as the rescue of a lost worker leaves it
+    assert len(store.claim_batch(conn, "b", "w2", 10, store.new_claim_token())) == 1
+    flow = SimpleNamespace(config=SimpleNamespace(max_attempts=5))
+    acked: list = []
+    deferred = DeferredAcks(_AckingWorker(conn))  # type: ignore[arg-type]
+    for claim, flow_rows in zip(claims, got):
+        deferred.add(flow, claim.token, [flow_rows[0][0]], None, [], None, acked.append)
+    deferred.flush()
+    assert [(ack.completed, ack.refused) for ack in acked] == [(1, 0), (0, 1), (1, 0)]
+    assert rows(dsn, "SELECT flow, status, claimed_by FROM skiplock.jobs") == [("b", "running", "w2")]
+    # one transaction wrote both completions
+    assert rows(dsn, "SELECT count(*), count(DISTINCT xmin::text) FROM skiplock.jobs_done") == [(2, 1)]

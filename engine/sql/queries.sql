@@ -858,9 +858,11 @@ LIMIT 1;
 
 -- name: flows_due
 -- Which of these flows have a job claimable now (not paused, circuit not open, below their fleet-wide
--- concurrency: the gates of next_run_at), in one round trip: one probe of jobs_claim_idx per flow. A
--- worker serving many flows claims only where there is work instead of one empty claim per flow.
-SELECT u.name FROM unnest(%(flows)s::text[]) AS u(name)
+-- concurrency: the gates of next_run_at; with a rate, a token in its bucket), in one round trip: one
+-- probe of jobs_claim_idx per flow. A worker serving many flows claims only where there is work
+-- instead of one empty claim per flow. `rates` and `bursts` run beside `flows` (NULL: no rate limit):
+-- the bucket is refilled as claim_rated would, and a flow without a bucket row yet starts full.
+SELECT u.name FROM unnest(%(flows)s::text[], %(rates)s::float8[], %(bursts)s::float8[]) AS u(name, rate, burst)
 WHERE EXISTS (SELECT 1 FROM skiplock.jobs j
               WHERE j.flow = u.name AND j.status = 'pending' AND j.run_at <= now())
   AND NOT EXISTS (SELECT 1 FROM skiplock.flows f
@@ -868,7 +870,50 @@ WHERE EXISTS (SELECT 1 FROM skiplock.jobs j
                     AND (f.paused OR (f.circuit_state = 'open' AND f.circuit_until > now())
                          OR (f.policy->>'concurrency')::int <= (
                              SELECT count(*) FROM skiplock.jobs r
-                             WHERE r.flow = u.name AND r.status = 'running')));
+                             WHERE r.flow = u.name AND r.status = 'running')))
+  AND NOT EXISTS (SELECT 1 FROM skiplock.rate_buckets b
+                  WHERE u.rate IS NOT NULL AND b.flow = u.name
+                    AND least(u.burst, b.tokens + u.rate
+                              * greatest(extract(epoch FROM clock_timestamp() - b.updated_at)::float8, 0)) < 1.0);
+
+-- name: claim_flows
+-- claim_batch across many flows in one statement: up to `limits[i]` jobs of `flows[i]` under
+-- `tokens[i]` (each flow keeps a claim token of its own, so its acks are fenced as claim_batch's),
+-- at most `total` in all, flows taken in the order given. Within a flow: priority, then FIFO. The
+-- flow gates are claim_batch's (paused, open circuit, a lost worker); flows with a fleet-wide
+-- concurrency, a rate or a per-key limit are not sent here (claim_rated, claim_keyed). A crashed
+-- job (crashes > 0) goes out alone, as in claim_batch. Rows: the flow's index in `flows` (1-based),
+-- priority and run_at (the caller orders each flow's rows), then claim_batch's columns.
+WITH picked AS MATERIALIZED (
+    SELECT p.id, p.crashes, u.token, u.max_attempts, u.ord
+    FROM unnest(%(flows)s::text[], %(limits)s::int[], %(tokens)s::bigint[], %(max_attempts)s::int[])
+         WITH ORDINALITY AS u(flow, lim, token, max_attempts, ord)
+    -- The gates inside the lateral, not as a join: a join (a hash anti join) would reorder the flows.
+    -- They name no column of jobs, so each is checked once per flow, before its index scan.
+    CROSS JOIN LATERAL (
+        SELECT j.id, j.crashes FROM skiplock.jobs j
+        WHERE j.flow = u.flow AND j.status = 'pending' AND j.run_at <= now()
+          AND NOT EXISTS (SELECT 1 FROM skiplock.flows f
+                          WHERE f.name = u.flow
+                            AND (f.paused OR (f.circuit_state = 'open' AND f.circuit_until > now())))
+          AND NOT EXISTS (SELECT 1 FROM skiplock.workers w WHERE w.id = %(worker)s AND w.state = 'lost')
+        ORDER BY j.priority DESC, j.run_at, j.id
+        LIMIT u.lim
+        FOR UPDATE SKIP LOCKED) AS p
+    LIMIT %(total)s
+), chosen AS MATERIALIZED (
+    SELECT id, token, max_attempts, ord FROM picked WHERE NOT EXISTS (SELECT 1 FROM picked WHERE crashes > 0)
+    UNION ALL
+    (SELECT id, token, max_attempts, ord FROM picked WHERE crashes > 0 LIMIT 1)
+)
+UPDATE skiplock.jobs j
+SET status = 'running', claimed_by = %(worker)s, claim_token = c.token, claimed_at = clock_timestamp(),
+    attempts = j.attempts + 1, updated_at = now()
+FROM chosen c
+-- `= ANY(ARRAY(...))` beside the join, as in claim_batch: the scan of jobs takes the pkey.
+WHERE j.id = ANY(ARRAY(SELECT id FROM chosen)) AND j.id = c.id
+RETURNING c.ord, j.priority, j.run_at, j.id, j.payload, j.attempts, coalesce(j.max_attempts, c.max_attempts), j.run_id,
+          extract(epoch FROM j.claimed_at - j.run_at)::float8 * 1000.0 AS wait_ms;
 
 -- name: events_notify
 SELECT pg_notify('skiplock_events', e) FROM unnest(%(events)s::text[]) AS e;

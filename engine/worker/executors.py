@@ -130,7 +130,15 @@ class InlineExecutor:
         signal.pthread_kill(threading.main_thread().ident or 0, signal.SIGALRM)
 
     def step(self) -> int:
-        rows, token, trial = self.producer.claim(self.producer.inline_limit())
+        rows, token, trial = self.producer.claim(self.claim_limit())
+        return self.take(rows, token, trial)
+
+    def claim_limit(self) -> int:
+        """How many jobs to claim now (<= 0: none)."""
+        return self.producer.inline_limit()
+
+    def take(self, rows: Any, token: int, trial: bool) -> int:
+        """Run what a claim (this flow's own, or claim_flows across flows) returned."""
         if not rows:
             return 0
         self.worker.busy()
@@ -280,7 +288,10 @@ class InlineExecutor:
             with lock:
                 w.inline = None
                 unstarted = [r[0] for r in rows[stopped_at:batch.end]] if stopped_at is not None else []
-            ack = self._ack(token, done_ids, results, failures, tx, children or None)
+            # Batches of one claim_flows statement: their acks commit together (Worker._claim_across).
+            deferred = w.deferred_acks if tx is None else None
+            if deferred is None:
+                ack = self._ack(token, done_ids, results, failures, tx, children or None)
         finally:
             w.inline = None
             if tx is not None:
@@ -290,20 +301,22 @@ class InlineExecutor:
         end_apart(w, flow, token, batch)
         ran = len(done_ids) + len(failures) + len(batch.cancelled) + len(batch.snoozed)
         self.producer.observe(ran, run_s)
-        w.after_ack(flow, ack, len(failures), sum(r[5] for r in rows[:ran]), run_s * 1000.0, samples,
-                    had_success=bool(done_ids), trial=trial)
+        wait_ms = sum(r[5] for r in rows[:ran])
+
+        def after(ack: Any) -> None:
+            w.after_ack(flow, ack, len(failures), wait_ms, run_s * 1000.0, samples, had_success=bool(done_ids),
+                        trial=trial)
+        if deferred is not None:
+            deferred.add(flow, token, done_ids, results, failures, children or None, after)
+        else:
+            after(ack)
 
 
 class BatchExecutor(InlineExecutor):
     """`batch = true`: handler(payloads) or handler(payloads, ctx) -> one result or Exception per job."""
 
-    def step(self) -> int:
-        rows, token, trial = self.producer.claim(self.producer.batch_size if not self.flow.half_open else 1)
-        if not rows:
-            return 0
-        self.worker.busy()
-        self.run(rows, token, trial)
-        return len(rows)
+    def claim_limit(self) -> int:
+        return self.producer.batch_size if not self.flow.half_open else 1
 
     def run(self, rows: Any, token: int, trial: bool) -> None:
         w = self.worker
@@ -549,10 +562,16 @@ class _ConcurrentBase:
 
     def step(self) -> int:
         """Top up: claim if what we hold dropped below the low-water mark. -1: full, nothing claimed."""
-        limit = self.producer.concurrent_limit(self.in_hand, self.n)
+        limit = self.claim_limit()
         if limit <= 0:
             return -1
         rows, token, trial = self.producer.claim(limit)
+        return self.take(rows, token, trial)
+
+    def claim_limit(self) -> int:
+        return self.producer.concurrent_limit(self.in_hand, self.n)
+
+    def take(self, rows: Any, token: int, trial: bool) -> int:
         if not rows:
             return 0
         self.worker.busy()

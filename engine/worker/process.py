@@ -35,8 +35,8 @@ from engine.store import AckResult
 from engine.runs import claim_finished_runs, fire_claimed
 from engine.sources import SourceRegistry
 from engine.store import RunSummary
-from engine.telemetry import (CANCEL_CHANNEL, ENQUEUED_CHANNEL, RELAY_CANCEL, FailureSample, Telemetry,
-                              encode_event)
+from engine.telemetry import (CANCEL_CHANNEL, ENQUEUED_CHANNEL, FailureSample, RelayRead, Telemetry, encode_event,
+                              parse_relay)
 from engine.failure_log import FailureLog
 from engine.metrics import WorkerMetrics
 from engine.worker.circuit import CircuitBreaker
@@ -52,7 +52,7 @@ log = logging.getLogger("skiplock.worker")
 TRANSIENT_DB_ERRORS: Final = (psycopg.OperationalError, psycopg.InterfaceError)
 DB_RETRY_SECONDS: Final = 60.0
 EMPTY_FLOW_RECHECK: Final = 0.1  # seconds an empty flow is skipped while the worker is busy with others
-DUE_PROBE_MIN: Final = 8  # above this many flows to look at, one flows_due probe replaces their empty claims
+DUE_PROBE_MIN: Final = 8  # above this many flows, a round claims across them (claim_flows) and probes (flows_due)
 LISTEN_READ_TIMEOUT: Final = 0.5  # the listener thread re-checks its stop flag this often
 STOP_MARGIN: Final = 0.5  # concurrent jobs get the grace period minus this before the worker exits
 
@@ -81,6 +81,47 @@ class WorkerSpec:
     # The read end of a pipe on which the supervisor relays enqueue notifications (its one LISTEN
     # connection serves every worker); None: this worker LISTENs on a connection of its own.
     relay_fd: int | None = None
+
+
+@dataclass
+class _Deferred:
+    flow: FlowRuntime
+    token: int
+    done_ids: list[int]
+    results: list[str | None] | None
+    failures: list[Any]
+    children: Any
+    after: Any  # the batch's after_ack, called with its AckResult
+
+
+class DeferredAcks:
+    """The acks of the inline batches one claim_flows statement handed out, sent together: one
+    transaction (one commit, one WAL flush) instead of one per flow. Each keeps its own statement,
+    token fence and ack id; a retry after a lost reply re-sends them all with the same ids (the
+    receipts of a committed try answer). Crash semantics are those of one batch of their size."""
+
+    def __init__(self, worker: "Worker") -> None:
+        self.worker = worker
+        self.items: list[_Deferred] = []
+
+    def add(self, flow: FlowRuntime, token: int, done_ids: list[int], results: list[str | None] | None,
+            failures: list[Any], children: Any, after: Any) -> None:
+        self.items.append(_Deferred(flow, token, done_ids, results, failures, children, after))
+
+    def flush(self) -> None:
+        items, self.items = self.items, []
+        if not items:
+            return
+        w = self.worker
+        ack_ids = [store.new_ack_id() for _ in items]  # once, outside the retries
+
+        def send(conn: Any) -> list[AckResult]:
+            with conn.transaction():
+                return [store.ack_batch(conn, w.id, d.token, d.done_ids, d.results, d.failures,
+                                        d.flow.config.max_attempts, ack_id=ack_id, children=d.children)
+                        for d, ack_id in zip(items, ack_ids)]
+        for d, ack in zip(items, w.with_db("ack", send)):
+            d.after(ack)
 
 
 class Wakeup:
@@ -155,7 +196,14 @@ class Worker:
         self.executors: list[Any] = []
         self.concurrent_executors: list[Any] = []
         self._idle_reported = False
-        self._notified = False
+        self._notified = False  # a wake-up for every flow since the loop last looked
+        self._named: set[int] = set()  # flows (indices) named by enqueue wake-ups since then
+        self._wakeup_lock = threading.Lock()
+        self._flow_index = {name: i for i, name in enumerate(self.flow_names)}
+        self._look_at = 0.0  # monotonic: the idle worker's next look at every flow (_wait_for_work)
+        self._cross_total = max((f.config.batch_size for f in self.flows), default=1)  # jobs per claim_flows
+        self._served_up_to = 0  # _claim_across
+        self.deferred_acks: DeferredAcks | None = None  # while _claim_across runs the batches it claimed
         self.listen_conn: psycopg.Connection[Any] | None = None
 
     # -- lifecycle -----------------------------------------------------------------------------------
@@ -307,9 +355,11 @@ class Worker:
                 db.listen(self.listen_conn, CANCEL_CHANNEL)
 
     def _relay_loop(self) -> None:
-        """Wake-ups the supervisor relays (one byte per notification it heard, or after it reconnected)."""
+        """Wake-ups the supervisor relays (a record per notification it heard, or after it reconnected:
+        engine/telemetry.py, RELAY_*)."""
         fd = self.spec.relay_fd
         assert fd is not None
+        rest = b""
         while not self.closing:
             ready, _, _ = select.select([fd], [], [], LISTEN_READ_TIMEOUT)
             if not ready:
@@ -320,11 +370,28 @@ class Worker:
                 continue
             if not got:
                 return  # the supervisor is gone: the lease guard ends this worker
-            if RELAY_CANCEL in got:
+            read = RelayRead()
+            rest = parse_relay(rest + got, read)
+            if read.cancel:
                 self.control.wake()
-            if got.strip(RELAY_CANCEL):
-                self._notified = True
-                self.wake.set()
+            self._enqueued(read.anywhere, read.flows)
+
+    def _enqueued(self, anywhere: bool, flows: set[str]) -> None:
+        """An enqueue wake-up: for every flow, or naming flows (those this worker does not serve are
+        none of its business)."""
+        named = {self._flow_index[name] for name in flows if name in self._flow_index}
+        if not anywhere and not named:
+            return
+        with self._wakeup_lock:
+            self._notified = self._notified or anywhere
+            self._named |= named
+        self.wake.set()
+
+    def _take_wakeups(self) -> tuple[bool, set[int]]:
+        with self._wakeup_lock:
+            anywhere, named = self._notified, self._named
+            self._notified, self._named = False, set()
+        return anywhere, named
 
     def _listen_loop(self) -> None:
         """Reads notifications as they come, busy or idle, and wakes the main loop."""
@@ -335,8 +402,7 @@ class Worker:
                     if note.channel == CANCEL_CHANNEL:
                         self.control.wake()
                         continue
-                    self._notified = True
-                    self.wake.set()
+                    self._enqueued(not note.payload, {note.payload} if note.payload else set())
             except TRANSIENT_DB_ERRORS as exc:
                 if self.closing:
                     return
@@ -347,8 +413,7 @@ class Worker:
                 except TRANSIENT_DB_ERRORS:
                     self.request_stop(EXIT_DB_LOST)
                     return
-                self._notified = True  # enqueues while we were away were not heard: look
-                self.wake.set()
+                self._enqueued(True, set())  # enqueues while we were away were not heard: look
                 self.control.wake()  # and cancels: check now
 
     # -- the loop ------------------------------------------------------------------------------------
@@ -362,8 +427,12 @@ class Worker:
 
     def _loop(self) -> None:
         """One claim per flow per round, so a deep backlog of one flow cannot starve the others. A flow
-        that had nothing is skipped for EMPTY_FLOW_RECHECK while others keep the worker busy. Past
-        DUE_PROBE_MIN flows, one flows_due probe per round says which flows to claim from."""
+        that had nothing is skipped for EMPTY_FLOW_RECHECK while others keep the worker busy.
+
+        Past DUE_PROBE_MIN flows: the flows without a gate of their own (`Producer.plain`) are claimed
+        together, one claim_flows statement for a batch across them, and one flows_due probe per round
+        says which of the others to claim from. An idle worker woken by enqueues that named their flows
+        looks at those flows only (`focus`), until its next look at every flow was due anyway."""
         self.state = "idle"
         executors = self.executors
         recheck_at = [0.0] * len(executors)
@@ -372,13 +441,25 @@ class Worker:
         # race each other for the same flow's jobs (the loser's claim comes back empty).
         start = int(self.spec.index * 0.618034 * len(executors)) % len(executors) if many else 0
         order = list(range(start, len(executors))) + list(range(start))
+        across = [i for i in order if executors[i].producer.plain] if many else []
+        alone = [i for i in order if not executors[i].producer.plain] if many else order
+        focus: set[int] = set()
         idle_probes = 0
         while not self.stopping:
             worked = False
             now = time.monotonic()
-            if many:
-                self._skip_flows_without_work(recheck_at, now)
-            for i in order:
+            skipping = many and not focus and any(at > now for at in recheck_at)  # else this round looks at all
+            if focus:
+                visit = [i for i in order if i in focus]
+            else:
+                visit = alone
+                if across:
+                    worked = self._claim_across(across, recheck_at, now)
+                    if worked:  # the next statement starts past the flows this one served
+                        across = across[self._served_up_to:] + across[:self._served_up_to]
+                if many:
+                    self._skip_flows_without_work(alone, recheck_at, now)
+            for i in visit:
                 if self.stopping:
                     break
                 if recheck_at[i] > now:
@@ -393,21 +474,81 @@ class Worker:
             if worked or self.stopping:
                 idle_probes = 0
                 continue
-            if many and idle_probes < 2 and self._due_elsewhere(recheck_at):
+            if skipping and idle_probes < 2 and self._due_elsewhere(recheck_at):
                 idle_probes += 1  # bounded: a due job we cannot claim (a lost worker) must not spin us
                 continue
             idle_probes = 0
-            if any(e.concurrent and e.in_hand for e in executors):
+            in_hand = any(e.concurrent and e.in_hand for e in executors)
+            if in_hand:
                 # a job finishing below the low-water mark wakes us; a held flow's hold ends
                 self.wake.wait(min(EMPTY_FLOW_RECHECK, max(self._earliest_hold() - time.monotonic(), 0.0)))
             else:
-                self._wait_for_work()
-            if self._notified or not any(e.concurrent and e.in_hand for e in executors):
-                if self._notified:
-                    for e in executors:
-                        e.producer.woken()
-                self._notified = False
+                self._wait_for_work(focused=bool(focus))
+            anywhere, named = self._take_wakeups()
+            if many and named and not anywhere and not in_hand and time.monotonic() < self._look_at:
+                focus = named  # only these flows have new jobs: claim them, probe nothing
+                for i in named:
+                    executors[i].producer.woken()
+                    recheck_at[i] = executors[i].producer.hold_until
+                continue
+            focus = set()
+            if anywhere or named or not in_hand:
+                for i in (range(len(executors)) if anywhere else named):
+                    executors[i].producer.woken()
                 recheck_at = [e.producer.hold_until for e in executors]
+
+    def _claim_across(self, across: list[int], recheck_at: list[float], now: float) -> bool:
+        """One claim_flows statement over the plain flows of `across` not skipped for now, in that order,
+        at most `_cross_total` jobs; each flow's executor takes its rows. A flow the statement reached
+        and found empty is skipped for EMPTY_FLOW_RECHECK. `_served_up_to`: the position in `across`
+        past the last flow that got jobs when the statement was full (0: it was not)."""
+        executors = self.executors
+        self._served_up_to = 0
+        claims, picked = [], []
+        base = store.new_claim_token()  # one random draw per statement: flow k's token is base ^ k
+        for pos, i in enumerate(across):
+            if recheck_at[i] > now or executors[i].flow.half_open:
+                continue  # a half-open circuit's trial goes through the flow's own claim
+            limit = executors[i].claim_limit()
+            if limit <= 0:
+                continue
+            picked.append(pos)
+            claims.append(store.FlowClaim(executors[i].flow.name, limit, base ^ pos,
+                                          executors[i].flow.config.max_attempts))
+        if not claims:
+            return False
+        total = self._cross_total
+        try:
+            with self.pool.connection() as conn:
+                got = store.claim_flows(conn, self.id, claims, total)
+        except TRANSIENT_DB_ERRORS:
+            # The claim may have committed: what its tokens took is handed back (attempts refunded).
+            for claim in claims:
+                self.with_db("release claim", lambda conn: store.claim_release_token(conn, self.id, claim.token))
+            return False
+        full = sum(len(rows) for rows in got) >= total
+        last = max((k for k, rows in enumerate(got) if rows), default=-1)
+        later = now + EMPTY_FLOW_RECHECK
+        if sum(1 for rows in got if rows) > 1:
+            self.deferred_acks = DeferredAcks(self)
+        try:
+            for k, (pos, claim, rows) in enumerate(zip(picked, claims, got)):
+                i = across[pos]
+                if not rows:
+                    if not full or k < last:  # reached and empty; past the last served, not reached
+                        recheck_at[i] = later
+                    continue
+                if self.stopping:  # claimed, not started: back to pending, attempts refunded
+                    self.with_db("release", lambda conn: store.claim_release_token(conn, self.id, claim.token))
+                    continue
+                executors[i].take(rows, claim.token, False)
+        finally:
+            deferred, self.deferred_acks = self.deferred_acks, None
+            if deferred is not None:
+                deferred.flush()
+        if full and last >= 0:
+            self._served_up_to = picked[last] + 1
+        return last >= 0
 
     def _earliest_hold(self) -> float:
         """When the first held (rate-limited or key-blocked) flow may claim again; inf: none held."""
@@ -424,57 +565,66 @@ class Worker:
             if executor.in_hand < executor.n:
                 executor.step()
 
-    def _skip_flows_without_work(self, recheck_at: list[float], now: float) -> None:
-        """Many flows: one flows_due probe instead of an empty claim per flow; the flows it finds
-        without work are skipped like a flow whose claim came back empty."""
-        names = self.flow_names
-        candidates = [i for i, at in enumerate(recheck_at) if at <= now]
+    def _skip_flows_without_work(self, visit: list[int], recheck_at: list[float], now: float) -> None:
+        """Many flows: one flows_due probe instead of an empty claim per flow of `visit`; the flows it
+        finds without work are skipped like a flow whose claim came back empty."""
+        candidates = [i for i in visit if recheck_at[i] <= now]
         if len(candidates) <= DUE_PROBE_MIN:
             return
         try:
             with self.pool.connection() as conn:
-                due = store.flows_due(conn, [names[i] for i in candidates])
+                due = self._flows_due(conn, candidates)
         except TRANSIENT_DB_ERRORS:
             return  # the claims find out, and retry
         later = now + EMPTY_FLOW_RECHECK
         for i in candidates:
-            if names[i] not in due:
+            if i not in due:
                 recheck_at[i] = later
+
+    def _flows_due(self, conn: Any, indices: list[int]) -> set[int]:
+        names = [self.flow_names[i] for i in indices]
+        due = store.flows_due(conn, names, [self.executors[i].producer.due_rate for i in indices])
+        return {i for i in indices if self.flow_names[i] in due}
 
     def _due_elsewhere(self, recheck_at: list[float]) -> bool:
         """Many flows, a round without work: flows skipped for a while may have work by now (one
         flows_due probe over all of them, cheaper than next_run_at's sort of a deep backlog)."""
         try:
             with self.pool.connection() as conn:
-                due = store.flows_due(conn, self.flow_names)
+                due = self._flows_due(conn, list(range(len(self.executors))))
         except TRANSIENT_DB_ERRORS:
             return False
-        for i, name in enumerate(self.flow_names):
-            if name in due:
-                recheck_at[i] = 0.0
+        for i in due:
+            recheck_at[i] = 0.0
         return bool(due)
 
-    def _wait_for_work(self) -> None:
+    def _wait_for_work(self, focused: bool = False) -> None:
+        """Sleeps until a wake-up, a held flow's hold ends, the earliest scheduled job is due or the
+        poll interval passed (`_look_at`). Focused (woken since by enqueues naming their flows): until
+        that same `_look_at`, without asking again."""
         self.state = "idle"
         if self.completer.pending:  # ack what finished before reporting idle (a drain waits on it)
             self.completer.flush()
             if self.completer.pending:  # the completer thread is writing its own flush
                 self.wake.wait(FLUSH_INTERVAL)
                 return
-        wait = self.spec.engine.poll_interval
         now = time.monotonic()
-        # Held flows have due jobs they cannot claim yet: leave them out, and wake when the hold ends.
-        flows = [e.flow.name for e in self.executors if e.producer.hold_until <= now]
-        wait = min(wait, self._earliest_hold() - now)
-        try:
-            with self.pool.connection() as conn:
-                next_due = store.next_run_at(conn, flows) if flows else None
-        except TRANSIENT_DB_ERRORS as exc:
-            self.log.warning("database call next_run_at failed: %s", exc)
-            self.wake.wait(0.1)
-            return
-        if next_due is not None:
-            wait = min(wait, max(next_due, 0.0))
+        wait = min(self.spec.engine.poll_interval, self._earliest_hold() - now)
+        if focused:
+            wait = min(wait, self._look_at - now)
+        else:
+            # Held flows have due jobs they cannot claim yet: leave them out, and wake when the hold ends.
+            flows = [e.flow.name for e in self.executors if e.producer.hold_until <= now]
+            try:
+                with self.pool.connection() as conn:
+                    next_due = store.next_run_at(conn, flows) if flows else None
+            except TRANSIENT_DB_ERRORS as exc:
+                self.log.warning("database call next_run_at failed: %s", exc)
+                self.wake.wait(0.1)
+                return
+            if next_due is not None:
+                wait = min(wait, max(next_due, 0.0))
+            self._look_at = now + max(wait, 0.0)
         if wait <= 0:
             return
         if not self._idle_reported and self.completer.pending == 0:

@@ -41,6 +41,8 @@ class Producer:
         self.burst = config.burst
         self.per_key = config.per_key
         self.limited = self.rate is not None or self.per_key is not None
+        # No gate but the flow's row (paused, circuit): claim_flows may claim it among others.
+        self.plain = config.concurrency is None and not self.limited
         self.hold_until = 0.0  # monotonic; a limited flow with nothing claimable now is skipped until then
         self._key_backoff = KEY_RECHECK
         self._bucket_ready = False
@@ -133,6 +135,11 @@ class Producer:
         if wait > 0:
             self.hold_until = time.monotonic() + wait
         return rows
+
+    @property
+    def due_rate(self) -> tuple[float, float] | None:
+        """(rate, burst) for flows_due: a rate-limited flow is due only with a token in its bucket."""
+        return (self.rate, self.burst) if self.rate is not None else None
 
     def woken(self) -> None:
         """An enqueue wake-up: a keyed flow looks again at once (its rate hold stays)."""
