@@ -1412,29 +1412,13 @@ RETURNING true;
 
 -- name: metrics_flow_gauges
 -- The leader's fleet-wide queue gauges, each count stopping at `cap` (engine/metrics.py estimates
--- ready and dead past it). Flows as console_flows finds them. Index-only: ready and scheduled from the
+-- ready and dead past it). Flows as console_flows finds them (skiplock.known_flows). Index-only: ready and scheduled from the
 -- first `cap` entries of jobs_claim_idx (a backlog's heap rows are never read), retrying from
 -- jobs_retrying_idx, running and dead from their partial indexes.
-WITH RECURSIVE ref AS (
+WITH ref AS (
     SELECT now() AS now
-), pending_flows(flow) AS (
-    (SELECT flow FROM skiplock.jobs WHERE status = 'pending' ORDER BY flow LIMIT 1)
-    UNION ALL
-    SELECT (SELECT j.flow FROM skiplock.jobs j WHERE j.status = 'pending' AND j.flow > p.flow
-            ORDER BY j.flow LIMIT 1)
-    FROM pending_flows p WHERE p.flow IS NOT NULL
-), dead_flows(flow) AS (
-    (SELECT flow FROM skiplock.jobs WHERE status = 'dead' ORDER BY flow LIMIT 1)
-    UNION ALL
-    SELECT (SELECT j.flow FROM skiplock.jobs j WHERE j.status = 'dead' AND j.flow > d.flow
-            ORDER BY j.flow LIMIT 1)
-    FROM dead_flows d WHERE d.flow IS NOT NULL
 ), names AS (
-    SELECT name FROM skiplock.flows
-    UNION SELECT flow FROM pending_flows WHERE flow IS NOT NULL
-    UNION SELECT flow FROM dead_flows WHERE flow IS NOT NULL
-    UNION SELECT DISTINCT flow FROM skiplock.stats_minute, ref
-          WHERE minute >= date_trunc('minute', ref.now) - interval '1 hour'
+    SELECT k.name FROM ref, skiplock.known_flows(ref.now) k  -- migration 0025
 )
 SELECT n.name, p.ready, p.scheduled, p.total AS pending_total, t.retrying, r.running, d.dead
 FROM names n
@@ -1478,28 +1462,12 @@ DELETE FROM skiplock.metrics_leader WHERE id = 1 AND engine_id = %(engine)s;
 SELECT coalesce(%(now)s::timestamptz, now()), current_setting('server_version');
 
 -- name: console_flows
--- Flows: declared ones, those with recent history, and those with pending or dead jobs (found by a
--- skip scan over the partial indexes: one index descent per distinct flow, not a scan of the table).
-WITH RECURSIVE ref AS (
+-- Flows: declared ones, those with recent history, and those with pending or dead jobs
+-- (skiplock.known_flows, migration 0025: a skip scan over the partial indexes).
+WITH ref AS (
     SELECT coalesce(%(now)s::timestamptz, now()) AS now
-), pending_flows(flow) AS (
-    (SELECT flow FROM skiplock.jobs WHERE status = 'pending' ORDER BY flow LIMIT 1)
-    UNION ALL
-    SELECT (SELECT j.flow FROM skiplock.jobs j WHERE j.status = 'pending' AND j.flow > p.flow
-            ORDER BY j.flow LIMIT 1)
-    FROM pending_flows p WHERE p.flow IS NOT NULL
-), dead_flows(flow) AS (
-    (SELECT flow FROM skiplock.jobs WHERE status = 'dead' ORDER BY flow LIMIT 1)
-    UNION ALL
-    SELECT (SELECT j.flow FROM skiplock.jobs j WHERE j.status = 'dead' AND j.flow > d.flow
-            ORDER BY j.flow LIMIT 1)
-    FROM dead_flows d WHERE d.flow IS NOT NULL
 ), names AS (
-    SELECT name FROM skiplock.flows
-    UNION SELECT flow FROM pending_flows WHERE flow IS NOT NULL
-    UNION SELECT flow FROM dead_flows WHERE flow IS NOT NULL
-    UNION SELECT DISTINCT flow FROM skiplock.stats_minute, ref
-          WHERE minute >= date_trunc('minute', ref.now) - interval '1 hour'
+    SELECT k.name FROM ref, skiplock.known_flows(ref.now) k  -- migration 0025
 )
 SELECT n.name, coalesce(f.paused, false) AS paused, coalesce(f.circuit_state, 'closed') AS circuit_state,
        extract(epoch FROM f.circuit_until - ref.now)::float8 AS circuit_open_for,
