@@ -66,7 +66,16 @@ def test_scale_drain_and_stop_from_the_engines_view(dsn, start_engine, tmp_path)
         assert live_workers(dsn, a) == 3
         await act(pilot, "minus", confirm=False)  # "n": nothing sent
         assert rows(dsn, "SELECT count(*) FROM skiplock.engine_commands") == [(1,)]
-        await wait_until(pilot, lambda: str(table.get_row(a)[4]) == "3", timeout=30)
+        # The test app reads only on an action or a resume (no live feed): the read after the scale
+        # can come before the supervisor records its third worker, so ask again until it shows.
+        def shows_three() -> bool:
+            if str(table.get_row(a)[4]) == "3":
+                return True
+            if not screen.awaiting():
+                screen.reload()
+            return False
+
+        await wait_until(pilot, shows_three, timeout=30)
         app.last_action = None
         await pilot.press("n")
         assert isinstance(app.screen, PromptScreen)
