@@ -35,7 +35,7 @@ def pytest_configure(config: pytest.Config) -> None:
 TIMED_MODULES = frozenset({
     "test_liveness.py", "test_engine.py", "test_executors.py", "test_bad_jobs.py", "test_notify_queue.py",
     "test_proxy.py", "test_retries.py", "test_console_e2e.py", "test_concurrency.py", "test_engine_smoke.py",
-    "test_flow_control.py", "test_console_engines.py",
+    "test_flow_control.py", "test_console_engines.py", "test_deferred_acks.py",
 })
 
 

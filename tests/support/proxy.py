@@ -4,6 +4,8 @@ Real faults, not mocks: `cut()` drops every connection and refuses new ones (an 
 its database while its handlers keep running), `restore()` lets them through again, and
 `drop_after_reply(pattern)` lets the next client message containing `pattern` through, swallows
 the server's reply and drops that connection: the statement committed, the client never learns it.
+With `at=b"COMMIT"` the drop waits for that connection's next COMMIT: the transaction the matched
+statement ran in committed, the client never learns it.
 
 The upstream is the server's Unix socket (the suite's server does not listen on TCP) or a TCP address.
 One thread runs a selector loop over every socket; nothing here blocks the test.
@@ -32,6 +34,7 @@ class _Pair:
     client: socket.socket
     server: socket.socket
     drop_on_reply: bool = False  # set when a client message matched: drop after the next server data
+    drop_at: bytes | None = None  # set when a client message matched: drop_on_reply at the next message with this
     closed: bool = False
 
 
@@ -43,7 +46,7 @@ class TcpProxy:
     _pairs: list[_Pair] = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _refusing: bool = False
-    _drop_patterns: list[list[object]] = field(default_factory=list)  # [pattern, remaining]
+    _drop_patterns: list[list[object]] = field(default_factory=list)  # [pattern, remaining, at]
     connections_accepted: int = 0
     drops_done: int = 0
 
@@ -79,11 +82,12 @@ class TcpProxy:
         with self._lock:
             self._refusing = False
 
-    def drop_after_reply(self, pattern: bytes, count: int = 1) -> None:
+    def drop_after_reply(self, pattern: bytes, count: int = 1, at: bytes | None = None) -> None:
         """The next `count` client messages containing `pattern`: forward them, swallow the server's
-        reply, and drop that connection."""
+        reply (with `at`: the reply to that connection's next message containing `at`), and drop
+        that connection."""
         with self._lock:
-            self._drop_patterns.append([pattern, count])
+            self._drop_patterns.append([pattern, count, at])
 
     def close(self) -> None:
         self._stop = True
@@ -134,14 +138,19 @@ class TcpProxy:
         self._selector.register(client, selectors.EVENT_READ, (pair, "client"))
         self._selector.register(server, selectors.EVENT_READ, (pair, "server"))
 
-    def _matches(self, data: bytes) -> bool:
+    def _arm(self, pair: _Pair, data: bytes) -> None:
+        """Mark `pair` for a drop if the client message `data` matches a pattern."""
+        if pair.drop_at is not None:
+            pair.drop_on_reply = pair.drop_on_reply or pair.drop_at in data
+            return
         with self._lock:
             for entry in self._drop_patterns:
-                pattern, remaining = entry
+                pattern, remaining, at = entry
                 if remaining and pattern in data:  # type: ignore[operator]
                     entry[1] = int(remaining) - 1  # type: ignore[call-overload]
-                    return True
-        return False
+                    pair.drop_at = at  # type: ignore[assignment]
+                    pair.drop_on_reply = at is None
+                    return
 
     def _close(self, pair: _Pair) -> None:
         with self._lock:
@@ -181,8 +190,8 @@ class TcpProxy:
                     self._close(pair)
                     continue
                 target = pair.server if side == "client" else pair.client
-                if side == "client" and self._matches(data):
-                    pair.drop_on_reply = True
+                if side == "client":
+                    self._arm(pair, data)
                 if side == "server" and pair.drop_on_reply:
                     # The server has answered (so an autocommit statement or COMMIT took effect);
                     # the client never sees the answer.
