@@ -4,6 +4,7 @@
 - The same database states through the three surfaces: `engine health --json` (CLI), Queue.health_check()
   (API) and the console header (a real ConsoleApp on the same database): identical status and reasons.
 - The failure log's token bucket on a clock the test controls.
+- health_flows' plan stays on the indexes.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from engine.config import load_settings
 from engine.failure_log import FailureLog
 from engine.health import Facts, FlowFacts, Thresholds, evaluate
 from engine.queue import Queue
+from engine.sql import Q
 from engine.telemetry import FailureSample
 from tests.support.cli import engine
 from tests.support.console_seed import wait_until
@@ -171,6 +173,20 @@ def test_console_and_cli_agree_with_no_engine_running(dsn: str) -> None:
     result = engine("health", dsn=dsn)
     assert result.returncode == 1 and result.stdout.splitlines()[1:] == ["  - no live workers"], result.stdout
     assert _console(dsn, Thresholds()) == ("DEGRADED", "no live workers")
+
+
+def test_health_flows_stays_on_the_indexes(dsn: str) -> None:
+    """The pending flows come from a skip scan of the claim's index (skiplock.flows_with_status,
+    inlined: a function scan would hide its plan), never a scan of the jobs table."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("""INSERT INTO skiplock.jobs (flow, payload, status, run_at, attempts)
+                        SELECT 'h' || (i % 40), '{}', 'pending', now(), 0 FROM generate_series(1, 30000) i""")
+        conn.execute("ANALYZE skiplock.jobs")
+        params = {"now": None, "stale_after": 3.0, "window": 300.0, "cap": 1000}
+        plan = "\n".join(r[0] for r in conn.execute("EXPLAIN " + Q.health_flows, params))
+        conn.execute("DELETE FROM skiplock.jobs WHERE flow LIKE 'h%'")
+    assert "Seq Scan on jobs" not in plan and "Function Scan" not in plan, plan
+    assert "jobs_claim_idx" in plan, plan
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1339,21 +1339,16 @@ FROM ref LEFT JOIN skiplock.workers w ON w.state NOT IN ('stopped', 'lost')
 GROUP BY ref.now;
 
 -- name: health_flows
--- Per flow (declared, or with pending jobs: a skip scan of the claim's index): served by a live
--- worker, circuit open, due pending jobs (counted up to `cap`), the oldest due job's age (the first
--- row of each priority in the claim's index: a skip scan over priorities, at most 64 of them), and
--- completed/failed attempts in the last `window` seconds from stats_minute (by its primary key).
+-- Per flow (declared, or with pending jobs: skiplock.flows_with_status, a skip scan of the claim's
+-- index): served by a live worker, circuit open, due pending jobs (counted up to `cap`), the oldest
+-- due job's age (the first row of each priority in the claim's index: a skip scan over priorities, at
+-- most 64 of them), and completed/failed attempts in the last `window` seconds from stats_minute (by
+-- its primary key).
 WITH RECURSIVE ref AS (
     SELECT coalesce(%(now)s::timestamptz, now()) AS now
-), pending_flows(flow) AS (
-    (SELECT flow FROM skiplock.jobs WHERE status = 'pending' ORDER BY flow LIMIT 1)
-    UNION ALL
-    SELECT (SELECT j.flow FROM skiplock.jobs j WHERE j.status = 'pending' AND j.flow > p.flow
-            ORDER BY j.flow LIMIT 1)
-    FROM pending_flows p WHERE p.flow IS NOT NULL
 ), names AS (
     SELECT name AS flow FROM skiplock.flows
-    UNION SELECT flow FROM pending_flows WHERE flow IS NOT NULL
+    UNION SELECT flow FROM skiplock.flows_with_status('pending')  -- migration 0027
 ), served AS (
     SELECT DISTINCT unnest(w.flows) AS flow FROM skiplock.workers w, ref
     WHERE w.state NOT IN ('stopped', 'lost') AND w.heartbeat_at >= ref.now - make_interval(secs => %(stale_after)s)
