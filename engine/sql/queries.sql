@@ -797,6 +797,7 @@ LIMIT %(limit)s;
 -- key gets at most its remaining room, in claim order. The claim stamps each job's key, so running
 -- jobs are found by jobs_key_running_idx. With `rate` (a rate-limited keyed flow) the bucket is
 -- refilled and debited as in claim_rated; without it the bucket CTE reads nothing.
+-- Repeats claim_rated's CTEs: a function holding an UPDATE is never inlined (planned apart, hidden from EXPLAIN).
 WITH bucket AS MATERIALIZED (
     SELECT b.flow, clock_timestamp() AS ts,
            least(%(burst)s::float8, b.tokens + %(rate)s::float8
