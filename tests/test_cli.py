@@ -401,8 +401,9 @@ def test_health_degraded_on_stale_worker(dsn: str, tmp_path: Path) -> None:
                      "VALUES ('ghost:1', 'e1', 'ghost', 1, 'idle', now() - interval '1 hour')")
         uptime = conn.execute("SELECT extract(epoch FROM now() - pg_postmaster_start_time())::float8").fetchone()[0]
         time.sleep(max(0.0, 4.0 - uptime))
+        # Ahead of now: live however long the `engine health` commands below take to start.
         conn.execute("INSERT INTO skiplock.workers (id, engine_id, host, pid, state, heartbeat_at) "
-                     "VALUES ('alive:1', 'e1', 'alive', 2, 'busy', now())")
+                     "VALUES ('alive:1', 'e1', 'alive', 2, 'busy', now() + interval '1 hour')")
     result = engine("health", "--config", str(config), dsn=dsn)
     assert result.returncode == 1, (result.stdout, result.stderr)
     lines = result.stdout.splitlines()
