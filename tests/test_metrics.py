@@ -323,9 +323,9 @@ def test_gauge_reader_keeps_one_connection_and_reopens_after_a_cut(dsn: str) -> 
         reader.once()
         assert hub.leader and len(opened) == 2  # a new connection after the failed one
         reader.stop()
-        rows = psycopg.connect(dsn, autocommit=True).execute(
-            "SELECT count(*) FROM pg_stat_activity WHERE pid = ANY(%s)", (opened,)).fetchone()
-        assert rows == (0,)  # stop closed it
+        with psycopg.connect(dsn, autocommit=True) as conn:  # stop closed it (a backend exits a moment after)
+            wait_for(lambda: conn.execute("SELECT count(*) = 0 FROM pg_stat_activity WHERE pid = ANY(%s)",
+                                          (opened,)).fetchone()[0], 10, message="the readers' backends to exit")
         with psycopg.connect(dsn, autocommit=True) as conn:  # and released the lease
             assert conn.execute("SELECT count(*) FROM skiplock.metrics_leader").fetchone() == (0,)
 
