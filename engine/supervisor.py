@@ -289,8 +289,13 @@ class Supervisor:
         next_schedules = time.monotonic() + (schedules.PASS_INTERVAL if checked_at_start else 0.0)  # that ran one
         while not self.signals:
             sentinels: list[Any] = [s.process.sentinel for s in self._all_slots() if s.process is not None]
+            # Until the next timed duty (the schedule pass bounds it to a second); exits, commands,
+            # drain reports and signals (_on_signal) end the wait sooner.
+            due = [next_rescue, next_schedules, next_retention, *self._timed_deadlines()]
+            if self.drain:
+                due.append(next_drain_check)
             multiprocessing.connection.wait(sentinels + [self.control_wake] + ([self.report] if self.drain else []),
-                                            timeout=0.2)
+                                            timeout=max(min(due) - time.monotonic(), 0.0))
             if self.signals:
                 break  # workers exiting on our SIGTERM did not die: _stop reaps them, none is restarted
             now = time.monotonic()
@@ -337,8 +342,14 @@ class Supervisor:
     def _live_workers(self) -> int:
         return sum(1 for s in self.slots if s.process is not None and s.process.exitcode is None)
 
+    def _timed_deadlines(self) -> list[float]:
+        """When the loop must turn for a slot: a dead worker's restart, a retiring one's kill."""
+        return ([s.restart_at for s in self.slots if s.process is None]
+                + [deadline for _, deadline in self._retiring])
+
     def _on_signal(self, signum: int, frame: Any) -> None:
         self.signals += 1
+        self.control_wake.set()  # the loop's wait resumes after a handler (PEP 475): end it
         if self.signals == 1:
             self.log.info("stopping: %s received, draining workers (grace %.0fs)",
                           signal.Signals(signum).name, self.settings.engine.grace_period)
