@@ -310,3 +310,22 @@ def test_deferred_acks_commit_together_and_stay_fenced(dsn: str, queue: Queue, c
     assert rows(dsn, "SELECT flow, status, claimed_by FROM skiplock.jobs") == [("b", "running", "w2")]
     # one transaction wrote both completions
     assert rows(dsn, "SELECT count(*), count(DISTINCT xmin::text) FROM skiplock.jobs_done") == [(2, 1)]
+
+
+def test_the_monitor_sleeps_while_the_worker_is_idle_and_checks_once_it_is_busy() -> None:
+    from engine.worker.heartbeat import MONITOR_INTERVAL, Monitor
+
+    worker = SimpleNamespace(closing=False, state="idle", log=None)
+    checked: list[float] = []
+    monitor = Monitor(worker)
+    monitor.checks.append(checked.append)
+    monitor.start()
+    try:
+        time.sleep(10 * MONITOR_INTERVAL)
+        assert checked == []  # an idle worker holds no job: nothing to check, no wake-ups
+        worker.state = "busy"  # as Worker.busy(): the state first, then the wake
+        monitor.wake()
+        wait_for(lambda: len(checked) >= 3, timeout=5)
+    finally:
+        worker.closing = True
+        monitor.wake()

@@ -7,7 +7,7 @@
 - Monitor: every MONITOR_INTERVAL it asks each executor to check its jobs against their deadlines
   (inline: release the unstarted rest of a batch held too long, stop a handler that ignored its
   timeout; threads: fail and abandon a thread past its job's deadline). It never touches the database
-  unless it acts.
+  unless it acts, and it sleeps while the worker is idle (holding no job): `wake` when it turns busy.
 """
 
 from __future__ import annotations
@@ -101,7 +101,12 @@ class Monitor:
     def __init__(self, worker: Any) -> None:
         self.worker = worker
         self.checks: list[Callable[[float], None]] = []
+        self._busy = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="monitor", daemon=True)
+
+    def wake(self) -> None:
+        """The worker turned busy (after setting its state): check its jobs again."""
+        self._busy.set()
 
     def start(self) -> None:
         if self.checks:
@@ -110,6 +115,10 @@ class Monitor:
     def _loop(self) -> None:
         w = self.worker
         while not w.closing:
+            self._busy.clear()  # before reading the state: a busy() after this read sets it again
+            if w.state == "idle":
+                self._busy.wait()
+                continue
             time.sleep(MONITOR_INTERVAL)
             now = time.monotonic()
             for check in self.checks:

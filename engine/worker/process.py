@@ -419,7 +419,9 @@ class Worker:
     # -- the loop ------------------------------------------------------------------------------------
 
     def busy(self) -> None:
-        self.state = "busy"
+        if self.state != "busy":
+            self.state = "busy"
+            self.monitor.wake()
         if self._idle_reported:
             self._idle_reported = False
             if self.spec.report is not None:
