@@ -563,6 +563,7 @@ class Supervisor:
 
     def _stop(self, code: int) -> int:
         self.vacuum.stop()
+        self._close_pass_conn()
         # Workers frozen through an outage cannot be resumed safely (nobody renewed them): kill them.
         frozen = set(self.liveness.frozen_pids())
         for pid in frozen:
