@@ -22,7 +22,6 @@ import psycopg
 
 from engine import __version__, control, db, roles, store
 from engine.config import Settings, add_settings_arguments, load_settings, parse_duration, recorded_policy, resolve_dsn
-from engine.embedded import default_data_dir
 from engine.errors import JobFailed, SkiplockError, ValidationError, WaitTimeout
 from engine.health import Thresholds
 from engine.limits import INT4_MAX, MAX_WORKERS, utf8_problem
@@ -692,13 +691,48 @@ def cmd_console(args: argparse.Namespace) -> int:
 # Parser
 
 
-def build_parser() -> argparse.ArgumentParser:
+class _Unbuilt:
+    """A command other than the one typed: every call building its arguments does nothing."""
+
+    def __getattr__(self, name: str) -> Callable[..., _Unbuilt]:
+        return self._ignore
+
+    def _ignore(self, *args: Any, **kwargs: Any) -> _Unbuilt:
+        return self
+
+
+_UNBUILT: Any = _Unbuilt()
+
+
+class _ChosenOnly:
+    """Subcommands: every name is registered (for `engine --help` and "invalid choice"), but only the
+    chosen command's arguments are built; the others' cost a start-up milliseconds for nothing."""
+
+    def __init__(self, sub: Any, chosen: str | None) -> None:
+        self.sub = sub
+        self.chosen = chosen
+
+    def add_parser(self, name: str, **kwargs: Any) -> Any:
+        if self.chosen is None or name == self.chosen:
+            return self.sub.add_parser(name, **kwargs)
+        self.sub.add_parser(name, **{key: kwargs[key] for key in ("help", "aliases") if key in kwargs})
+        return _UNBUILT
+
+
+def _typed_command(argv: Sequence[str]) -> str | None:
+    """The command name in argv: before it only -h and --version are accepted, which exit anyway."""
+    return next((arg for arg in argv if not arg.startswith("-")), None)
+
+
+def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The parser; given argv, only its command's arguments are built (the others are listed)."""
     common = argparse.ArgumentParser(add_help=False)
     add_settings_arguments(common)
 
     parser = argparse.ArgumentParser(prog="engine", description="skiplock: PostgreSQL work queue engine")
     parser.add_argument("--version", action="version", version=f"skiplock {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = _ChosenOnly(parser.add_subparsers(dest="command", required=True, metavar="COMMAND"),
+                      None if argv is None else _typed_command(argv))
 
     p = sub.add_parser("migrate", parents=[common], help="apply missing schema migrations")
     p.set_defaults(func=cmd_migrate)
@@ -824,7 +858,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_runs_parser(sub, common)
 
     p = sub.add_parser("dev", parents=[common], help="embedded PostgreSQL, migrate, demo load: a first try")
-    p.add_argument("--data-dir", type=Path, help=f"cluster directory (default {default_data_dir()})")
+    if p is not _UNBUILT:
+        from engine.embedded import default_data_dir  # only for this help text: other commands skip the module
+
+        p.add_argument("--data-dir", type=Path, help=f"cluster directory (default {default_data_dir()})")
     p.add_argument("--jobs", type=int, default=2000, help="demo jobs to enqueue")
     p.add_argument("--no-engine", action="store_true", help="only start the database, migrate and enqueue")
     p.add_argument("--workers", type=int, default=2)
@@ -860,17 +897,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_control_parsers(sub, common)
 
     p = sub.add_parser("console", parents=[common], help="the ops console: a terminal UI on the queue (same as `console`)")
-    from console.cli import add_console_arguments  # argparse only: loads no TUI
+    if p is not _UNBUILT:
+        from console.cli import add_console_arguments  # argparse only: loads no TUI
 
-    add_console_arguments(p)
-    p.set_defaults(func=cmd_console)
+        add_console_arguments(p)
+        p.set_defaults(func=cmd_console)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     hide_secrets_in_process_title()  # before any worker is forked: they inherit the hidden copy
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(argv).parse_args(argv)
     try:
         _check_text(args)
         return int(args.func(args))

@@ -7,6 +7,7 @@ worker; a drain with work (or a schedule due at start) still runs it.
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import psycopg
 
+from engine.cli import build_parser
 from tests.support.cli import base_env, engine, ok
 from tests.support.postgres import register_flows
 
@@ -37,6 +39,7 @@ main(sys.argv[1:])
 NOT_ON_THE_EMPTY_DRAIN = (
     "engine.worker", "engine.worker.process", "engine.worker.executors", "engine.sources", "tenacity",
     "psycopg_pool", "engine.metrics", "prometheus_client", "http.server", "engine.explain", "textual",
+    "console.cli", "engine.embedded",
 )
 
 CONFIG = """
@@ -99,3 +102,24 @@ def test_schedule_due_at_start_fires_and_its_job_runs(dsn: str, tmp_path: Path) 
     assert "engine.worker.process" in modules
     with psycopg.connect(dsn, autocommit=True) as conn:
         assert conn.execute("SELECT count(*) FROM skiplock.jobs_done WHERE flow = 'quick'").fetchone() == (1,)
+
+
+def _helps(parser: argparse.ArgumentParser, path: tuple[str, ...] = ()) -> dict[tuple[str, ...], str]:
+    """Every (sub)command's --help text, by its words ("dlq", "list")."""
+    helps = {path: parser.format_help()}
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                helps |= _helps(sub, path + (name,))
+    return helps
+
+
+def test_parser_built_for_one_command_helps_as_the_full_one() -> None:
+    """main builds only the typed command's arguments: its help, the others' names and the top-level
+    help must read as when every command is built."""
+    full = _helps(build_parser())
+    for command in {path[0] for path in full if path}:
+        built = _helps(build_parser([command, "--help"]))
+        assert built[()] == full[()]
+        assert {p: h for p, h in built.items() if p[:1] == (command,)} == \
+            {p: h for p, h in full.items() if p[:1] == (command,)}, command
