@@ -15,7 +15,7 @@ import sys
 from collections.abc import Callable, Iterator, Sequence
 from datetime import timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 import psycopg
@@ -23,15 +23,16 @@ import psycopg
 from engine import __version__, control, db, roles, store
 from engine.config import Settings, add_settings_arguments, load_settings, parse_duration, recorded_policy, resolve_dsn
 from engine.errors import JobFailed, SkiplockError, ValidationError, WaitTimeout
-from engine.health import Thresholds
 from engine.limits import INT4_MAX, MAX_WORKERS, utf8_problem
 from engine.migrate import migrate
 from engine.payloads import loads_exact
-from engine.queue import CANCEL_STATES, LIST_STATUSES, DeadLetterFilter, JobFilter, Queue
 from engine.redact import describe_error, hide_secrets_in_process_title, redact_dsn, redact_text
 from engine.report import clip, print_json, print_status, print_table
 from engine.store import Job
 from engine.schedules import describe as describe_schedule
+
+if TYPE_CHECKING:  # engine.queue loads with the commands that use it: not on `engine run`'s path
+    from engine.queue import DeadLetterFilter, Queue
 
 EXIT_OK = 0
 EXIT_DEGRADED = 1
@@ -52,6 +53,7 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 
 def _queue(args: argparse.Namespace) -> Queue:
+    from engine.queue import Queue
     settings = _settings(args)
     return Queue(resolve_dsn(settings), application_name=f"{settings.application_name}-cli")
 
@@ -66,6 +68,7 @@ def _duration(where: str) -> Callable[[str], float]:
 
 
 def _filter(args: argparse.Namespace) -> DeadLetterFilter:
+    from engine.queue import DeadLetterFilter
     ids = list(args.ids) if getattr(args, "ids", None) else None
     return DeadLetterFilter(ids=ids, flow=args.flow, error_type=args.error, older_than=args.older_than)
 
@@ -136,6 +139,7 @@ def _payload_chunks(args: argparse.Namespace) -> Iterator[tuple[list[Any], list[
 
 
 def cmd_enqueue(args: argparse.Namespace) -> int:
+    from engine.queue import Queue
     _check_range("--max-attempts", args.max_attempts, 1, INT4_MAX)
     if args.no_seal and args.run is None:
         raise ValidationError("--no-seal applies to a run: give --run RUN too")
@@ -222,6 +226,8 @@ def _add_runs_parser(sub: Any, common: argparse.ArgumentParser) -> None:
 
 
 def cmd_health(args: argparse.Namespace) -> int:
+    from engine.health import Thresholds
+    from engine.queue import Queue
     settings = _settings(args)
     with Queue(resolve_dsn(settings), application_name=f"{settings.application_name}-cli") as queue:
         report = queue.health_check(thresholds=Thresholds.from_engine(settings.engine))
@@ -341,6 +347,7 @@ def _statuses(values: list[str] | None, allowed: Sequence[str], option: str) -> 
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
+    from engine.queue import CANCEL_STATES
     if args.ids and (args.flow or args.run):
         raise ValidationError("cancel takes job ids, or --flow and/or --run, not both")
     if not args.ids and not (args.flow or args.run):
@@ -419,6 +426,7 @@ def _age(moment: Any) -> str:
 
 
 def cmd_jobs_list(args: argparse.Namespace) -> int:
+    from engine.queue import LIST_STATUSES, JobFilter
     if not 1 <= args.limit <= 10_000:
         raise ValidationError(f"--limit {args.limit} must be from 1 to 10000")
     where = JobFilter(flow=args.flow, statuses=_statuses(args.status, LIST_STATUSES, "--status"),
@@ -495,6 +503,7 @@ def cmd_schedule_list(args: argparse.Namespace) -> int:
 
 
 def cmd_schedule_add(args: argparse.Namespace) -> int:
+    from engine.queue import Queue
     if (args.cron is None) == (args.every is None):
         raise ValidationError("give --cron EXPR or --every DURATION, exactly one")
     payload: Any = {}
@@ -839,7 +848,7 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
                                "Completed and cancelled jobs are searched only --since back (default 24h).")
     p.add_argument("--flow")
     p.add_argument("--status", action="append",
-                   help=f"{', '.join(LIST_STATUSES)} (comma-separated or repeated; default all)")
+                   help=f"{', '.join(store.LIST_STATUSES)} (comma-separated or repeated; default all)")
     p.add_argument("--run", help="jobs of this run")
     p.add_argument("--older-than", type=_duration("--older-than"),
                    help="e.g. 1h: pending/scheduled enqueued, running claimed, others ended longer ago")

@@ -1042,6 +1042,3 @@ def _schedule_name(name: object) -> str:
     except ScheduleError as exc:
         raise ValidationError(str(exc)) from None
 
-
-def new_engine_id() -> str:
-    return uuid.uuid4().hex

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 import orjson
 
-from engine.pipelines import Pipeline
-from engine.queue import Queue
+if TYPE_CHECKING:  # annotations only: `engine run` imports this module and needs neither
+    from engine.pipelines import Pipeline
+    from engine.queue import Queue
 
 
 def print_json(value: Any, out: TextIO | None = None) -> None:

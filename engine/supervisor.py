@@ -40,6 +40,7 @@ import signal
 import sys
 import threading
 import time
+import uuid
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final
 
@@ -52,11 +53,9 @@ from engine.errors import ConfigError, SkiplockError
 from engine.handlers import load_flow
 from engine.hooks import HookRunner
 from engine.limits import MAX_PORT, MAX_WORKERS
-from engine.health import Thresholds
 from engine.liveness import EngineLiveness
 from engine.logs import ContextLogger, setup_logging
 from engine.migrate import require_schema
-from engine.queue import Queue, new_engine_id, validate_flow
 from engine.redact import describe_error
 from engine.telemetry import CONSOLE_APPLICATION_NAME, RELAY_ENQUEUED, RELAY_FLOW, FlowCounts, encode_event
 from engine.vacuum import VacuumThread
@@ -137,7 +136,7 @@ class Supervisor:
     workers: int
     drain: bool = False
     wait_scheduled: bool = False  # with drain: also wait for jobs scheduled for later
-    engine_id: str = field(default_factory=new_engine_id)
+    engine_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     slots: list[Slot] = field(default_factory=list)
     signals: int = 0
     _context: Any = None
@@ -173,6 +172,7 @@ class Supervisor:
         self._unreported_lost: dict[str, str] = {}  # worker id -> reason, marked lost once the database answers
         port = self.metrics_port if self.metrics_port is not None else engine.metrics_port
         if port is not None:  # the pipe exists before the first fork, so every worker inherits it
+            from engine.health import Thresholds
             from engine.metrics import EngineMetrics
 
             self.metrics = EngineMetrics(self.engine_id, self.dsn, self.settings.application_name,
@@ -510,6 +510,8 @@ class Supervisor:
                 self.hooks.submit(f"on_complete hook of run {summary.run}", hook, summary.run, summary.as_dict())
 
     def _retention_pass(self) -> None:
+        from engine.queue import Queue  # off the start-up path (an empty --drain exits before the first pass)
+
         def act(conn: psycopg.Connection[Any]) -> None:
             purged = Queue(conn=conn, check_schema=False).purge_completed(self.settings.engine.retention)
             if purged:
@@ -788,6 +790,8 @@ def select_flows(settings: Settings, names: str | None) -> tuple[FlowConfig, ...
             raise ConfigError(f"no flows configured {where}; add [flows.NAME] with handler = \"module:function\"")
         return tuple(settings.flows.values())
     chosen: list[FlowConfig] = []
+    from engine.queue import validate_flow
+
     for name in (n.strip() for n in names.split(",") if n.strip()):
         validate_flow(name)
         if name not in settings.flows:

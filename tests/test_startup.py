@@ -39,7 +39,7 @@ main(sys.argv[1:])
 NOT_ON_THE_EMPTY_DRAIN = (
     "engine.worker", "engine.worker.process", "engine.worker.executors", "engine.sources", "tenacity",
     "psycopg_pool", "engine.metrics", "prometheus_client", "http.server", "engine.explain", "textual",
-    "console.cli", "engine.embedded",
+    "console.cli", "engine.embedded", "engine.queue", "engine.health", "engine.pipelines",
 )
 
 CONFIG = """
