@@ -81,3 +81,19 @@ def test_ack_of_a_full_batch_probes_the_primary_key(conn: psycopg.Connection, qu
     stored = dict(conn.execute("SELECT id, (result ->> 'n')::bigint FROM skiplock.jobs_done WHERE id = ANY(%s)",
                                (ids,)).fetchall())
     assert stored == {i: i for i in ids}
+
+
+def test_vacuum_leaves_the_hot_tables_empty_tail_in_place(dsn: str) -> None:
+    """Truncating the tail takes an ACCESS EXCLUSIVE lock on skiplock.jobs, which stops every claim,
+    ack and enqueue (seen as 0.3 s stalls at steady state): neither the vacuum pass nor autovacuum
+    (the table's vacuum_truncate) may do it."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("INSERT INTO skiplock.jobs (flow, payload, status, attempts) "
+                     "SELECT 'f', '{}', 'pending', 0 FROM generate_series(1, 5000)")
+        size = conn.execute("SELECT pg_relation_size('skiplock.jobs')").fetchone()[0]
+        conn.execute("DELETE FROM skiplock.jobs")
+        store.jobs_vacuum(conn)
+        assert conn.execute("SELECT pg_relation_size('skiplock.jobs')").fetchone()[0] == size
+        conn.execute("VACUUM skiplock.jobs")  # autovacuum's way: the table's own setting decides
+        assert conn.execute("SELECT pg_relation_size('skiplock.jobs')").fetchone()[0] == size
+        assert conn.execute("SELECT count(*) FROM skiplock.jobs").fetchone() == (0,)

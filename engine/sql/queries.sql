@@ -1002,8 +1002,9 @@ SELECT coalesce(n_dead_tup, 0) FROM pg_stat_user_tables WHERE relid = 'skiplock.
 -- name: jobs_vacuum
 -- Frees the dead tuples for reuse between autovacuum's visits (its naptime is server-wide, 1 min by
 -- default, while a busy queue leaves millions of dead tuples a minute). SKIP_LOCKED: if autovacuum
--- or another VACUUM holds the table, skip this round rather than wait. Autocommit only.
-VACUUM (SKIP_LOCKED) skiplock.jobs;
+-- or another VACUUM holds the table, skip this round rather than wait. TRUNCATE false: as the table's
+-- vacuum_truncate (migration 0028), never the ACCESS EXCLUSIVE lock that stops the queue. Autocommit only.
+VACUUM (SKIP_LOCKED, TRUNCATE false) skiplock.jobs;
 
 -- name: worker_mark_lost
 -- The supervisor saw this worker's process die (or killed it): its jobs can be rescued now, not
