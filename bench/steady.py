@@ -15,6 +15,7 @@ engine's heartbeats, telemetry and stats are counted, as they are part of its co
 from __future__ import annotations
 
 import multiprocessing
+import queue
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
@@ -152,6 +153,19 @@ def _raw_consumer(dsn: str, batch: int, ready: Any, go: Any, stop: Any, results:
         results.put(("consumer", done, 0))
 
 
+def _next_result(results: Any, procs: list[Any], seconds: float) -> Any:
+    """The next child's result; a child that died without one fails the step at once with its exit code."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            return results.get(timeout=1)
+        except queue.Empty:
+            dead = [proc for proc in procs if proc.exitcode not in (None, 0)]
+            if dead:
+                raise RuntimeError(f"raw pair child {dead[0].name} died with exit code {dead[0].exitcode}")
+    raise RuntimeError(f"raw pair: no result within {seconds:.0f} s")
+
+
 class RawPair:
     """The raw COPY producer and `consumers` raw drainers on the raw table of `dsn`."""
 
@@ -177,10 +191,10 @@ class RawPair:
             wal_before = wal_lsn(conn)
             go.set()
             time.sleep(seconds)
-            outcomes = [results.get(timeout=600)]  # the producer, when its time is up (late on a loaded machine)
+            outcomes = [_next_result(results, procs, 600)]  # the producer, when its time is up (late on a loaded machine)
             backlog = int(conn.execute(RAW_BACKLOG).fetchone()[0] or 0)
             stop.set()
-            outcomes += [results.get(timeout=600) for _ in range(self.consumers)]
+            outcomes += [_next_result(results, procs, 600) for _ in range(self.consumers)]
             wal_after = wal_lsn(conn)
             for proc in procs:
                 proc.join(30)
