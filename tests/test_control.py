@@ -175,8 +175,8 @@ def test_a_command_whose_notify_was_missed_still_runs(dsn, start_engine, tmp_pat
 
 def test_idle_engine_holds_one_connection_per_worker_and_wakes_on_enqueue(dsn, start_engine, tmp_path):
     """Workers LISTEN through the supervisor's one connection (it relays enqueue wake-ups): an idle
-    engine of W workers holds W + 2 connections (each worker's pool, the supervisor's heartbeat and
-    its listener), and an enqueue still wakes an idle worker at once, not after poll_interval."""
+    engine of W workers holds W + 3 connections (each worker's pool, the supervisor's heartbeat, its
+    listener and its schedule pass's), and an enqueue still wakes an idle worker at once, not after poll_interval."""
     config = SLOW.replace('poll_interval = "0.5s"', 'poll_interval = "60s"')
     proc = start_engine(dsn, config, "--workers", "3", env={"SKIPLOCK_TEST_RECORD": str(tmp_path / "r")})
     engine_id = started(dsn, proc)
@@ -189,8 +189,8 @@ def test_idle_engine_holds_one_connection_per_worker_and_wakes_on_enqueue(dsn, s
                          (dbname,)))
 
     time.sleep(1.0)  # past start-up: the supervisor's short-lived connections are closed
-    assert wait_for(lambda: held() == {"skiplock-worker": 3, "skiplock-supervisor": 2}, 10,
-                    message=f"3 + 2 connections, not {held()}")
+    assert wait_for(lambda: held() == {"skiplock-worker": 3, "skiplock-supervisor": 3}, 10,
+                    message=f"3 + 3 connections, not {held()}")
     register_flows(dsn, "slow")
     with Queue(dsn) as q:
         q.enqueue("slow", {"n": 1, "sleep": 0})
