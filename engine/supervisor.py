@@ -187,15 +187,17 @@ class Supervisor:
     def _db(self, action: Any, *, session: bool = False) -> Any:
         """session=True: work that holds a session advisory lock (the rescue leader) goes over the
         direct listen_dsn when there is one; a transaction pooler would hand the lock to strangers."""
-        dsn = (self.listen_dsn or self.dsn) if session else self.dsn
-        with db.connect(dsn, application_name=f"{self.settings.application_name}-supervisor") as conn:
+        with self._connect((self.listen_dsn or self.dsn) if session else self.dsn) as conn:
             return action(conn)
+
+    def _connect(self, dsn: str) -> psycopg.Connection[Any]:
+        return db.connect(dsn, application_name=f"{self.settings.application_name}-supervisor")
 
     def _pass_db(self, action: Any) -> Any:
         """The schedule pass's connection (every second): kept between passes, as a connection each
         time costs the server about 3 ms of CPU; closed before each fork (_spawn) and after an error."""
         if self._pass_conn is None or self._pass_conn.closed:
-            self._pass_conn = db.connect(self.dsn, application_name=f"{self.settings.application_name}-supervisor")
+            self._pass_conn = self._connect(self.dsn)
         try:
             return action(self._pass_conn)
         except BaseException:
@@ -789,9 +791,9 @@ def select_flows(settings: Settings, names: str | None) -> tuple[FlowConfig, ...
             where = f"in {settings.path}" if settings.path else "(no config file: pass --config or set SKIPLOCK_CONFIG)"
             raise ConfigError(f"no flows configured {where}; add [flows.NAME] with handler = \"module:function\"")
         return tuple(settings.flows.values())
-    chosen: list[FlowConfig] = []
     from engine.queue import validate_flow
 
+    chosen: list[FlowConfig] = []
     for name in (n.strip() for n in names.split(",") if n.strip()):
         validate_flow(name)
         if name not in settings.flows:
