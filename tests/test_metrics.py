@@ -122,7 +122,9 @@ def test_healthz_and_readyz(dsn: str, start_engine: Any) -> None:
     with TcpProxy(unix_socket_of(dsn)) as proxy:
         process = start_engine(proxy.dsn(dsn), CONFIG, "--workers", "1", "--metrics-port", "0")
         port = port_of(process)
-        assert get(port, "/healthz") == (200, "ok\n")
+        # the port opens before the first fork: alive once the worker runs
+        assert wait_for(lambda: (r := get(port, "/healthz")) == (200, "ok\n") and r, 10, 0.1,
+                        message="/healthz 200") == (200, "ok\n")
         code, body = wait_for(lambda: (r := get(port, "/readyz"))[0] == 200 and r, 10, 0.2,
                               message="/readyz 200")
         assert body.splitlines()[0] in ("healthy", "degraded"), body
