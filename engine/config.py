@@ -28,7 +28,7 @@ from typing import Any, Final, TypeVar
 
 from engine.errors import ConfigError
 from engine.limits import (INT4_MAX, MAX_DURATION_S, MAX_DURATION_TEXT, MAX_POOL_SIZE, MAX_PORT, MAX_RATE_BURST,
-                           MAX_RATE_PER_S, MAX_WORKERS, utf8_problem)
+                           MAX_RATE_PER_S, MAX_WORKERS, NAME, utf8_problem)
 from engine.redact import secret_spans
 from engine.schedules import ScheduleError, ScheduleSpec, check_catch_up, check_every, check_payload, check_timezone, parse_cron
 
@@ -105,7 +105,6 @@ class _Where:
 
 _Conv = Callable[[object, _Where], T]
 
-_NAME_RE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
 _BARE_KEY_RE: Final = re.compile(r"[A-Za-z0-9_-]+")
 _LOG_FORMATS: Final = ("auto", "json", "text")
 
@@ -232,7 +231,7 @@ def _source_names(value: object, where: _Where) -> tuple[str, ...]:
 
 def _flow_name(value: object, where: _Where) -> str:
     text = _text(value, where)
-    if not _NAME_RE.fullmatch(text):
+    if not NAME.fullmatch(text):
         raise ConfigError(f"{where} must be a flow name (1-63 letters, digits, '_', '.', '-'), got {_show(value)}")
     return text
 
@@ -673,7 +672,7 @@ class _Loader:
         return names
 
     def _check_name(self, prefix: _TablePath, name: str, kind: str) -> None:
-        if _NAME_RE.fullmatch(name) is None:
+        if NAME.fullmatch(name) is None:
             raise ConfigError(
                 f"{self._label}: {_dotted(prefix + (name,))}: a {kind} name must be 1-63 characters "
                 "of letters, digits, '_', '.' or '-', starting with a letter or digit"

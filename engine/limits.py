@@ -3,6 +3,7 @@ checks at load or call time, so a value that would break later is refused with a
 
 from __future__ import annotations
 
+import re
 from typing import Final
 
 INT2_MIN: Final = -(2**15)
@@ -13,6 +14,9 @@ INT8_MAX: Final = 2**63 - 1  # bigint job ids
 # and Python's datetime, and fits every wait the OS takes (threading.TIMEOUT_MAX is ~292 years).
 MAX_DURATION_S: Final = 100 * 365 * 86400.0
 MAX_DURATION_TEXT: Final = "36500d"
+# Flow, schedule, pipeline and config table names: what a NAME column holds (NAMEDATALEN - 1 bytes).
+# Use fullmatch: "$" would let a final "\n" in.
+NAME: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
 MAX_WORKERS: Final = 1024  # processes per engine
 MAX_POOL_SIZE: Final = 1000  # connections per worker (PostgreSQL's max_connections is far lower)
 PROGRESS_MESSAGE_MAX: Final = 200  # characters of a ctx.progress message (shown in one console cell)
@@ -43,3 +47,15 @@ def utf8_problem(text: str) -> str | None:
                 return f"byte 0x{code - 0xDC00:02x} at position {index}"
             return f"lone surrogate U+{code:04X} at position {index}"
     return None
+
+
+def validate_flow(flow: object) -> str:
+    """`flow` if it is a valid flow name; else ValidationError naming it. Here, not in engine.queue, so
+    `engine run --flows` checks names without loading the enqueue API."""
+    if not isinstance(flow, str) or not NAME.fullmatch(flow):
+        from engine.errors import ValidationError
+
+        raise ValidationError(
+            f"flow name {flow!r} is invalid: use 1-63 letters, digits, '_', '.', '-', starting with a letter or digit"
+        )
+    return flow

@@ -65,30 +65,37 @@ class FlowFigures:
     errors: dict[str, int] = field(default_factory=dict)
     wait: list[int] = field(default_factory=lambda: [0] * (len(WAIT_BUCKETS) + 1))  # per bucket, +Inf last
     run: list[int] = field(default_factory=lambda: [0] * (len(RUN_BUCKETS) + 1))
-    wait_sum: float = 0.0
-    run_sum: float = 0.0
+    # Sums in whole microseconds: integers add and subtract exactly, so an exported _sum never steps
+    # back (Prometheus would read that as a counter reset).
+    wait_us: int = 0
+    run_us: int = 0
     dirty: bool = True
 
-    def add(self, other: FlowFigures) -> None:
+    def add(self, other: FlowFigures, sign: int = 1) -> None:
+        """sign=-1 takes `other` away again (a worker's previous frame, replaced by its next)."""
         for i, v in enumerate(other.counts):
-            self.counts[i] += v
+            self.counts[i] += sign * v
         for name, v in other.errors.items():
-            self.errors[name] = self.errors.get(name, 0) + v
+            self.errors[name] = self.errors.get(name, 0) + sign * v
         for i, v in enumerate(other.wait):
-            self.wait[i] += v
+            self.wait[i] += sign * v
         for i, v in enumerate(other.run):
-            self.run[i] += v
-        self.wait_sum += other.wait_sum
-        self.run_sum += other.run_sum
+            self.run[i] += sign * v
+        self.wait_us += sign * other.wait_us
+        self.run_us += sign * other.run_us
+
+    def copy(self) -> FlowFigures:
+        return FlowFigures(list(self.counts), dict(self.errors), list(self.wait), list(self.run), self.wait_us,
+                           self.run_us, False)
 
     def frame(self) -> dict[str, Any]:
-        return {"c": self.counts, "e": self.errors, "w": self.wait, "r": self.run, "ws": round(self.wait_sum, 6),
-                "rs": round(self.run_sum, 6)}
+        return {"c": self.counts, "e": self.errors, "w": self.wait, "r": self.run, "wu": self.wait_us,
+                "ru": self.run_us}
 
     @classmethod
     def from_frame(cls, frame: Mapping[str, Any]) -> FlowFigures:
-        return cls(list(frame["c"]), dict(frame["e"]), list(frame["w"]), list(frame["r"]), float(frame["ws"]),
-                   float(frame["rs"]), False)
+        return cls(list(frame["c"]), dict(frame["e"]), list(frame["w"]), list(frame["r"]), int(frame["wu"]),
+                   int(frame["ru"]), False)
 
 
 def error_label(name: str, known: Mapping[str, int]) -> str:
@@ -129,8 +136,8 @@ class WorkerMetrics:
                 run_s = run_ms / 1000.0
                 f.wait[bisect.bisect_left(WAIT_BUCKETS, wait_s / jobs)] += jobs
                 f.run[bisect.bisect_left(RUN_BUCKETS, run_s / jobs)] += jobs
-                f.wait_sum += wait_s
-                f.run_sum += run_s
+                f.wait_us += round(wait_ms * 1000.0)
+                f.run_us += round(run_ms * 1000.0)
             f.dirty = True
 
     def failures(self, flow: str, types: Iterable[str]) -> None:
@@ -225,7 +232,9 @@ class MetricsHub:
         self.engine_id = engine_id
         self.pipe = pipe
         self._lock = threading.Lock()
-        self.retired: dict[str, FlowFigures] = {}  # figures of workers that were replaced
+        # Per flow, the sum of every worker's last frame, replaced workers' included: kept up to date
+        # as frames arrive, so a scrape adds nothing up.
+        self._totals: dict[str, FlowFigures] = {}
         self.current: dict[int, tuple[str, dict[str, FlowFigures]]] = {}  # slot -> (worker id, flows)
         self.worker_info: dict[int, dict[str, Any]] = {}  # slot -> last worker frame
         self.rescued: dict[str, int] = {}
@@ -259,13 +268,17 @@ class MetricsHub:
         worker = str(frame["id"])
         with self._lock:
             held = self.current.get(slot)
-            if held is None or held[0] != worker:
-                if held is not None:  # a replacement: keep what the old worker counted
-                    for name, figures in held[1].items():
-                        self.retired.setdefault(name, FlowFigures()).add(figures)
+            if held is None or held[0] != worker:  # a replacement: what the old one counted stays in the totals
                 held = self.current[slot] = (worker, {})
             if frame["k"] == "flow":
-                held[1][str(frame["flow"])] = FlowFigures.from_frame(frame)
+                name = str(frame["flow"])
+                figures = FlowFigures.from_frame(frame)
+                total = self._totals.setdefault(name, FlowFigures())
+                previous = held[1].get(name)
+                if previous is not None:  # frames are cumulative: the new one replaces it
+                    total.add(previous, -1)
+                total.add(figures)
+                held[1][name] = figures
             else:
                 self.worker_info[slot] = dict(frame)
 
@@ -288,11 +301,7 @@ class MetricsHub:
 
     def totals(self) -> dict[str, FlowFigures]:
         with self._lock:
-            out: dict[str, FlowFigures] = {}
-            for source in (self.retired, *(flows for _, flows in self.current.values())):
-                for name, figures in source.items():
-                    out.setdefault(name, FlowFigures()).add(figures)
-            return out
+            return {name: figures.copy() for name, figures in self._totals.items()}
 
     def render(self) -> str:
         """This engine's families in Prometheus' text format (the supervisor's process figures aside)."""
@@ -325,8 +334,8 @@ class MetricsHub:
                 failed.add_metric([name, error], count)
             if f.counts[1] > typed:  # failures the worker counted before it knew their type (none today)
                 failed.add_metric([name, "unknown"], f.counts[1] - typed)
-            wait.add_metric([name], _buckets(WAIT_BUCKETS, f.wait), f.wait_sum)
-            run.add_metric([name], _buckets(RUN_BUCKETS, f.run), f.run_sum)
+            wait.add_metric([name], _buckets(WAIT_BUCKETS, f.wait), f.wait_us / 1e6)
+            run.add_metric([name], _buckets(RUN_BUCKETS, f.run), f.run_us / 1e6)
         rescued = CounterMetricFamily("skiplock_jobs_rescued", "jobs this engine rescued from lost workers",
                                       labels=["flow"])
         with self._lock:

@@ -11,7 +11,6 @@ import asyncio
 import difflib
 import math
 import os
-import re
 import socket
 import time
 import uuid
@@ -39,7 +38,7 @@ from engine.errors import (
 )
 from engine.health import Thresholds, evaluate, read_facts
 from engine.health import unreachable as health_unreachable
-from engine.limits import INT4_MAX, INT8_MAX, MAX_DURATION_S, utf8_problem
+from engine.limits import INT4_MAX, INT8_MAX, MAX_DURATION_S, utf8_problem, validate_flow  # noqa: F401 (re-exported)
 from engine.payloads import MAX_PAYLOAD_BYTES, encode_payload  # noqa: F401  (re-exported)
 from engine.migrate import REQUIRED_SCHEMA_VERSION, require_schema
 from engine.store import (  # noqa: F401  (re-exported: engine/worker.py imports them from here)
@@ -70,7 +69,6 @@ if TYPE_CHECKING:  # imported where used: `engine run` needs neither
 
     from engine.explain import Explanation
 
-FLOW_NAME: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")  # fullmatch: "$" lets a final "\n" in
 MAX_KEY_LENGTH: Final = 255
 PRIORITY_RANGE: Final = range(-32768, 32768)
 CANCEL_STATES: Final = ("pending", "scheduled", "running")
@@ -92,14 +90,6 @@ _RETRY_BACKOFF: Final = (0.1, 2.0)  # first delay, cap (doubling)
 
 # ---------------------------------------------------------------------------------------------
 # Validation
-
-
-def validate_flow(flow: object) -> str:
-    if not isinstance(flow, str) or not FLOW_NAME.fullmatch(flow):
-        raise ValidationError(
-            f"flow name {flow!r} is invalid: use 1-63 letters, digits, '_', '.', '-', starting with a letter or digit"
-        )
-    return flow
 
 
 def _validate_key(value: object, what: str) -> str | None:

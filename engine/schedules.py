@@ -39,6 +39,7 @@ from cronsim import CronSim, CronSimError
 
 from engine import store
 from engine.errors import ValidationError
+from engine.limits import NAME
 from engine.payloads import encode_payload
 
 CatchUp = Literal["last", "none"]
@@ -48,7 +49,6 @@ MIN_EVERY_S: Final = 1.0
 MAX_TICKS_PER_PASS: Final = 1000  # a pass fires at most this many ticks of one schedule (the latest)
 ACTIVE_LIMIT: Final = 10_000
 TICK_KEY: Final = "scheduled_at"
-SCHEDULE_NAME: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 ALIASES: Final = {
     "@yearly": "0 0 1 1 *", "@annually": "0 0 1 1 *", "@monthly": "0 0 1 * *", "@weekly": "0 0 * * 0",
     "@daily": "0 0 * * *", "@midnight": "0 0 * * *", "@hourly": "0 * * * *",
@@ -67,7 +67,7 @@ class ScheduleError(ValueError):
 
 
 def check_name(name: object) -> str:
-    if not isinstance(name, str) or not SCHEDULE_NAME.fullmatch(name):
+    if not isinstance(name, str) or not NAME.fullmatch(name):
         raise ScheduleError(f"schedule name {name!r} is invalid: use 1-63 letters, digits, '_', '.', '-', "
                             "starting with a letter or digit")
     return name

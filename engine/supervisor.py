@@ -52,7 +52,7 @@ from engine.config import BUILTIN_FLOW_NAMES, EngineConfig, FlowConfig, Settings
 from engine.errors import ConfigError, SkiplockError
 from engine.handlers import load_flow
 from engine.hooks import HookRunner
-from engine.limits import MAX_PORT, MAX_WORKERS
+from engine.limits import MAX_PORT, MAX_WORKERS, validate_flow
 from engine.liveness import EngineLiveness
 from engine.logs import ContextLogger, setup_logging
 from engine.migrate import require_schema
@@ -227,10 +227,11 @@ class Supervisor:
         def listen(conn: psycopg.Connection[Any]) -> None:
             db.listen(conn, control.CONTROL_CHANNEL)
 
+        # On the kept connection: an empty --drain then opens one connection in all (see _stop).
         if self.listen_dsn in (None, self.dsn):
-            self._db(lambda conn: (sync(conn), listen(conn)))
+            self._pass_db(lambda conn: (sync(conn), listen(conn)))
         else:
-            self._db(sync)
+            self._pass_db(sync)
             self._db(listen, session=True)
 
     def _spawn(self, slot: Slot) -> None:
@@ -533,7 +534,7 @@ class Supervisor:
             return self._drained(conn)
 
         try:
-            return bool(self._db(act))
+            return bool(self._pass_db(act))
         except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
             self.log.warning("supervisor database call failed (will retry): %s", exc)
             return False  # the loop below retries, as for any drain check
@@ -567,7 +568,6 @@ class Supervisor:
 
     def _stop(self, code: int) -> int:
         self.vacuum.stop()
-        self._close_pass_conn()
         # Workers frozen through an outage cannot be resumed safely (nobody renewed them): kill them.
         frozen = set(self.liveness.frozen_pids())
         for pid in frozen:
@@ -612,12 +612,24 @@ class Supervisor:
         if self.metrics is not None:
             self.metrics.stop()
         self.control_listener.stop()
-        try:
-            self._db(lambda conn: store.engine_stopped(conn, self.engine_id, code))
-        except psycopg.Error as exc:  # the row goes stale and reads as gone
-            self.log.warning("could not record the engine's stop: %s", describe_error(exc))
+        self._record_stop(code)
         self.log.info("engine stopped", extra={"exit_code": code})
         return code
+
+    def _record_stop(self, code: int) -> None:
+        record = lambda conn: store.engine_stopped(conn, self.engine_id, code)  # noqa: E731
+        kept = self._pass_conn is not None and not self._pass_conn.closed
+        try:
+            try:
+                self._pass_db(record)  # the kept connection when one is open: a fast drain opens no other
+            except psycopg.Error:
+                if not kept:
+                    raise
+                self._pass_db(record)  # on a new one: the kept one may have died with a server restart
+        except psycopg.Error as exc:  # the row goes stale and reads as gone
+            self.log.warning("could not record the engine's stop: %s", describe_error(exc))
+        finally:
+            self._close_pass_conn()
 
     # -- control plane (engine/control.py) -------------------------------------------------------------
 
@@ -791,8 +803,6 @@ def select_flows(settings: Settings, names: str | None) -> tuple[FlowConfig, ...
             where = f"in {settings.path}" if settings.path else "(no config file: pass --config or set SKIPLOCK_CONFIG)"
             raise ConfigError(f"no flows configured {where}; add [flows.NAME] with handler = \"module:function\"")
         return tuple(settings.flows.values())
-    from engine.queue import validate_flow
-
     chosen: list[FlowConfig] = []
     for name in (n.strip() for n in names.split(",") if n.strip()):
         validate_flow(name)

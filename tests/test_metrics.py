@@ -16,6 +16,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+import orjson
 import psycopg
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -390,7 +391,7 @@ def test_exposition_matches_the_readme_table() -> None:
 
     hub = MetricsHub("engine-a", MetricsPipe())
     figures = FlowFigures(counts=[5, 3, 1, 2, 1], errors={'Value"Error\\': 2}, wait=[1] * 11, run=[1] * 11,
-                          wait_sum=0.5, run_sum=0.25)
+                          wait_us=500_000, run_us=250_000)
     hub.take({"k": "flow", "id": "w0", "s": 0, "flow": "a", **figures.frame()})
     hub.take({"k": "worker", "id": "w0", "s": 0, "pool": {"size": 2, "available": 1, "waiting": 0, "max": 4},
               "circuits": {"a": True}})
@@ -417,3 +418,32 @@ def test_exposition_matches_the_readme_table() -> None:
     assert [(s.labels["error_type"], s.value) for s in failed] == [('Value"Error\\', 2.0), ("unknown", 1.0)]
     buckets = [s for s in rendered["skiplock_job_wait_seconds"].samples if s.name.endswith("_bucket")]
     assert [s.value for s in buckets] == [float(i) for i in range(1, 12)] and buckets[-1].labels["le"] == "+Inf"
+
+
+def test_hub_totals_keep_replaced_workers_and_never_step_back() -> None:
+    """The hub keeps each flow's total as frames arrive: a worker's next frame replaces its last (it
+    is cumulative), a replaced worker's figures stay, and an exported _sum never goes down, which
+    Prometheus would read as a counter reset."""
+    from engine.metrics import FlowFigures, MetricsHub, MetricsPipe, WorkerMetrics
+
+    hub = MetricsHub("engine-a", MetricsPipe())
+    workers = {slot: WorkerMetrics() for slot in (0, 1)}
+    last_sum = 0.0
+    for tick in range(300):
+        for slot, metrics in workers.items():
+            metrics.batch("a", completed=3, failed=1, dead=0, retried=1, wait_ms=0.1 + tick * 1e-3,
+                          run_ms=1 / 3, observe=True)
+            metrics.failures("a", ["ValueError"])
+            for frame in metrics.frames(f"w{slot}.{tick // 100}", slot, {}, {}):
+                hub.take(orjson.loads(frame))
+        if tick % 100 == 99:  # both workers replaced: the new ones count from zero
+            workers = {slot: WorkerMetrics() for slot in workers}
+        total = hub.totals()["a"]
+        assert total.counts[:4] == [6 * (tick + 1), 2 * (tick + 1), 0, 2 * (tick + 1)]
+        assert total.errors == {"ValueError": 2 * (tick + 1)}
+        assert sum(total.wait) == sum(total.run) == 8 * (tick + 1)
+        exported = total.wait_us / 1e6
+        assert exported >= last_sum
+        last_sum = exported
+    assert hub.totals()["a"].run_us == 2 * 300 * round(1000 / 3)
+    assert FlowFigures.from_frame(FlowFigures(wait_us=7).frame()).wait_us == 7
