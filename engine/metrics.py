@@ -14,7 +14,9 @@ Where each figure comes from:
   are read every `metrics_interval` by the one engine holding the metrics lease (table
   skiplock.metrics_leader), with bounded index-only statements (metrics_flow_gauges, health's).
   Other engines export only their own figures. A scrape reads memory only: no statement per scrape;
-  prometheus-client renders the text (its generate_latest is most of a scrape's cost).
+  prometheus-client renders the text (its generate_latest is most of a scrape's cost). The hub keeps
+  each flow's totals as frames arrive and reuses the samples of flows with no new frame since the
+  last scrape, so a scrape builds samples only for the flows that moved.
 - `/healthz`: the supervisor loop runs and it has live worker processes (a database outage freezes
   workers, it does not fail /healthz: an orchestrator restarting the engine would not help).
   `/readyz`: engine/health.py's verdict (the database answers and the schema is current; degraded is
@@ -235,6 +237,9 @@ class MetricsHub:
         # Per flow, the sum of every worker's last frame, replaced workers' included: kept up to date
         # as frames arrive, so a scrape adds nothing up.
         self._totals: dict[str, FlowFigures] = {}
+        self._versions: dict[str, int] = {}  # flow -> frames taken for it
+        # flow -> (its version, its samples per family): a scrape rebuilds only flows with new frames
+        self._samples: dict[str, tuple[int, dict[str, list[Any]]]] = {}
         self.current: dict[int, tuple[str, dict[str, FlowFigures]]] = {}  # slot -> (worker id, flows)
         self.worker_info: dict[int, dict[str, Any]] = {}  # slot -> last worker frame
         self.rescued: dict[str, int] = {}
@@ -279,6 +284,7 @@ class MetricsHub:
                     total.add(previous, -1)
                 total.add(figures)
                 held[1][name] = figures
+                self._versions[name] = self._versions.get(name, 0) + 1
             else:
                 self.worker_info[slot] = dict(frame)
 
@@ -312,8 +318,10 @@ class MetricsHub:
     def collect(self) -> Iterator[Any]:
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
-        totals = self.totals()
-        names = sorted(totals)
+        with self._lock:
+            versions = dict(self._versions)
+            changed = {name: self._totals[name].copy() for name, version in versions.items()
+                       if self._samples.get(name, (None,))[0] != version}
         families: dict[str, Any] = {
             key: CounterMetricFamily(f"skiplock_jobs_{key}", f"jobs {key} by this engine's workers", labels=["flow"])
             for key in ("completed", "dead", "retried", "cancelled")}
@@ -324,8 +332,14 @@ class MetricsHub:
                                      labels=["flow"])
         run = HistogramMetricFamily("skiplock_job_run_seconds", "handler run time (each batch at its mean)",
                                     labels=["flow"])
-        for name in names:
-            f = totals[name]
+        per_flow = {**families, "failed": failed, "wait": wait, "run": run}
+        for name in sorted(versions):
+            f = changed.get(name)
+            if f is None:  # no frame since the last scrape: its samples as built then
+                for key, samples in self._samples[name][1].items():
+                    per_flow[key].samples.extend(samples)
+                continue
+            starts = {key: len(family.samples) for key, family in per_flow.items()}
             for index, key in enumerate(COUNTERS):
                 if key != "failed":
                     families[key].add_metric([name], f.counts[index])
@@ -336,6 +350,8 @@ class MetricsHub:
                 failed.add_metric([name, "unknown"], f.counts[1] - typed)
             wait.add_metric([name], _buckets(WAIT_BUCKETS, f.wait), f.wait_us / 1e6)
             run.add_metric([name], _buckets(RUN_BUCKETS, f.run), f.run_us / 1e6)
+            self._samples[name] = (versions[name], {key: family.samples[starts[key]:]
+                                                    for key, family in per_flow.items()})
         rescued = CounterMetricFamily("skiplock_jobs_rescued", "jobs this engine rescued from lost workers",
                                       labels=["flow"])
         with self._lock:

@@ -447,3 +447,23 @@ def test_hub_totals_keep_replaced_workers_and_never_step_back() -> None:
         last_sum = exported
     assert hub.totals()["a"].run_us == 2 * 300 * round(1000 / 3)
     assert FlowFigures.from_frame(FlowFigures(wait_us=7).frame()).wait_us == 7
+
+
+def test_scrape_rebuilds_changed_flows_and_reuses_the_rest() -> None:
+    """A hub scraped between frames (reusing the samples of flows with no new frame) renders exactly
+    what a hub given the same frames and scraped once renders."""
+    from engine.metrics import MetricsHub, MetricsPipe, WorkerMetrics
+
+    scraped, fresh = MetricsHub("engine-a", MetricsPipe()), MetricsHub("engine-a", MetricsPipe())
+    metrics = WorkerMetrics()
+    for tick in range(12):
+        flow = f"flow_{tick % 3}" if tick < 9 else "flow_new"
+        metrics.batch(flow, completed=tick, failed=1, dead=tick % 2, retried=1, wait_ms=5.0 * tick, run_ms=2.0)
+        metrics.failures(flow, [f"Error{tick % 4}"])
+        for frame in metrics.frames("w0", 0, {}, {}):
+            for hub in (scraped, fresh):
+                hub.take(orjson.loads(frame))
+        text = scraped.render()
+        assert f'skiplock_jobs_completed_total{{flow="{flow}"}}' in text
+    assert scraped.render() == fresh.render()
+    assert text == fresh.render()
