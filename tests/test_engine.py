@@ -632,6 +632,22 @@ batch_size = 50
     assert rows(dsn, "SELECT DISTINCT state FROM skiplock.workers") == [("stopped",)]
 
 
+def test_idle_workers_send_no_ticks(dsn, start_engine, events):
+    """A tick with nothing to report sends nothing: idle workers make no NOTIFY (each one takes the
+    server's global notify lock) and no transaction. The first job after the quiet is in a tick."""
+    config = BASE + '\n[flows.quiet]\nhandler = "engine.flows.builtin:noop"\n'
+    engine = start_engine(dsn, config, "--workers", "2")
+    wait_for(lambda: len(events.of_kind("worker_started")) == 2, 20, message="two workers")
+    time.sleep(1.5)  # six tick intervals
+    assert events.of_kind("tick") == [], tail(engine)
+    enqueue(dsn, "quiet", [{}])
+    wait_for(lambda: events.of_kind("tick"), 5, message="the tick of the job")
+    assert sum(t["flows"].get("quiet", {}).get("completed", 0) for t in events.of_kind("tick")) == 1
+    engine.signal(signal.SIGTERM)
+    assert engine.wait(GRACE + 5) == 0, tail(engine)
+    assert scalar(dsn, "SELECT sum(completed) FROM skiplock.stats_minute WHERE flow = 'quiet'") == 1
+
+
 # ---------------------------------------------------------------------------------------------
 # 11. logs
 

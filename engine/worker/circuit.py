@@ -53,12 +53,17 @@ class CircuitBreaker:
                                    failures=failures, until=until)])
 
     @staticmethod
+    def guards(flows: list[FlowRuntime]) -> list[FlowRuntime]:
+        """The flows whose circuit state the tick reads: those with a circuit, or seen open."""
+        return [f for f in flows if f.config.circuit is not None or f.half_open]
+
+    @staticmethod
     def refresh(flows: list[FlowRuntime], conn: psycopg.Connection[Any]) -> None:
         """While a flow's circuit is open, claims are trials of one job: none succeeds during the
         cool-down (the claim SQL holds the flow), the first one after it is the half-open trial. Set as
         soon as the circuit is seen open, so a worker waking just after the cool-down cannot claim a
         full batch before the next tick."""
-        guarded = [f for f in flows if f.config.circuit is not None or f.half_open]
+        guarded = CircuitBreaker.guards(flows)
         if not guarded:
             return  # no flow here has a circuit: nothing to read each tick
         open_now = store.flows_circuit_open(conn, [f.name for f in guarded])

@@ -1,7 +1,7 @@
 """The worker's two background threads.
 
-- Telemetry: every tick_interval it sends the tick (NOTIFY + stats upsert) and refreshes the flows'
-  circuit states; every heartbeat_interval it reports the worker's state, counters and pool. A worker
+- Telemetry: every tick_interval it sends the tick (NOTIFY + stats upsert; nothing when nothing
+  happened since the last one) and refreshes the flows' circuit states; every heartbeat_interval it reports the worker's state, counters and pool. A worker
   the database marks lost stops. Liveness (heartbeat_at) is the supervisor's: engine/liveness.py,
   whose WorkerGuard (started in process.py) stops this process when nobody can prove it alive.
 - Monitor: every MONITOR_INTERVAL it asks each executor to check its jobs against their deadlines
@@ -71,11 +71,14 @@ class TelemetryThread:
         w = self.worker
         buffer = w.telemetry.take()
         w.failure_log.flush()
-        events = tick_events(buffer, w.spec.engine_id, w.id)
+        quiet = not (buffer.flows or buffer.failures or buffer.dead)
+        if quiet and not w.circuit.guards(w.flows):
+            return  # nothing happened and no circuit to read: an idle worker costs the database nothing
         with w.pool.connection(timeout=5) as conn:
-            with conn.transaction():
-                store.events_notify(conn, events)
-                store.stats_upsert(conn, buffer.flows)
+            if not quiet:
+                with conn.transaction():
+                    store.events_notify(conn, tick_events(buffer, w.spec.engine_id, w.id))
+                    store.stats_upsert(conn, buffer.flows)
             w.circuit.refresh(w.flows, conn)
 
     def heartbeat(self) -> None:
