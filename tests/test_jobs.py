@@ -377,9 +377,11 @@ def test_wait_cancel_and_health_plans_stay_on_indexes(big: psycopg.Connection) -
         (Q.health_workers, {"stale_after": 30.0, "now": None}),
     ):
         plan = _plan(big, sql, params)
-        seq = [n for n in _nodes(plan) if n["Node Type"] == "Seq Scan" and n.get("Relation Name") in
-               ("jobs", "jobs_done")]
+        nodes = _nodes(plan)
+        seq = [n for n in nodes if n["Node Type"] == "Seq Scan" and n.get("Relation Name") in ("jobs", "jobs_done")]
         assert seq == [], json.dumps(plan)
+        # health_flows reads through skiplock.flows_with_status: inlined, or its scans go unchecked
+        assert not [n for n in nodes if n["Node Type"] == "Function Scan"], json.dumps(plan)
 
 
 def test_worker_job_control_plans_stay_on_indexes(big: psycopg.Connection) -> None:
