@@ -53,7 +53,7 @@ def validate_flow(flow: object) -> str:
     """`flow` if it is a valid flow name; else ValidationError naming it. Here, not in engine.queue, so
     `engine run --flows` checks names without loading the enqueue API."""
     if not isinstance(flow, str) or not NAME.fullmatch(flow):
-        from engine.errors import ValidationError
+        from engine.errors import ValidationError  # here: engine.errors imports this module
 
         raise ValidationError(
             f"flow name {flow!r} is invalid: use 1-63 letters, digits, '_', '.', '-', starting with a letter or digit"

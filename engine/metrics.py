@@ -305,10 +305,6 @@ class MetricsHub:
 
     # -- output ----------------------------------------------------------------------------------
 
-    def totals(self) -> dict[str, FlowFigures]:
-        with self._lock:
-            return {name: figures.copy() for name, figures in self._totals.items()}
-
     def render(self) -> str:
         """This engine's families in Prometheus' text format (the supervisor's process figures aside)."""
         from prometheus_client import generate_latest

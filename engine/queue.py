@@ -38,7 +38,7 @@ from engine.errors import (
 )
 from engine.health import Thresholds, evaluate, read_facts
 from engine.health import unreachable as health_unreachable
-from engine.limits import INT4_MAX, INT8_MAX, MAX_DURATION_S, utf8_problem, validate_flow  # noqa: F401 (re-exported)
+from engine.limits import INT4_MAX, INT8_MAX, MAX_DURATION_S, utf8_problem, validate_flow
 from engine.payloads import MAX_PAYLOAD_BYTES, encode_payload  # noqa: F401  (re-exported)
 from engine.migrate import REQUIRED_SCHEMA_VERSION, require_schema
 from engine.store import (  # noqa: F401  (re-exported: engine/worker.py imports them from here)

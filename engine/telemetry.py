@@ -3,8 +3,9 @@
 Events travel as NOTIFY payloads on channel `skiplock_events`, encoded with orjson, each an object
 with `v` (format version, now 1), `kind`, `at` (unix seconds) and the fields below. They are
 aggregated per worker per tick (about 1 s; none from a worker with nothing to report), never one
-notification per job, and each stays under MAX_EVENT_BYTES (PostgreSQL's limit is 8000). A console attaching late reads history from
-`skiplock.stats_minute` and the tables, not from missed notifications.
+notification per job, and each stays under MAX_EVENT_BYTES (PostgreSQL's limit is 8000). A console
+attaching late reads history from `skiplock.stats_minute` and the tables, not from missed
+notifications.
 
 | kind            | sent by     | fields |
 |-----------------|-------------|--------|

@@ -438,14 +438,19 @@ def test_hub_totals_keep_replaced_workers_and_never_step_back() -> None:
                 hub.take(orjson.loads(frame))
         if tick % 100 == 99:  # both workers replaced: the new ones count from zero
             workers = {slot: WorkerMetrics() for slot in workers}
-        total = hub.totals()["a"]
-        assert total.counts[:4] == [6 * (tick + 1), 2 * (tick + 1), 0, 2 * (tick + 1)]
-        assert total.errors == {"ValueError": 2 * (tick + 1)}
-        assert sum(total.wait) == sum(total.run) == 8 * (tick + 1)
-        exported = total.wait_us / 1e6
-        assert exported >= last_sum
-        last_sum = exported
-    assert hub.totals()["a"].run_us == 2 * 300 * round(1000 / 3)
+        exported = {(sample.name, sample.labels.get("error_type")): sample.value
+                    for family in text_string_to_metric_families(hub.render()) for sample in family.samples
+                    if sample.labels.get("flow") == "a" and "le" not in sample.labels}
+        n = tick + 1
+        assert [exported[(f"skiplock_jobs_{key}_total", None)] for key in ("completed", "dead", "retried")] == [
+            6 * n, 0, 2 * n]
+        assert exported[("skiplock_jobs_failed_total", "ValueError")] == 2 * n
+        assert exported[("skiplock_job_wait_seconds_count", None)] == exported[
+            ("skiplock_job_run_seconds_count", None)] == 8 * n
+        wait_sum = exported[("skiplock_job_wait_seconds_sum", None)]
+        assert wait_sum >= last_sum
+        last_sum = wait_sum
+    assert exported[("skiplock_job_run_seconds_sum", None)] == 2 * 300 * round(1000 / 3) / 1e6
     assert FlowFigures.from_frame(FlowFigures(wait_us=7).frame()).wait_us == 7
 
 

@@ -1,9 +1,10 @@
 """The worker's two background threads.
 
 - Telemetry: every tick_interval it sends the tick (NOTIFY + stats upsert; nothing when nothing
-  happened since the last one) and refreshes the flows' circuit states; every heartbeat_interval it reports the worker's state, counters and pool. A worker
-  the database marks lost stops. Liveness (heartbeat_at) is the supervisor's: engine/liveness.py,
-  whose WorkerGuard (started in process.py) stops this process when nobody can prove it alive.
+  happened since the last one) and refreshes the flows' circuit states; every heartbeat_interval it
+  reports the worker's state, counters and pool. A worker the database marks lost stops. Liveness
+  (heartbeat_at) is the supervisor's: engine/liveness.py, whose WorkerGuard (started in process.py)
+  stops this process when nobody can prove it alive.
 - Monitor: every MONITOR_INTERVAL it asks each executor to check its jobs against their deadlines
   (inline: release the unstarted rest of a batch held too long, stop a handler that ignored its
   timeout; threads: fail and abandon a thread past its job's deadline). It never touches the database
