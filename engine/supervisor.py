@@ -350,11 +350,13 @@ class Supervisor:
                     next_retention = now + RETENTION_INTERVAL
                     self._retention_pass()
                 # The workers' reports say when to look; the interval bounds the looks while jobs
-                # wait for a later run_at (or a paused flow) with every worker idle.
+                # wait for a later run_at (or a paused flow) with every worker idle. The deadline
+                # moves on whenever it passes, busy or not: left in the past it made the wait above
+                # return at once, and the loop spun a core for the whole drain.
                 reported = self.drain and self.report.take()
-                if self.drain and self.report.all_idle([s.index for s in self.slots]) and (reported or now >= next_drain_check):
+                if self.drain and (reported or now >= next_drain_check):
                     next_drain_check = now + DRAIN_CHECK_INTERVAL
-                    if self._db(self._drained):
+                    if self.report.all_idle([s.index for s in self.slots]) and self._db(self._drained):
                         return self._stop(EXIT_OK)
             except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
                 self.log.warning("supervisor database call failed (will retry): %s", exc)

@@ -120,6 +120,43 @@ def test_drain_with_jobs_forks_workers_and_runs_them(dsn: str, tmp_path: Path) -
         assert conn.execute("SELECT count(*) FROM skiplock.workers").fetchone() == (2,)
 
 
+# The supervisor's loop turns, counted in the supervisor alone (its forked workers inherit the
+# wrapper but exit without reporting).
+TURNS = """
+import json, multiprocessing.connection, os, sys
+supervisor, turns, real_wait, real_exit = os.getpid(), [0], multiprocessing.connection.wait, os._exit
+def wait(*args, **kwargs):
+    turns[0] += 1
+    return real_wait(*args, **kwargs)
+def report(code):
+    if os.getpid() == supervisor:
+        print(json.dumps(turns[0]), flush=True)
+    real_exit(code)
+multiprocessing.connection.wait, os._exit = wait, report
+from engine.cli import main
+main(sys.argv[1:])
+"""
+
+
+def test_drain_waits_while_a_worker_is_busy(dsn: str, tmp_path: Path) -> None:
+    """While a job runs, the drain's supervisor waits for the workers' reports and its timed duties:
+    a deadline left in the past once made its wait return at once, a core spun for the whole drain,
+    and the workers it shares the machine with drained at two thirds of their speed."""
+    register_flows(dsn, "slow")
+    ok(engine("enqueue", "slow", "--payload", '{"seconds": 3}', dsn=dsn))
+    path = tmp_path / "config.toml"
+    path.write_text(CONFIG + '\n[flows.slow]\nhandler = "engine.flows.builtin:sleep"\n')
+    result = subprocess.run([sys.executable, "-c", TURNS, "run", "--config", str(path), "--workers", "1", "--drain"],
+                            capture_output=True, text=True, timeout=120, cwd=REPO, env=base_env(SKIPLOCK_DSN=dsn))
+    assert result.returncode == 0, result.stdout + result.stderr
+    turns = json.loads(result.stdout.splitlines()[-1])
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        assert conn.execute("SELECT count(*) FROM skiplock.jobs_done WHERE flow = 'slow'").fetchone() == (1,)
+    # Its duties over 3 s: a schedule pass a second, rescue passes, a drain look every 0.5 s, the
+    # worker's start and idle reports: tens of turns. The spin made hundreds of thousands.
+    assert turns < 100, turns
+
+
 def test_schedule_due_at_start_fires_and_its_job_runs(dsn: str, tmp_path: Path) -> None:
     """The start's schedule pass comes before the check that may skip the workers: a tick due at start
     enqueues a job, so the drain has work and runs it."""
