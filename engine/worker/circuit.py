@@ -58,12 +58,11 @@ class CircuitBreaker:
         return [f for f in flows if f.config.circuit is not None or f.half_open]
 
     @staticmethod
-    def refresh(flows: list[FlowRuntime], conn: psycopg.Connection[Any]) -> None:
+    def refresh(guarded: list[FlowRuntime], conn: psycopg.Connection[Any]) -> None:
         """While a flow's circuit is open, claims are trials of one job: none succeeds during the
         cool-down (the claim SQL holds the flow), the first one after it is the half-open trial. Set as
         soon as the circuit is seen open, so a worker waking just after the cool-down cannot claim a
-        full batch before the next tick."""
-        guarded = CircuitBreaker.guards(flows)
+        full batch before the next tick. `guarded`: guards(flows), which the tick has already taken."""
         if not guarded:
             return  # no flow here has a circuit: nothing to read each tick
         open_now = store.flows_circuit_open(conn, [f.name for f in guarded])

@@ -73,14 +73,15 @@ class TelemetryThread:
         buffer = w.telemetry.take()
         w.failure_log.flush()
         quiet = not (buffer.flows or buffer.failures or buffer.dead)
-        if quiet and not w.circuit.guards(w.flows):
+        guarded = w.circuit.guards(w.flows)
+        if quiet and not guarded:
             return  # nothing happened and no circuit to read: an idle worker costs the database nothing
         with w.pool.connection(timeout=5) as conn:
             if not quiet:
                 with conn.transaction():
                     store.events_notify(conn, tick_events(buffer, w.spec.engine_id, w.id))
                     store.stats_upsert(conn, buffer.flows)
-            w.circuit.refresh(w.flows, conn)
+            w.circuit.refresh(guarded, conn)
 
     def heartbeat(self) -> None:
         w = self.worker
