@@ -25,15 +25,20 @@ from tests.support.proxy import TcpProxy, unix_socket_of
 
 REPO = Path(__file__).resolve().parents[1]
 
-# The drain path, in this process: engine.cli's main, the module table printed where the supervisor
-# ends the process (os._exit skips atexit).
+# The drain path, in this process: engine.cli's main, then the supervisor's module table and the
+# turns of its loop (its waits), printed where it ends the process (os._exit skips atexit). Its
+# forked workers inherit the wrappers but exit without reporting.
 DRAIN = """
-import json, os, sys
-real_exit = os._exit
+import json, multiprocessing.connection, os, sys
+supervisor, turns, real_wait, real_exit = os.getpid(), [0], multiprocessing.connection.wait, os._exit
+def wait(*args, **kwargs):
+    turns[0] += 1
+    return real_wait(*args, **kwargs)
 def report(code):
-    print(json.dumps(sorted(sys.modules)), flush=True)
+    if os.getpid() == supervisor:
+        print(json.dumps({"modules": sorted(sys.modules), "turns": turns[0]}), flush=True)
     real_exit(code)
-os._exit = report
+multiprocessing.connection.wait, os._exit = wait, report
 from engine.cli import main
 main(sys.argv[1:])
 """
@@ -55,7 +60,8 @@ handler = "engine.flows.builtin:noop"
 """
 
 
-def drain(dsn: str, tmp_path: Path, config: str = CONFIG, *options: str) -> tuple[set[str], list[dict]]:
+def drain(dsn: str, tmp_path: Path, config: str = CONFIG, *options: str) -> tuple[set[str], list[dict], int]:
+    """`engine run --drain` of `config`: the supervisor's modules, the log, the supervisor's loop turns."""
     path = tmp_path / "config.toml"
     path.write_text(config)
     result = subprocess.run([sys.executable, "-c", DRAIN, "run", "--config", str(path), "--workers", "2", "--drain",
@@ -64,16 +70,16 @@ def drain(dsn: str, tmp_path: Path, config: str = CONFIG, *options: str) -> tupl
                             env=base_env(SKIPLOCK_DSN=dsn))
     assert result.returncode == 0, result.stdout + result.stderr
     lines = result.stdout.splitlines()
-    modules = set(json.loads(lines[-1]))
+    report = json.loads(lines[-1])
     log = [json.loads(line) for line in result.stderr.splitlines() + lines[:-1] if line.startswith("{")]
-    return modules, log
+    return set(report["modules"]), log, report["turns"]
 
 
 @pytest.mark.parametrize("options", [(), ("--flows", "quick")], ids=["all-flows", "--flows"])
 def test_empty_drain_loads_no_worker_metrics_or_console_module(dsn: str, tmp_path: Path,
                                                                options: tuple[str, ...]) -> None:
     register_flows(dsn, "quick")
-    modules, log = drain(dsn, tmp_path, CONFIG, *options)
+    modules, log, _ = drain(dsn, tmp_path, CONFIG, *options)
     assert "engine.supervisor" in modules  # the drain path ran
     assert [m for m in NOT_ON_THE_EMPTY_DRAIN if m in modules] == []
     messages = [line["msg"] for line in log]
@@ -113,29 +119,11 @@ def test_stop_is_recorded_when_the_kept_connection_died_unnoticed(dsn: str, star
 def test_drain_with_jobs_forks_workers_and_runs_them(dsn: str, tmp_path: Path) -> None:
     register_flows(dsn, "quick")
     ok(engine("enqueue", "quick", "--payload", "{}", "--count", "3", dsn=dsn))
-    modules, log = drain(dsn, tmp_path)
+    modules, _, _ = drain(dsn, tmp_path)
     assert "engine.worker.process" in modules  # imported in the supervisor before its fork
     with psycopg.connect(dsn, autocommit=True) as conn:
         assert conn.execute("SELECT count(*) FROM skiplock.jobs_done WHERE flow = 'quick'").fetchone() == (3,)
         assert conn.execute("SELECT count(*) FROM skiplock.workers").fetchone() == (2,)
-
-
-# The supervisor's loop turns, counted in the supervisor alone (its forked workers inherit the
-# wrapper but exit without reporting).
-TURNS = """
-import json, multiprocessing.connection, os, sys
-supervisor, turns, real_wait, real_exit = os.getpid(), [0], multiprocessing.connection.wait, os._exit
-def wait(*args, **kwargs):
-    turns[0] += 1
-    return real_wait(*args, **kwargs)
-def report(code):
-    if os.getpid() == supervisor:
-        print(json.dumps(turns[0]), flush=True)
-    real_exit(code)
-multiprocessing.connection.wait, os._exit = wait, report
-from engine.cli import main
-main(sys.argv[1:])
-"""
 
 
 def test_drain_waits_while_a_worker_is_busy(dsn: str, tmp_path: Path) -> None:
@@ -144,12 +132,7 @@ def test_drain_waits_while_a_worker_is_busy(dsn: str, tmp_path: Path) -> None:
     and the workers it shares the machine with drained at two thirds of their speed."""
     register_flows(dsn, "slow")
     ok(engine("enqueue", "slow", "--payload", '{"seconds": 3}', dsn=dsn))
-    path = tmp_path / "config.toml"
-    path.write_text(CONFIG + '\n[flows.slow]\nhandler = "engine.flows.builtin:sleep"\n')
-    result = subprocess.run([sys.executable, "-c", TURNS, "run", "--config", str(path), "--workers", "1", "--drain"],
-                            capture_output=True, text=True, timeout=120, cwd=REPO, env=base_env(SKIPLOCK_DSN=dsn))
-    assert result.returncode == 0, result.stdout + result.stderr
-    turns = json.loads(result.stdout.splitlines()[-1])
+    _, _, turns = drain(dsn, tmp_path, CONFIG + '\n[flows.slow]\nhandler = "engine.flows.builtin:sleep"\n')
     with psycopg.connect(dsn, autocommit=True) as conn:
         assert conn.execute("SELECT count(*) FROM skiplock.jobs_done WHERE flow = 'slow'").fetchone() == (1,)
     # Its duties over 3 s: a schedule pass a second, rescue passes, a drain look every 0.5 s, the
@@ -168,7 +151,7 @@ def test_schedule_due_at_start_fires_and_its_job_runs(dsn: str, tmp_path: Path) 
         # its tick of this hour is due, and the last pass was just now (no downtime to catch up on)
         conn.execute("UPDATE skiplock.schedules SET next_at = date_trunc('hour', now()), "
                      "checked_at = now() - interval '1 second' WHERE name = 'tick'")
-    modules, _ = drain(dsn, tmp_path, config)
+    modules, _, _ = drain(dsn, tmp_path, config)
     assert "engine.worker.process" in modules
     with psycopg.connect(dsn, autocommit=True) as conn:
         assert conn.execute("SELECT count(*) FROM skiplock.jobs_done WHERE flow = 'quick'").fetchone() == (1,)
