@@ -512,28 +512,73 @@ def ack_batch(
     In a caller's transaction the receipt commits with it: after a lost COMMIT, ack_receipt_get
     (ack_id) on a fresh connection tells whether it landed."""
     params = ack_params(worker_id, token, done_ids, results, failures, max_attempts, ack_id=ack_id, children=children)
+    row = _ack_row(conn, params, ack_id)
+    completed, retried, dead_ids, finished_runs = int(row[0]), int(row[1]), list(row[2]), list(row[3])
+    refused = len(done_ids) + len(failures) - completed - retried - len(dead_ids)
+    return AckResult(completed, retried, dead_ids, finished_runs, refused, int(row[5]))
+
+
+class AckPart(NamedTuple):
+    """One flow's share of an ack across the flows of one claim_flows statement (ack_across)."""
+
+    flow: str
+    token: int
+    done_ids: Sequence[int]
+    results: Sequence[str | None] | None
+    failures: Sequence[Failure]
+    max_attempts: int
+
+
+def ack_across(conn: Conn, worker_id: str, parts: Sequence[AckPart], *, ack_id: int) -> list[AckResult]:
+    """ack_batch for the batches of several flows claimed by one claim_flows statement, in one statement:
+    each flow's rows are fenced by the tokens of that statement (a row was claimed under one of them or
+    not at all). Without Next(...) children (their batches are acked on their own). Returns one
+    AckResult per part, in order, counted per flow by the statement (its receipt keeps the counts, so
+    a retry after a lost reply gets the same split); the finished runs all go to the first part, whose
+    hooks fire once for the whole ack (hooks are looked up by run, not by part)."""
+    assert len({p.flow for p in parts}) == len(parts), "one part per flow"
+    done_ids = [i for p in parts for i in p.done_ids]
+    results: list[str | None] | None = None
+    if any(p.results is not None for p in parts):
+        results = [r for p in parts for r in (p.results if p.results is not None else [None] * len(p.done_ids))]
+    failures = [f for p in parts for f in p.failures]
+    params = ack_params(worker_id, parts[0].token, done_ids, results, failures, DEFAULT_MAX_ATTEMPTS, ack_id=ack_id)
+    params["tokens"] = sorted({p.token for p in parts})
+    params["fail_max_attempts"] = [p.max_attempts for p in parts for _ in p.failures]
+    params["by_flow"] = len(parts) > 1
+    row = _ack_row(conn, params, ack_id)
+    dead = set(row[2])
+    by_flow = row[6] if len(parts) > 1 else {parts[0].flow: [row[0], row[1]]}
+    out: list[AckResult] = []
+    for k, p in enumerate(parts):
+        completed, retried = by_flow.get(p.flow, (0, 0))
+        dead_ids = [f.job_id for f in p.failures if f.job_id in dead]
+        refused = len(p.done_ids) + len(p.failures) - completed - retried - len(dead_ids)
+        out.append(AckResult(int(completed), int(retried), dead_ids, list(row[3]) if k == 0 else [], refused))
+    return out
+
+
+def _ack_row(conn: Conn, params: dict[str, Any], ack_id: int | None) -> tuple[Any, ...]:
+    """ack_batch's one row: (completed, retried, dead_ids, finished_runs, recorded, children, by_flow)."""
     row = conn.execute(Q.ack_batch, params).fetchone()
     assert row is not None
     if not row[4]:  # a concurrent try with this ack id committed first: its outcome is the ack's
         assert ack_id is not None
         recorded = conn.execute(Q.ack_receipt_get, {"ack_id": ack_id}).fetchone()
         assert recorded is not None
-        row = recorded[:4] + (True, recorded[4])
-    completed, retried, dead_ids, finished_runs = int(row[0]), int(row[1]), list(row[2]), list(row[3])
-    refused = len(done_ids) + len(failures) - completed - retried - len(dead_ids)
-    return AckResult(completed, retried, dead_ids, finished_runs, refused, int(row[5]))
+        row = recorded[:4] + (True,) + recorded[4:]
+    return row
 
 
 def ack_params(worker_id: str, token: int, done_ids: Sequence[int], results: Sequence[str | None] | None,
                failures: Sequence[Failure], max_attempts: int, *, ack_id: int | None = None,
                children: Children | None = None) -> dict[str, Any]:
-    """ack_batch's statement parameters."""
+    """ack_batch's statement parameters, for one flow's batch claimed under `token`."""
     params: dict[str, Any] = {
         "ack_id": ack_id,
         "errors_kept": ERRORS_KEPT,
-        "max_attempts": max_attempts,
         "worker": worker_id,
-        "token": token,
+        "tokens": [token],
         "done_ids": list(done_ids),
         "results": _results_by_id(done_ids, results),
         "fail_ids": [f.job_id for f in failures],
@@ -542,6 +587,8 @@ def ack_params(worker_id: str, token: int, done_ids: Sequence[int], results: Seq
         "messages": [f.message for f in failures],
         "tracebacks": [f.traceback for f in failures],
         "delays": [float(f.delay) for f in failures],  # psycopg refuses lists mixing int and float
+        "fail_max_attempts": [max_attempts] * len(failures),
+        "by_flow": False,
     }
     params.update(children.params() if children else NO_CHILDREN)
     return params

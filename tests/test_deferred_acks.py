@@ -1,8 +1,9 @@
 """Faults on the many-flows path: one worker claims several plain flows in one claim_flows statement
-and DeferredAcks (engine/worker/process.py) acks their batches in one transaction. The promises of
-the single-flow ack hold there too: a deferred ack whose COMMIT's reply is lost is retried to its
-first outcome, and a worker killed between the claim and the deferred ack loses nothing and
-completes nothing twice."""
+and DeferredAcks (engine/worker/process.py) acks their batches in one statement (store.ack_across),
+each flow's rows fenced by that claim's tokens. The promises of the single-flow ack hold there too:
+a row rescued and re-claimed is refused, a deferred ack whose COMMIT's reply is lost is retried to its
+first outcome (per flow), and a worker killed between the claim and the deferred ack loses nothing
+and completes nothing twice."""
 
 from __future__ import annotations
 
@@ -12,9 +13,12 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 
+from engine import store
 from engine.queue import Queue
+from engine.store import AckPart, AckResult, Failure
 from engine.worker.process import DUE_PROBE_MIN
 from support.engines import BASE, log_has, rows, tail, wait_for
 from support.handlers import read_records
@@ -56,6 +60,51 @@ def ack_transactions_over_several_flows(dsn: str) -> int:
     flow's own ack is a statement of its own), and it acks only what claim_flows handed out."""
     return rows(dsn, """SELECT count(*) FROM (SELECT xmin::text FROM skiplock.jobs_done GROUP BY 1
                         HAVING count(DISTINCT flow) > 1) AS t""")[0][0]
+
+
+def test_ack_across_fences_each_flow_and_counts_per_flow(dsn: str, queue: Queue, conn: psycopg.Connection) -> None:
+    """One ack_across statement for three flows' batches of one claim_flows: each flow's outcome comes
+    back on its own (completed, retried, dead under that flow's max_attempts, refused where a row was
+    released and re-claimed by another worker); the run that ended goes to the first part alone; a
+    retry with the same ack id gets the same split from the receipt and changes nothing."""
+    register_flows(dsn, "ax", "ay", "az")
+    queue.enqueue_many("ax", [{"n": i} for i in range(3)])
+    queue.enqueue_many("ay", [{"n": i} for i in range(2)])
+    queue.enqueue_many("az", [{"n": i} for i in range(2)], run_id="r-az")
+    base = store.new_claim_token()
+    claims = [store.FlowClaim("ax", 10, base ^ 0, 5), store.FlowClaim("ay", 10, base ^ 1, 1),
+              store.FlowClaim("az", 10, base ^ 2, 5)]
+    (ax, ay, az) = [sorted(r[0] for r in got) for got in store.claim_flows(conn, "w-across", claims, 10)]
+    assert (len(ax), len(ay), len(az)) == (3, 2, 2)
+    # ax's third job goes back and another worker claims it: this worker's ack of it must be refused.
+    assert store.release_batch(conn, "w-across", base ^ 0, [ax[2]]) == 1
+    assert [r[0] for r in store.claim_batch(conn, "ax", "w-other", 10, store.new_claim_token())] == [ax[2]]
+
+    def transient(job_id: int) -> Failure:
+        return Failure(job_id, "ValueError", "try again", None, False, 30.0)
+    parts = [AckPart("ax", base ^ 0, ax, ['{"r": 0}', None, '{"r": 2}'], [], 5),
+             AckPart("ay", base ^ 1, ay[:1], None, [transient(ay[1])], 1),  # 1 attempt: the failure is dead
+             AckPart("az", base ^ 2, az[:1], None, [transient(az[1])], 5)]
+    ack_id = store.new_ack_id()
+    first = store.ack_across(conn, "w-across", parts, ack_id=ack_id)
+    assert first == [AckResult(2, 0, [], [], 1), AckResult(1, 0, [ay[1]], [], 0), AckResult(1, 1, [], [], 0)]
+    assert rows(dsn, "SELECT status::text FROM skiplock.jobs WHERE id = %s", (ax[2],)) == [("running",)]
+    assert rows(dsn, "SELECT id, result FROM skiplock.jobs_done WHERE flow = 'ax' ORDER BY id") == \
+        [(ax[0], {"r": 0}), (ax[1], None)]
+    assert rows(dsn, "SELECT id, status::text FROM skiplock.jobs WHERE flow IN ('ay', 'az') ORDER BY id") == \
+        [(ay[1], "dead"), (az[1], "pending")]
+    # The run ends when its retried job completes, under a single-flow ack: its own claim, its own token.
+    assert rows(dsn, "UPDATE skiplock.jobs SET run_at = now() WHERE id = %s RETURNING id", (az[1],)) == [(az[1],)]
+    token = store.new_claim_token()
+    assert [r[0] for r in store.claim_batch(conn, "az", "w-across", 10, token)] == [az[1]]
+    second = [AckPart("az", token, [az[1]], None, [], 5), AckPart("ax", base, [], None, [], 5)]
+    assert store.ack_across(conn, "w-across", second, ack_id=store.new_ack_id()) == \
+        [AckResult(1, 0, [], ["r-az"], 0), AckResult(0, 0, [], [], 0)]
+    # The first ack again, same id (its reply lost): the receipt's split, nothing changed.
+    assert store.ack_across(conn, "w-across", parts, ack_id=ack_id) == first
+    assert rows(dsn, "SELECT count(*) FROM skiplock.jobs_done") == [(5,)]
+    assert rows(dsn, "SELECT by_flow FROM skiplock.ack_receipts WHERE id = %s", (ack_id,)) == \
+        [({"ax": [2, 0], "ay": [1, 0], "az": [1, 1]},)]
 
 
 @pytest.fixture

@@ -290,8 +290,9 @@ class _AckingWorker:
 
 
 def test_deferred_acks_commit_together_and_stay_fenced(dsn: str, queue: Queue, conn: psycopg.Connection) -> None:
-    """The acks of one claim_flows statement's batches go in one transaction, each fenced by its own
-    token: a batch rescued and re-claimed by another worker meanwhile is refused, the others complete."""
+    """The acks of one claim_flows statement's batches go in one statement (ack_across), each flow's rows
+    fenced by that claim's tokens: a batch rescued and re-claimed by another worker meanwhile is
+    refused, the others complete, and each flow gets its own outcome."""
     register_flows(dsn, "a", "b", "c")
     for name in ("a", "b", "c"):
         queue.enqueue(name, {})
@@ -300,16 +301,72 @@ def test_deferred_acks_commit_together_and_stay_fenced(dsn: str, queue: Queue, c
     conn.execute("UPDATE skiplock.jobs SET status = 'pending', claimed_by = NULL, claim_token = NULL "
                  "WHERE flow = 'b'")  # as the rescue of a lost worker leaves it
     assert len(store.claim_batch(conn, "b", "w2", 10, store.new_claim_token())) == 1
-    flow = SimpleNamespace(config=SimpleNamespace(max_attempts=5))
     acked: list = []
     deferred = DeferredAcks(_AckingWorker(conn))  # type: ignore[arg-type]
     for claim, flow_rows in zip(claims, got):
+        flow = SimpleNamespace(name=claim.flow, config=SimpleNamespace(max_attempts=5))
         deferred.add(flow, claim.token, [flow_rows[0][0]], None, [], None, acked.append)
     deferred.flush()
     assert [(ack.completed, ack.refused) for ack in acked] == [(1, 0), (0, 1), (1, 0)]
     assert rows(dsn, "SELECT flow, status, claimed_by FROM skiplock.jobs") == [("b", "running", "w2")]
-    # one transaction wrote both completions
+    # one transaction wrote both completions, in one ack statement (one receipt, counted per flow)
     assert rows(dsn, "SELECT count(*), count(DISTINCT xmin::text) FROM skiplock.jobs_done") == [(2, 1)]
+    assert rows(dsn, "SELECT by_flow FROM skiplock.ack_receipts") == [({"a": [1, 0], "c": [1, 0]},)]
+
+
+class _Taker:
+    """An executor as _claim_across sees one: its flow, its claim limit, and take() keeping the rows."""
+
+    def __init__(self, name: str, limit: int) -> None:
+        self.flow = SimpleNamespace(name=name, half_open=False, config=SimpleNamespace(max_attempts=5))
+        self.limit = limit
+        self.taken: list[int] = []
+
+    def claim_limit(self) -> int:
+        return self.limit
+
+    def take(self, rows: list, token: int, trial: bool) -> int:
+        self.taken += [r[0] for r in rows]
+        return len(rows)
+
+
+def test_claim_across_sends_a_window_of_flows_that_grows_while_windows_run_dry(
+        dsn: str, queue: Queue, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A statement is sent the flows it is likely to need, not all of them (dumping 1,000 flows' arrays
+    cost the worker 3 ms a statement): 16 first; a window that found nothing is followed at once by
+    the next, twice as wide, so jobs far down the list are still reached in one call; every job is
+    claimed once, and the loop's rotation starts the next statement past the flows served."""
+    from engine.worker.process import CROSS_WINDOW_MIN, Worker
+
+    names = [f"w{i:03d}" for i in range(200)]
+    register_flows(dsn, *names)
+    wanted = {3: 150, 150: 10, 199: 1}
+    for i, n in wanted.items():
+        queue.enqueue_many(names[i], [{"n": k} for k in range(n)])
+    sent: list[int] = []
+    real = store.claim_flows
+
+    def counting(conn: psycopg.Connection, worker_id: str, claims: list, total: int) -> list:
+        sent.append(len(claims))
+        return real(conn, worker_id, claims, total)
+    monkeypatch.setattr(store, "claim_flows", counting)
+    with db.open_pool(dsn, min_size=1, max_size=2, name="test-window") as pool:
+        w = Worker.__new__(Worker)  # only what _claim_across uses
+        w.id, w.pool, w.stopping, w.deferred_acks = "w-window", pool, False, None
+        w.executors = [_Taker(name, 100) for name in names]
+        w._cross_total, w._cross_window, w._served_up_to = 100, CROSS_WINDOW_MIN, 0
+        across, recheck = list(range(len(names))), [0.0] * len(names)
+        calls, now = 0, time.monotonic()  # one clock reading: a flow found empty stays skipped
+        while Worker._claim_across(w, across, recheck, now):
+            calls += 1
+            across = across[w._served_up_to:] + across[:w._served_up_to]  # as the loop rotates
+            assert calls < 10
+    assert {i: len(w.executors[i].taken) for i in wanted} == wanted
+    assert sum(len(e.taken) for e in w.executors) == sum(wanted.values())
+    assert sent[0] == CROSS_WINDOW_MIN and max(sent) < len(names), sent
+    # flow 3 fills the first; then windows of 16, 32 and 64 empty flows, then the rest of the list
+    # (flows 116-199 and flow 3 again: 85), and a last look at the three flows that had jobs
+    assert sent == [16, 16, 32, 64, 85, 3], sent
 
 
 def test_the_monitor_sleeps_while_the_worker_is_idle_and_checks_once_it_is_busy() -> None:

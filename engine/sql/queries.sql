@@ -187,7 +187,11 @@ RETURNING j.id, j.payload, j.attempts, coalesce(j.max_attempts, %(max_attempts)s
 
 -- name: ack_batch
 -- The whole batch in one round trip. Fenced: only rows still running under this worker's claim
--- token change, so a worker whose jobs were rescued and re-claimed changes nothing.
+-- token change, so a worker whose jobs were rescued and re-claimed changes nothing. `tokens` holds
+-- one token, or those of one claim_flows statement (an ack across its flows): a row was claimed under
+-- one of them or not at all, so the set fences as each flow's own token does. Across flows the
+-- outcome is also counted per flow when asked (`by_flow`: {flow: [completed, retried]}; else NULL,
+-- a one-time filter). Each failure carries its flow's max_attempts.
 -- Completed jobs leave the hot table for jobs_done. Failures go back to pending after their
 -- backoff, or to dead when permanent or out of attempts. Runs advance; the ack that ends a run
 -- stamps finished_at with its own `ts`, which makes it the last man standing.
@@ -210,11 +214,12 @@ RETURNING j.id, j.payload, j.attempts, coalesce(j.max_attempts, %(max_attempts)s
 WITH ts AS MATERIALIZED (
     SELECT clock_timestamp() AS now
 ), prior AS (
-    SELECT completed, retried, dead_ids, finished_runs, children FROM skiplock.ack_receipts WHERE id = %(ack_id)s
+    SELECT completed, retried, dead_ids, finished_runs, children, by_flow FROM skiplock.ack_receipts
+    WHERE id = %(ack_id)s
 ), done AS (
     DELETE FROM skiplock.jobs j
     WHERE j.id = ANY(%(done_ids)s::bigint[]) AND j.status BETWEEN 'running' AND 'running'
-      AND j.claim_token = %(token)s AND j.claimed_by = %(worker)s
+      AND j.claim_token = ANY(%(tokens)s::bigint[]) AND j.claimed_by = %(worker)s
     RETURNING j.id, j.flow, j.payload, j.priority, j.attempts, j.max_attempts, j.claimed_by,
               j.errors, %(results)s::jsonb -> j.id::text AS result, j.run_id, j.created_at, j.claimed_at,
               j.parent_id
@@ -224,7 +229,7 @@ WITH ts AS MATERIALIZED (
     SELECT id, flow, payload, priority, attempts, max_attempts, claimed_by, errors, result, run_id,
            created_at, claimed_at, ts.now, parent_id
     FROM done, ts
-    RETURNING run_id
+    RETURNING run_id, flow
 ), staged AS (
     -- Next(...) children, one array element each, of parents this ack completed: joined to `done`,
     -- so a refused parent (rescued, re-claimed) or a retry of a committed ack creates none. They
@@ -251,11 +256,11 @@ WITH ts AS MATERIALIZED (
                                                 a.priorities, a.delays, a.max_attempts, a.dedupe_keys) k
 ), failed AS (
     UPDATE skiplock.jobs j
-    SET status = CASE WHEN f.permanent OR j.attempts >= coalesce(j.max_attempts, %(max_attempts)s)
+    SET status = CASE WHEN f.permanent OR j.attempts >= coalesce(j.max_attempts, f.max_attempts)
                       THEN 'dead' ELSE 'pending' END::skiplock.job_status,
-        run_at = CASE WHEN f.permanent OR j.attempts >= coalesce(j.max_attempts, %(max_attempts)s)
+        run_at = CASE WHEN f.permanent OR j.attempts >= coalesce(j.max_attempts, f.max_attempts)
                       THEN j.run_at ELSE ts.now + make_interval(secs => f.delay) END,
-        finished_at = CASE WHEN f.permanent OR j.attempts >= coalesce(j.max_attempts, %(max_attempts)s)
+        finished_at = CASE WHEN f.permanent OR j.attempts >= coalesce(j.max_attempts, f.max_attempts)
                            THEN ts.now END,
         claimed_by = NULL, claim_token = NULL,
         error_type = f.error_type, error_message = f.message,
@@ -264,12 +269,12 @@ WITH ts AS MATERIALIZED (
             'message', f.message, 'traceback', f.traceback, 'permanent', f.permanent), %(errors_kept)s),
         updated_at = ts.now
     FROM unnest(%(fail_ids)s::bigint[], %(permanent)s::boolean[], %(error_types)s::text[],
-                %(messages)s::text[], %(tracebacks)s::text[], %(delays)s::float8[])
-         AS f(id, permanent, error_type, message, traceback, delay), ts
+                %(messages)s::text[], %(tracebacks)s::text[], %(delays)s::float8[], %(fail_max_attempts)s::integer[])
+         AS f(id, permanent, error_type, message, traceback, delay, max_attempts), ts
     WHERE j.id = f.id AND j.status BETWEEN 'running' AND 'running'
-      AND j.claim_token = %(token)s AND j.claimed_by = %(worker)s
+      AND j.claim_token = ANY(%(tokens)s::bigint[]) AND j.claimed_by = %(worker)s
       AND cardinality(%(fail_ids)s::bigint[]) > 0
-    RETURNING j.id, j.status, j.run_id
+    RETURNING j.id, j.status, j.run_id, j.flow
 ), run_delta AS (
     -- kind: 0 completed, 1 dead, 2 a child added to the run (its total grows in this statement, so
     -- the run cannot finish between the parent's ack and its children's insert).
@@ -296,10 +301,17 @@ WITH ts AS MATERIALIZED (
            (SELECT count(*) FROM failed WHERE status = 'pending')::int AS retried,
            (SELECT coalesce(array_agg(id), '{}') FROM failed WHERE status = 'dead') AS dead_ids,
            (SELECT coalesce(array_agg(id), '{}') FROM run_progress WHERE finished_now) AS finished_runs,
-           (SELECT count(*) FROM children)::int AS children
+           (SELECT count(*) FROM children)::int AS children,
+           (SELECT jsonb_object_agg(flow, jsonb_build_array(completed, retried))
+            FROM (SELECT flow, count(*) FILTER (WHERE kind = 0) AS completed, count(*) FILTER (WHERE kind = 1) AS retried
+                  FROM (SELECT flow, 0 AS kind FROM archived
+                        UNION ALL
+                        SELECT flow, 1 FROM failed WHERE status = 'pending') AS ended
+                  GROUP BY flow) AS counts
+            WHERE %(by_flow)s::boolean) AS by_flow
 ), receipt AS (
-    INSERT INTO skiplock.ack_receipts (id, completed, retried, dead_ids, finished_runs, children, created_at)
-    SELECT %(ack_id)s, o.completed, o.retried, o.dead_ids, o.finished_runs, o.children, ts.now
+    INSERT INTO skiplock.ack_receipts (id, completed, retried, dead_ids, finished_runs, children, by_flow, created_at)
+    SELECT %(ack_id)s, o.completed, o.retried, o.dead_ids, o.finished_runs, o.children, o.by_flow, ts.now
     FROM outcome o, ts
     WHERE %(ack_id)s::bigint IS NOT NULL AND NOT EXISTS (SELECT 1 FROM prior)
     ON CONFLICT (id) DO NOTHING
@@ -308,11 +320,12 @@ WITH ts AS MATERIALIZED (
 SELECT coalesce(p.completed, o.completed), coalesce(p.retried, o.retried), coalesce(p.dead_ids, o.dead_ids),
        coalesce(p.finished_runs, o.finished_runs),
        %(ack_id)s::bigint IS NULL OR p.completed IS NOT NULL OR EXISTS (SELECT 1 FROM receipt) AS recorded,
-       coalesce(p.children, o.children)
+       coalesce(p.children, o.children),
+       CASE WHEN p.completed IS NOT NULL THEN p.by_flow ELSE o.by_flow END
 FROM outcome o LEFT JOIN prior p ON true;
 
 -- name: ack_receipt_get
-SELECT completed, retried, dead_ids, finished_runs, children FROM skiplock.ack_receipts WHERE id = %(ack_id)s;
+SELECT completed, retried, dead_ids, finished_runs, children, by_flow FROM skiplock.ack_receipts WHERE id = %(ack_id)s;
 
 -- name: release_batch
 -- Graceful shutdown: give back claimed jobs that were never started, without burning an attempt.
