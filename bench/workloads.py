@@ -12,6 +12,7 @@ heartbeats, telemetry ticks and fenced acks on: nothing here reaches into its ho
 
 from __future__ import annotations
 
+import compileall
 import math
 import multiprocessing
 import os
@@ -264,7 +265,8 @@ class Engine:
         deadline = time.monotonic() + timeout
         while True:
             try:
-                pids = [child.pid for child in psutil.Process(self.process.pid).children()]
+                # recursive: under SKIPLOCK_BENCH_PROFILE the engine is py-spy's child, its workers grandchildren
+                pids = [child.pid for child in psutil.Process(self.process.pid).children(recursive=True)]
             except psutil.NoSuchProcess:
                 pids = []
             ready = self.conn.execute(
@@ -401,7 +403,10 @@ def engine_drain(dsn: str, jobs: int, workers: int, batch: int, workdir: Path, r
 
 def engine_drain_end_to_end(dsn: str, jobs: int, workers: int, batch: int, workdir: Path) -> Rate:
     """`engine run --drain` of `jobs` no-op jobs timed from the process's spawn to its exit: start-up,
-    the drain, noticing it is done, and stopping all count."""
+    the drain, noticing it is done, and stopping all count. The engine's bytecode is compiled first,
+    as installing a wheel does (pip compiles it), so an environment with PYTHONDONTWRITEBYTECODE set
+    (this suite's machines) does not pay about 60 ms of compiling on every start."""
+    compileall.compile_dir(REPO / "engine", quiet=1)
     config = workdir / "e2e.toml"
     config.write_text("[global]\nlog_format = \"json\"\n\n" + _toml_flow("noop", {"handler": NOOP, "batch_size": batch})
                       + "\n")
