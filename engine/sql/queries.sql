@@ -303,7 +303,8 @@ WITH ts AS MATERIALIZED (
            (SELECT coalesce(array_agg(id), '{}') FROM run_progress WHERE finished_now) AS finished_runs,
            (SELECT count(*) FROM children)::int AS children,
            (SELECT jsonb_object_agg(flow, jsonb_build_array(completed, retried))
-            FROM (SELECT flow, count(*) FILTER (WHERE kind = 0) AS completed, count(*) FILTER (WHERE kind = 1) AS retried
+            FROM (SELECT flow, count(*) FILTER (WHERE kind = 0) AS completed,
+                         count(*) FILTER (WHERE kind = 1) AS retried
                   FROM (SELECT flow, 0 AS kind FROM archived
                         UNION ALL
                         SELECT flow, 1 FROM failed WHERE status = 'pending') AS ended
@@ -739,8 +740,8 @@ ON CONFLICT (flow) DO NOTHING;
 -- nothing (rate_bucket_ensure creates it).
 WITH bucket AS MATERIALIZED (
     SELECT b.flow, clock_timestamp() AS ts,
-           least(%(burst)s::float8, b.tokens + %(rate)s::float8
-                 * greatest(extract(epoch FROM clock_timestamp() - b.updated_at)::float8, 0)) AS avail
+           skiplock.bucket_level(b.tokens, b.updated_at, %(rate)s::float8, %(burst)s::float8,
+                                 clock_timestamp()) AS avail
     FROM skiplock.rate_buckets b WHERE b.flow = %(flow)s
     FOR UPDATE
 ), picked AS (
@@ -771,9 +772,8 @@ SELECT * FROM claimed;
 -- name: rate_bucket_wait
 -- After a rate-limited claim came back empty: seconds until the bucket holds one whole token
 -- (0: it holds one now, so the flow had nothing due). The worker sleeps that long, not a poll.
-SELECT greatest((1.0 - least(%(burst)s::float8, b.tokens + %(rate)s::float8
-                             * greatest(extract(epoch FROM clock_timestamp() - b.updated_at)::float8, 0)))
-                / %(rate)s::float8, 0)
+SELECT greatest((1.0 - skiplock.bucket_level(b.tokens, b.updated_at, %(rate)s::float8, %(burst)s::float8,
+                                             clock_timestamp())) / %(rate)s::float8, 0)
 FROM skiplock.rate_buckets b WHERE b.flow = %(flow)s;
 
 -- name: claim_keyed_pick
@@ -813,8 +813,8 @@ LIMIT %(limit)s;
 -- Repeats claim_rated's CTEs: a function holding an UPDATE is never inlined (planned apart, hidden from EXPLAIN).
 WITH bucket AS MATERIALIZED (
     SELECT b.flow, clock_timestamp() AS ts,
-           least(%(burst)s::float8, b.tokens + %(rate)s::float8
-                 * greatest(extract(epoch FROM clock_timestamp() - b.updated_at)::float8, 0)) AS avail
+           skiplock.bucket_level(b.tokens, b.updated_at, %(rate)s::float8, %(burst)s::float8,
+                                 clock_timestamp()) AS avail
     FROM skiplock.rate_buckets b WHERE b.flow = %(flow)s AND %(rate)s::float8 IS NOT NULL
     FOR UPDATE
 ), locked AS (
@@ -887,8 +887,7 @@ WHERE EXISTS (SELECT 1 FROM skiplock.jobs j
                              WHERE r.flow = u.name AND r.status = 'running')))
   AND NOT EXISTS (SELECT 1 FROM skiplock.rate_buckets b
                   WHERE u.rate IS NOT NULL AND b.flow = u.name
-                    AND least(u.burst, b.tokens + u.rate
-                              * greatest(extract(epoch FROM clock_timestamp() - b.updated_at)::float8, 0)) < 1.0);
+                    AND skiplock.bucket_level(b.tokens, b.updated_at, u.rate, u.burst, clock_timestamp()) < 1.0);
 
 -- name: claim_flows
 -- claim_batch across many flows in one statement: up to `limits[i]` jobs of `flows[i]` under
