@@ -190,19 +190,21 @@ def test_engine_killed_outright_is_rescued_by_another_engine(dsn, start_engine, 
                             (dead_ids,)) == 2, 20, message="the first engine to start working")
 
     def freeze() -> set[int]:
-        """Stop the whole first engine; keep it stopped only once its workers hold claimed jobs."""
+        """Stop the whole first engine; keep it stopped only once its workers hold claimed jobs, one
+        of them started (a stop just as a claim's reply arrived holds only jobs never started)."""
         for pid in (supervisor, *workers):
             os.kill(pid, signal.SIGSTOP)
         time.sleep(0.05)  # a claim statement already sent still commits
         held = {r[0] for r in rows(dsn, "SELECT (payload->>'n')::int FROM skiplock.jobs "
                                         "WHERE status = 'running' AND claimed_by = ANY(%s)", (dead_ids,))}
-        if not held:
+        if not held & {n for n, pid in read_records(str(record)) if pid in workers}:
+            held = set()
             for pid in (*workers, supervisor):
                 os.kill(pid, signal.SIGCONT)
             time.sleep(0.01)
         return held
 
-    stuck = wait_for(freeze, 10, interval=0, message="the first engine's workers to hold claimed jobs")
+    stuck = wait_for(freeze, 10, interval=0, message="the first engine's workers to hold claimed jobs, one started")
     for pid in workers:
         os.kill(pid, signal.SIGKILL)
     os.kill(supervisor, signal.SIGKILL)
