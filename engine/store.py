@@ -542,10 +542,8 @@ def ack_across(conn: Conn, worker_id: str, parts: Sequence[AckPart], *, ack_id: 
     if any(p.results is not None for p in parts):
         results = [r for p in parts for r in (p.results if p.results is not None else [None] * len(p.done_ids))]
     failures = [f for p in parts for f in p.failures]
-    params = ack_params(worker_id, parts[0].token, done_ids, results, failures, DEFAULT_MAX_ATTEMPTS, ack_id=ack_id)
-    params["tokens"] = sorted({p.token for p in parts})
-    params["fail_max_attempts"] = [p.max_attempts for p in parts for _ in p.failures]
-    params["by_flow"] = len(parts) > 1
+    params = _ack_params(worker_id, sorted({p.token for p in parts}), done_ids, results, failures,
+                         [p.max_attempts for p in parts for _ in p.failures], len(parts) > 1, ack_id, None)
     row = _ack_row(conn, params, ack_id)
     dead = set(row[2])
     by_flow = row[6] if len(parts) > 1 else {parts[0].flow: [row[0], row[1]]}
@@ -574,11 +572,20 @@ def ack_params(worker_id: str, token: int, done_ids: Sequence[int], results: Seq
                failures: Sequence[Failure], max_attempts: int, *, ack_id: int | None = None,
                children: Children | None = None) -> dict[str, Any]:
     """ack_batch's statement parameters, for one flow's batch claimed under `token`."""
+    return _ack_params(worker_id, [token], done_ids, results, failures, [max_attempts] * len(failures), False,
+                       ack_id, children)
+
+
+def _ack_params(worker_id: str, tokens: list[int], done_ids: Sequence[int], results: Sequence[str | None] | None,
+                failures: Sequence[Failure], fail_max_attempts: list[int], by_flow: bool, ack_id: int | None,
+                children: Children | None) -> dict[str, Any]:
+    """ack_batch's parameters: `tokens` fence the rows, `fail_max_attempts` runs beside `failures`,
+    `by_flow` asks for the outcome per flow (an ack across flows)."""
     params: dict[str, Any] = {
         "ack_id": ack_id,
         "errors_kept": ERRORS_KEPT,
         "worker": worker_id,
-        "tokens": [token],
+        "tokens": tokens,
         "done_ids": list(done_ids),
         "results": _results_by_id(done_ids, results),
         "fail_ids": [f.job_id for f in failures],
@@ -587,8 +594,8 @@ def ack_params(worker_id: str, token: int, done_ids: Sequence[int], results: Seq
         "messages": [f.message for f in failures],
         "tracebacks": [f.traceback for f in failures],
         "delays": [float(f.delay) for f in failures],  # psycopg refuses lists mixing int and float
-        "fail_max_attempts": [max_attempts] * len(failures),
-        "by_flow": False,
+        "fail_max_attempts": fail_max_attempts,
+        "by_flow": by_flow,
     }
     params.update(children.params() if children else NO_CHILDREN)
     return params

@@ -120,14 +120,15 @@ class DeferredAcks:
         alone = [d for d in items if d.children]
         parts = [store.AckPart(d.flow.name, d.token, d.done_ids, d.results, d.failures, d.flow.config.max_attempts)
                  for d in together]
-        ack_ids = [store.new_ack_id() for _ in range(len(alone) + 1)]  # once, outside the retries
+        across_id = store.new_ack_id()  # the ids once, outside the retries
+        alone_ids = [store.new_ack_id() for _ in alone]
 
         def send(conn: Any) -> list[AckResult]:
             with conn.transaction():
-                acks = store.ack_across(conn, w.id, parts, ack_id=ack_ids[-1]) if parts else []
+                acks = store.ack_across(conn, w.id, parts, ack_id=across_id) if parts else []
                 return acks + [store.ack_batch(conn, w.id, d.token, d.done_ids, d.results, d.failures,
                                                d.flow.config.max_attempts, ack_id=ack_id, children=d.children)
-                               for d, ack_id in zip(alone, ack_ids)]
+                               for d, ack_id in zip(alone, alone_ids)]
         for d, ack in zip(together + alone, w.with_db("ack", send)):
             d.after(ack)
 
@@ -529,6 +530,7 @@ class Worker:
         past the window when the window, not the end of `across`, bounded it, else None)."""
         executors = self.executors
         window = self._cross_window
+        bounded = False  # the window, not the end of `across`, ended the statement's flows
         claims, picked = [], []
         base = store.new_claim_token()  # one random draw per statement: flow k's token is base ^ k
         for pos in range(start, len(across)):
@@ -539,12 +541,11 @@ class Worker:
             if limit <= 0:
                 continue
             if len(claims) == window:
+                bounded = True
                 break
             picked.append(pos)
             claims.append(store.FlowClaim(executors[i].flow.name, limit, base ^ pos,
                                           executors[i].flow.config.max_attempts))
-        else:
-            window = 0  # the statement reaches the end of `across`
         if not claims:
             return False, None
         total = self._cross_total
@@ -564,7 +565,7 @@ class Worker:
         # send about twice as many flows as the last full statement needed, more when a window ran dry.
         if full:
             self._cross_window = min(max(CROSS_WINDOW_MIN, 2 * served), len(across))
-        elif window:
+        elif bounded:
             self._cross_window = min(2 * window, len(across))
         if served > 1:
             self.deferred_acks = DeferredAcks(self)
@@ -583,11 +584,12 @@ class Worker:
             deferred, self.deferred_acks = self.deferred_acks, None
             if deferred is not None:
                 deferred.flush()
+        past = picked[-1] + 1 if bounded else None
         if full and last >= 0:
             self._served_up_to = picked[last] + 1
-        elif window:
-            self._served_up_to = picked[-1] + 1
-        return last >= 0, (picked[-1] + 1 if window else None)
+        elif past is not None:
+            self._served_up_to = past
+        return last >= 0, past
 
     def _earliest_hold(self) -> float:
         """When the first held (rate-limited or key-blocked) flow may claim again; inf: none held."""
