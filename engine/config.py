@@ -397,7 +397,8 @@ class EngineConfig:
     stats_retention: float = _key(_DURATION, "how long per-minute history is kept", 7 * 86400.0)
     vacuum_dead_tuples: int = _key(_int(0), "dead tuples in skiplock.jobs at which one engine VACUUMs it; 0: autovacuum only",
                                    100_000)
-    vacuum_check_interval: float = _key(_POSITIVE_DURATION, "how often that engine reads skiplock.jobs' dead tuples", 2.0)
+    vacuum_check_interval: float = _key(_POSITIVE_DURATION, "longest wait between that engine's reads of skiplock.jobs' dead tuples "
+                                   "(sooner when they pile up fast)", 2.0)
     pool_min: int = _key(_int(0, MAX_POOL_SIZE), "connections each worker keeps open", 1)
     pool_max: int = _key(_int(1, MAX_POOL_SIZE), "connections each worker may open", 4)
     log_format: str = _key(_log_format, "auto | json | text", "auto")

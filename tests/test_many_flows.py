@@ -16,6 +16,7 @@ import pytest
 
 from engine import db, store
 from engine.queue import Queue
+from engine.vacuum import pace
 from engine.worker.process import DeferredAcks
 from engine.telemetry import MAX_EVENT_BYTES, RELAY_CANCEL, RelayRead, encode_event, parse_relay, relay_enqueued
 from support.engines import BASE, rows, tail, wait_for
@@ -111,6 +112,45 @@ def test_one_engine_vacuums_the_hot_table_when_dead_tuples_pile_up(dsn: str, sta
     wait_for(lambda: vacuums() > before, 15, message="a VACUUM by the engine")
     on.signal(15)
     assert on.wait(30) == 0, tail(on)
+
+
+def test_the_vacuum_pass_paces_its_looks_by_the_rate_dead_tuples_pile_up() -> None:
+    # 160,000 counted 2 s after the last VACUUM: 80,000/s, so 80,000 more are due by now (the count is
+    # up to 1 s behind): VACUUM, and look again when 100,000 will have piled up, in 1.25 s
+    assert pace(160_000, 2.0, 0.0, 100_000, 2.0) == (True, 80_000, pytest.approx(1.25))
+    # 30,000 counted 1 s after: 30,000 more expected, not yet; the remaining 40,000 take 1.33 s
+    assert pace(30_000, 1.0, 80_000, 100_000, 2.0) == (False, 30_000, pytest.approx(40_000 / 30_000))
+    # just after a VACUUM the count may read 0 before anyone reported: the last rate stands
+    assert pace(0, 0.3, 80_000, 100_000, 2.0) == (False, 80_000, pytest.approx(76_000 / 80_000))
+    assert pace(0, 2.0, 80_000, 100_000, 2.0) == (False, 0.0, 2.0)  # a whole second of nothing: idle
+    assert pace(10_000, 2.0, 0.0, 100_000, 2.0)[2] == 2.0  # a slow queue: never past the interval
+    assert pace(10_000_000, 1.0, 0.0, 100_000, 2.0) == (True, 10_000_000, 0.25)  # nor sooner than 1/8 of it
+
+
+@pytest.mark.slow
+def test_the_vacuum_pass_keeps_pace_with_a_fast_queue(dsn: str, start_engine) -> None:
+    """Fed about 10,000 jobs/s for 8 s (20,000 dead tuples a second) with a threshold of 1,000 and
+    an interval of 3 s, the engine vacuums far more often than every 3 s: a fixed wait would run
+    at most 3 VACUUMs in that time."""
+    def vacuums() -> int:
+        return scalar(dsn, "SELECT vacuum_count FROM pg_stat_user_tables WHERE relid = 'skiplock.jobs'::regclass")
+
+    register_flows(dsn, "fast")
+    config = BASE.replace("[global]", '[global]\nvacuum_dead_tuples = 1000\nvacuum_check_interval = "3s"') \
+        + '\n[flows.fast]\nhandler = "engine.flows.builtin:noop"\n'
+    engine = start_engine(dsn, config, "--workers", "2")
+    wait_for(lambda: scalar(dsn, "SELECT count(*) FROM skiplock.workers WHERE state = 'idle'") == 2, 30,
+             message="the engine up")
+    before = vacuums()
+    with Queue(dsn) as q:
+        started = time.monotonic()
+        while time.monotonic() - started < 8:
+            q.enqueue_many("fast", [{}] * 1000)
+            time.sleep(0.1)
+    ran = vacuums() - before
+    engine.signal(15)
+    assert engine.wait(30) == 0, tail(engine)
+    assert ran >= 6, f"{ran} VACUUMs in 8 s of a fast queue"
 
 
 @pytest.mark.slow
