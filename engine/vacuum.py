@@ -8,8 +8,8 @@ reads the dead-tuple count and runs `VACUUM (SKIP_LOCKED)` on the table once it 
 `vacuum_dead_tuples`, so the space is reused instead of added to. It looks again when the rate the
 dead tuples pile up at says they reach the threshold, at most `vacuum_check_interval` later: with a
 fixed 2 s wait and counts up to 1 s behind, a queue leaving 90,000 dead tuples a second met the
-100,000 threshold with 200,000 piled up, and the table grew to hold them (issue 17). A thread of the supervisor with its own connection: a long
-VACUUM never delays reaping, rescue or the drain check.
+100,000 threshold with 200,000 piled up, and the table grew to hold them (issue 17). A thread of
+the supervisor with its own connection: a long VACUUM never delays reaping, rescue or the drain check.
 """
 
 from __future__ import annotations
@@ -93,6 +93,7 @@ class VacuumThread:
                     log.debug("vacuumed skiplock.jobs", extra={"seconds": round(since - looked, 3)})
             except psycopg.Error as exc:  # an outage or a lost connection: try again next interval
                 log.debug("vacuum pass failed: %s", exc)
+                wait = self.interval  # not the paced wait, which may be an eighth of it
                 if conn is not None:
                     conn.close()
                 conn = None
