@@ -31,6 +31,8 @@ SELECT (SELECT last_value FROM bench_raw_jobs_id_seq)
 """
 RAW_SIZES = "SELECT pg_total_relation_size('bench_raw_jobs'), pg_indexes_size('bench_raw_jobs')"
 WINDOW_SLACK = 1.0  # seconds: see trend_mb_per_min
+# A flow's jobs completed since a time, counted exactly (a scan of that much history).
+DONE_SINCE = "SELECT count(*) FROM skiplock.jobs_done WHERE flow = %s AND finished_at >= %s"
 # Rows ever inserted into jobs_done (all flows: the steady database serves one), from the statistics.
 DONE_INSERTED = "SELECT n_tup_ins FROM pg_stat_user_tables WHERE relid = 'skiplock.jobs_done'::regclass"
 
@@ -230,8 +232,7 @@ def engine_step(engine: Engine, flow: str, rate: float, seconds: float) -> Step:
     time.sleep(seconds)
     sent = load.stop()
     backlog = int(conn.execute(BACKLOG, {"flow": flow}).fetchone()[0] or 0)
-    completed = conn.execute("SELECT count(*) FROM skiplock.jobs_done WHERE flow = %s AND finished_at >= %s",
-                             (flow, since)).fetchone()[0]
+    completed = conn.execute(DONE_SINCE, (flow, since)).fetchone()[0]
     wal_after = wal_lsn(conn)
     return Step(rate, load.seconds or seconds, sent, load.skipped, int(completed), backlog, wal_after - wal_before)
 
@@ -269,8 +270,7 @@ def steady_run(engine: Engine, flow: str, rate: float, seconds: float, sample_ev
         # tenth minute), and its snapshot, held for seconds, keeps VACUUM from removing the hot table's
         # dead tuples, so the table grew while the bench measured it (session 11).
         if exact:
-            done = conn.execute("SELECT count(*) FROM skiplock.jobs_done WHERE flow = %s AND finished_at >= %s",
-                                (flow, since)).fetchone()[0]
+            done = conn.execute(DONE_SINCE, (flow, since)).fetchone()[0]
         else:
             done = conn.execute(DONE_INSERTED).fetchone()[0] - inserted_before
         return SizeSample(round(at, 1), s.jobs_total / mb, s.jobs_indexes / mb, s.jobs_done_total / mb,
