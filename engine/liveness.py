@@ -17,9 +17,11 @@ clock-rate differences between this host and the database over one `stale_after`
 delivery. (The 2 x heartbeat_interval first proposed doubles the false kills under load and buys
 nothing the kernel timer below does not already give.) Each worker runs a `WorkerGuard`:
 
-- a thread that checks the lease every 0.1 s (at most heartbeat_interval / 2) and exits the process
-  once it is out
-  (the supervisor is frozen or gone: nobody can prove this worker alive);
+- a thread that checks the lease and exits the process once it is out (the supervisor is frozen
+  or gone: nobody can prove this worker alive). It looks every 0.5 s (at most heartbeat_interval /
+  2) until the lease's last `lead` seconds, when the supervisor may ask it to prepare for a freeze,
+  and every 0.1 s from then on. The supervisor's check sleeps likewise until the first such window;
+  an idle engine's liveness then costs a few wake-ups a second, not 40;
 - a kernel dead-man switch that needs no GIL: a POSIX timer on CLOCK_MONOTONIC that sends SIGKILL,
   re-armed by that thread to the lease's end. A whole engine SIGSTOPped past the lease, or a
   handler holding the GIL past it, is killed by the kernel; it never runs another instruction.
@@ -58,12 +60,22 @@ log = logging.getLogger("skiplock.engine")
 EXIT_LEASE_EXPIRED: Final = 7  # a worker whose lease ran out exits with this code
 _real_exit = os._exit  # bound at import: the worker guards os._exit against handlers after that
 ENFORCE_INTERVAL_CAP: Final = 0.05  # the supervisor's lease checks (no database involved)
-GUARD_INTERVAL_CAP: Final = 0.1  # a worker's lease checks: a read of shared memory and one syscall
+GUARD_INTERVAL_CAP: Final = 0.1  # a worker's lease checks in its freeze window: shared memory and one syscall
+# Lease checks before that window, worker and supervisor: often enough that the worker's kernel
+# switch follows the renewals (a handler holding the GIL loses at most this much of its lease).
+LEASE_RECHECK_CAP: Final = 0.5
 FREEZE_LEAD_CAP: Final = 1.0
 
 
 def lease_margin(stale_after: float, heartbeat_interval: float) -> float:
     return max(heartbeat_interval, 0.2 * stale_after)
+
+
+def freeze_lead(span: float) -> float:
+    """How long before a lease ends the supervisor may ask its worker to prepare for a freeze: the
+    worker's guard must acknowledge and the supervisor's check must see it in time. The config asks
+    stale_after >= 3 x heartbeat_interval, so this is always past one late renewal."""
+    return min(FREEZE_LEAD_CAP, span / 4)
 
 
 def lease_span(stale_after: float, heartbeat_interval: float) -> float:
@@ -156,10 +168,12 @@ class DeadManSwitch:
 class WorkerGuard:
     """Runs in a worker: stops the process once its lease is out (see the module docstring)."""
 
-    def __init__(self, lease: Lease, span: float, interval: float, worker_id: str) -> None:
+    def __init__(self, lease: Lease, span: float, interval: float, recheck: float, worker_id: str) -> None:
         self.lease = lease
         self.span = span
-        self.interval = interval
+        self.lead = freeze_lead(span)
+        self.interval = interval  # in the freeze window
+        self.recheck = recheck  # before it
         self.worker_id = worker_id
         self._stop = threading.Event()
         try:
@@ -204,8 +218,11 @@ class WorkerGuard:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            deadline = self.check(time.monotonic())
-            self._stop.wait(max(0.0, min(self.interval, deadline - time.monotonic())))
+            now = time.monotonic()
+            deadline = self.check(now)
+            window = deadline - self.lead  # from here on a freeze request may come
+            wait = self.interval if now >= window else min(self.recheck, window - now)
+            self._stop.wait(max(0.0, min(wait, deadline - time.monotonic())))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -244,10 +261,7 @@ class EngineLiveness:
     def __post_init__(self) -> None:
         self.table = LeaseTable(self.slots)
         self.span = lease_span(self.stale_after, self.heartbeat_interval)
-        # Ask for a freeze this long before the lease ends: the worker's guard (GUARD_INTERVAL_CAP)
-        # must acknowledge and our check (ENFORCE_INTERVAL_CAP) must see it in time. The config
-        # asks stale_after >= 3 x heartbeat_interval, so this is always past one late renewal.
-        self.lead = min(FREEZE_LEAD_CAP, self.span / 4)
+        self.lead = freeze_lead(self.span)  # ask for a freeze this long before a lease ends
 
     # -- hooks the supervisor calls ------------------------------------------------------------
 
@@ -375,14 +389,19 @@ class EngineLiveness:
 
     # -- enforcement ----------------------------------------------------------------------------
 
-    def enforce_once(self, now: float) -> None:
+    def enforce_once(self, now: float) -> float:
+        """One check of every held worker's lease; returns how long until one may need acting on
+        (0: a lease is in its freeze window now)."""
+        gap = float("inf")
         with self._lock:
             for index, held in self._held.items():
                 if held.frozen:
                     continue
                 deadline = self.table.renewed[index] + self.span
                 if now < deadline - self.lead:
+                    gap = min(gap, deadline - self.lead - now)
                     continue
+                gap = 0.0
                 stopped = process_stopped(held.pid)
                 if stopped is None:
                     continue  # exited: the supervisor reaps it
@@ -402,13 +421,19 @@ class EngineLiveness:
                     held.frozen = True
                     log.warning("worker frozen: its lease is ending and the heartbeat cannot reach the database",
                                 extra={"worker": held.worker_id, "pid": held.pid})
+        return gap
 
     def _enforce_loop(self) -> None:
         interval = min(ENFORCE_INTERVAL_CAP, self.heartbeat_interval / 4)
-        while not self._stop.wait(interval):
+        recheck = min(LEASE_RECHECK_CAP, self.heartbeat_interval / 2)
+        wait = interval
+        while not self._stop.wait(wait):
             try:
-                self.enforce_once(time.monotonic())
+                # A new worker's lease ends a full span from its spawn, never before a window
+                # computed here, so sleeping until the first window misses nothing.
+                wait = max(interval, min(recheck, self.enforce_once(time.monotonic())))
             except Exception:
+                wait = interval
                 log.exception("lease enforcement failed unexpectedly")
 
 

@@ -105,7 +105,9 @@ def test_confirm_modal(snap_compare, seeded):
         await settle(pilot)
         await pilot.press("space", "space", "space")
         await settle(pilot)
+        screen = pilot.app.screen
         await pilot.press("R")
+        await wait_until(pilot, lambda: pilot.app.screen is not screen)  # the confirmation is up
 
     assert shot(snap_compare, make_app(seeded), run_before)
 
@@ -175,5 +177,6 @@ def test_jobs_filtered_bulk_cancel_confirm(snap_compare, seeded):
         await wait_until(pilot, lambda: screen.page is not before and screen.page.where == screen.where())
         await settle(pilot)
         await pilot.press("C")
+        await wait_until(pilot, lambda: pilot.app.screen is not screen)  # the confirmation is up
 
     assert shot(snap_compare, make_app(seeded), run_before)
