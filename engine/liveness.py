@@ -429,8 +429,8 @@ class EngineLiveness:
         wait = interval
         while not self._stop.wait(wait):
             try:
-                # A new worker's lease ends a full span from its spawn, never before a window
-                # computed here, so sleeping until the first window misses nothing.
+                # A renewal only moves a lease's end later and a new worker's ends a full span
+                # away, so sleeping until the first window computed here misses nothing.
                 wait = max(interval, min(recheck, self.enforce_once(time.monotonic())))
             except Exception:
                 wait = interval
