@@ -78,6 +78,11 @@ def freeze_lead(span: float) -> float:
     return min(FREEZE_LEAD_CAP, span / 4)
 
 
+def lease_recheck(heartbeat_interval: float) -> float:
+    """How often a lease is looked at before its freeze window, by the worker and the supervisor."""
+    return min(LEASE_RECHECK_CAP, heartbeat_interval / 2)
+
+
 def lease_span(stale_after: float, heartbeat_interval: float) -> float:
     """How long after a renewal was sent a worker may still run."""
     return stale_after - lease_margin(stale_after, heartbeat_interval)
@@ -425,7 +430,7 @@ class EngineLiveness:
 
     def _enforce_loop(self) -> None:
         interval = min(ENFORCE_INTERVAL_CAP, self.heartbeat_interval / 4)
-        recheck = min(LEASE_RECHECK_CAP, self.heartbeat_interval / 2)
+        recheck = lease_recheck(self.heartbeat_interval)
         wait = interval
         while not self._stop.wait(wait):
             try:

@@ -28,7 +28,7 @@ from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_e
 from engine import __version__, db, store
 from engine.config import EngineConfig, FlowConfig
 from engine.handlers import FlowRuntime, load_flow
-from engine.liveness import GUARD_INTERVAL_CAP, LEASE_RECHECK_CAP, Lease, WorkerGuard, lease_span
+from engine.liveness import GUARD_INTERVAL_CAP, Lease, WorkerGuard, lease_recheck, lease_span
 from engine.logs import ContextLogger
 from engine.queue import Queue
 from engine.store import AckResult
@@ -227,7 +227,7 @@ class Worker:
         if self.spec.lease is not None:  # first: from now on nobody proving us alive stops us
             WorkerGuard(self.spec.lease, lease_span(engine.stale_after, engine.heartbeat_interval),
                         min(engine.heartbeat_interval / 2, GUARD_INTERVAL_CAP),
-                        min(engine.heartbeat_interval / 2, LEASE_RECHECK_CAP), self.id).start()
+                        lease_recheck(engine.heartbeat_interval), self.id).start()
         CHILD[0] = False  # we are the supervisor's fork; a fork of ours (by a handler) sets it again
         extra = sum(f.per_worker for f in self.flows if f.mode == "threads" and (f.with_context or
                                                                                 f.config.transactional))
