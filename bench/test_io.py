@@ -1,7 +1,9 @@
 """I/O-bound jobs (each waits 50 ms) with 2 workers, on the asyncio and thread executors, against the
 concurrency ceiling (workers x concurrency_per_worker / wait) and, in the same run, against the no-op
 drain of the same engine; and `engine run --drain` end to end (process start and exit included)
-against the raw-SQL ceiling.
+against the raw-SQL ceiling, and beside it (no goal) against the same raw loop on a copy of the
+skiplock.jobs table with all its indexes (bench/schema_cost.py), which shows how much of the gap is the
+table the engine keeps its jobs in rather than the engine.
 
 Targets (issue 12): at concurrency_per_worker = 100, at least 50% of the concurrency ceiling; at 500,
 at least pgqueuer's async handlers on this machine (6,870 jobs/s with 2 processes, batch 100, about
@@ -16,6 +18,7 @@ import pytest
 
 from bench.conftest import REPORT, Ceilings, Target, record, size
 from bench.handlers import IO_WAIT
+from bench.schema_cost import drain as schema_drain
 from bench.workloads import ASYNC_WAIT_IO, NOOP, WAIT_IO, Engine, Rate, best, engine_drain_end_to_end
 
 WORKERS = 2
@@ -63,10 +66,13 @@ def test_io_bound_drain(benchmark, bench_dsn: str, workdir: Path, case: str) -> 
 
 
 def test_engine_drain_end_to_end(benchmark, bench_dsn: str, workdir: Path, ceilings: Ceilings) -> None:
+    on_jobs_schema: list[float] = []  # the raw loop's rate on a copy of skiplock.jobs, each round
+
     def run() -> list[Rate]:
         rates = []
         for _ in range(ROUNDS):
             ceilings.measure_drain(2, 500, E2E_JOBS)
+            on_jobs_schema.append(schema_drain(bench_dsn, "all indexes", E2E_JOBS)[0])
             rates.append(engine_drain_end_to_end(bench_dsn, E2E_JOBS, WORKERS, 500, workdir))
         return rates
 
@@ -74,6 +80,8 @@ def test_engine_drain_end_to_end(benchmark, bench_dsn: str, workdir: Path, ceili
     rate = best(rates).per_second
     benchmark.extra_info["jobs_per_second"] = rate
     REPORT.figures["drain_end_to_end"] = {"jobs": E2E_JOBS, "rounds": [r.per_second for r in rates], "best": rate,
-                                          "seconds": [r.seconds for r in rates]}
+                                          "seconds": [r.seconds for r in rates], "raw_on_jobs_schema": on_jobs_schema}
     record(Target(f"engine run --drain end to end, {E2E_JOBS:,} no-op, 2 workers", rate, "j/s", "raw 2 proc",
                   ceilings.drain(2, 500, E2E_JOBS, ROUNDS), goal=0.70))
+    record(Target("  vs the raw loop on a copy of skiplock.jobs (all its indexes)", rate, "j/s", "raw on jobs table",
+                  max(on_jobs_schema)))
