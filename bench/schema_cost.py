@@ -33,6 +33,7 @@ from typing import Any, Callable
 import psutil
 
 from bench.conftest import BENCH_SERVER_SETTINGS
+from bench.workloads import run_together
 from engine import db, store
 from engine.embedded import EmbeddedPostgres, make_temp_dir
 from engine.migrate import migrate
@@ -132,18 +133,7 @@ def drain(dsn: str, step: str, jobs: int) -> tuple[float, float]:
         _prepare(conn, step, table or "", jobs)
         conn.execute("CHECKPOINT")
     claim = STEPS[step][2].format(table=table)
-    ctx = multiprocessing.get_context("spawn")
-    ready, go, results = ctx.Semaphore(0), ctx.Event(), ctx.Queue()
-    procs = [ctx.Process(target=_drainer, args=(dsn, table, claim, ready, go, results)) for _ in range(2)]
-    for proc in procs:
-        proc.start()
-    for _ in procs:
-        ready.acquire()
-    started = time.perf_counter()
-    go.set()
-    outcomes = [results.get(timeout=600) for _ in procs]
-    for proc in procs:
-        proc.join()
+    started, outcomes = run_together(_drainer, (dsn, table, claim), 2)
     if table is not None:
         with db.connect(dsn) as conn:
             conn.autocommit = True

@@ -100,17 +100,13 @@ def _raw_drainer(dsn: str, batch: int, ready: Any, go: Any, results: Any) -> Non
         results.put((done, time.perf_counter()))
 
 
-def raw_drain(dsn: str, jobs: int, processes: int, batch: int = 500) -> Rate:
-    """The ceiling: `processes` psycopg loops claiming `batch` rows and deleting them, one statement each."""
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        conn.execute("CHECKPOINT")  # as in Engine.drain_round
-        conn.execute(RAW_DDL)
-        with conn.cursor().copy("COPY bench_raw_jobs (payload) FROM STDIN") as copy:
-            copy.write(_raw_text(jobs))
-        conn.execute("VACUUM ANALYZE bench_raw_jobs")
+def run_together(target: Any, args: tuple[Any, ...], processes: int) -> tuple[float, list[Any]]:
+    """`processes` spawned processes of target(*args, ready, go, results), let go at once when all are
+    ready (each releases `ready`, waits for `go`, puts one result): (the time they were let go, their
+    results)."""
     ctx = multiprocessing.get_context("spawn")
     ready, go, results = ctx.Semaphore(0), ctx.Event(), ctx.Queue()
-    procs = [ctx.Process(target=_raw_drainer, args=(dsn, batch, ready, go, results)) for _ in range(processes)]
+    procs = [ctx.Process(target=target, args=(*args, ready, go, results)) for _ in range(processes)]
     for proc in procs:
         proc.start()
     for _ in procs:
@@ -120,6 +116,18 @@ def raw_drain(dsn: str, jobs: int, processes: int, batch: int = 500) -> Rate:
     outcomes = [results.get(timeout=600) for _ in procs]
     for proc in procs:
         proc.join()
+    return started, outcomes
+
+
+def raw_drain(dsn: str, jobs: int, processes: int, batch: int = 500) -> Rate:
+    """The ceiling: `processes` psycopg loops claiming `batch` rows and deleting them, one statement each."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("CHECKPOINT")  # as in Engine.drain_round
+        conn.execute(RAW_DDL)
+        with conn.cursor().copy("COPY bench_raw_jobs (payload) FROM STDIN") as copy:
+            copy.write(_raw_text(jobs))
+        conn.execute("VACUUM ANALYZE bench_raw_jobs")
+    started, outcomes = run_together(_raw_drainer, (dsn, batch), processes)
     done = sum(n for n, _ in outcomes)
     with psycopg.connect(dsn, autocommit=True) as conn:
         left = conn.execute("SELECT count(*) FROM bench_raw_jobs").fetchone()[0]
