@@ -47,6 +47,10 @@ JOBS_CLAIM = (f"UPDATE {{table}} SET {ENGINE_CLAIM_SET} WHERE id IN (SELECT id F
               f"AND status = 'pending' ORDER BY priority DESC, run_at, id LIMIT {BATCH} FOR UPDATE SKIP LOCKED) "
               "RETURNING id, payload")
 JOBS_FILL = f"INSERT INTO {{table}} (id, flow, payload) SELECT g, 'noop', {PAYLOAD} FROM generate_series(1, %s) g"
+# skiplock.jobs's columns and checks, with its primary key and claim index only
+COLUMNS = ["CREATE TABLE {table} (LIKE skiplock.jobs INCLUDING DEFAULTS INCLUDING CONSTRAINTS)",
+           "ALTER TABLE {table} ADD PRIMARY KEY (id)",
+           "CREATE INDEX ON {table} (flow, priority DESC, run_at, id) WHERE status = 'pending'"]
 RUNNING_INDEX = "CREATE INDEX ON {table} (flow, claimed_at) WHERE status = 'running'"
 
 # name: (DDL statements, fill, claim); every step's table is `sc_<n>`, deleted from by id.
@@ -56,14 +60,8 @@ STEPS: dict[str, tuple[list[str], str, str]] = {
             f"INSERT INTO {{table}} (payload) SELECT {PAYLOAD} FROM generate_series(1, %s) g",
             f"UPDATE {{table}} SET status = 1 WHERE id IN (SELECT id FROM {{table}} WHERE status = 0 ORDER BY id "
             f"LIMIT {BATCH} FOR UPDATE SKIP LOCKED) RETURNING id, payload"),
-    "columns": (["CREATE TABLE {table} (LIKE skiplock.jobs INCLUDING DEFAULTS INCLUDING CONSTRAINTS)",
-                 "ALTER TABLE {table} ADD PRIMARY KEY (id)",
-                 "CREATE INDEX ON {table} (flow, priority DESC, run_at, id) WHERE status = 'pending'"],
-                JOBS_FILL, JOBS_CLAIM),
-    "+ running index": (["CREATE TABLE {table} (LIKE skiplock.jobs INCLUDING DEFAULTS INCLUDING CONSTRAINTS)",
-                         "ALTER TABLE {table} ADD PRIMARY KEY (id)",
-                         "CREATE INDEX ON {table} (flow, priority DESC, run_at, id) WHERE status = 'pending'",
-                         RUNNING_INDEX], JOBS_FILL, JOBS_CLAIM),
+    "columns": (COLUMNS, JOBS_FILL, JOBS_CLAIM),
+    "+ running index": (COLUMNS + [RUNNING_INDEX], JOBS_FILL, JOBS_CLAIM),
     "all indexes": (["CREATE TABLE {table} (LIKE skiplock.jobs INCLUDING ALL)"], JOBS_FILL, JOBS_CLAIM),
     "all but running": (["CREATE TABLE {table} (LIKE skiplock.jobs INCLUDING ALL)", "DROP_RUNNING"],
                         JOBS_FILL, JOBS_CLAIM),
