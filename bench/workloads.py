@@ -69,6 +69,16 @@ class Rate:
         return self.jobs / self.seconds if self.seconds > 0 else 0.0
 
 
+@dataclass(frozen=True)
+class EndToEnd(Rate):
+    """An end-to-end drain's time in its three phases (wall clock, from the jobs' own timestamps):
+    spawn to the first claim, the first claim to the last ack, the last ack to the exit."""
+
+    start: float
+    drain: float
+    stop: float
+
+
 def best(rates: list[Rate]) -> Rate:
     """The best of several rounds: noise on a shared machine only ever slows a round down."""
     return max(rates, key=lambda r: r.per_second)
@@ -431,18 +441,22 @@ def engine_drain_end_to_end(dsn: str, jobs: int, workers: int, batch: int, workd
     env.update({"SKIPLOCK_DSN": dsn, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))})
     log_path = workdir / "e2e.log"
     with open(log_path, "wb") as log:
+        spawned = time.time()
         started = time.perf_counter()
         code = subprocess.call([sys.executable, "-m", "engine.cli", "run", "--config", str(config), "--workers",
                                 str(workers), "--flows", "noop", "--drain"], stdout=log, stderr=subprocess.STDOUT,
                                env=env, cwd=REPO, preexec_fn=_die_with_parent)
         elapsed = time.perf_counter() - started
     with psycopg.connect(dsn, autocommit=True) as conn:
-        done = conn.execute("SELECT count(DISTINCT id) FROM skiplock.jobs_done WHERE flow = 'noop' "
-                            "AND finished_at >= to_timestamp(%s)", (since,)).fetchone()[0]
+        done, first_claim, last_ack = conn.execute(
+            "SELECT count(DISTINCT id), extract(epoch FROM min(claimed_at))::float8, "
+            "extract(epoch FROM max(finished_at))::float8 FROM skiplock.jobs_done WHERE flow = 'noop' "
+            "AND finished_at >= to_timestamp(%s)", (since,)).fetchone()
         left = conn.execute("SELECT count(*) FROM skiplock.jobs WHERE flow = 'noop'").fetchone()[0]
     if code != 0 or done != jobs or left:
         raise AssertionError(f"end-to-end drain: exit {code}, {done} of {jobs} done, {left} left; see {log_path}")
-    return Rate(jobs, elapsed)
+    start = first_claim - spawned
+    return EndToEnd(jobs, elapsed, start, last_ack - first_claim, elapsed - start - (last_ack - first_claim))
 
 
 def sweep_flows(batches: list[int]) -> dict[str, dict[str, Any]]:
