@@ -58,6 +58,8 @@ from engine.redact import describe_error
 log = logging.getLogger("skiplock.engine")
 
 EXIT_LEASE_EXPIRED: Final = 7  # a worker whose lease ran out exits with this code
+# Blocked in the supervisor across each fork; the worker unblocks them once its own handlers are in.
+STOP_SIGNALS: Final = frozenset({signal.SIGTERM, signal.SIGINT})
 _real_exit = os._exit  # bound at import: the worker guards os._exit against handlers after that
 ENFORCE_INTERVAL_CAP: Final = 0.05  # the supervisor's lease checks (no database involved)
 GUARD_INTERVAL_CAP: Final = 0.1  # a worker's lease checks in its freeze window: shared memory and one syscall

@@ -1364,8 +1364,9 @@ def engine_commands_pending(conn: Conn, engine_id: str) -> list[EngineCommand]:
     return _rows(conn, EngineCommand, Q.engine_commands_pending, {"engine": engine_id})
 
 
-def engine_command_ack(conn: Conn, command_id: int, ok: bool, outcome: str) -> None:
-    conn.execute(Q.engine_command_ack, {"id": command_id, "ok": ok, "outcome": outcome})
+def engine_command_ack(conn: Conn, command_id: int, ok: bool, outcome: str, workers: int | None = None) -> None:
+    """`workers`: after a scale, the engine's new worker count (its row says it from now on)."""
+    conn.execute(Q.engine_command_ack, {"id": command_id, "ok": ok, "outcome": outcome, "workers": workers})
 
 
 def engine_command_get(conn: Conn, command_id: int) -> CommandState | None:

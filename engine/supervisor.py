@@ -53,7 +53,7 @@ from engine.errors import ConfigError, SkiplockError
 from engine.handlers import load_flow
 from engine.hooks import HookRunner
 from engine.limits import MAX_PORT, MAX_WORKERS, validate_flow
-from engine.liveness import EngineLiveness
+from engine.liveness import STOP_SIGNALS, EngineLiveness
 from engine.logs import ContextLogger, setup_logging
 from engine.migrate import require_schema
 from engine.redact import describe_error
@@ -255,7 +255,13 @@ class Supervisor:
         process = self._context.Process(target=worker_main, args=(spec, self.settings.engine.log_format),
                                         name=f"skiplock-worker-{slot.index}", daemon=False)
         self.liveness.before_spawn(slot.index)
-        process.start()
+        # The child starts with the stop signals blocked (Worker.run unblocks them once its own handler
+        # is in): one sent before then waits for that handler instead of running our _on_signal in it.
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        try:
+            process.start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         os.close(relay_r)
         with self._relay_lock:
             old = self._relays.pop(slot.index, None)
@@ -575,7 +581,9 @@ class Supervisor:
         for pid in frozen:
             os.kill(pid, signal.SIGKILL)
         slots = self._all_slots()
-        if not self.signals:
+        # After a signal too: _on_signal may have run while a worker was being forked, before its slot
+        # held the process, and missed it. A worker told twice stops once.
+        if self.signals < 2:
             for slot in slots:
                 if slot.process is not None and slot.process.is_alive():
                     os.kill(slot.process.pid,  # type: ignore[arg-type]
@@ -691,7 +699,8 @@ class Supervisor:
                 self._db(lambda conn, state=state: store.engine_set_state(conn, self.engine_id, state))
             self.log.info("control command", extra={"command": command.command, "workers": command.workers,
                                                     "ok": ok, "outcome": outcome})
-            self._db(lambda conn, c=command, o=ok, t=outcome: store.engine_command_ack(conn, c.id, o, t))
+            workers = len(self.slots) if command.command == "scale" and ok else None
+            self._db(lambda conn, c=command, o=ok, t=outcome, n=workers: store.engine_command_ack(conn, c.id, o, t, n))
         if leave == "stop":
             self._stop_now = True
         return leave
@@ -759,7 +768,8 @@ class Supervisor:
             return
         acks, self._scale_acks = self._scale_acks, []
         try:
-            self._db(lambda conn: [store.engine_command_ack(conn, cid, True, text) for cid, text in acks])
+            workers = len(self.slots)
+            self._db(lambda conn: [store.engine_command_ack(conn, cid, True, text, workers) for cid, text in acks])
         except (psycopg.OperationalError, psycopg.InterfaceError):
             self._scale_acks = acks + self._scale_acks  # acknowledged on a later pass
 

@@ -1820,8 +1820,17 @@ ORDER BY id
 LIMIT 100;
 
 -- name: engine_command_ack
-UPDATE skiplock.engine_commands SET acked_at = now(), ok = %(ok)s, outcome = %(outcome)s
-WHERE id = %(id)s AND acked_at IS NULL;
+-- `workers` (a scale): the engine's worker count once the command took effect, written with the
+-- acknowledgement, so `engine engines` says what `engine scale` said before the next heartbeat. NULL
+-- leaves the row alone.
+WITH acked AS (
+    UPDATE skiplock.engine_commands SET acked_at = now(), ok = %(ok)s, outcome = %(outcome)s
+    WHERE id = %(id)s AND acked_at IS NULL
+    RETURNING engine_id
+)
+UPDATE skiplock.engines e SET workers = %(workers)s::int
+FROM acked
+WHERE e.id = acked.engine_id AND %(workers)s::int IS NOT NULL AND e.state <> 'stopped';
 
 -- name: engine_command_get
 SELECT acked_at IS NOT NULL AS acked, ok, outcome FROM skiplock.engine_commands WHERE id = %(id)s;

@@ -28,7 +28,7 @@ from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_e
 from engine import __version__, db, store
 from engine.config import EngineConfig, FlowConfig
 from engine.handlers import FlowRuntime, load_flow
-from engine.liveness import GUARD_INTERVAL_CAP, Lease, WorkerGuard, lease_recheck, lease_span
+from engine.liveness import GUARD_INTERVAL_CAP, STOP_SIGNALS, Lease, WorkerGuard, lease_recheck, lease_span
 from engine.logs import ContextLogger
 from engine.queue import Queue
 from engine.store import AckResult
@@ -222,6 +222,8 @@ class Worker:
         signal.signal(signal.SIGTERM, self._on_stop_signal)
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides; a terminal ^C reaches it
         signal.signal(signal.SIGALRM, on_alarm(self))
+        # Forked with them blocked (Supervisor._spawn): a stop sent since then is handled here, not lost.
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
         install_exit_guard(os.getpid())
         engine = self.spec.engine
         if self.spec.lease is not None:  # first: from now on nobody proving us alive stops us
